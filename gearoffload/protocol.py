@@ -1,0 +1,269 @@
+"""The Gearman wire codec: packet types, ``encode`` and an incremental ``Decoder``.
+
+Pure: bytes in, packets (and text admin lines) out. No sockets, no gevent, no logging,
+so the server, the client and the worker all share it, and it can be tested and fuzzed
+on its own. See ``shared/PROTOCOL.md`` §1–§2.
+
+Example::
+
+    >>> from gearoffload.protocol import Decoder, PacketType, encode_request
+    >>> wire = encode_request(PacketType.SUBMIT_JOB, b"upper", b"", b"abc") + b"status\\n"
+    >>> list(Decoder().feed(wire))  # doctest: +NORMALIZE_WHITESPACE
+    [Packet(magic=b'\\x00REQ', type=7, args=(b'upper', b'', b'abc')), b'status']
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from enum import IntEnum
+from typing import NamedTuple
+
+from .errors import ProtocolError
+
+__all__ = [
+    "REQ",
+    "RES",
+    "HEADER_SIZE",
+    "DEFAULT_MAX_PACKET_SIZE",
+    "MAX_LINE_SIZE",
+    "PacketType",
+    "FIELD_COUNTS",
+    "Packet",
+    "Decoder",
+    "encode",
+    "encode_request",
+    "encode_response",
+    "ProtocolError",
+]
+
+REQ = b"\0REQ"
+RES = b"\0RES"
+HEADER = struct.Struct(">4sII")
+HEADER_SIZE = HEADER.size
+#: Larger than anything real clients send (gearmand was seen taking 8 MiB jobs), small
+#: enough that one peer announcing 4 GiB cannot make us buffer it.
+DEFAULT_MAX_PACKET_SIZE = 64 * 1024 * 1024
+#: gearmand closes on a text line longer than 8191 bytes before the newline (§1.5).
+MAX_LINE_SIZE = 8191
+
+
+class PacketType(IntEnum):
+    """Every wire packet type, 1–42 (``shared/PROTOCOL.md`` §2)."""
+
+    CAN_DO = 1
+    CANT_DO = 2
+    RESET_ABILITIES = 3
+    PRE_SLEEP = 4
+    UNUSED = 5
+    NOOP = 6
+    SUBMIT_JOB = 7
+    JOB_CREATED = 8
+    GRAB_JOB = 9
+    NO_JOB = 10
+    JOB_ASSIGN = 11
+    WORK_STATUS = 12
+    WORK_COMPLETE = 13
+    WORK_FAIL = 14
+    GET_STATUS = 15
+    ECHO_REQ = 16
+    ECHO_RES = 17
+    SUBMIT_JOB_BG = 18
+    ERROR = 19
+    STATUS_RES = 20
+    SUBMIT_JOB_HIGH = 21
+    SET_CLIENT_ID = 22
+    CAN_DO_TIMEOUT = 23
+    ALL_YOURS = 24
+    WORK_EXCEPTION = 25
+    OPTION_REQ = 26
+    OPTION_RES = 27
+    WORK_DATA = 28
+    WORK_WARNING = 29
+    GRAB_JOB_UNIQ = 30
+    JOB_ASSIGN_UNIQ = 31
+    SUBMIT_JOB_HIGH_BG = 32
+    SUBMIT_JOB_LOW = 33
+    SUBMIT_JOB_LOW_BG = 34
+    SUBMIT_JOB_SCHED = 35
+    SUBMIT_JOB_EPOCH = 36
+    SUBMIT_REDUCE_JOB = 37
+    SUBMIT_REDUCE_JOB_BACKGROUND = 38
+    GRAB_JOB_ALL = 39
+    JOB_ASSIGN_ALL = 40
+    GET_STATUS_UNIQUE = 41
+    STATUS_RES_UNIQUE = 42
+
+
+_FIELDS_BY_COUNT = {
+    0: (3, 4, 5, 6, 9, 10, 24, 30, 39),
+    1: (1, 2, 8, 14, 15, 16, 17, 22, 26, 27, 41),
+    2: (13, 19, 23, 25, 28, 29),
+    3: (7, 11, 12, 18, 21, 32, 33, 34),
+    4: (31, 36),
+    5: (20, 37, 38, 40),
+    6: (42,),
+    8: (35,),
+}
+#: ``FIELD_COUNTS[t]`` is the number of payload fields of packet type ``t`` (index 0 unused).
+FIELD_COUNTS: tuple[int, ...] = tuple(
+    next((n for n, types in _FIELDS_BY_COUNT.items() if t in types), 0) for t in range(43)
+)
+MAX_TYPE = 42
+
+
+class Packet(NamedTuple):
+    """One decoded binary packet. ``args`` holds exactly ``FIELD_COUNTS[type]`` fields."""
+
+    magic: bytes
+    type: int
+    args: tuple[bytes, ...]
+
+    @property
+    def name(self) -> str:
+        return PacketType(self.type).name
+
+
+def encode(magic: bytes, ptype: int, args: tuple[bytes, ...] | list[bytes] = ()) -> bytes:
+    """Encode one packet. Fields are joined by NUL; only the last one may contain NULs."""
+    payload = b"\0".join(args) if len(args) != 1 else args[0]
+    return HEADER.pack(magic, ptype, len(payload)) + payload
+
+
+def encode_request(ptype: int, *args: bytes) -> bytes:
+    """Encode a packet sent to a server (``\\0REQ``)."""
+    return encode(REQ, ptype, args)
+
+
+def encode_response(ptype: int, *args: bytes) -> bytes:
+    """Encode a packet sent by a server (``\\0RES``)."""
+    return encode(RES, ptype, args)
+
+
+def split_payload(ptype: int, payload: bytes) -> tuple[bytes, ...]:
+    """Split ``payload`` into the fields of ``ptype``: at most n-1 splits, never more (§1.3).
+
+    Raises ``ProtocolError`` (code ``INVALID_PACKET``, stream still in sync) when the
+    payload has fewer NULs than the type needs.
+    """
+    count = FIELD_COUNTS[ptype]
+    if count == 1:
+        return (payload,)
+    if count == 0:
+        return ()  # gearmand consumes and ignores a stray payload on zero-field packets
+    args = payload.split(b"\0", count - 1)
+    if len(args) != count:
+        raise ProtocolError(
+            f"{PacketType(ptype).name} needs {count} fields, got {len(args)}",
+            code="INVALID_PACKET",
+            in_sync=True,
+        )
+    return tuple(args)
+
+
+class Decoder:
+    """Incremental decoder: feed it arbitrary chunks, iterate what is complete.
+
+    Yields ``Packet`` for binary packets and ``bytes`` (the line without ``\\r\\n``) for
+    text admin lines when ``text`` is true. Partial packets and lines are kept until the
+    rest arrives. A malformed packet raises ``ProtocolError`` at its position in the
+    stream; the packets before it have been yielded already.
+
+    ``magic`` restricts the accepted magic (``REQ`` for a server, ``RES`` for a client);
+    with ``None`` both are accepted and the packet carries the one it had, so that a
+    server can answer a ``\\0RES`` request with ``ERROR INVALID_MAGIC`` (§1.5).
+
+    Example::
+
+        >>> d = Decoder()
+        >>> wire = encode_request(PacketType.ECHO_REQ, b"hi")
+        >>> list(d.feed(wire[:5])), list(d.feed(wire[5:]))
+        ([], [Packet(magic=b'\\x00REQ', type=16, args=(b'hi',))])
+    """
+
+    __slots__ = ("_buf", "max_packet_size", "max_line_size", "text", "magic")
+
+    def __init__(
+        self,
+        max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        *,
+        text: bool = True,
+        magic: bytes | None = None,
+        max_line_size: int = MAX_LINE_SIZE,
+    ) -> None:
+        self._buf = bytearray()
+        self.max_packet_size = max_packet_size
+        self.max_line_size = max_line_size
+        self.text = text
+        self.magic = magic
+
+    @property
+    def buffered(self) -> int:
+        """How many bytes are waiting for the rest of a packet or line."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> Iterator[Packet | bytes]:
+        """Add ``data``; return an iterator over every complete packet or line now available.
+
+        The data is taken at once, whether or not the iterator is consumed.
+        """
+        if self._buf:
+            self._buf += data
+            return self._drain(self._buf)
+        # Common case: nothing pending, so slice the caller's bytes directly (one copy
+        # per payload instead of two) and keep only an incomplete tail.
+        return self._drain(data)
+
+    def _drain(self, buf: bytes | bytearray) -> Iterator[Packet | bytes]:
+        pos = 0
+        end = len(buf)
+        try:
+            while pos < end:
+                if buf[pos] != 0:
+                    if not self.text:
+                        raise ProtocolError(
+                            f"expected a binary packet, got byte 0x{buf[pos]:02x}"
+                        )
+                    nl = buf.find(b"\n", pos, pos + self.max_line_size + 2)
+                    if nl < 0:
+                        if end - pos > self.max_line_size + 1:
+                            raise ProtocolError(
+                                f"text line longer than {self.max_line_size} bytes",
+                                code="LINE_TOO_LONG",
+                                in_sync=True,
+                            )
+                        break
+                    line_end = nl - 1 if nl > pos and buf[nl - 1] == 13 else nl
+                    line = bytes(buf[pos:line_end])
+                    pos = nl + 1
+                    yield line
+                    continue
+                if end - pos < 12:
+                    if end - pos >= 4 and buf[pos : pos + 4] not in (REQ, RES):
+                        raise ProtocolError(f"bad magic {bytes(buf[pos:pos + 4])!r}")
+                    break
+                magic, ptype, size = HEADER.unpack_from(buf, pos)
+                if magic != REQ and magic != RES:
+                    raise ProtocolError(f"bad magic {magic!r}")
+                if ptype == 0 or ptype > MAX_TYPE:
+                    raise ProtocolError(f"unknown packet type {ptype}")
+                if self.magic is not None and magic != self.magic:
+                    raise ProtocolError(f"unexpected magic {magic!r} on {PacketType(ptype).name}")
+                if size > self.max_packet_size:
+                    raise ProtocolError(
+                        f"packet of {size} bytes exceeds the limit of {self.max_packet_size}",
+                        code="ARGUMENT_TOO_LARGE",
+                        in_sync=True,
+                    )
+                if end - pos - 12 < size:
+                    break
+                start = pos + 12
+                pos = start + size
+                yield Packet(magic, ptype, split_payload(ptype, bytes(buf[start:pos])))
+        finally:
+            # However iteration ended (exhausted, an error, the consumer stopping early),
+            # keep exactly the unconsumed tail so the next feed() resumes at the right byte.
+            if buf is self._buf:
+                del buf[:pos]
+            elif pos < end:
+                self._buf += buf[pos:]

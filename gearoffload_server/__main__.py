@@ -1,0 +1,64 @@
+"""Entry point of ``gearoffload-server`` (and ``python -m gearoffload_server``)."""
+
+from gevent import monkey
+
+monkey.patch_all()  # entry points patch, first thing; library modules never do
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+import gevent  # noqa: E402
+
+from .config import ServerConfig, parse_args  # noqa: E402
+from .server import GearmanServer  # noqa: E402
+
+# gearmand's level names mapped onto the logging module's.
+_LEVELS = {
+    "FATAL": logging.CRITICAL, "ALERT": logging.CRITICAL, "CRITICAL": logging.CRITICAL,
+    "ERROR": logging.ERROR, "WARNING": logging.WARNING, "NOTICE": logging.INFO,
+    "INFO": logging.INFO, "DEBUG": logging.DEBUG,
+}
+
+
+def configure_logging(config: ServerConfig) -> None:
+    handler: logging.Handler
+    if config.log_file and config.log_file not in ("stderr", "-"):
+        handler = logging.FileHandler(config.log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(_LEVELS[config.verbose])
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        configure_logging(config)
+    except OSError as exc:
+        sys.stderr.write(f"gearoffload-server: cannot open log file: {exc}\n")
+        return 2
+    server = GearmanServer(config)
+    try:
+        server.start()
+    except OSError as exc:
+        sys.stderr.write(
+            f"gearoffload-server: cannot listen on {config.host}:{config.port}: "
+            f"{exc.strerror or exc}\n")
+        return 2
+    gevent.signal_handler(signal.SIGTERM, server.stop)
+    gevent.signal_handler(signal.SIGINT, server.stop)
+    gevent.signal_handler(signal.SIGUSR1, server.stop_graceful)
+    host, port = server.address[:2]
+    logging.getLogger("gearoffload.server").warning(
+        "gearoffload-server %s listening on %s:%d (pid %d)",
+        config.version, host, port, os.getpid())
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The text admin protocol (``shared/PROTOCOL.md`` §4), byte for byte as gearmand 1.1.20.
+
+Reads and changes the same ``JobServerState`` as the binary protocol; output is computed
+from that state, never kept in parallel. No I/O: replies go to ``peer.send``.
+
+Example::
+
+    >>> from gearoffload_server.state import JobServerState, ManualScheduler, Peer
+    >>> from gearoffload_server.config import ServerConfig
+    >>> state = JobServerState(ServerConfig(), ManualScheduler())
+    >>> admin = AdminProtocol(state)
+    >>> peer = state.connect(Peer(fd=5, address="127.0.0.1"))
+    >>> admin.handle(peer, b"create function resize")
+    >>> admin.handle(peer, b"status")
+    >>> b"".join(peer.out)
+    b'OK\\r\\nresize\\t0\\t0\\t0\\n.\\n'
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+
+from .state import JobServerState, Peer
+
+MAX_WORDS = 5
+_SPACES = re.compile(b" +")
+_OK = b"OK\r\n"
+_END = b".\n"
+
+
+def split_words(line: bytes) -> list[bytes]:
+    """Split an admin line as gearmand does: on runs of spaces only (a tab is part of a
+    word); a leading space gives an empty first word; trailing spaces are ignored."""
+    words = _SPACES.split(line)
+    while len(words) > 1 and not words[-1]:
+        words.pop()
+    return words
+
+
+def _unknown(word: bytes) -> bytes:
+    return b"ERR UNKNOWN_COMMAND Unknown+server+command" + word + b"\r\n"
+
+
+def _incomplete(command: bytes) -> bytes:
+    return (b"ERR INVALID_ARGUMENTS An+incomplete+set+of+arguments+was+sent+to+this+command+"
+            + command + b"\r\n")
+
+
+def _atoi(text: bytes) -> int:
+    match = re.match(rb"\s*([+-]?\d+)", text)
+    return int(match.group(1)) if match else 0
+
+
+class AdminProtocol:
+    """Answers text admin lines from the state."""
+
+    def __init__(self, state: JobServerState) -> None:
+        self.state = state
+        self.config = state.config
+        self._commands: dict[bytes, Callable[[Peer, list[bytes]], bytes]] = {
+            b"status": self._status,
+            b"prioritystatus": self._priority_status,
+            b"workers": self._workers,
+            b"show": self._show,
+            b"cancel": self._cancel,
+            b"create": self._create,
+            b"drop": self._drop,
+            b"maxqueue": self._maxqueue,
+            b"getpid": lambda peer, words: b"OK %d\n" % os.getpid(),
+            b"verbose": lambda peer, words: b"OK %s\n" % self.config.verbose.encode(),
+            b"version": lambda peer, words: b"OK %s\n" % self.config.version.encode(),
+            b"shutdown": self._shutdown,
+        }
+
+    def handle(self, peer: Peer, line: bytes) -> None:
+        """Answer one admin line (without its line ending)."""
+        words = split_words(line)
+        if len(words) > MAX_WORDS:
+            # gearmand closes the connection without a word; say what went wrong instead.
+            peer.send(b"ERR INVALID_ARGUMENTS Too+many+arguments+(at+most+5+words)\r\n")
+            return
+        command = self._commands.get(words[0].lower())
+        peer.send(command(peer, words) if command else _unknown(words[0]))
+
+    def _status(self, peer: Peer, words: list[bytes]) -> bytes:
+        lines = [b"%s\t%d\t%d\t%d\n" % (f.name, f.total, f.running, len(f.workers))
+                 for f in self.state.functions.values()]
+        lines.append(_END)
+        return b"".join(lines)
+
+    def _priority_status(self, peer: Peer, words: list[bytes]) -> bytes:
+        lines = [b"%s\t%d\t%d\t%d\t%d\n" % (f.name, f.queued[0], f.queued[1] + f.scheduled,
+                                             f.queued[2], len(f.workers))
+                 for f in self.state.functions.values()]
+        lines.append(_END)
+        return b"".join(lines)
+
+    def _workers(self, peer: Peer, words: list[bytes]) -> bytes:
+        lines = []
+        for p in self.state.peers:
+            names = b"".join(b" " + f.name for f in reversed(p.functions))
+            lines.append(b"%d %s %s :%s\n" % (p.fd, p.address.encode(), p.client_id, names))
+        lines.append(_END)
+        return b"".join(lines)
+
+    def _show(self, peer: Peer, words: list[bytes]) -> bytes:
+        what = [w.lower() for w in words[1:]]
+        if not what:
+            return _unknown(words[0])
+        if what == [b"jobs"]:
+            lines = [b"%s\t%d\t%d\t%d\n" % (j.handle, j.retries, j.abandoned, j.background)
+                     for j in self.state.jobs.values()]
+        elif what == [b"unique", b"jobs"]:
+            lines = [j.unique + b"\n" for j in self.state.jobs.values()]
+        else:
+            return b"ERR UNKNOWN_SHOW_ARGUMENTS\r\n"
+        lines.append(_END)
+        return b"".join(lines)
+
+    def _cancel(self, peer: Peer, words: list[bytes]) -> bytes:
+        if len(words) < 3:
+            return _unknown(words[0])
+        if len(words) != 3 or words[1].lower() != b"job":
+            return b"ERR UNKNOWN_ERROR\r\n"
+        return _OK if self.state.cancel(words[2]) else b"ERR UNKNOWN_JOB\r\n"
+
+    def _create(self, peer: Peer, words: list[bytes]) -> bytes:
+        if len(words) != 3 or words[1].lower() != b"function":
+            return _incomplete(b"create")
+        # gearmand drops two bytes of the name assuming "\r\n" (Q8); take it as written.
+        self.state.function(words[2])
+        return _OK
+
+    def _drop(self, peer: Peer, words: list[bytes]) -> bytes:
+        if len(words) != 3 or words[1].lower() != b"function":
+            return _incomplete(b"drop")
+        wanted = words[2].lower()
+        func = next((f for f in self.state.functions.values() if f.name.lower() == wanted), None)
+        if func is None:
+            return b"ERR function not found\r\n"
+        if func.workers or func.running:
+            return b"ERR there are still connected workers or executing clients\r\n"
+        if func.total:
+            # gearmand drops it anyway and orphans the queued jobs (Q9).
+            return b"ERR there are still queued jobs\r\n"
+        del self.state.functions[func.name]
+        return _OK
+
+    def _maxqueue(self, peer: Peer, words: list[bytes]) -> bytes:
+        if len(words) < 2:
+            return _incomplete(b"maxqueue")
+        func = self.state.functions.get(words[1])
+        numbers = [max(_atoi(w), 0) for w in words[2:]]
+        if len(numbers) == 1:
+            limits = numbers * 3
+        else:
+            limits = (numbers + [0, 0, 0])[:3]
+        if func is not None:  # a limit on a function that does not exist is discarded
+            func.limits = limits
+        return _OK
+
+    def _shutdown(self, peer: Peer, words: list[bytes]) -> bytes:
+        if not self.config.enable_shutdown or self.state.on_shutdown is None:
+            return _unknown(words[0])  # as gearmand >= 1.1.15 (§4.4)
+        if not peer.loopback:
+            return b"ERR PERMISSION_DENIED shutdown+is+only+allowed+from+loopback\r\n"
+        rest = [w.lower() for w in words[1:]]
+        if rest not in ([], [b"graceful"]):
+            return b"ERR UNKNOWN_ARGUMENTS Unknown+arguments+to+server+command\r\n"
+        self.state.on_shutdown(bool(rest))
+        return _OK

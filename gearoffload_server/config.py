@@ -1,0 +1,143 @@
+"""Server configuration: parsed once at the edge (the CLI) into a frozen object.
+
+Example::
+
+    >>> from gearoffload_server.config import ServerConfig, parse_args
+    >>> parse_args(["--port", "4731", "--job-retries", "3"]).port
+    4731
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from dataclasses import dataclass, field
+
+from gearoffload import __version__
+from gearoffload.protocol import DEFAULT_MAX_PACKET_SIZE
+
+LOG_LEVELS = ("FATAL", "ALERT", "CRITICAL", "ERROR", "WARNING", "NOTICE", "INFO", "DEBUG")
+#: A handle must fit in 63 bytes (PROTOCOL.md §3.1); leave room for ":" and a 20-digit counter.
+MAX_HANDLE_PREFIX = 42
+
+
+def default_handle_prefix() -> str:
+    return "H:" + socket.gethostname()[: MAX_HANDLE_PREFIX - 2]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server's state and I/O shell need, validated."""
+
+    host: str = "127.0.0.1"
+    port: int = 4730
+    job_retries: int = -1
+    handle_prefix: str = field(default_factory=default_handle_prefix)
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
+    #: Sleeping workers woken per runnable job; 0 wakes all of them (gearmand's default).
+    worker_wakeup: int = 1
+    #: Bytes queued for a peer that does not read before it is disconnected.
+    max_output_buffer: int = 64 * 1024 * 1024
+    verbose: str = "ERROR"
+    log_file: str | None = None
+    enable_shutdown: bool = False
+    version: str = __version__
+
+    def __post_init__(self) -> None:
+        if not -1 <= self.job_retries <= 255:
+            raise ConfigError(
+                f"--job-retries must be between -1 (unlimited) and 255, not {self.job_retries}"
+            )
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be between 0 and 65535, not {self.port}")
+        if not self.handle_prefix or len(self.handle_prefix.encode()) > MAX_HANDLE_PREFIX:
+            raise ConfigError(
+                f"--job-handle-prefix must be 1 to {MAX_HANDLE_PREFIX} bytes long "
+                "(handles are limited to 63 bytes)"
+            )
+        if any(c.isspace() for c in self.handle_prefix):
+            raise ConfigError("--job-handle-prefix must not contain whitespace")
+        if self.max_packet_size < 1024:
+            raise ConfigError(
+                f"--max-packet-size must be at least 1024 bytes, not {self.max_packet_size}"
+            )
+        if self.worker_wakeup < 0:
+            raise ConfigError("--worker-wakeup must be 0 (wake all) or a positive number")
+        if self.verbose not in LOG_LEVELS:
+            raise ConfigError(f"--verbose must be one of {', '.join(LOG_LEVELS)}")
+
+
+def _size(text: str) -> int:
+    """Parse a byte size such as ``65536``, ``64k``, ``8M`` or ``1G``."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = text.strip().lower().removesuffix("b")
+    try:
+        if text and text[-1] in units:
+            return int(text[:-1]) * units[text[-1]]
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 65536, 64k or 8M)") from None
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad options give one line on stderr and exit code 2, not a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(
+        prog="gearoffload-server",
+        description="A Gearman job server (binary and text admin protocol) on gevent.",
+    )
+    p.add_argument("--host", "-L", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; use 0.0.0.0 to expose it)")
+    p.add_argument("--port", "-p", type=int, default=4730, help="TCP port (default 4730)")
+    p.add_argument("--job-retries", "-j", type=int, default=-1,
+                   help="attempts before a job whose worker is lost fails; -1 = unlimited "
+                        "(default), 0 = fail at the first loss")
+    p.add_argument("--job-handle-prefix", default=None,
+                   help="job handles become PREFIX:<n> (default H:<hostname>)")
+    p.add_argument("--max-packet-size", type=_size, default=DEFAULT_MAX_PACKET_SIZE,
+                   help="largest packet accepted, e.g. 64M (default 64M)")
+    p.add_argument("--max-output-buffer", type=_size, default=64 << 20,
+                   help="unread replies kept for a peer before it is disconnected (default 64M)")
+    p.add_argument("--worker-wakeup", "-w", type=int, default=1,
+                   help="sleeping workers woken per runnable job (default 1; 0 = all, "
+                        "like gearmand's thundering herd)")
+    p.add_argument("--verbose", "-v", default="ERROR", type=str.upper,
+                   help=f"log level, one of {' '.join(LOG_LEVELS)} (default ERROR)")
+    p.add_argument("--log-file", "-l", default=None, help="log to this file instead of stderr")
+    p.add_argument("--enable-shutdown", action="store_true",
+                   help="accept the admin 'shutdown' command, from loopback only")
+    p.add_argument("--version", "-V", action="version", version=f"gearoffload-server {__version__}")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    """Parse command-line arguments into a ``ServerConfig`` (exit 2 with one line on error)."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ServerConfig(
+            host=ns.host,
+            port=ns.port,
+            job_retries=ns.job_retries,
+            handle_prefix=ns.job_handle_prefix or default_handle_prefix(),
+            max_packet_size=ns.max_packet_size,
+            max_output_buffer=ns.max_output_buffer,
+            worker_wakeup=ns.worker_wakeup,
+            verbose=ns.verbose,
+            log_file=ns.log_file,
+            enable_shutdown=ns.enable_shutdown,
+        )
+    except ConfigError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: error() exits

@@ -1,0 +1,247 @@
+"""The I/O shell: a gevent ``StreamServer`` around ``JobServerState``.
+
+One greenlet per connection reads a chunk, decodes every whole packet or admin line in
+it, applies them to the state, and then wakes the writer of every peer that got output,
+so that all replies one chunk produced leave in one write per peer. A peer's writer is
+its own greenlet, so a client that never reads blocks nobody but itself (and is
+disconnected once ``--max-output-buffer`` bytes pile up for it).
+
+Example::
+
+    from gearoffload_server.config import ServerConfig
+    from gearoffload_server.server import GearmanServer
+
+    server = GearmanServer(ServerConfig(port=4730))
+    server.serve_forever()          # or server.start() ... server.stop()
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+import gevent
+from gevent.event import Event
+from gevent.server import StreamServer
+
+from gearoffload.errors import ProtocolError
+from gearoffload.protocol import RES, Decoder, Packet, PacketType, encode
+
+from .admin import AdminProtocol
+from .config import ServerConfig
+from .state import JobServerState, Peer
+
+log = logging.getLogger("gearoffload.server")
+
+RECV_SIZE = 256 * 1024
+#: How long a closing connection may take to deliver what was queued for it.
+CLOSE_FLUSH_TIMEOUT = 5.0
+
+
+class LoopScheduler:
+    """The state's ``Scheduler`` on the gevent loop; flushes output after each timer."""
+
+    def __init__(self, after: Callable[[], None]) -> None:
+        self._loop = gevent.get_hub().loop
+        self._after = after
+
+    def now(self) -> float:
+        return time.time()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> _LoopTimer:
+        return _LoopTimer(self._loop, delay, callback, self._after)
+
+
+class _LoopTimer:
+    __slots__ = ("_watcher",)
+
+    def __init__(self, loop, delay: float, callback: Callable[[], None],
+                 after: Callable[[], None]) -> None:
+        def fire() -> None:
+            self.cancel()
+            try:
+                callback()
+            except Exception:
+                log.exception("timer callback failed")
+            after()
+
+        self._watcher = loop.timer(max(delay, 0.0))
+        self._watcher.start(fire)
+
+    def cancel(self) -> None:
+        self._watcher.stop()
+        self._watcher.close()
+
+
+class Connection:
+    """One accepted socket: a reader loop (this greenlet) and a writer greenlet."""
+
+    __slots__ = ("server", "sock", "peer", "decoder", "_wakeup", "_writer", "closing")
+
+    def __init__(self, server: GearmanServer, sock: socket.socket, address: tuple) -> None:
+        self.server = server
+        self.sock = sock
+        host = address[0] if isinstance(address, tuple) else str(address)
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        self.peer = Peer(fd=sock.fileno(), address=host, loopback=loopback, transport=self)
+        self.decoder = Decoder(server.config.max_packet_size)
+        self._wakeup = Event()
+        self._writer: gevent.Greenlet | None = None
+        self.closing = False
+
+    def serve(self) -> None:
+        server = self.server
+        state = server.state
+        admin = server.admin
+        peer = self.peer
+        decoder = self.decoder
+        recv = self.sock.recv
+        handle = state.handle
+        flush = server.flush
+        reason = "closed by peer"
+        state.connect(peer)
+        self._writer = gevent.spawn(self._write_loop)
+        try:
+            while True:
+                data = recv(RECV_SIZE)
+                if not data:
+                    break
+                try:
+                    for item in decoder.feed(data):
+                        if type(item) is Packet:
+                            handle(peer, item)
+                        else:
+                            admin.handle(peer, item)
+                except ProtocolError as exc:
+                    reason = f"protocol error: {exc}"
+                    if exc.in_sync and exc.code:
+                        peer.send(_error_reply(exc, binary=exc.code != "LINE_TOO_LONG"))
+                    break
+                finally:
+                    flush()
+                if self.closing:
+                    reason = ""  # abort() has said why
+                    break
+        except OSError as exc:
+            reason = f"socket error: {exc}"
+        finally:
+            self._close(reason)
+
+    def _close(self, reason: str) -> None:
+        peer = self.peer
+        if reason.startswith("protocol error"):
+            log.warning("%s fd=%d %s", peer.address, peer.fd, reason)
+        elif reason:
+            log.debug("%s fd=%d %s", peer.address, peer.fd, reason)
+        self.server.state.disconnect(peer)
+        self.server.flush()  # requeues may have woken workers elsewhere
+        self.closing = True
+        self._wakeup.set()
+        if self._writer is not None and not self._writer.dead:
+            self._writer.join(CLOSE_FLUSH_TIMEOUT)
+            self._writer.kill(block=False)
+        self.sock.close()
+        self.server.connections.discard(self)
+
+    def _write_loop(self) -> None:
+        peer = self.peer
+        sendall = self.sock.sendall
+        wakeup = self._wakeup
+        try:
+            while True:
+                wakeup.wait()
+                wakeup.clear()
+                while peer.out:
+                    sendall(peer.take_output())
+                if self.closing:
+                    return
+        except OSError:
+            self.abort("write failed")
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def abort(self, reason: str, level: int = logging.WARNING) -> None:
+        """Disconnect this peer from another greenlet (it misbehaved, or we are stopping)."""
+        if self.closing:
+            return
+        self.closing = True
+        log.log(level, "%s fd=%d disconnected: %s", self.peer.address, self.peer.fd, reason)
+        self.peer.out.clear()
+        self.peer.out_bytes = 0
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _error_reply(exc: ProtocolError, binary: bool) -> bytes:
+    text = str(exc).encode()
+    if binary:
+        return encode(RES, PacketType.ERROR, (exc.code.encode(), text))
+    return b"ERR %s %s\r\n" % (exc.code.encode(), text.replace(b" ", b"+"))
+
+
+class GearmanServer(StreamServer):
+    """A Gearman job server: binary protocol and text admin protocol on one port.
+
+    Lifecycle as gevent's servers: ``start()``, ``serve_forever()``, ``stop()``;
+    ``stop_graceful()`` stops accepting and stops once no job is left.
+    """
+
+    def __init__(self, config: ServerConfig, listener: object = None) -> None:
+        super().__init__(listener or (config.host, config.port), backlog=1024)
+        self.config = config
+        self.state = JobServerState(config, LoopScheduler(self.flush))
+        self.state.on_shutdown = self._admin_shutdown
+        self.admin = AdminProtocol(self.state)
+        self.connections: set[Connection] = set()
+        self._graceful: gevent.Greenlet | None = None
+
+    def init_socket(self) -> None:
+        super().init_socket()
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+    def handle(self, sock: socket.socket, address: tuple) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(self, sock, address)
+        self.connections.add(conn)
+        conn.serve()
+
+    def flush(self) -> None:
+        """Wake the writer of every peer with output; drop peers that stopped reading."""
+        limit = self.config.max_output_buffer
+        for peer in self.state.take_dirty():
+            conn = peer.transport
+            if peer.out_bytes > limit:
+                conn.abort(f"more than {limit} bytes of replies unread")
+            else:
+                conn.wake()
+
+    def stop_graceful(self) -> None:
+        """Stop accepting connections; stop the server once no job remains (SIGUSR1)."""
+        if self._graceful is None:
+            log.warning("graceful shutdown: no new connections; waiting for %d jobs",
+                        len(self.state.jobs))
+            self.close()
+            self._graceful = gevent.spawn(self._stop_when_idle)
+
+    def _stop_when_idle(self) -> None:
+        while self.state.jobs:
+            gevent.sleep(0.1)
+        self.stop()
+
+    def stop(self, timeout: float | None = None) -> None:
+        for conn in list(self.connections):
+            conn.abort("server stopping", logging.INFO)
+        super().stop(timeout if timeout is not None else 1.0)
+
+    def _admin_shutdown(self, graceful: bool) -> None:
+        # Let the OK reach the admin before the server goes.
+        gevent.spawn_later(0.05, self.stop_graceful if graceful else self.stop)

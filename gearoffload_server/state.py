@@ -1,0 +1,832 @@
+"""The job server's state: functions, priority queues, the unique index, workers, sleepers.
+
+A plain object with no sockets in it. ``JobServerState.handle(peer, packet)`` applies one
+decoded packet and appends whatever must be sent to the ``out`` list of each peer
+concerned; the I/O shell (``server.py``) writes those lists out, one write per peer per
+batch. Time enters only through the injected ``Scheduler`` (``now()`` and
+``call_later()``), so every rule can be unit-tested without I/O or real waiting.
+
+Example::
+
+    >>> from gearoffload_server.state import JobServerState, ManualScheduler, Peer
+    >>> from gearoffload_server.config import ServerConfig
+    >>> from gearoffload.protocol import Packet, REQ, PacketType as T
+    >>> state = JobServerState(ServerConfig(handle_prefix="H:box"), ManualScheduler())
+    >>> client = state.connect(Peer(fd=7, address="127.0.0.1"))
+    >>> state.handle(client, Packet(REQ, T.SUBMIT_JOB, (b"upper", b"", b"abc")))
+    >>> client.out
+    [b'\\x00RES\\x00\\x00\\x00\\x08\\x00\\x00\\x00\\tH:box:1']
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import re
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from gearoffload.protocol import REQ, RES, Packet, encode
+from gearoffload.protocol import PacketType as T
+
+from .config import ServerConfig
+
+log = logging.getLogger("gearoffload.server")
+
+HIGH, NORMAL, LOW = 0, 1, 2
+#: Unique IDs of up to 64 bytes are kept whole (gearmand truncates a 64-byte one: Q2).
+MAX_UNIQUE = 64
+MAX_HANDLE = 63
+#: libgearman caps function names at 512 bytes; gearmand does not check (§1.5).
+MAX_FUNCTION_NAME = 512
+MAX_CLIENT_ID = 127
+#: Above this many dead entries in one queue (and more dead than live), the queue is
+#: compacted, so that submit-and-disconnect loops cannot grow memory without bound.
+COMPACT_THRESHOLD = 1024
+
+# Job lifecycle.
+QUEUED, SCHEDULED, RUNNING, DONE = range(4)
+# Worker sleep state (§3.6).
+AWAKE, SLEEPING, WOKEN = range(3)
+
+# type -> (priority, background)
+_SUBMISSIONS = {
+    T.SUBMIT_JOB: (NORMAL, False),
+    T.SUBMIT_JOB_BG: (NORMAL, True),
+    T.SUBMIT_JOB_HIGH: (HIGH, False),
+    T.SUBMIT_JOB_HIGH_BG: (HIGH, True),
+    T.SUBMIT_JOB_LOW: (LOW, False),
+    T.SUBMIT_JOB_LOW_BG: (LOW, True),
+    T.SUBMIT_JOB_EPOCH: (NORMAL, True),
+    T.SUBMIT_REDUCE_JOB: (NORMAL, False),
+    T.SUBMIT_REDUCE_JOB_BACKGROUND: (NORMAL, True),
+}
+_SERVER_ONLY = (
+    T.UNUSED, T.NOOP, T.JOB_CREATED, T.NO_JOB, T.JOB_ASSIGN, T.ECHO_RES, T.ERROR,
+    T.STATUS_RES, T.ALL_YOURS, T.OPTION_RES, T.JOB_ASSIGN_UNIQ, T.SUBMIT_JOB_SCHED,
+    T.JOB_ASSIGN_ALL, T.STATUS_RES_UNIQUE,
+)
+_NOT_FOUND_TEXT = {
+    T.WORK_STATUS: b"Job given in work result not found",
+    T.WORK_COMPLETE: b"Job given in work result not found",
+    T.WORK_FAIL: b"Job given in work result not found",
+    T.WORK_DATA: b"Job does not exist on server",
+    T.WORK_WARNING: b"Job does not exist on server",
+    T.WORK_EXCEPTION: b"An exception was received for a job that does not exist",
+}
+_NOOP = encode(RES, T.NOOP)
+_NO_JOB = encode(RES, T.NO_JOB)
+_LEADING_INT = re.compile(rb"\s*([+-]?)(\d*)")
+_WHITESPACE = re.compile(rb"\s+")
+
+
+def _error(code: bytes, text: bytes) -> bytes:
+    return encode(RES, T.ERROR, (code, text))
+
+
+def strtoul32(text: bytes) -> int:
+    """Parse like C ``strtoul`` cast to uint32: ``abc``→0, ``12xyz``→12, ``-1``→4294967295."""
+    sign, digits = _LEADING_INT.match(text).groups()
+    if not digits:
+        return 0
+    value = int(digits)
+    if value >= 1 << 64:
+        return 0xFFFFFFFF
+    return (-value if sign == b"-" else value) & 0xFFFFFFFF
+
+
+def strtoll(text: bytes) -> int | None:
+    """Parse like C ``strtoll``; ``None`` when the value overflows a signed 64-bit integer."""
+    sign, digits = _LEADING_INT.match(text).groups()
+    if not digits:
+        return 0
+    value = -int(digits) if sign == b"-" else int(digits)
+    if not -(1 << 63) <= value < 1 << 63:
+        return None
+    return value
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Scheduler(Protocol):
+    """Where the state gets time from. The I/O shell supplies one backed by the event loop."""
+
+    def now(self) -> float: ...
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer: ...
+
+
+class ManualScheduler:
+    """A ``Scheduler`` whose clock only moves when told to: for tests and doctests."""
+
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self.time = start
+        self._timers: list[tuple[float, int, _ManualTimer]] = []
+        self._seq = itertools.count()
+
+    def now(self) -> float:
+        return self.time
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> _ManualTimer:
+        timer = _ManualTimer(callback)
+        heapq.heappush(self._timers, (self.time + delay, next(self._seq), timer))
+        return timer
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward, firing every timer that falls due on the way."""
+        deadline = self.time + seconds
+        while self._timers and self._timers[0][0] <= deadline:
+            due, _, timer = heapq.heappop(self._timers)
+            self.time = max(self.time, due)
+            if not timer.cancelled:
+                timer.callback()
+        self.time = deadline
+
+
+class _ManualTimer:
+    __slots__ = ("callback", "cancelled")
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Peer:
+    """One connection as the state sees it: a client, a worker, an admin, or all three.
+
+    ``out`` collects encoded replies until the I/O shell writes them; ``transport`` is
+    the shell's own handle on the connection and is never touched here.
+    """
+
+    __slots__ = (
+        "fd", "address", "loopback", "client_id", "out", "out_bytes", "transport",
+        "exceptions", "functions", "timeouts", "jobs", "attached", "sleep", "rr",
+        "last_exception", "_dirty",
+    )
+
+    def __init__(self, fd: int = -1, address: str = "-", loopback: bool = True,
+                 transport: object = None) -> None:
+        self.fd = fd
+        self.address = address
+        self.loopback = loopback
+        self.transport = transport
+        self.client_id = b"-"
+        self.out: list[bytes] = []
+        self.out_bytes = 0
+        self.exceptions = False
+        self.functions: list[Function] = []   # registration order, de-duplicated
+        self.timeouts: dict[Function, float] = {}
+        self.jobs: dict[bytes, Job] = {}       # held as a worker, by handle
+        self.attached: dict[Job, int] = {}     # waited on as a client: submissions per job
+        self.sleep = AWAKE
+        self.rr = 0                            # round-robin position in ``functions``
+        self.last_exception: bytes | None = None
+        self._dirty: list[Peer] | None = None
+
+    def send(self, data: bytes) -> None:
+        if not self.out and self._dirty is not None:
+            self._dirty.append(self)
+        self.out.append(data)
+        self.out_bytes += len(data)
+
+    def take_output(self) -> bytes:
+        """Everything queued for this peer as one buffer (empties ``out``)."""
+        out = self.out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.out_bytes = 0
+        return data
+
+    def __repr__(self) -> str:
+        return f"<Peer fd={self.fd} {self.address} {self.client_id.decode(errors='replace')}>"
+
+
+class Function:
+    """A function name with its three priority queues, its workers and its sleepers."""
+
+    __slots__ = ("name", "queues", "queued", "ready", "scheduled", "running", "total",
+                 "dead", "workers", "sleepers", "woken", "limits")
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        self.queues: tuple[deque[Job], deque[Job], deque[Job]] = (deque(), deque(), deque())
+        self.queued = [0, 0, 0]       # live runnable jobs per priority
+        self.ready = 0                # sum of ``queued``
+        self.scheduled = 0            # epoch jobs not yet due
+        self.running = 0
+        self.total = 0                # queued + scheduled + running
+        self.dead = [0, 0, 0]         # removed jobs still sitting in a deque
+        self.workers: dict[Peer, None] = {}
+        self.sleepers: dict[Peer, None] = {}  # asleep and not yet sent a NOOP, oldest first
+        self.woken = 0                # registered workers sent a NOOP that have not grabbed
+        self.limits = [0, 0, 0]       # maxqueue per priority, 0 = unlimited
+
+    def __repr__(self) -> str:
+        return f"<Function {self.name!r} total={self.total} running={self.running}>"
+
+
+class Job:
+    __slots__ = ("handle", "function", "unique", "data", "priority", "background",
+                 "reducer", "when", "clients", "worker", "numerator", "denominator",
+                 "retries", "abandoned", "timer", "state", "coalesce")
+
+    def __init__(self, handle: bytes, function: Function, unique: bytes, data: bytes,
+                 priority: int, background: bool, reducer: bytes | None, when: int) -> None:
+        self.handle = handle
+        self.function = function
+        self.unique = unique
+        self.data = data
+        self.priority = priority
+        self.background = background
+        self.reducer = reducer
+        self.when = when
+        self.clients: list[Peer] = []
+        self.worker: Peer | None = None
+        self.numerator = 0
+        self.denominator = 0
+        self.retries = 0
+        self.abandoned = False
+        self.timer: Timer | None = None
+        self.state = QUEUED
+        self.coalesce = False  # indexed for coalescing (cleared when the window closes)
+
+    def __repr__(self) -> str:
+        return f"<Job {self.handle!r} {self.function.name!r} state={self.state}>"
+
+
+class JobServerState:
+    """All jobs, functions and connections of one server, and the rules that move them."""
+
+    def __init__(self, config: ServerConfig, scheduler: Scheduler) -> None:
+        self.config = config
+        self.scheduler = scheduler
+        self.functions: dict[bytes, Function] = {}
+        self.jobs: dict[bytes, Job] = {}               # every live job by handle
+        self.peers: dict[Peer, None] = {}              # connection order, for admin
+        self._uniques: dict[bytes, Job | list[Job]] = {}  # coalescing + GET_STATUS_UNIQUE
+        self._hyphen: dict[tuple[bytes, bytes], Job] = {}  # unique "-": coalesce on data
+        self._epochs: list[tuple[int, int, Job]] = []  # (when, seq, job) heap
+        self._epoch_timer: Timer | None = None
+        self._epoch_timer_due: int | None = None
+        self._prefix = config.handle_prefix.encode() + b":"
+        self._counter = itertools.count(1)
+        self._dirty: list[Peer] = []
+        #: Called by admin ``shutdown [graceful]`` when enabled; set by the I/O shell.
+        self.on_shutdown: Callable[[bool], None] | None = None
+        self._handlers: list[Callable[[Peer, Packet], None]] = [self._invalid_command] * 43
+        for ptype in _SUBMISSIONS:
+            self._handlers[ptype] = self._submit
+        for ptype in (T.WORK_STATUS, T.WORK_COMPLETE, T.WORK_FAIL, T.WORK_EXCEPTION,
+                      T.WORK_DATA, T.WORK_WARNING):
+            self._handlers[ptype] = self._work
+        for ptype in (T.GRAB_JOB, T.GRAB_JOB_UNIQ, T.GRAB_JOB_ALL):
+            self._handlers[ptype] = self._grab
+        self._handlers[T.CAN_DO] = self._can_do
+        self._handlers[T.CAN_DO_TIMEOUT] = self._can_do
+        self._handlers[T.CANT_DO] = self._cant_do
+        self._handlers[T.RESET_ABILITIES] = self._reset_abilities
+        self._handlers[T.PRE_SLEEP] = self._pre_sleep
+        self._handlers[T.GET_STATUS] = self._get_status
+        self._handlers[T.GET_STATUS_UNIQUE] = self._get_status_unique
+        self._handlers[T.ECHO_REQ] = self._echo
+        self._handlers[T.OPTION_REQ] = self._option
+        self._handlers[T.SET_CLIENT_ID] = self._set_client_id
+        for ptype in _SERVER_ONLY:
+            self._handlers[ptype] = self._invalid_command
+
+    # -- connections -----------------------------------------------------------------
+
+    def connect(self, peer: Peer) -> Peer:
+        peer._dirty = self._dirty
+        self.peers[peer] = None
+        return peer
+
+    def disconnect(self, peer: Peer) -> None:
+        """Forget a connection: requeue the jobs it held, detach it from jobs it waited on."""
+        if peer not in self.peers:
+            return
+        del self.peers[peer]
+        self._set_sleep(peer, AWAKE)
+        for job in list(peer.jobs.values()):
+            self._lose(job)
+        for func in peer.functions:
+            del func.workers[peer]
+        peer.functions.clear()
+        peer.timeouts.clear()
+        for job in list(peer.attached):
+            self._detach(job, peer)
+        peer._dirty = None
+        peer.out.clear()
+
+    def take_dirty(self) -> list[Peer]:
+        """The peers that have output waiting since the last call."""
+        dirty = self._dirty[:]
+        self._dirty.clear()
+        return dirty
+
+    # -- packets ---------------------------------------------------------------------
+
+    def handle(self, peer: Peer, packet: Packet) -> None:
+        """Apply one packet from ``peer``. Replies go to the ``out`` lists of the peers."""
+        if packet.magic != REQ:
+            peer.send(_error(b"INVALID_MAGIC", b"Request magic expected"))
+            return
+        self._handlers[packet.type](peer, packet)
+
+    def _invalid_command(self, peer: Peer, packet: Packet) -> None:
+        peer.send(_error(b"INVALID_COMMAND", b"Command not expected"))
+
+    def _echo(self, peer: Peer, packet: Packet) -> None:
+        peer.send(encode(RES, T.ECHO_RES, packet.args))
+
+    def _option(self, peer: Peer, packet: Packet) -> None:
+        option = packet.args[0]
+        if option.lower() == b"exceptions":
+            peer.exceptions = True
+            peer.send(encode(RES, T.OPTION_RES, packet.args))
+        else:
+            peer.send(_error(b"UNKNOWN_OPTION", b"Server does not recognize given option"))
+
+    def _set_client_id(self, peer: Peer, packet: Packet) -> None:
+        # Whitespace would break admin parsers that split ``workers`` lines on spaces.
+        client_id = _WHITESPACE.sub(b"", packet.args[0])[:MAX_CLIENT_ID]
+        peer.client_id = client_id or b"-"
+
+    # -- submission and coalescing (§3.3) -----------------------------------------------
+
+    def _submit(self, peer: Peer, packet: Packet) -> None:
+        ptype = packet.type
+        args = packet.args
+        priority, background = _SUBMISSIONS[ptype]
+        name, unique = args[0], args[1]
+        reducer = None
+        when = 0
+        if ptype == T.SUBMIT_JOB_EPOCH:
+            parsed = strtoll(args[2])
+            if parsed is None:
+                peer.send(_error(b"INVALID_ARGUMENT", b"Epoch time out of range"))
+                return
+            when = parsed
+        elif ptype == T.SUBMIT_REDUCE_JOB or ptype == T.SUBMIT_REDUCE_JOB_BACKGROUND:
+            reducer = args[2]
+            if len(reducer) > MAX_UNIQUE:
+                peer.send(_error(b"ARGUMENT_TOO_LARGE", b"Unique value too large"))
+                return
+        data = args[-1]
+        if len(unique) > MAX_UNIQUE:
+            peer.send(_error(b"ARGUMENT_TOO_LARGE", b"Unique value too large"))
+            return
+        if not name or len(name) > MAX_FUNCTION_NAME:
+            peer.send(_error(b"INVALID_FUNCTION_NAME",
+                             b"Function name must be 1 to 512 bytes long"))
+            return
+        func = self.functions.get(name)
+        if func is None:
+            func = self.functions[name] = Function(name)
+        job = self._find_coalesced(func, unique, data) if unique else None
+        if job is not None:
+            peer.send(encode(RES, T.JOB_CREATED, (job.handle,)))
+            if not background:
+                self._attach(job, peer)
+            return
+        limit = func.limits[priority]
+        if limit and func.total >= limit:
+            peer.send(_error(b"QUEUE_ERROR", b"Job queue is full"))
+            return
+        handle = b"%s%d" % (self._prefix, next(self._counter))
+        job = Job(handle, func, unique, data, priority, background, reducer, when)
+        self.jobs[handle] = job
+        func.total += 1
+        if unique:
+            self._index(job)
+        peer.send(encode(RES, T.JOB_CREATED, (handle,)))
+        if not background:
+            self._attach(job, peer)
+        if when and when > self.scheduler.now():
+            self._schedule(job)
+        else:
+            self._enqueue(job)
+
+    def _find_coalesced(self, func: Function, unique: bytes, data: bytes) -> Job | None:
+        if unique == b"-":
+            return self._hyphen.get((func.name, data)) if data else None
+        entry = self._uniques.get(unique)
+        if entry is None:
+            return None
+        if type(entry) is Job:
+            return entry if entry.function is func else None
+        for job in entry:
+            if job.function is func:
+                return job
+        return None
+
+    def _index(self, job: Job) -> None:
+        if job.unique == b"-":
+            if not job.data:
+                return
+            self._hyphen[(job.function.name, job.data)] = job
+        else:
+            entry = self._uniques.get(job.unique)
+            if entry is None:
+                self._uniques[job.unique] = job
+            elif type(entry) is Job:
+                self._uniques[job.unique] = [entry, job]
+            else:
+                entry.append(job)
+        job.coalesce = True
+
+    def _unindex(self, job: Job) -> None:
+        if not job.coalesce:
+            return
+        job.coalesce = False
+        if job.unique == b"-":
+            del self._hyphen[(job.function.name, job.data)]
+            return
+        entry = self._uniques[job.unique]
+        if entry is job:
+            del self._uniques[job.unique]
+        else:
+            entry.remove(job)
+            if len(entry) == 1:
+                self._uniques[job.unique] = entry[0]
+
+    def _attach(self, job: Job, peer: Peer) -> None:
+        # One attachment per submission: the same connection twice gets every packet twice.
+        job.clients.append(peer)
+        job.abandoned = False  # revive a job whose clients had all left (Q4)
+        peer.attached[job] = peer.attached.get(job, 0) + 1
+
+    def _detach(self, job: Job, peer: Peer) -> None:
+        """``peer`` stops waiting for ``job``; a foreground job nobody waits for goes."""
+        peer.attached.pop(job, None)
+        job.clients = [c for c in job.clients if c is not peer]
+        if job.clients or job.background:
+            return
+        if job.state == RUNNING:
+            job.abandoned = True  # let the worker finish; its results go nowhere
+        else:
+            self._remove(job)  # nobody will ever read the result (Q5: at once)
+
+    # -- queues ------------------------------------------------------------------------
+
+    def _enqueue(self, job: Job) -> None:
+        func = job.function
+        job.state = QUEUED
+        func.queues[job.priority].append(job)
+        func.queued[job.priority] += 1
+        func.ready += 1
+        if func.sleepers:
+            self._wake(func)
+
+    def _schedule(self, job: Job) -> None:
+        job.state = SCHEDULED
+        job.function.scheduled += 1
+        heapq.heappush(self._epochs, (job.when, id(job), job))
+        self._arm_epoch_timer()
+
+    def _arm_epoch_timer(self) -> None:
+        while self._epochs and self._epochs[0][2].state != SCHEDULED:
+            heapq.heappop(self._epochs)  # removed while waiting
+        if not self._epochs:
+            return
+        due = self._epochs[0][0]
+        if self._epoch_timer is not None:
+            if self._epoch_timer_due <= due:
+                return
+            self._epoch_timer.cancel()
+        self._epoch_timer_due = due
+        self._epoch_timer = self.scheduler.call_later(
+            max(0.0, due - self.scheduler.now()), self._epochs_due)
+
+    def _epochs_due(self) -> None:
+        """Timer: move every epoch job whose time has come to its queue and wake workers (Q7)."""
+        self._epoch_timer = None
+        now = self.scheduler.now()
+        while self._epochs and self._epochs[0][0] <= now:
+            _, _, job = heapq.heappop(self._epochs)
+            if job.state == SCHEDULED:
+                job.function.scheduled -= 1
+                self._enqueue(job)
+        self._arm_epoch_timer()
+
+    def _remove(self, job: Job) -> None:
+        """Take a job out of the server entirely, wherever it is."""
+        func = job.function
+        state = job.state
+        if state == DONE:
+            return
+        if state == QUEUED:
+            p = job.priority
+            func.queued[p] -= 1
+            func.ready -= 1
+            func.dead[p] += 1
+            if func.dead[p] > COMPACT_THRESHOLD and func.dead[p] > func.queued[p]:
+                live = deque(j for j in func.queues[p] if j.state == QUEUED and j is not job)
+                func.queues[p].clear()
+                func.queues[p].extend(live)
+                func.dead[p] = 0
+        elif state == SCHEDULED:
+            func.scheduled -= 1
+        elif state == RUNNING:
+            func.running -= 1
+            worker = job.worker
+            del worker.jobs[job.handle]
+            job.worker = None
+            if job.timer is not None:
+                job.timer.cancel()
+                job.timer = None
+        job.state = DONE
+        func.total -= 1
+        del self.jobs[job.handle]
+        self._unindex(job)
+        for client in job.clients:
+            client.attached.pop(job, None)
+        job.clients = []
+
+    def _pop_runnable(self, func: Function, priority: int) -> Job:
+        queue = func.queues[priority]
+        while True:
+            job = queue.popleft()
+            if job.state == QUEUED:
+                return job
+            func.dead[priority] -= 1
+
+    # -- workers: registration, sleeping, grabbing (§3.5–§3.7, §3.9) -----------------------
+
+    def _can_do(self, peer: Peer, packet: Packet) -> None:
+        name = packet.args[0]
+        timeout = 0.0
+        if packet.type == T.CAN_DO_TIMEOUT:
+            raw = packet.args[1]
+            if len(raw) > 20:
+                peer.send(_error(b"INVALID_ARGUMENT", b"Timeout value too long"))
+                return
+            ms = strtoll(raw) or 0
+            if ms > 0:
+                timeout = max(ms, 1000) / 1000.0
+        if not name or len(name) > MAX_FUNCTION_NAME:
+            peer.send(_error(b"INVALID_FUNCTION_NAME",
+                             b"Function name must be 1 to 512 bytes long"))
+            return
+        func = self.functions.get(name)
+        if func is None:
+            func = self.functions[name] = Function(name)
+        if timeout:
+            peer.timeouts[func] = timeout
+        else:
+            peer.timeouts.pop(func, None)
+        if peer in func.workers:
+            return
+        func.workers[peer] = None
+        peer.functions.append(func)
+        if peer.sleep == SLEEPING:
+            func.sleepers[peer] = None
+        elif peer.sleep == WOKEN:
+            func.woken += 1
+
+    def _cant_do(self, peer: Peer, packet: Packet) -> None:
+        func = self.functions.get(packet.args[0])
+        if func is not None and peer in func.workers:
+            self._unregister(peer, func)
+
+    def _reset_abilities(self, peer: Peer, packet: Packet) -> None:
+        for func in list(peer.functions):
+            self._unregister(peer, func)
+
+    def _unregister(self, peer: Peer, func: Function) -> None:
+        for job in [j for j in peer.jobs.values() if j.function is func]:
+            self._lose(job)
+        del func.workers[peer]
+        func.sleepers.pop(peer, None)
+        if peer.sleep == WOKEN:
+            func.woken -= 1
+        peer.functions.remove(func)
+        peer.timeouts.pop(func, None)
+        peer.rr = 0
+
+    def _set_sleep(self, peer: Peer, sleep: int) -> None:
+        old = peer.sleep
+        if old == sleep:
+            return
+        for func in peer.functions:
+            if old == SLEEPING:
+                func.sleepers.pop(peer, None)
+            elif old == WOKEN:
+                func.woken -= 1
+            if sleep == SLEEPING:
+                func.sleepers[peer] = None
+            elif sleep == WOKEN:
+                func.woken += 1
+        peer.sleep = sleep
+
+    def _pre_sleep(self, peer: Peer, packet: Packet) -> None:
+        for func in peer.functions:
+            if func.ready:
+                # Rule 1: close the race between NO_JOB and PRE_SLEEP.
+                self._set_sleep(peer, WOKEN)
+                peer.send(_NOOP)
+                return
+        self._set_sleep(peer, SLEEPING)
+
+    def _wake(self, func: Function) -> None:
+        """NOOP sleepers of ``func``: as many as it has runnable jobs not yet claimed by a
+        woken worker (times ``--worker-wakeup``; 0 wakes them all, like gearmand)."""
+        per_job = self.config.worker_wakeup
+        sleepers = func.sleepers
+        while sleepers and (not per_job or func.ready * per_job > func.woken):
+            worker = next(iter(sleepers))
+            self._set_sleep(worker, WOKEN)
+            worker.send(_NOOP)
+
+    def _grab(self, peer: Peer, packet: Packet) -> None:
+        was_woken = peer.sleep == WOKEN
+        if peer.sleep != AWAKE:
+            self._set_sleep(peer, AWAKE)
+        job = self._next_job(peer)
+        if job is None:
+            peer.send(_NO_JOB)
+        else:
+            self._assign(peer, job, packet.type)
+        if was_woken:
+            # This worker may have taken another function's job (or none): whatever it
+            # left runnable must not wait for lack of a woken worker.
+            for func in peer.functions:
+                if func.ready and func.sleepers:
+                    self._wake(func)
+
+    def _next_job(self, peer: Peer) -> Job | None:
+        """Global priority across the worker's functions, round-robin among them (the
+        gearmand 2.0 rule, §3.5), FIFO within a priority."""
+        funcs = peer.functions
+        count = len(funcs)
+        if count == 1:
+            func = funcs[0]
+            if not func.ready:
+                return None
+            queued = func.queued
+            priority = HIGH if queued[HIGH] else NORMAL if queued[NORMAL] else LOW
+            return self._pop_runnable(func, priority)
+        start = peer.rr
+        for priority in (HIGH, NORMAL, LOW):
+            for i in range(count):
+                func = funcs[(start + i) % count]
+                if func.queued[priority]:
+                    peer.rr = (start + i + 1) % count
+                    return self._pop_runnable(func, priority)
+        return None
+
+    def _assign(self, peer: Peer, job: Job, grab_type: int) -> None:
+        func = job.function
+        func.queued[job.priority] -= 1
+        func.ready -= 1
+        func.running += 1
+        job.state = RUNNING
+        job.worker = peer
+        peer.jobs[job.handle] = job
+        if grab_type == T.GRAB_JOB:
+            peer.send(encode(RES, T.JOB_ASSIGN, (job.handle, func.name, job.data)))
+        elif grab_type == T.GRAB_JOB_ALL and job.reducer is not None:
+            peer.send(encode(RES, T.JOB_ASSIGN_ALL,
+                             (job.handle, func.name, job.unique, job.reducer, job.data)))
+        else:
+            peer.send(encode(RES, T.JOB_ASSIGN_UNIQ,
+                             (job.handle, func.name, job.unique, job.data)))
+        timeout = peer.timeouts.get(func) if peer.timeouts else None
+        if timeout:
+            job.timer = self.scheduler.call_later(timeout, lambda: self._timed_out(job, peer))
+
+    def _timed_out(self, job: Job, worker: Peer) -> None:
+        if job.state == RUNNING and job.worker is worker:
+            log.warning("job %s of %s timed out on %r; requeued", job.handle.decode(),
+                        job.function.name.decode(errors="replace"), worker)
+            job.timer = None
+            self._lose(job)
+
+    def _lose(self, job: Job) -> None:
+        """The worker holding ``job`` is gone (disconnect, CANT_DO, timeout): requeue it at
+        the tail, or fail it once ``--job-retries`` attempts are used up (§3.7)."""
+        func = job.function
+        job.retries += 1
+        limit = self.config.job_retries
+        if limit >= 0 and job.retries >= max(limit, 1):
+            log.warning("job %s of %s failed after %d attempts", job.handle.decode(),
+                        func.name.decode(errors="replace"), job.retries)
+            self._relay_to_clients(job, encode(RES, T.WORK_FAIL, (job.handle,)))
+            self._remove(job)
+            return
+        if not job.clients and not job.background:
+            self._remove(job)  # its clients left while it ran: nobody wants a rerun
+            return
+        del job.worker.jobs[job.handle]
+        job.worker = None
+        if job.timer is not None:
+            job.timer.cancel()
+            job.timer = None
+        func.running -= 1
+        job.numerator = job.denominator = 0
+        self._enqueue(job)
+
+    # -- results (§3.4, §3.10) --------------------------------------------------------------
+
+    def _work(self, peer: Peer, packet: Packet) -> None:
+        ptype = packet.type
+        handle = packet.args[0]
+        job = peer.jobs.get(handle)
+        if job is None:
+            if ptype == T.WORK_FAIL:
+                if handle == peer.last_exception:
+                    # python-gearman and Perl send WORK_FAIL after WORK_EXCEPTION; an
+                    # ERROR would make them drop the connection (§3.10).
+                    peer.last_exception = None
+                    return
+                if len(handle) > MAX_HANDLE:
+                    peer.send(_error(
+                        b"ARGUMENT_TOO_LARGE",
+                        b"Error occurred due to GEARMAND_JOB_HANDLE_SIZE being too small "
+                        b"from snprintf"))
+                    return
+            peer.send(_error(b"JOB_NOT_FOUND", _NOT_FOUND_TEXT[ptype]))
+            return
+        if ptype == T.WORK_STATUS:
+            job.numerator = strtoul32(packet.args[1])
+            job.denominator = strtoul32(packet.args[2])
+        if job.clients:
+            if ptype == T.WORK_EXCEPTION:
+                exception = encode(RES, ptype, packet.args)
+                fail = encode(RES, T.WORK_FAIL, (handle,))
+                for client in job.clients:
+                    client.send(exception if client.exceptions else fail)
+            else:
+                self._relay_to_clients(job, encode(RES, ptype, packet.args))
+        if ptype == T.WORK_COMPLETE or ptype == T.WORK_FAIL or ptype == T.WORK_EXCEPTION:
+            peer.last_exception = handle if ptype == T.WORK_EXCEPTION else None
+            self._remove(job)
+
+    @staticmethod
+    def _relay_to_clients(job: Job, data: bytes) -> None:
+        for client in job.clients:
+            client.send(data)
+
+    # -- status (§2.1) ---------------------------------------------------------------------
+
+    def _get_status(self, peer: Peer, packet: Packet) -> None:
+        handle = packet.args[0]
+        if len(handle) > MAX_HANDLE:
+            peer.send(_error(b"ARGUMENT_TOO_LARGE", b"Job handle too large"))
+            return
+        job = self.jobs.get(handle)
+        if job is None:
+            peer.send(encode(RES, T.STATUS_RES, (handle, b"0", b"0", b"0", b"0")))
+            return
+        peer.send(encode(RES, T.STATUS_RES, (
+            handle, b"1", b"1" if job.state == RUNNING else b"0",
+            b"%d" % job.numerator, b"%d" % job.denominator)))
+
+    def _get_status_unique(self, peer: Peer, packet: Packet) -> None:
+        unique = packet.args[0]
+        if len(unique) > MAX_UNIQUE:
+            peer.send(_error(b"ARGUMENT_TOO_LARGE", b"Unique value too large"))
+            return
+        entry = self._uniques.get(unique) if unique else None
+        job = entry[0] if isinstance(entry, list) else entry
+        if job is None:
+            peer.send(encode(RES, T.STATUS_RES_UNIQUE, (unique, b"0", b"0", b"0", b"0", b"0")))
+            return
+        peer.send(encode(RES, T.STATUS_RES_UNIQUE, (
+            unique, b"1", b"1" if job.state == RUNNING else b"0",
+            b"%d" % job.numerator, b"%d" % job.denominator, b"%d" % len(job.clients))))
+
+    # -- admin actions (used by admin.py) --------------------------------------------------
+
+    def function(self, name: bytes) -> Function:
+        """The function called ``name``, created if it does not exist yet (§3.2)."""
+        func = self.functions.get(name)
+        if func is None:
+            func = self.functions[name] = Function(name)
+        return func
+
+    def cancel(self, handle: bytes) -> bool:
+        """Admin ``cancel job``: clients get WORK_FAIL and are detached (Q10); a queued job
+        goes at once (Q5); a running one may finish, its result going nowhere."""
+        job = self.jobs.get(handle)
+        if job is None:
+            return False
+        fail = encode(RES, T.WORK_FAIL, (handle,))
+        for client in job.clients:
+            client.send(fail)
+            client.attached.pop(job, None)
+        job.clients = []
+        if job.state == RUNNING:
+            job.abandoned = True
+            self._unindex(job)  # the coalescing window closes with the cancel
+        else:
+            self._remove(job)
+        return True
+

@@ -1,0 +1,214 @@
+"""Shared fixtures: real server processes on free loopback ports, and a raw protocol peer.
+
+``server`` is parameterised over our server and Debian's gearmand, so a test that uses it
+proves it tests real Gearman behaviour. ``our_server`` is for our own choices (quirks we
+fix, limits, admin extensions). Tools that are missing skip locally and fail under CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gearoffload.protocol import RES, Decoder, Packet, encode_request
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def need_tool(name: str, package: str) -> str:
+    """The path of a tool, or a skip (a failure under CI=true, where .ci/run installs it)."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+    if path:
+        return path
+    message = f"{name} not installed (Debian package {package}; .ci/run installs it)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listening on port {port} after {timeout}s")
+
+
+class ServerProcess:
+    """A job server started as a subprocess; stopped by its PID only."""
+
+    def __init__(self, kind: str, args: list[str] | None = None) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.args = list(args or [])
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        if self.kind == "gearmand":
+            return [need_tool("gearmand", "gearman-job-server"), "--listen=127.0.0.1",
+                    f"--port={self.port}", "--threads=1", "--log-file=none", *self.args]
+        return [sys.executable, "-m", "gearoffload_server", "--port", str(self.port),
+                "--job-handle-prefix", "H:test", *self.args]
+
+    def start(self) -> ServerProcess:
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, cwd=ROOT)
+        wait_for_port(self.port, self.proc)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def stderr_text(self) -> str:
+        """The server's log (only after stop())."""
+        return self.proc.stderr.read().decode(errors="replace") if self.proc else ""
+
+    def connect(self, timeout: float = 5.0) -> RawConn:
+        return RawConn(self.port, timeout)
+
+
+class RawConn:
+    """A blocking raw-socket Gearman peer for protocol tests (uses the shared codec)."""
+
+    def __init__(self, port: int, timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.decoder = Decoder(text=True)
+        self.pending: list[Packet | bytes] = []
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawConn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, ptype: int, *args: bytes) -> None:
+        self.sock.sendall(encode_request(ptype, *args))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self, timeout: float | None) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(1 << 20)
+        except (socket.timeout, TimeoutError):
+            return False
+        if not data:
+            raise ConnectionError("server closed the connection")
+        self.pending.extend(self.decoder.feed(data))
+        return True
+
+    def recv(self, timeout: float = 5.0) -> Packet:
+        """The next binary packet."""
+        deadline = time.monotonic() + timeout
+        while not self.pending:
+            if not self._fill(max(0.001, deadline - time.monotonic())):
+                raise TimeoutError("no packet within %.1fs" % timeout)
+        item = self.pending.pop(0)
+        assert isinstance(item, Packet), f"expected a packet, got text {item!r}"
+        assert item.magic == RES
+        return item
+
+    def expect(self, ptype: int, timeout: float = 5.0) -> tuple[bytes, ...]:
+        packet = self.recv(timeout)
+        assert packet.type == ptype, f"expected type {ptype}, got {packet}"
+        return packet.args
+
+    def expect_nothing(self, wait: float = 0.3) -> None:
+        if not self.pending:
+            self._fill(wait)
+        assert not self.pending, f"unexpected {self.pending}"
+
+    def is_closed(self, wait: float = 2.0) -> bool:
+        """True when the server closes the connection within ``wait`` seconds."""
+        try:
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                self._fill(max(0.001, deadline - time.monotonic()))
+        except (ConnectionError, OSError):
+            return True
+        return False
+
+    def admin_raw(self, line: bytes, timeout: float = 5.0) -> bytes:
+        """Send one admin line; return the raw reply (a listing up to '.\\n', or one line)."""
+        self.sock.sendall(line)
+        buf = b""
+        self.sock.settimeout(timeout)
+        while True:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            buf += chunk
+            if buf.startswith((b"OK", b"ERR")) and buf.endswith(b"\n"):
+                return buf
+            if buf == b".\n" or buf.endswith(b"\n.\n"):
+                return buf
+
+    def admin(self, command: str) -> bytes:
+        return self.admin_raw(command.encode() + b"\r\n")
+
+
+@pytest.fixture(params=["gearoffload", "gearmand"])
+def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """Each test runs once against our server and once against gearmand."""
+    proc = ServerProcess(request.param).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def our_server() -> Iterator[ServerProcess]:
+    proc = ServerProcess("gearoffload").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def server_factory() -> Iterator:
+    """Start servers with extra arguments: ``server_factory("gearoffload", "--job-retries", "2")``."""
+    started: list[ServerProcess] = []
+
+    def start(kind: str = "gearoffload", *args: str) -> ServerProcess:
+        proc = ServerProcess(kind, list(args)).start()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
