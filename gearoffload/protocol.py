@@ -181,7 +181,7 @@ class Decoder:
         ([], [Packet(magic=b'\\x00REQ', type=16, args=(b'hi',))])
     """
 
-    __slots__ = ("_buf", "max_packet_size", "max_line_size", "text", "magic")
+    __slots__ = ("_buf", "_unread", "max_packet_size", "max_line_size", "text", "magic")
 
     def __init__(
         self,
@@ -192,6 +192,7 @@ class Decoder:
         max_line_size: int = MAX_LINE_SIZE,
     ) -> None:
         self._buf = bytearray()
+        self._unread: bytes | None = None  # handed to an iterator that has not started yet
         self.max_packet_size = max_packet_size
         self.max_line_size = max_line_size
         self.text = text
@@ -205,16 +206,22 @@ class Decoder:
     def feed(self, data: bytes) -> Iterator[Packet | bytes]:
         """Add ``data``; return an iterator over every complete packet or line now available.
 
-        The data is taken at once, whether or not the iterator is consumed.
+        The data is kept whether or not the iterator is consumed; consume each iterator
+        before the next ``feed()``.
         """
+        if self._unread is not None:  # the previous iterator was never started
+            self._buf += self._unread
+            self._unread = None
         if self._buf:
             self._buf += data
             return self._drain(self._buf)
         # Common case: nothing pending, so slice the caller's bytes directly (one copy
         # per payload instead of two) and keep only an incomplete tail.
+        self._unread = data
         return self._drain(data)
 
     def _drain(self, buf: bytes | bytearray) -> Iterator[Packet | bytes]:
+        self._unread = None
         pos = 0
         end = len(buf)
         try:

@@ -6,6 +6,7 @@ monkey.patch_all()  # entry points patch, first thing; library modules never do
 
 import logging  # noqa: E402
 import os  # noqa: E402
+import resource  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
@@ -34,8 +35,19 @@ def configure_logging(config: ServerConfig) -> None:
     root.setLevel(_LEVELS[config.verbose])
 
 
+def raise_fd_limit() -> None:
+    """Every connection is a file descriptor; the usual soft limit of 1024 is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
+    raise_fd_limit()
     try:
         configure_logging(config)
     except OSError as exc:
@@ -53,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     gevent.signal_handler(signal.SIGINT, server.stop)
     gevent.signal_handler(signal.SIGUSR1, server.stop_graceful)
     host, port = server.address[:2]
-    logging.getLogger("gearoffload.server").warning(
+    logging.getLogger("gearoffload.server").info(
         "gearoffload-server %s listening on %s:%d (pid %d)",
         config.version, host, port, os.getpid())
     server.serve_forever()

@@ -43,7 +43,7 @@ class ServerConfig:
     worker_wakeup: int = 1
     #: Bytes queued for a peer that does not read before it is disconnected.
     max_output_buffer: int = 64 * 1024 * 1024
-    verbose: str = "ERROR"
+    verbose: str = "INFO"
     log_file: str | None = None
     enable_shutdown: bool = False
     version: str = __version__
@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-wakeup", "-w", type=int, default=1,
                    help="sleeping workers woken per runnable job (default 1; 0 = all, "
                         "like gearmand's thundering herd)")
-    p.add_argument("--verbose", "-v", default="ERROR", type=str.upper,
-                   help=f"log level, one of {' '.join(LOG_LEVELS)} (default ERROR)")
+    p.add_argument("--verbose", "-v", default="INFO", type=str.upper,
+                   help=f"log level, one of {' '.join(LOG_LEVELS)} (default INFO)")
     p.add_argument("--log-file", "-l", default=None, help="log to this file instead of stderr")
     p.add_argument("--enable-shutdown", action="store_true",
                    help="accept the admin 'shutdown' command, from loopback only")

@@ -168,7 +168,7 @@ class Peer:
     __slots__ = (
         "fd", "address", "loopback", "client_id", "out", "out_bytes", "transport",
         "exceptions", "functions", "timeouts", "jobs", "attached", "sleep", "rr",
-        "last_exception", "_dirty",
+        "last_exception", "_dirty", "_flagged",
     )
 
     def __init__(self, fd: int = -1, address: str = "-", loopback: bool = True,
@@ -189,9 +189,13 @@ class Peer:
         self.rr = 0                            # round-robin position in ``functions``
         self.last_exception: bytes | None = None
         self._dirty: list[Peer] | None = None
+        self._flagged = False  # in ``_dirty`` since the last ``take_dirty()``
 
     def send(self, data: bytes) -> None:
-        if not self.out and self._dirty is not None:
+        if not self._flagged and self._dirty is not None:
+            # Listed once per batch, even while earlier output is still being written,
+            # so that the shell sees every peer whose backlog grew.
+            self._flagged = True
             self._dirty.append(self)
         self.out.append(data)
         self.out_bytes += len(data)
@@ -322,13 +326,14 @@ class JobServerState:
         peer.timeouts.clear()
         for job in list(peer.attached):
             self._detach(job, peer)
-        peer._dirty = None
-        peer.out.clear()
+        peer._dirty = None  # what is still in ``out`` is the I/O shell's to deliver or drop
 
     def take_dirty(self) -> list[Peer]:
         """The peers that have output waiting since the last call."""
         dirty = self._dirty[:]
         self._dirty.clear()
+        for peer in dirty:
+            peer._flagged = False
         return dirty
 
     # -- packets ---------------------------------------------------------------------
