@@ -127,7 +127,7 @@ class RawConn:
         self.sock.settimeout(timeout)
         try:
             data = self.sock.recv(1 << 20)
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             return False
         if not data:
             raise ConnectionError("server closed the connection")
@@ -139,7 +139,7 @@ class RawConn:
         deadline = time.monotonic() + timeout
         while not self.pending:
             if not self._fill(max(0.001, deadline - time.monotonic())):
-                raise TimeoutError("no packet within %.1fs" % timeout)
+                raise TimeoutError(f"no packet within {timeout:.1f}s")
         item = self.pending.pop(0)
         assert isinstance(item, Packet), f"expected a packet, got text {item!r}"
         assert item.magic == RES
@@ -201,7 +201,7 @@ def our_server() -> Iterator[ServerProcess]:
 
 @pytest.fixture
 def server_factory() -> Iterator:
-    """Start servers with extra arguments: ``server_factory("gearoffload", "--job-retries", "2")``."""
+    """Start servers with extra arguments: ``server_factory("gearoffload", "-j", "2")``."""
     started: list[ServerProcess] = []
 
     def start(kind: str = "gearoffload", *args: str) -> ServerProcess:

@@ -11,11 +11,10 @@ import struct
 import time
 
 import pytest
+from conftest import RawConn, ServerProcess
 
 from gearoffload.protocol import REQ, RES
 from gearoffload.protocol import PacketType as T
-
-from conftest import RawConn, ServerProcess
 
 
 @pytest.fixture
@@ -93,9 +92,10 @@ def test_max_packet_size_is_configurable(server_factory):
 
 
 def test_half_packet_then_close(server_with_job):
+    packet = REQ + struct.pack(">II", T.SUBMIT_JOB_BG, 30) + b"f\0u\0" + b"x" * 26
     for cut in (3, 11, 20):
         with server_with_job.connect() as c:
-            c.send_raw((REQ + struct.pack(">II", T.SUBMIT_JOB_BG, 30) + b"f\0u\0" + b"x" * 26)[:cut])
+            c.send_raw(packet[:cut])
     # A worker that vanished mid-packet after grabbing: its job is requeued, not lost.
     with server_with_job.connect() as w:
         w.send(T.CAN_DO, b"precious")
