@@ -229,7 +229,9 @@ class GearmanServer(StreamServer):
         if self._graceful is None:
             log.warning("graceful shutdown: no new connections; waiting for %d jobs",
                         len(self.state.jobs))
-            self.close()
+            # Not close(): that would also end serve_forever() at once.
+            self.stop_accepting()
+            self.socket.close()
             self._graceful = gevent.spawn(self._stop_when_idle)
 
     def _stop_when_idle(self) -> None:

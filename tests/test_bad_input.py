@@ -11,8 +11,8 @@ import struct
 import time
 
 import pytest
-from conftest import RawConn, ServerProcess
 
+from conftest import RawConn, ServerProcess
 from gearoffload.protocol import REQ, RES
 from gearoffload.protocol import PacketType as T
 
