@@ -1,12 +1,29 @@
 """The exceptions that cross layers: one small, flat hierarchy.
 
+Every error gearoffload raises is a ``GearmanError``; below it the hierarchy is flat, so
+callers catch exactly what they mean::
+
+    GearmanError
+    ├── JobFailed           the worker failed the job (WORK_FAIL), or it was lost twice
+    ├── JobException        the worker raised; ``text`` is what it sent (WORK_EXCEPTION)
+    ├── JobTimeout          no answer within the timeout
+    ├── NoServersAvailable  no job server could be reached
+    ├── ProtocolError       a peer sent bytes that are not valid Gearman protocol
+    └── ServerError         the server answered with an ERROR packet (``code``, ``text``)
+
 Example::
 
-    from gearoffload.errors import GearmanError, ProtocolError
+    from gearoffload import Client
+    from gearoffload.errors import GearmanError, JobException, JobTimeout
+
     try:
-        ...
-    except ProtocolError as exc:
-        print(exc.code, exc)
+        Client("127.0.0.1:4730").submit("resize", b"...").result(timeout=5)
+    except JobException as exc:
+        print("the worker raised:", exc.text)
+    except JobTimeout:
+        print("no answer within 5 s")
+    except GearmanError as exc:
+        print("something else went wrong:", exc)
 """
 
 from __future__ import annotations
@@ -14,6 +31,36 @@ from __future__ import annotations
 
 class GearmanError(Exception):
     """Base class of every error gearoffload raises."""
+
+
+class JobFailed(GearmanError):
+    """The job failed: the worker sent WORK_FAIL (or raised ``JobFailed`` itself), or the
+    job was lost with its server more than once.
+
+    ``handle`` is the job handle when known. A task may ``raise JobFailed("why")`` to fail
+    its job without exception text (the client then sees WORK_FAIL).
+    """
+
+    def __init__(self, message: str = "job failed", handle: str | None = None) -> None:
+        super().__init__(message)
+        self.handle = handle
+
+
+class JobException(GearmanError):
+    """The worker's task raised; ``text`` is the exception text it sent (WORK_EXCEPTION)."""
+
+    def __init__(self, text: str, handle: str | None = None) -> None:
+        super().__init__(text)
+        self.text = text
+        self.handle = handle
+
+
+class JobTimeout(GearmanError):
+    """No answer within the timeout (the job may still run on a worker)."""
+
+
+class NoServersAvailable(GearmanError):
+    """No job server could be reached (all down, or in their reconnect back-off)."""
 
 
 class ProtocolError(GearmanError):
@@ -29,3 +76,13 @@ class ProtocolError(GearmanError):
         super().__init__(message)
         self.code = code
         self.in_sync = in_sync
+
+
+class ServerError(GearmanError):
+    """The server answered a request with an ERROR packet (``code``, ``text``), e.g.
+    ``QUEUE_ERROR`` / ``Job queue is full``. The connection stays usable."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(f"{code}: {text}" if text else code)
+        self.code = code
+        self.text = text

@@ -1,0 +1,798 @@
+"""``Client``: submit jobs to one or more Gearman servers from any number of greenlets.
+
+One multiplexed connection per server is shared by every greenlet. Replies to
+submissions are matched by order (PROTOCOL.md §3.3, §8); ``WORK_*`` packets are routed by
+(server, handle) to every waiter. Jobs with a unique go to the server picked by a
+consistent hash of (function, unique), so coalescing holds across a fleet; jobs without
+one are spread round-robin. A dead server is skipped (and retried with back-off), and a
+foreground job lost with its server is resubmitted once, with the same unique.
+
+Example::
+
+    from gearoffload import Client
+
+    client = Client(["127.0.0.1:4730", "127.0.0.1:4731"], timeout=30)
+    job = client.submit("upper", b"hello")
+    print(job.result())                                     # b'HELLO'
+    jobs = client.submit_many([("upper", b"a"), ("upper", b"b")])
+    print([j.result() for j in jobs])                       # [b'A', b'B']
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import gevent
+from gevent.event import AsyncResult, Event
+from gevent.queue import Empty, Queue
+
+from .connection import Address, Connection, format_address, parse_address, parse_servers
+from .errors import (
+    GearmanError,
+    JobException,
+    JobFailed,
+    JobTimeout,
+    NoServersAvailable,
+    ProtocolError,
+    ServerError,
+)
+from .protocol import Packet, encode_request
+from .protocol import PacketType as T
+
+__all__ = ["Client", "Job", "JobStatus", "JobUpdate", "Data"]
+
+log = logging.getLogger("gearoffload.client")
+
+Data = bytes | bytearray | memoryview | str
+
+#: (foreground, background) submission packet per priority name.
+_SUBMIT_TYPES = {
+    "normal": (T.SUBMIT_JOB, T.SUBMIT_JOB_BG),
+    "high": (T.SUBMIT_JOB_HIGH, T.SUBMIT_JOB_HIGH_BG),
+    "low": (T.SUBMIT_JOB_LOW, T.SUBMIT_JOB_LOW_BG),
+}
+_REPLY_TYPES = frozenset(
+    (T.JOB_CREATED, T.ERROR, T.OPTION_RES, T.STATUS_RES, T.STATUS_RES_UNIQUE, T.ECHO_RES)
+)
+_WORK_TYPES = frozenset(
+    (T.WORK_STATUS, T.WORK_COMPLETE, T.WORK_FAIL, T.WORK_EXCEPTION, T.WORK_DATA, T.WORK_WARNING)
+)
+_FINAL_TYPES = frozenset((T.WORK_COMPLETE, T.WORK_FAIL, T.WORK_EXCEPTION))
+#: Virtual points per server on the hash ring: enough for an even spread over a few servers.
+_RING_POINTS = 160
+_BACKOFF_START = 0.25
+_BACKOFF_MAX = 30.0
+_END = object()  # end of a job's update stream
+
+
+def _to_bytes(value: Data, what: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"{what} must be bytes or str, not {type(value).__name__}")
+
+
+def _number(text: bytes) -> int:
+    return int(text) if text.isdigit() else 0
+
+
+def _hash(key: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+
+
+class JobStatus(NamedTuple):
+    """A job's status as the server reports it (GET_STATUS / GET_STATUS_UNIQUE).
+
+    ``waiting`` (the number of attached foreground clients) is only filled in by
+    ``Client.status_unique``.
+    """
+
+    known: bool
+    running: bool
+    numerator: int
+    denominator: int
+    handle: str | None = None
+    unique: str | None = None
+    server: str | None = None
+    waiting: int | None = None
+
+
+class JobUpdate(NamedTuple):
+    """One event from a running job: ``kind`` is ``"data"``, ``"warning"`` or ``"status"``.
+
+    ``data`` holds the WORK_DATA / WORK_WARNING bytes; ``numerator``/``denominator`` the
+    WORK_STATUS numbers (``None`` for the other kinds).
+    """
+
+    kind: str
+    data: bytes = b""
+    numerator: int | None = None
+    denominator: int | None = None
+
+
+class _Reply:
+    """A pending non-submission request (OPTION_REQ, GET_STATUS, ECHO_REQ...)."""
+
+    __slots__ = ("expect", "result")
+
+    def __init__(self, expect: int) -> None:
+        self.expect = expect
+        self.result = AsyncResult()
+
+    def on_reply(self, link: _Link, packet: Packet) -> None:
+        self.result.set(packet.args)
+
+    def on_error(self, link: _Link, exc: GearmanError) -> None:
+        self.result.set_exception(exc)
+
+    def on_lost(self, link: _Link, reason: BaseException | None) -> None:
+        self.result.set_exception(
+            NoServersAvailable(f"connection to {link.name} lost: {reason}"))
+
+
+class _Attachment:
+    """The waiters for one (server, handle), and how many copies of each WORK_* to expect.
+
+    A connection that submitted the same unique twice is attached twice and receives every
+    WORK_* packet twice in a row (§3.3); ``skip`` drops the extra copies.
+    """
+
+    __slots__ = ("subs", "copies", "skip")
+
+    def __init__(self) -> None:
+        self.subs: list[_Submission] = []
+        self.copies = 0
+        self.skip = 0
+
+
+class _Submission:
+    """One job as the client tracks it across (re)submissions; shared by coalesced Jobs."""
+
+    expect = T.JOB_CREATED
+
+    __slots__ = ("client", "function", "unique", "data", "ptype", "epoch", "background",
+                 "key", "link", "handle", "created", "done", "jobs", "losses")
+
+    def __init__(self, client: Client, function: bytes, unique: bytes, data: bytes,
+                 ptype: int, background: bool, epoch: int | None, key: tuple | None) -> None:
+        self.client = client
+        self.function = function
+        self.unique = unique
+        self.data = data
+        self.ptype = ptype
+        self.background = background
+        self.epoch = epoch
+        self.key = key
+        self.link: _Link | None = None
+        self.handle: bytes | None = None
+        self.created = Event()
+        self.done = AsyncResult()
+        self.jobs: list[Job] = []
+        self.losses = 0
+
+    def packet(self) -> bytes:
+        if self.epoch is not None:
+            return encode_request(T.SUBMIT_JOB_EPOCH, self.function, self.unique,
+                                  str(self.epoch).encode(), self.data)
+        return encode_request(self.ptype, self.function, self.unique, self.data)
+
+    # Called by the connection's reader, in stream order.
+
+    def on_reply(self, link: _Link, packet: Packet) -> None:
+        if self.done.ready():  # the submitter gave up (timeout); do not attach
+            return
+        self.handle = packet.args[0]
+        self.link = link
+        if self.background:
+            self.finish(None)
+        else:
+            link.attach(self.handle, self)
+        self.created.set()
+
+    def on_error(self, link: _Link, exc: GearmanError) -> None:
+        self.finish(exc=exc)
+
+    def deliver(self, ptype: int, args: tuple[bytes, ...]) -> None:
+        if ptype == T.WORK_COMPLETE:
+            self.finish(args[1])
+        elif ptype == T.WORK_FAIL:
+            self.finish(exc=JobFailed("the worker failed the job", self.handle_text))
+        elif ptype == T.WORK_EXCEPTION:
+            self.finish(exc=JobException(args[1].decode("utf-8", "replace"), self.handle_text))
+        elif ptype == T.WORK_STATUS:
+            self.update(JobUpdate("status", b"", _number(args[1]), _number(args[2])))
+        elif ptype == T.WORK_DATA:
+            self.update(JobUpdate("data", args[1]))
+        elif ptype == T.WORK_WARNING:
+            self.update(JobUpdate("warning", args[1]))
+
+    @property
+    def handle_text(self) -> str | None:
+        return self.handle.decode("latin-1") if self.handle is not None else None
+
+    def update(self, update: JobUpdate) -> None:
+        for job in self.jobs:
+            job._updates.put(update)
+
+    def finish(self, value: bytes | None = None, exc: BaseException | None = None) -> None:
+        if self.done.ready():
+            return
+        if exc is not None:
+            self.done.set_exception(exc)
+        else:
+            self.done.set(value)
+        self.created.set()  # wake a submitter still waiting for JOB_CREATED
+        for job in self.jobs:
+            job._updates.put(_END)
+        if self.key is not None and self.client._inflight.get(self.key) is self:
+            del self.client._inflight[self.key]
+
+
+class _Link:
+    """The client's side of one server: its connection, pending replies and attached jobs."""
+
+    def __init__(self, client: Client, address: Address) -> None:
+        self.client = client
+        self.address = address
+        self.name = format_address(address)
+        self.conn: Connection | None = None
+        self.pending: deque[_Submission | _Reply] = deque()
+        self.jobs: dict[bytes, _Attachment] = {}
+        self.retry_at = 0.0
+        self.backoff = _BACKOFF_START
+        self._connecting: AsyncResult | None = None
+
+    def __repr__(self) -> str:
+        return f"<_Link {self.name} {'up' if self.conn else 'down'}>"
+
+    def available(self, now: float) -> bool:
+        return self.conn is not None or now >= self.retry_at
+
+    def ensure_connected(self) -> Connection:
+        """The live connection, connecting first if needed (raises ``OSError``)."""
+        conn = self.conn
+        if conn is not None:
+            return conn
+        if self._connecting is not None:  # another greenlet is connecting: share its result
+            return self._connecting.get()
+        connecting = self._connecting = AsyncResult()
+        conn = Connection(self.address, self._on_packet)
+        conn._on_close = lambda reason: self._on_close(conn, reason)
+        try:
+            conn.connect(timeout=self.client.connect_timeout)
+        except OSError as exc:
+            self._connecting = None
+            self.mark_down()
+            log.warning("cannot connect to %s: %s (retry in %.2fs)", self.name, exc,
+                        self.retry_at - time.monotonic())
+            connecting.set_exception(exc)
+            raise
+        self._connecting = None
+        self.conn = conn
+        self.backoff = _BACKOFF_START
+        if self.client.client_id:
+            conn.send(T.SET_CLIENT_ID, self.client.client_id)
+        if self.client.exceptions:
+            self.pending.append(_Reply(T.OPTION_RES))
+            conn.send(T.OPTION_REQ, b"exceptions")
+        connecting.set(conn)
+        return conn
+
+    def mark_down(self) -> None:
+        self.retry_at = time.monotonic() + self.backoff
+        self.backoff = min(self.backoff * 2, _BACKOFF_MAX)
+
+    def enqueue(self, entry: _Submission | _Reply, data: bytes) -> None:
+        conn = self.ensure_connected()
+        conn.send_raw(data)  # raises ConnectionError if it just died: nothing was queued
+        self.pending.append(entry)
+
+    def attach(self, handle: bytes, sub: _Submission) -> None:
+        attachment = self.jobs.get(handle)
+        if attachment is None:
+            attachment = self.jobs[handle] = _Attachment()
+        attachment.copies += 1
+        if sub not in attachment.subs:
+            attachment.subs.append(sub)
+
+    def _on_packet(self, packet: Packet) -> None:
+        ptype = packet.type
+        if ptype in _WORK_TYPES:
+            handle = packet.args[0]
+            if ptype == T.WORK_FAIL and handle.endswith(b"\0"):
+                handle = handle[:-1]  # gearmand's converted WORK_EXCEPTION (§3.10, Q1)
+            attachment = self.jobs.get(handle)
+            if attachment is None:
+                return  # a job nobody waits for any more
+            if attachment.skip:
+                attachment.skip -= 1
+                return
+            attachment.skip = attachment.copies - 1
+            if ptype in _FINAL_TYPES:
+                del self.jobs[handle]
+            for sub in attachment.subs:
+                sub.deliver(ptype, packet.args)
+        elif ptype in _REPLY_TYPES:
+            if not self.pending:
+                if ptype == T.ERROR:
+                    log.warning("unsolicited ERROR from %s: %r", self.name, packet.args)
+                    return
+                raise ProtocolError(f"{packet.name} from {self.name} answers no request")
+            entry = self.pending.popleft()
+            if ptype == T.ERROR:
+                code, text = packet.args
+                entry.on_error(self, ServerError(code.decode("latin-1"),
+                                                 text.decode("utf-8", "replace")))
+            elif ptype != entry.expect:
+                raise ProtocolError(f"{packet.name} from {self.name}, expected "
+                                    f"{T(entry.expect).name}")
+            else:
+                entry.on_reply(self, packet)
+        elif ptype != T.NOOP:
+            log.warning("ignoring unexpected %s from %s", packet.name, self.name)
+
+    def _on_close(self, conn: Connection, reason: BaseException | None) -> None:
+        if conn is not self.conn:
+            return
+        self.conn = None
+        pending = list(self.pending)
+        self.pending.clear()
+        attachments = list(self.jobs.values())
+        self.jobs.clear()
+        self.mark_down()
+        if not self.client._closed:
+            log.warning("lost connection to %s: %s", self.name, reason)
+        self.client._connection_lost(self, pending, attachments, reason)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close(ConnectionError("client closed"))
+
+
+class Job:
+    """A submitted job. Obtained from ``Client.submit``; safe to share between greenlets.
+
+    Example::
+
+        job = client.submit("resize", image_bytes)
+        for update in job.updates():            # progress while it runs
+            print(update.kind, update.numerator, update.denominator)
+        thumbnail = job.result(timeout=10)      # bytes, or raises JobFailed/JobException
+    """
+
+    __slots__ = ("_client", "_sub", "_updates")
+
+    def __init__(self, client: Client, sub: _Submission) -> None:
+        self._client = client
+        self._sub = sub
+        self._updates: Queue = Queue()
+
+    def __repr__(self) -> str:
+        state = "done" if self.done else "pending"
+        return f"<Job {self.function}/{self.handle} on {self.server} {state}>"
+
+    @property
+    def handle(self) -> str | None:
+        """The server's job handle (changes if the job is resubmitted after a failover)."""
+        return self._sub.handle_text
+
+    @property
+    def server(self) -> str | None:
+        """``host:port`` of the server that holds the job."""
+        return self._sub.link.name if self._sub.link else None
+
+    @property
+    def function(self) -> str:
+        return self._sub.function.decode("utf-8", "replace")
+
+    @property
+    def unique(self) -> str:
+        return self._sub.unique.decode("utf-8", "replace")
+
+    @property
+    def background(self) -> bool:
+        return self._sub.background
+
+    @property
+    def done(self) -> bool:
+        """True once the result (or failure) is known; at once for background jobs."""
+        return self._sub.done.ready()
+
+    def result(self, timeout: float | None = None) -> bytes | None:
+        """Wait for the job and return the worker's result bytes (``None`` for background
+        jobs, which have no result: poll ``status()``).
+
+        Raises ``JobFailed``, ``JobException`` (the worker raised), ``JobTimeout`` (after
+        ``timeout`` seconds, default: the client's timeout), or ``NoServersAvailable``.
+        """
+        if timeout is None:
+            timeout = self._client.timeout
+        try:
+            return self._sub.done.get(timeout=timeout)
+        except gevent.Timeout:
+            raise JobTimeout(f"no result for {self.function} job {self.handle} within "
+                             f"{timeout}s") from None
+
+    def status(self, timeout: float | None = None) -> JobStatus:
+        """Ask the job's server for its status (GET_STATUS): known, running, progress."""
+        sub = self._sub
+        link, handle = sub.link, sub.handle
+        if link is None or handle is None:
+            return JobStatus(False, False, 0, 0)
+        return self._client._get_status(link, handle, timeout)
+
+    def updates(self, timeout: float | None = None) -> Iterator[JobUpdate]:
+        """Iterate WORK_DATA, WORK_WARNING and WORK_STATUS events as they arrive; stops
+        when the job ends (then call ``result()``). Only one consumer per ``Job``.
+
+        Raises ``JobTimeout`` if the job has not ended ``timeout`` seconds (default: the
+        client's timeout) after the iteration started.
+        """
+        if timeout is None:
+            timeout = self._client.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._sub.background:
+                return
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = self._updates.get(timeout=remaining)
+            except Empty:
+                raise JobTimeout(f"{self.function} job {self.handle} still running after "
+                                 f"{timeout}s") from None
+            if item is _END:
+                self._updates.put(_END)  # a second iteration ends at once too
+                return
+            yield item
+
+
+class Client:
+    """A Gearman client for any number of greenlets (greenlet-safe, not thread-safe).
+
+    ``servers`` is ``"host:port"``, a comma-separated string, or a list of them.
+    ``timeout`` bounds every wait (``Job.result()``, ``status()``; seconds, ``None`` =
+    wait forever); ``connect_timeout`` bounds how long a submission waits for some server
+    to accept it before ``NoServersAvailable``. With ``exceptions=True`` the client asks
+    servers for WORK_EXCEPTION, so a worker's exception text reaches ``JobException``;
+    otherwise it arrives as ``JobFailed``.
+
+    Example::
+
+        client = Client("127.0.0.1:4730")
+        print(client.submit("upper", "hello").result())   # b'HELLO'
+        client.close()
+    """
+
+    def __init__(
+        self,
+        servers: str | Iterable[str] = "127.0.0.1:4730",
+        timeout: float | None = 60.0,
+        exceptions: bool = True,
+        connect_timeout: float = 10.0,
+        client_id: str | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.exceptions = exceptions
+        self.client_id = "".join((client_id or "").split()).encode() or None
+        self._links = [_Link(self, address) for address in parse_servers(servers)]
+        self._extra_links: dict[Address, _Link] = {}
+        ring = []
+        for index, link in enumerate(self._links):
+            for point in range(_RING_POINTS):
+                ring.append((_hash(f"{link.name}#{point}".encode()), index))
+        ring.sort()
+        self._ring_points = [point for point, _ in ring]
+        self._ring_links = [index for _, index in ring]
+        self._round_robin = itertools.count()
+        #: In-flight foreground jobs by (function, unique): a second submission of the same
+        #: unique from this client joins the first one instead of attaching twice (§3.3).
+        self._inflight: dict[tuple, _Submission] = {}
+        self._closed = False
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Client {[link.name for link in self._links]}>"
+
+    @property
+    def servers(self) -> list[str]:
+        return [link.name for link in self._links]
+
+    def close(self) -> None:
+        """Close every connection; jobs still waiting fail with ``NoServersAvailable``."""
+        self._closed = True
+        for link in [*self._links, *self._extra_links.values()]:
+            link.close()
+
+    # -- submitting ---------------------------------------------------------------
+
+    def submit(
+        self,
+        function: str,
+        data: Data = b"",
+        unique: str | bytes | None = None,
+        priority: str = "normal",
+        background: bool = False,
+        run_at: float | datetime | None = None,
+    ) -> Job:
+        """Submit one job; returns once the server has accepted it (JOB_CREATED).
+
+        ``unique`` makes concurrent submissions of the same (function, unique) share one
+        execution (coalescing); ``"-"`` coalesces on identical data. ``priority`` is
+        ``"normal"``, ``"high"`` or ``"low"``. ``background=True`` returns at once and
+        the job has no result. ``run_at`` (a Unix time or ``datetime``) schedules a
+        background job for later (SUBMIT_JOB_EPOCH; normal priority only).
+
+        Raises ``ServerError`` (e.g. the queue is full), ``NoServersAvailable`` or
+        ``JobTimeout``.
+
+        Example::
+
+            job = client.submit("thumbnail", image, unique="img-42", priority="high")
+            client.submit("cleanup", b"", background=True, run_at=time.time() + 3600)
+        """
+        return self.submit_many([(function, data, {
+            "unique": unique, "priority": priority, "background": background,
+            "run_at": run_at,
+        })])[0]
+
+    def submit_many(self, submissions: Iterable[tuple | dict[str, Any]]) -> list[Job]:
+        """Submit a batch in one pipelined write per server; return the Jobs in order.
+
+        Each item is ``(function, data)``, ``(function, data, {options})`` or a dict of
+        ``submit()`` keyword arguments. Waits until every job is accepted and raises the
+        first error if one was refused.
+
+        Example::
+
+            jobs = client.submit_many([("upper", w) for w in words])
+            results = [job.result() for job in jobs]
+        """
+        jobs: list[Job] = []
+        new: list[_Submission] = []
+        for item in submissions:
+            if isinstance(item, dict):
+                options = dict(item)
+                function, data = options.pop("function"), options.pop("data", b"")
+            else:
+                function, data, *rest = item
+                options = dict(rest[0]) if rest else {}
+            sub = self._prepare(function, data, **options)
+            if sub.key is not None:
+                existing = self._inflight.get(sub.key)
+                if existing is not None:
+                    sub = existing
+                else:
+                    self._inflight[sub.key] = sub
+                    new.append(sub)
+            else:
+                new.append(sub)
+            job = Job(self, sub)
+            sub.jobs.append(job)
+            jobs.append(job)
+        deadline = time.monotonic() + self.connect_timeout
+        for sub in new:
+            try:
+                self._route(sub, deadline)
+            except GearmanError as exc:
+                sub.finish(exc=exc)
+        timeout = None if self.timeout is None else max(self.timeout, self.connect_timeout)
+        with gevent.Timeout(timeout, False):
+            for job in jobs:
+                job._sub.created.wait()
+        for job in jobs:
+            sub = job._sub
+            if not sub.created.is_set():
+                sub.finish(exc=JobTimeout(f"{sub.function!r} was not accepted within "
+                                          f"{timeout}s"))
+            if sub.done.ready() and not sub.done.successful() and sub.handle is None:
+                raise sub.done.exception
+        return jobs
+
+    def _prepare(self, function: str | bytes, data: Data, unique: str | bytes | None = None,
+                 priority: str = "normal", background: bool = False,
+                 run_at: float | datetime | None = None) -> _Submission:
+        func = _to_bytes(function, "function")
+        if not func or b"\0" in func:
+            raise ValueError(f"bad function name {function!r}")
+        payload = _to_bytes(data, "data")
+        if priority not in _SUBMIT_TYPES:
+            raise ValueError(f"priority must be 'normal', 'high' or 'low', not {priority!r}")
+        epoch = None
+        if run_at is not None:
+            if priority != "normal":
+                raise ValueError("run_at jobs always run at normal priority")
+            background = True  # SUBMIT_JOB_EPOCH is background by definition (§3.11)
+            epoch = int(run_at.timestamp() if isinstance(run_at, datetime) else run_at)
+        if unique is None:
+            # Background jobs carry a UUID so that persistent stores keyed by unique do not
+            # collide (§8); foreground ones go without, so they never coalesce by accident.
+            uniq = uuid.uuid4().hex.encode() if background else b""
+        else:
+            uniq = _to_bytes(unique, "unique")
+            if len(uniq) > 64 or b"\0" in uniq:
+                raise ValueError("unique must be at most 64 bytes, without NUL")
+        key = None
+        if not background and uniq and uniq != b"-":
+            key = (func, uniq)
+        ptype = _SUBMIT_TYPES[priority][1 if background else 0]
+        return _Submission(self, func, uniq, payload, ptype, background, epoch, key)
+
+    def _candidates(self, sub: _Submission) -> list[_Link]:
+        """The servers to try for ``sub``, best first."""
+        links = self._links
+        if len(links) == 1:
+            return links
+        if sub.unique and sub.unique != b"-":
+            start = bisect.bisect(self._ring_points, _hash(sub.function + b"\0" + sub.unique))
+            order: list[_Link] = []
+            count = len(self._ring_links)
+            for step in range(count):
+                link = links[self._ring_links[(start + step) % count]]
+                if link not in order:
+                    order.append(link)
+                    if len(order) == len(links):
+                        break
+            return order
+        start = next(self._round_robin) % len(links)
+        return links[start:] + links[:start]
+
+    def _route(self, sub: _Submission, deadline: float) -> None:
+        """Send ``sub`` to the first available server, waiting for one until ``deadline``."""
+        while True:
+            if self._closed:
+                raise NoServersAvailable("client closed")
+            candidates = self._candidates(sub)
+            for link in candidates:
+                if not link.available(time.monotonic()):
+                    continue
+                try:
+                    link.enqueue(sub, sub.packet())
+                except OSError:  # includes ConnectionError: that server is down
+                    continue
+                return
+            next_try = min(link.retry_at for link in candidates)
+            now = time.monotonic()
+            if next_try >= deadline or now >= deadline:
+                raise NoServersAvailable(
+                    "no job server reachable: " + ", ".join(link.name for link in candidates))
+            gevent.sleep(max(0.0, next_try - now))
+
+    def _connection_lost(self, link: _Link, pending: list, attachments: list[_Attachment],
+                         reason: BaseException | None) -> None:
+        resubmit: list[_Submission] = []
+        for entry in pending:
+            if isinstance(entry, _Submission):
+                if not entry.done.ready():
+                    resubmit.append(entry)  # never accepted: not a loss, just send it again
+            else:
+                entry.on_lost(link, reason)
+        for attachment in attachments:
+            for sub in attachment.subs:
+                if sub.done.ready():
+                    continue
+                sub.losses += 1
+                if sub.losses > 1 or self._closed:
+                    sub.finish(exc=JobFailed(
+                        f"job lost with server {link.name} ({reason})", sub.handle_text))
+                else:
+                    resubmit.append(sub)
+        if resubmit and not self._closed:
+            gevent.spawn(self._resubmit, resubmit)
+        elif resubmit:
+            for sub in resubmit:
+                sub.finish(exc=NoServersAvailable("client closed"))
+
+    def _resubmit(self, subs: list[_Submission]) -> None:
+        deadline = time.monotonic() + self.connect_timeout
+        for sub in subs:
+            if sub.done.ready():
+                continue
+            sub.link = None
+            sub.handle = None
+            log.info("resubmitting %s job (unique %r)", sub.function, sub.unique)
+            try:
+                self._route(sub, deadline)
+            except GearmanError as exc:
+                sub.finish(exc=exc)
+
+    # -- status -------------------------------------------------------------------
+
+    def _link_for(self, server: str | Address) -> _Link:
+        address = parse_address(server)
+        for link in self._links:
+            if link.address == address:
+                return link
+        link = self._extra_links.get(address)
+        if link is None:
+            link = self._extra_links[address] = _Link(self, address)
+        return link
+
+    def _request(self, link: _Link, ptype: int, arg: bytes, expect: int,
+                 timeout: float | None) -> tuple[bytes, ...]:
+        if timeout is None:
+            timeout = self.timeout
+        entry = _Reply(expect)
+        try:
+            link.enqueue(entry, encode_request(ptype, arg))
+        except OSError as exc:
+            raise NoServersAvailable(f"cannot reach {link.name}: {exc}") from None
+        try:
+            return entry.result.get(timeout=timeout)
+        except gevent.Timeout:
+            raise JobTimeout(f"no {T(expect).name} from {link.name} within {timeout}s") \
+                from None
+
+    def _get_status(self, link: _Link, handle: bytes, timeout: float | None) -> JobStatus:
+        args = self._request(link, T.GET_STATUS, handle, T.STATUS_RES, timeout)
+        return JobStatus(args[1] == b"1", args[2] == b"1", _number(args[3]),
+                         _number(args[4]), args[0].decode("latin-1"), None, link.name)
+
+    def status(self, handle: str | bytes, server: str | None = None,
+               timeout: float | None = None) -> JobStatus:
+        """GET_STATUS for a job handle on ``server`` (``host:port``; handles belong to the
+        server that issued them). ``server`` may be omitted with a single server.
+
+        Example::
+
+            print(client.status(job.handle, job.server))
+            # JobStatus(known=True, running=True, numerator=3, denominator=10, ...)
+        """
+        handle_bytes = _to_bytes(handle, "handle")
+        if len(handle_bytes) > 63:
+            raise ValueError("job handles are at most 63 bytes")
+        if server is None:
+            if len(self._links) != 1:
+                raise ValueError("status() needs the server that issued the handle")
+            link = self._links[0]
+        else:
+            link = self._link_for(server)
+        return self._get_status(link, handle_bytes, timeout)
+
+    def status_unique(self, unique: str | bytes, timeout: float | None = None) -> JobStatus:
+        """GET_STATUS_UNIQUE on every server; the status from the one that knows the job
+        (``waiting`` = foreground clients attached), or an unknown status.
+
+        Example::
+
+            status = client.status_unique("report-2024-06")
+            if status.known and not status.running:
+                print("queued,", status.waiting, "clients waiting")
+        """
+        uniq = _to_bytes(unique, "unique")
+        if len(uniq) > 64:
+            raise ValueError("unique must be at most 64 bytes")
+
+        def ask(link: _Link) -> JobStatus:
+            args = self._request(link, T.GET_STATUS_UNIQUE, uniq, T.STATUS_RES_UNIQUE,
+                                 timeout)
+            return JobStatus(args[1] == b"1", args[2] == b"1", _number(args[3]),
+                             _number(args[4]), None, args[0].decode("utf-8", "replace"),
+                             link.name, _number(args[5]))
+
+        greenlets = [gevent.spawn(ask, link) for link in self._links]
+        gevent.joinall(greenlets)
+        answers = [g.value for g in greenlets if g.successful()]
+        if not answers:
+            raise greenlets[0].exception or NoServersAvailable("no server answered")
+        known = [a for a in answers if a.known]
+        if known:
+            return max(known, key=lambda a: (a.running, a.waiting or 0))
+        return JobStatus(False, False, 0, 0, None, uniq.decode("utf-8", "replace"), None, 0)

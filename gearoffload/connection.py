@@ -1,0 +1,204 @@
+"""One TCP connection to one Gearman server, speaking binary packets.
+
+Used by ``Client`` and ``Worker``; it knows sockets and framing, not jobs. A reader
+greenlet decodes every complete packet with the shared codec and hands it to
+``on_packet``; writes are queued and flushed by a writer greenlet, so that everything the
+application sends within one turn of the event loop leaves in one ``sendall`` (many
+greenlets submitting at once cost one syscall, not one each). ``on_close`` is called once,
+with the reason, however the connection ends.
+
+Example::
+
+    from gearoffload.connection import Connection, parse_address
+    from gearoffload.protocol import PacketType
+
+    conn = Connection(parse_address("127.0.0.1:4730"), on_packet=print)
+    conn.connect(timeout=5)
+    conn.send(PacketType.ECHO_REQ, b"ping")   # prints Packet(... type=17, args=(b'ping',))
+"""
+
+from __future__ import annotations
+
+import logging
+import socket as _stdlib_socket
+from collections.abc import Callable
+
+import gevent
+from gevent import socket
+from gevent.event import Event
+
+from .errors import GearmanError
+from .protocol import RES, Decoder, Packet, encode_request
+
+__all__ = ["DEFAULT_PORT", "Address", "Connection", "parse_address", "parse_servers"]
+
+log = logging.getLogger("gearoffload.connection")
+
+DEFAULT_PORT = 4730
+RECV_SIZE = 256 * 1024
+
+Address = tuple[str, int]
+
+
+def parse_address(server: str | tuple[str, int]) -> Address:
+    """``"host:port"``, ``"host"`` (port 4730), ``"[::1]:4730"`` or ``(host, port)``."""
+    if isinstance(server, tuple):
+        host, port = server
+        return str(host), int(port)
+    text = server.strip()
+    if not text:
+        raise ValueError("empty server address")
+    if text.startswith("["):  # [IPv6]:port
+        host, _, rest = text[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else DEFAULT_PORT
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, DEFAULT_PORT
+    if not port.isdigit():
+        raise ValueError(f"bad port in server address {server!r}")
+    return host, int(port)
+
+
+def parse_servers(servers: str | tuple[str, int] | list | tuple) -> list[Address]:
+    """A single address, a comma-separated string, or a list of addresses."""
+    if isinstance(servers, tuple) and len(servers) == 2 and isinstance(servers[1], int):
+        items: list = [servers]
+    elif isinstance(servers, str):
+        items = [s for s in servers.split(",") if s.strip()]
+    else:
+        items = list(servers)
+    addresses = [parse_address(s) for s in items]
+    if not addresses:
+        raise ValueError("no servers given")
+    if len(set(addresses)) != len(addresses):
+        raise ValueError(f"duplicate server in {servers!r}")
+    return addresses
+
+
+def format_address(address: Address) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Connection:
+    """A packet connection to one server; not reusable after ``close()``.
+
+    ``on_packet(packet)`` runs in the reader greenlet for every packet, in stream order;
+    it must not block for long (it delays every later packet). ``on_close(reason)`` runs
+    once when the connection ends, whoever ended it.
+    """
+
+    def __init__(
+        self,
+        address: Address,
+        on_packet: Callable[[Packet], None],
+        on_close: Callable[[BaseException | None], None] | None = None,
+    ) -> None:
+        self.address = address
+        self.name = format_address(address)
+        self._on_packet = on_packet
+        self._on_close = on_close
+        self._sock: socket.socket | None = None
+        self._out: list[bytes] = []
+        self._wakeup = Event()
+        self._reader: gevent.Greenlet | None = None
+        self._writer: gevent.Greenlet | None = None
+        self.closed = False
+        self.close_reason: BaseException | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("open" if self._sock else "new")
+        return f"<Connection {self.name} {state}>"
+
+    def connect(self, timeout: float | None = 5.0) -> None:
+        """Open the socket (raises ``OSError`` on failure) and start reading."""
+        sock = socket.create_connection(self.address, timeout=timeout)
+        try:
+            sock.setsockopt(_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NODELAY, 1)
+            # A peer that vanished without a FIN (power loss, partition) is noticed
+            # eventually instead of never.
+            sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_KEEPALIVE, 1)
+            sock.settimeout(None)
+        except OSError:
+            sock.close()
+            raise
+        if self.closed:  # close() was called while we were connecting
+            sock.close()
+            raise ConnectionError(f"connection to {self.name} closed while connecting")
+        self._sock = sock
+        self._reader = gevent.spawn(self._read_loop)
+        self._writer = gevent.spawn(self._write_loop)
+
+    def send(self, ptype: int, *args: bytes) -> None:
+        """Queue one request packet; it leaves with everything else queued this turn."""
+        self.send_raw(encode_request(ptype, *args))
+
+    def send_raw(self, data: bytes) -> None:
+        """Queue already-encoded packets."""
+        if self.closed:
+            raise ConnectionError(f"connection to {self.name} is closed")
+        self._out.append(data)
+        self._wakeup.set()
+
+    def close(self, reason: BaseException | None = None) -> None:
+        """Close the socket (idempotent) and report ``reason`` to ``on_close`` once."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        self._out.clear()
+        self._wakeup.set()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(_stdlib_socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        current = gevent.getcurrent()
+        for greenlet in (self._reader, self._writer):
+            if greenlet is not None and greenlet is not current:
+                greenlet.kill(block=False)
+        if self._on_close is not None:
+            try:
+                self._on_close(reason)
+            except Exception:  # a broken callback must not break whoever closed us
+                log.exception("on_close callback of %s failed", self.name)
+
+    def _read_loop(self) -> None:
+        decoder = Decoder(text=False, magic=RES)
+        recv = self._sock.recv
+        on_packet = self._on_packet
+        reason: BaseException | None
+        try:
+            while True:
+                data = recv(RECV_SIZE)
+                if not data:
+                    reason = ConnectionError(f"{self.name} closed the connection")
+                    break
+                for packet in decoder.feed(data):
+                    on_packet(packet)
+        except gevent.GreenletExit:
+            return
+        except (OSError, GearmanError) as exc:
+            reason = exc
+        except Exception as exc:  # a bug in on_packet: log it, but do not hang the peer
+            log.exception("handling a packet from %s failed", self.name)
+            reason = exc
+        self.close(reason)
+
+    def _write_loop(self) -> None:
+        wakeup = self._wakeup
+        out = self._out
+        try:
+            while not self.closed:
+                wakeup.wait()
+                wakeup.clear()
+                while out and self._sock is not None:
+                    data = out[0] if len(out) == 1 else b"".join(out)
+                    out.clear()
+                    self._sock.sendall(data)
+        except gevent.GreenletExit:
+            return
+        except OSError as exc:
+            self.close(exc)

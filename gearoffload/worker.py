@@ -1,0 +1,397 @@
+"""``Worker``: serve Gearman jobs from one or more servers, up to M at once in greenlets.
+
+The loop follows PROTOCOL.md §3.6 and §8: register (``CAN_DO`` / ``CAN_DO_TIMEOUT``,
+``SET_CLIENT_ID``), ``GRAB_JOB_UNIQ``; on ``NO_JOB`` send ``PRE_SLEEP`` and wait for
+``NOOP``; after every ``NOOP`` grab again. Each server has its own connection and loop, so
+a server that is down does not stop the others; a lost connection is reopened with
+back-off and everything is registered again. Jobs the worker held on a lost connection are
+requeued by the server.
+
+Example::
+
+    from gearoffload import Worker
+
+    worker = Worker("127.0.0.1:4730", concurrency=10)
+
+    @worker.task("upper")
+    def upper(job):
+        job.send_status(1, 2)
+        return job.data.upper()
+
+    worker.work()          # until worker.stop() (e.g. from a signal handler)
+
+Tasks run in greenlets: I/O-bound work (HTTP calls, databases through gevent-friendly
+drivers, sub-jobs) overlaps; CPU-bound work blocks every greenlet of the process, so run
+it with ``concurrency=1`` in several processes (``gearoffload-worker --processes N``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import gevent
+from gevent.event import Event
+from gevent.lock import BoundedSemaphore
+from gevent.pool import Group
+from gevent.queue import Queue
+
+from .connection import Address, Connection, format_address, parse_servers
+from .errors import JobFailed
+from .protocol import Packet
+from .protocol import PacketType as T
+from .registry import Task, TaskFunction, TaskRegistry
+
+__all__ = ["Worker", "WorkerJob"]
+
+log = logging.getLogger("gearoffload.worker")
+
+_BACKOFF_START = 0.1
+_BACKOFF_MAX = 10.0
+_ASSIGN_TYPES = frozenset((T.JOB_ASSIGN, T.JOB_ASSIGN_UNIQ, T.JOB_ASSIGN_ALL))
+
+
+class _Closed:
+    """Put in a session's inbox when its connection ends."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: BaseException | None) -> None:
+        self.reason = reason
+
+
+def _as_bytes(value: Any) -> bytes:
+    if value is None:
+        return b""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"a task must return bytes, str or None, not {type(value).__name__}")
+
+
+class WorkerJob:
+    """The job a task receives: its data and ways to report back while it runs.
+
+    Example::
+
+        @worker.task("count")
+        def count(job):
+            lines = job.data.splitlines()
+            for i, line in enumerate(lines, 1):
+                job.send_status(i, len(lines))      # WORK_STATUS, for Job.status()
+            job.send_data(b"partial")               # WORK_DATA, for Job.updates()
+            return str(len(lines))                  # WORK_COMPLETE
+    """
+
+    __slots__ = ("handle", "function", "unique", "data", "server", "_handle", "_conn")
+
+    def __init__(self, conn: Connection, handle: bytes, function: bytes, unique: bytes,
+                 data: bytes) -> None:
+        self._conn = conn
+        self._handle = handle
+        self.handle = handle.decode("latin-1")
+        self.function = function.decode("utf-8", "replace")
+        self.unique = unique.decode("utf-8", "replace")
+        self.data = data
+        self.server = conn.name
+
+    def __repr__(self) -> str:
+        return f"<WorkerJob {self.function} {self.handle} unique={self.unique!r}>"
+
+    @property
+    def text(self) -> str:
+        """``data`` decoded as UTF-8."""
+        return self.data.decode()
+
+    def _send(self, ptype: int, *args: bytes) -> None:
+        try:
+            self._conn.send(ptype, self._handle, *args)
+        except ConnectionError:
+            # The connection is gone, so the server has requeued the job already; the
+            # result can only be dropped.
+            log.debug("connection lost; dropping %s for %s", T(ptype).name, self.handle)
+
+    def send_status(self, numerator: int, denominator: int) -> None:
+        """Report progress (WORK_STATUS): ``numerator`` of ``denominator`` done."""
+        self._send(T.WORK_STATUS, str(int(numerator)).encode(), str(int(denominator)).encode())
+
+    def send_data(self, data: bytes | str) -> None:
+        """Send a chunk of partial output to waiting clients (WORK_DATA)."""
+        self._send(T.WORK_DATA, _as_bytes(data))
+
+    def send_warning(self, data: bytes | str) -> None:
+        """Send a warning to waiting clients (WORK_WARNING); the job goes on."""
+        self._send(T.WORK_WARNING, _as_bytes(data))
+
+
+class Worker:
+    """A Gearman worker: registers tasks with every server and runs the jobs it grabs.
+
+    ``servers``: ``"host:port"``, comma-separated, or a list. ``concurrency``: jobs run at
+    once (greenlets), across all servers. ``registry``: a shared ``TaskRegistry`` (default:
+    a fresh one). ``client_id`` is shown by the admin ``workers`` command.
+
+    Example::
+
+        worker = Worker(["127.0.0.1:4730", "127.0.0.1:4731"], concurrency=20)
+        worker.register("reverse", lambda job: job.data[::-1])
+        gevent.spawn(worker.work)
+        ...
+        worker.stop()          # graceful: running jobs finish first
+    """
+
+    def __init__(
+        self,
+        servers: str | Iterable[str] = "127.0.0.1:4730",
+        client_id: str | None = None,
+        concurrency: int = 1,
+        registry: TaskRegistry | None = None,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.addresses: list[Address] = parse_servers(servers)
+        self.client_id = "".join((client_id or "").split()) or None
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.concurrency = concurrency
+        self.registry = registry if registry is not None else TaskRegistry()
+        self.connect_timeout = connect_timeout
+        self._stop_event = Event()
+        self._done = Event()
+        self._done.set()
+        self._graceful = True
+        self._drain_timeout: float | None = None
+        self._working = False
+        self._slots: BoundedSemaphore | None = None
+        self._jobs = Group()
+        #: Live connections and how many jobs run on each (a draining worker closes a
+        #: connection once its jobs are done: closing earlier would requeue them).
+        self._conns: dict[Connection, int] = {}
+        self.jobs_done = 0
+
+    def __repr__(self) -> str:
+        servers = [format_address(a) for a in self.addresses]
+        return f"<Worker {servers} tasks={self.registry.names()}>"
+
+    # -- tasks ----------------------------------------------------------------------
+
+    def task(self, name: str | TaskFunction | None = None, timeout: float | None = None) -> Any:
+        """Decorator registering a task: ``@worker.task("name", timeout=None)``.
+
+        ``timeout`` (seconds) is sent as CAN_DO_TIMEOUT: past it the server gives the job
+        to another worker, and this worker abandons it.
+        """
+        if callable(name):
+            self.register(name.__name__, name)
+            return name
+
+        def decorate(fn: TaskFunction) -> TaskFunction:
+            self.register(name or fn.__name__, fn, timeout)
+            return fn
+
+        return decorate
+
+    def register(self, name: str, fn: TaskFunction, timeout: float | None = None) -> Task:
+        """Register ``fn(job)`` as the task for function ``name`` (also while working)."""
+        entry = self.registry.register(name, fn, timeout)
+        for conn in list(self._conns):
+            self._announce(conn, entry)
+        return entry
+
+    @staticmethod
+    def _announce(conn: Connection, entry: Task) -> None:
+        name = entry.name.encode()
+        if entry.timeout:
+            conn.send(T.CAN_DO_TIMEOUT, name, str(max(1, round(entry.timeout * 1000))).encode())
+        else:
+            conn.send(T.CAN_DO, name)
+
+    # -- running --------------------------------------------------------------------
+
+    @property
+    def active_jobs(self) -> int:
+        """How many jobs are running now."""
+        return len(self._jobs)
+
+    def work(self, concurrency: int | None = None) -> None:
+        """Serve jobs until ``stop()``; then drain (or not) and return.
+
+        Connects to every server and keeps working while some are down.
+        """
+        if self._working:
+            raise RuntimeError("this worker is already working")
+        if not len(self.registry):
+            raise ValueError("no tasks registered: use @worker.task or worker.register()")
+        self._working = True
+        self._done.clear()
+        self._slots = BoundedSemaphore(concurrency or self.concurrency)
+        sessions = Group()
+        try:
+            for address in self.addresses:
+                sessions.spawn(self._serve, address)
+            self._stop_event.wait()
+        except gevent.GreenletExit:
+            self._graceful = False
+            raise
+        finally:
+            sessions.kill()  # stop grabbing; jobs already grabbed go on
+            try:
+                self._drain()
+            finally:
+                for conn in list(self._conns):
+                    conn.close()
+                self._conns.clear()
+                self._stop_event.clear()
+                self._graceful = True
+                self._working = False
+                self._done.set()
+
+    def _drain(self) -> None:
+        if self._graceful and len(self._jobs):
+            log.info("draining: waiting for %d running jobs", len(self._jobs))
+            # Connections without running jobs go now, so servers stop counting this
+            # worker as asleep (and NOOPing it instead of a worker that will grab).
+            for conn, running in list(self._conns.items()):
+                if not running:
+                    conn.close()
+            if not self._jobs.join(timeout=self._drain_timeout):
+                log.warning("drain timeout: abandoning %d jobs (the servers requeue them)",
+                            len(self._jobs))
+        self._jobs.kill()
+
+    def stop(self, graceful: bool = True, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop working. ``graceful``: stop grabbing, let running jobs finish (for at most
+        ``timeout`` seconds), then return; otherwise abandon them at once (the servers
+        requeue them). ``wait``: block until ``work()`` has returned (never from inside a
+        task, which would wait for itself).
+        """
+        if not graceful:
+            self._graceful = False
+        self._drain_timeout = timeout
+        self._stop_event.set()
+        if wait and self._working and gevent.getcurrent() not in self._jobs:
+            self._done.wait()
+
+    def _serve(self, address: Address) -> None:
+        """One server: connect, register, grab; reconnect with back-off when lost."""
+        name = format_address(address)
+        backoff = _BACKOFF_START
+        while True:
+            inbox: Queue = Queue()
+            conn = Connection(address, self._packet_handler(inbox),
+                              lambda reason, inbox=inbox: inbox.put(_Closed(reason)))
+            try:
+                conn.connect(timeout=self.connect_timeout)
+            except OSError as exc:
+                delay = backoff * (0.5 + random.random())  # jitter: no reconnect stampede
+                log.warning("cannot connect to %s: %s (retry in %.2fs)", name, exc, delay)
+                gevent.sleep(delay)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+                continue
+            log.info("connected to %s", name)
+            connected_at = time.monotonic()
+            self._conns[conn] = 0
+            try:
+                self._session(conn, inbox)
+            except ConnectionError as exc:
+                log.warning("lost connection to %s: %s", name, exc)
+            finally:
+                if conn.closed:
+                    self._conns.pop(conn, None)
+            # A connection that dies at once again and again must not spin.
+            if time.monotonic() - connected_at < 1.0:
+                gevent.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+            else:
+                backoff = _BACKOFF_START
+
+    def _packet_handler(self, inbox: Queue):
+        def on_packet(packet: Packet) -> None:
+            ptype = packet.type
+            if ptype == T.ERROR:
+                code, text = packet.args
+                # JOB_NOT_FOUND: the server took the job back (timeout, cancel) before our
+                # result arrived; nothing to do (§8).
+                level = logging.DEBUG if code == b"JOB_NOT_FOUND" else logging.WARNING
+                log.log(level, "server error %s: %s", code.decode("latin-1"),
+                        text.decode("utf-8", "replace"))
+            elif ptype in _ASSIGN_TYPES or ptype in (T.NOOP, T.NO_JOB):
+                inbox.put(packet)
+            elif ptype not in (T.ECHO_RES, T.OPTION_RES):
+                log.warning("ignoring unexpected %s", packet.name)
+
+        return on_packet
+
+    @staticmethod
+    def _next(inbox: Queue) -> Packet:
+        item = inbox.get()
+        if isinstance(item, _Closed):
+            inbox.put(item)
+            raise ConnectionError(str(item.reason or "connection closed"))
+        return item
+
+    def _session(self, conn: Connection, inbox: Queue) -> None:
+        if self.client_id:
+            conn.send(T.SET_CLIENT_ID, self.client_id.encode())
+        for entry in self.registry:
+            self._announce(conn, entry)
+        slots = self._slots
+        while True:
+            slots.acquire()
+            try:
+                conn.send(T.GRAB_JOB_UNIQ)
+                packet = self._next(inbox)
+                while packet.type == T.NOOP:  # a late wake-up; the grab's answer follows
+                    packet = self._next(inbox)
+            except BaseException:
+                slots.release()
+                raise
+            if packet.type == T.NO_JOB:
+                slots.release()
+                conn.send(T.PRE_SLEEP)
+                while self._next(inbox).type != T.NOOP:
+                    pass
+                continue  # always grab after a NOOP (§3.6 rule 4)
+            self._conns[conn] = self._conns.get(conn, 0) + 1
+            self._jobs.spawn(self._run, conn, packet)
+
+    def _run(self, conn: Connection, packet: Packet) -> None:
+        args = packet.args
+        handle, function = args[0], args[1]
+        unique = args[2] if packet.type != T.JOB_ASSIGN else b""
+        job = WorkerJob(conn, handle, function, unique, args[-1])
+        entry = self.registry.get(job.function)
+        try:
+            if entry is None:
+                raise JobFailed(f"no task registered for {job.function!r}")
+            if entry.timeout:
+                with gevent.Timeout(entry.timeout):
+                    result = entry.fn(job)
+            else:
+                result = entry.fn(job)
+            job._send(T.WORK_COMPLETE, _as_bytes(result))
+        except gevent.Timeout:
+            # The server requeues the job at the same moment (CAN_DO_TIMEOUT); a result
+            # sent now would only earn ERROR JOB_NOT_FOUND.
+            log.warning("task %s timed out after %ss on job %s", job.function,
+                        entry.timeout if entry else "?", job.handle)
+        except JobFailed as exc:
+            log.info("task %s failed job %s: %s", job.function, job.handle, exc)
+            job._send(T.WORK_FAIL)
+        except Exception as exc:
+            log.warning("task %s raised on job %s", job.function, job.handle, exc_info=True)
+            text = f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
+            job._send(T.WORK_EXCEPTION, text)
+        finally:
+            self.jobs_done += 1
+            self._slots.release()
+            running = self._conns.get(conn)
+            if running is not None:
+                self._conns[conn] = running - 1
+                if running == 1 and self._stop_event.is_set() and self._graceful:
+                    conn.close()  # draining, and this connection's last job is done
