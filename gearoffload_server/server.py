@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 
 import gevent
-from gevent.event import Event
 from gevent.server import StreamServer
 
 from gearoffload.errors import ProtocolError
@@ -36,7 +35,7 @@ from .state import JobServerState, Peer
 
 log = logging.getLogger("gearoffload.server")
 
-RECV_SIZE = 256 * 1024
+RECV_SIZE = 64 * 1024
 #: How long a closing connection may take to deliver what was queued for it.
 CLOSE_FLUSH_TIMEOUT = 5.0
 
@@ -77,9 +76,15 @@ class _LoopTimer:
 
 
 class Connection:
-    """One accepted socket: a reader loop (this greenlet) and a writer greenlet."""
+    """One accepted socket: this greenlet reads; output is written without blocking.
 
-    __slots__ = ("server", "sock", "peer", "decoder", "_wakeup", "_writer", "closing")
+    After each batch, ``wake()`` hands the peer's output to one non-blocking ``send``.
+    Only when the kernel buffer is full does a writer greenlet take over, until the
+    backlog is gone; meanwhile new output queues behind it, so order is kept and a peer
+    that does not read never blocks the greenlet that produced output for it.
+    """
+
+    __slots__ = ("server", "sock", "peer", "decoder", "_writer", "closing")
 
     def __init__(self, server: GearmanServer, sock: socket.socket, address: tuple) -> None:
         self.server = server
@@ -91,7 +96,6 @@ class Connection:
             loopback = False
         self.peer = Peer(fd=sock.fileno(), address=host, loopback=loopback, transport=self)
         self.decoder = Decoder(server.config.max_packet_size)
-        self._wakeup = Event()
         self._writer: gevent.Greenlet | None = None
         self.closing = False
 
@@ -106,7 +110,6 @@ class Connection:
         flush = server.flush
         reason = "closed by peer"
         state.connect(peer)
-        self._writer = gevent.spawn(self._write_loop)
         try:
             while True:
                 data = recv(RECV_SIZE)
@@ -140,32 +143,40 @@ class Connection:
         elif reason:
             log.debug("%s fd=%d %s", peer.address, peer.fd, reason)
         self.server.state.disconnect(peer)
-        self.server.flush()  # requeues may have woken workers elsewhere
+        self.server.flush()  # delivers a last ERROR; requeues may have woken workers
         self.closing = True
-        self._wakeup.set()
-        if self._writer is not None and not self._writer.dead:
-            self._writer.join(CLOSE_FLUSH_TIMEOUT)
-            self._writer.kill(block=False)
+        writer = self._writer
+        if writer is not None:
+            writer.join(CLOSE_FLUSH_TIMEOUT)
+            writer.kill(block=False)
         self.sock.close()
         self.server.connections.discard(self)
 
-    def _write_loop(self) -> None:
-        peer = self.peer
-        sendall = self.sock.sendall
-        wakeup = self._wakeup
-        try:
-            while True:
-                wakeup.wait()
-                wakeup.clear()
-                while peer.out:
-                    sendall(peer.take_output())
-                if self.closing:
-                    return
-        except OSError:
-            self.abort("write failed")
-
     def wake(self) -> None:
-        self._wakeup.set()
+        """Send what the state queued for this peer, without ever blocking the caller."""
+        if self._writer is not None:
+            return  # the writer greenlet sends ``peer.out`` after its backlog
+        data = self.peer.take_output()
+        try:
+            sent = self.sock.send(data, 0, 0.0)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.abort(f"write failed: {exc}", logging.INFO)
+            return
+        if sent < len(data):
+            self._writer = gevent.spawn(self._write_backlog, memoryview(data)[sent:])
+
+    def _write_backlog(self, backlog: memoryview) -> None:
+        peer = self.peer
+        try:
+            self.sock.sendall(backlog)
+            while peer.out:
+                self.sock.sendall(peer.take_output())
+        except OSError as exc:
+            self.abort(f"write failed: {exc}", logging.INFO)
+        finally:
+            self._writer = None
 
     def abort(self, reason: str, level: int = logging.WARNING) -> None:
         """Disconnect this peer from another greenlet (it misbehaved, or we are stopping)."""
@@ -215,7 +226,7 @@ class GearmanServer(StreamServer):
         conn.serve()
 
     def flush(self) -> None:
-        """Wake the writer of every peer with output; drop peers that stopped reading."""
+        """Send every peer its output now; drop peers that stopped reading."""
         limit = self.config.max_output_buffer
         for peer in self.state.take_dirty():
             conn = peer.transport
