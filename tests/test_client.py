@@ -1,0 +1,374 @@
+"""gearoffload.Client against real servers: ours and Debian's gearmand (the ``server``
+fixture runs each test against both), with workers running in greenlets of this process.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import gevent
+import gevent.subprocess
+import pytest
+from gevent.event import Event
+
+from conftest import ServerProcess, free_port, need_tool
+from gearoffload import Client, Worker
+from gearoffload.errors import (
+    GearmanError,
+    JobException,
+    JobFailed,
+    JobTimeout,
+    NoServersAvailable,
+    ServerError,
+)
+
+TEST_TIME_LIMIT = 40
+
+
+@pytest.fixture(autouse=True)
+def time_limit() -> Iterator[None]:
+    """No test may hang: every wait below is gevent-cooperative, so this fires."""
+    timer = gevent.Timeout(TEST_TIME_LIMIT, AssertionError(f"test ran over {TEST_TIME_LIMIT}s"))
+    timer.start()
+    yield
+    timer.close()
+
+
+@contextmanager
+def running_worker(servers, concurrency: int = 10, **tasks) -> Iterator[Worker]:
+    """A Worker serving ``tasks`` (name -> fn) in a greenlet for the ``with`` block."""
+    worker = Worker(servers, concurrency=concurrency)
+    for name, fn in tasks.items():
+        worker.register(name, fn)
+    greenlet = gevent.spawn(worker.work)
+    try:
+        yield worker
+    finally:
+        worker.stop(graceful=False)
+        greenlet.join(5)
+        assert greenlet.dead
+
+
+def upper(job):
+    return job.data.upper()
+
+
+def test_submit_returns_the_workers_result(server):
+    with running_worker(server.address, upper=upper), Client(server.address) as client:
+        job = client.submit("upper", b"he\0llo")
+        assert job.handle and job.server == server.address
+        assert job.function == "upper" and not job.background
+        assert job.result(timeout=5) == b"HE\0LLO"
+        assert job.done
+        # str data is UTF-8; an empty payload is a valid job too.
+        assert client.submit("upper", "grüß").result(5) == "GRüß".encode()
+        assert client.submit("upper", b"").result(5) == b""
+
+
+def test_large_payload_roundtrip(server):
+    data = bytes(range(256)) * 8192  # 2 MiB, NULs included
+    with running_worker(server.address, echo=lambda job: job.data), \
+            Client(server.address) as client:
+        assert client.submit("echo", data).result(10) == data
+
+
+def test_priorities_background_and_status(server):
+    started = Event()
+    release = Event()
+
+    def hold(job):
+        started.set()
+        release.wait(10)
+        return b"held"
+
+    with Client(server.address) as client:
+        # Queue before any worker exists, so the order is decided by priority (§3.5).
+        order = []
+        jobs = [client.submit("prio", name, priority=prio)
+                for name, prio in [("low", "low"), ("norm", "normal"), ("high", "high")]]
+        bg = client.submit("prio", "bg", background=True)
+        assert bg.background and bg.result() is None and bg.done
+        status = client.status(bg.handle, bg.server)
+        assert status.known and not status.running
+        with running_worker(server.address, concurrency=1,
+                            prio=lambda job: order.append(job.text) or job.data,
+                            hold=hold):
+            assert [j.result(5) for j in jobs] == [b"low", b"norm", b"high"]
+            held = client.submit("hold", b"")
+            assert started.wait(5)
+            status = held.status()
+            assert status.known and status.running and status.handle == held.handle
+            release.set()
+            assert held.result(5) == b"held"
+        assert order == ["high", "norm", "bg", "low"]  # bg is normal priority, after norm
+        assert not client.status(bg.handle, bg.server).known  # done and gone
+
+
+def test_updates_stream_data_warning_and_status(server):
+    def chatty(job):
+        for i in range(1, 4):
+            job.send_status(i, 3)
+            job.send_data(b"part%d" % i)
+            gevent.sleep(0.01)
+        job.send_warning("careful")
+        return b"done"
+
+    with running_worker(server.address, chatty=chatty), Client(server.address) as client:
+        job = client.submit("chatty", b"")
+        updates = list(job.updates(timeout=5))
+        assert [(u.kind, u.data, u.numerator, u.denominator) for u in updates] == [
+            ("status", b"", 1, 3), ("data", b"part1", None, None),
+            ("status", b"", 2, 3), ("data", b"part2", None, None),
+            ("status", b"", 3, 3), ("data", b"part3", None, None),
+            ("warning", b"careful", None, None),
+        ]
+        assert job.result(5) == b"done"
+        assert list(job.updates()) == []  # the stream has ended
+
+
+def test_worker_exception_and_failure(server):
+    def boom(job):
+        raise ValueError("no " + job.text)
+
+    def refuse(job):
+        raise JobFailed("not today")
+
+    with running_worker(server.address, boom=boom, refuse=refuse):
+        with Client(server.address) as client:
+            with pytest.raises(JobException) as info:
+                client.submit("boom", "way").result(5)
+            assert info.value.text == "ValueError: no way"
+            with pytest.raises(JobFailed):
+                client.submit("refuse", "x").result(5)
+        # Without the exceptions option the exception arrives as WORK_FAIL; gearmand
+        # appends a NUL to that handle (§3.10, Q1), which the client must strip.
+        with Client(server.address, exceptions=False) as client:
+            with pytest.raises(JobFailed) as failed:
+                client.submit("boom", "way").result(5)
+            assert failed.value.handle
+
+
+def test_result_timeout_and_no_servers(server):
+    with Client(server.address) as client:
+        job = client.submit("nobody_serves_this", b"x")
+        started = time.monotonic()
+        with pytest.raises(JobTimeout):
+            job.result(timeout=0.3)
+        assert 0.25 < time.monotonic() - started < 2
+        with pytest.raises(JobTimeout):
+            list(job.updates(timeout=0.2))
+        assert not job.done
+    dead = f"127.0.0.1:{free_port()}"
+    with Client(dead, connect_timeout=0.5) as client:
+        started = time.monotonic()
+        with pytest.raises(NoServersAvailable):
+            client.submit("upper", b"x")
+        assert time.monotonic() - started < 3
+        with pytest.raises(NoServersAvailable):
+            client.status("H:x:1", dead)
+    assert issubclass(NoServersAvailable, GearmanError)
+
+
+def test_server_error_is_raised_from_submit(server):
+    with server.connect() as admin, Client(server.address) as client:
+        assert admin.admin("create function limited").startswith(b"OK")
+        assert admin.admin("maxqueue limited 1").startswith(b"OK")
+        first = client.submit("limited", b"1")
+        with pytest.raises(ServerError) as info:
+            client.submit("limited", b"2")
+        assert info.value.code == "QUEUE_ERROR"
+        # An ERROR answers one request; the connection and the first job are fine.
+        assert client.status(first.handle, first.server).known
+    with pytest.raises(ValueError):
+        Client(server.address).submit("f", b"", unique="u" * 65)
+
+
+def test_coalescing_500_greenlets_one_execution(server):
+    """500 greenlets on 5 clients submit one unique while the task runs: one execution,
+    500 results (coalescing in the client for one connection, in the server across)."""
+    executions = []
+    release = Event()
+
+    def slow(job):
+        executions.append(job.unique)
+        release.wait(15)
+        return b"result of " + job.data
+
+    clients = [Client(server.address) for _ in range(5)]
+    with running_worker(server.address, concurrency=5, slow=slow):
+        jobs = []
+        greenlets = [gevent.spawn(lambda c=c: jobs.append(c.submit("slow", b"x",
+                                                                    unique="same")))
+                     for c in clients for _ in range(100)]
+        gevent.joinall(greenlets, timeout=10, raise_error=True)
+        assert len(jobs) == 500
+        assert len({(j.server, j.handle) for j in jobs}) == 1
+        deadline = time.monotonic() + 5
+        while not executions and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        status = clients[0].status_unique("same")
+        assert status.known and status.running
+        assert status.waiting == 5  # one attachment per client connection
+        release.set()
+        results = [job.result(10) for job in jobs]
+    assert results == [b"result of x"] * 500
+    assert executions == ["same"]
+    for client in clients:
+        client.close()
+
+
+def test_submit_many_pipelines_a_batch(server):
+    with running_worker(server.address, concurrency=20, upper=upper), \
+            Client(server.address) as client:
+        jobs = client.submit_many(
+            [("upper", b"w%d" % i) for i in range(300)]
+            + [{"function": "upper", "data": "dict", "priority": "high"},
+               ("upper", b"bg", {"background": True})])
+        assert len(jobs) == 302 and len({j.handle for j in jobs}) == 302
+        assert [j.result(10) for j in jobs[:300]] == [b"W%d" % i for i in range(300)]
+        assert jobs[300].result(5) == b"DICT"
+        assert jobs[301].result() is None
+
+
+def test_status_of_jobs_submitted_elsewhere(server):
+    with Client(server.address) as submitter, Client(server.address) as observer:
+        job = submitter.submit("unserved", b"x", unique="elsewhere", background=True)
+        by_handle = observer.status(job.handle, job.server)
+        assert by_handle.known and not by_handle.running
+        by_unique = observer.status_unique("elsewhere")
+        assert by_unique.known and by_unique.unique == "elsewhere"
+        assert by_unique.server == server.address
+        assert not observer.status_unique("never-submitted").known
+        assert not observer.status("H:nope:1", server.address).known
+
+
+def test_run_at_in_the_past_runs_now(server):
+    with running_worker(server.address, upper=upper), Client(server.address) as client:
+        job = client.submit("upper", b"x", run_at=time.time() - 5, unique="epoch-1")
+        assert job.background
+        deadline = time.monotonic() + 5
+        while client.status_unique("epoch-1").known and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        assert not client.status_unique("epoch-1").known
+    with pytest.raises(ValueError):
+        Client(server.address).submit("f", b"", run_at=time.time(), priority="high")
+
+
+def test_run_at_in_the_future_waits(our_server):
+    # gearmand 1.1.20 never wakes a sleeping worker when an epoch job falls due (Q7), so
+    # this runs against our server only.
+    ran_at = []
+    with running_worker(our_server.address, stamp=lambda job: ran_at.append(time.time())), \
+            Client(our_server.address) as client:
+        due = int(time.time()) + 2
+        client.submit("stamp", b"", run_at=due)
+        deadline = time.monotonic() + 6
+        while not ran_at and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+    assert ran_at and ran_at[0] >= due
+
+
+@pytest.fixture(params=["gearoffload", "gearmand"])
+def two_servers(request, server_factory):
+    return server_factory(request.param), server_factory(request.param)
+
+
+def test_unique_jobs_hash_to_one_server_others_round_robin(two_servers):
+    servers = [s.address for s in two_servers]
+    with running_worker(servers, upper=upper), Client(servers) as client:
+        placed = {}
+        for i in range(40):
+            job = client.submit("upper", b"x", unique=f"key-{i}")
+            job.result(5)
+            placed[f"key-{i}"] = job.server
+        assert set(placed.values()) == set(servers)  # the ring spreads keys
+        for key, where in placed.items():  # ... and always to the same server
+            assert client.submit("upper", b"y", unique=key).server == where
+        spread = [client.submit("upper", b"z").server for _ in range(10)]
+        assert spread.count(servers[0]) == spread.count(servers[1]) == 5
+        # A second client (another process, say) puts the same keys on the same servers.
+        with Client(list(reversed(servers))) as other:
+            for key, where in list(placed.items())[:10]:
+                assert other.submit("upper", b"y", unique=key).server == where
+
+
+def test_failover_when_a_server_dies_while_jobs_flow(two_servers):
+    """Stop one of two servers while 20 greenlets submit jobs: no caller sees an error."""
+    first, second = two_servers
+    servers = [first.address, second.address]
+
+    def work(job):
+        gevent.sleep(0.02)
+        return job.data
+
+    errors: list[BaseException] = []
+    results = []
+    stop = Event()
+
+    def submitter(index: int, client: Client) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            data = b"%d-%d" % (index, n)
+            unique = data.decode() if n % 2 else None  # hashed and round-robin jobs
+            try:
+                assert client.submit("work", data, unique=unique).result(15) == data
+                results.append(data)
+            except BaseException as exc:  # noqa: B036 - the test reports every failure
+                errors.append(exc)
+                return
+
+    with running_worker(servers, concurrency=20, work=work), \
+            Client(servers, timeout=15) as client:
+        greenlets = [gevent.spawn(submitter, i, client) for i in range(20)]
+        gevent.sleep(0.5)
+        before = len(results)
+        first.stop(signal.SIGKILL)
+        gevent.sleep(1.0)
+        stop.set()
+        gevent.joinall(greenlets, timeout=20)
+        assert not errors, errors[:3]
+        assert before > 20 and len(results) > before + 20
+        # Everything after the failover went to the surviving server.
+        assert client.submit("work", b"after", unique="after").server == second.address
+
+
+@pytest.mark.parametrize("kind", ["gearoffload", "gearmand"])
+def test_foreground_job_lost_with_its_only_server_is_resubmitted(kind, server_factory):
+    """The server dies with a queued job; it comes back on the same port; the client
+    resubmits (same unique) and the caller gets the result as if nothing happened."""
+    first = server_factory(kind)
+    with Client(first.address, connect_timeout=10) as client:
+        job = client.submit("upper", b"survivor", unique="survivor")
+        assert job.handle
+        first.stop(signal.SIGKILL)
+        gevent.sleep(0.3)
+        again = ServerProcess(kind)
+        again.port = first.port
+        again.start()
+        try:
+            with running_worker(again.address, upper=upper):
+                assert job.result(10) == b"SURVIVOR"
+            assert job.server == again.address and job.handle
+        finally:
+            again.stop()
+
+
+def test_interop_results_from_gearman_cli_workers(server):
+    """Our client, `gearman -w` workers (libgearman: GRAB_JOB_ALL, a command per job)."""
+    gearman = need_tool("gearman", "gearman-tools")
+    workers = [gevent.subprocess.Popen(
+        [gearman, "-h", "127.0.0.1", "-p", str(server.port), "-w", "-f", "cliupper",
+         "--", "tr", "a-z", "A-Z"], stdout=gevent.subprocess.DEVNULL)
+        for _ in range(2)]
+    try:
+        with Client(server.address) as client:
+            jobs = [client.submit("cliupper", f"hello {i}") for i in range(10)]
+            assert [j.result(10) for j in jobs] == [f"HELLO {i}".encode() for i in range(10)]
+    finally:
+        for proc in workers:
+            proc.kill()
+            proc.wait(5)
