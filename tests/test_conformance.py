@@ -12,91 +12,23 @@ import os
 import re
 import struct
 import time
-from collections.abc import Callable
 
 import pytest
+from wire_helpers import (
+    grab,
+    items,
+    listing,
+    number,
+    show_jobs,
+    status_table,
+    submit,
+    sync,
+    wait_until,
+    worker,
+)
 
 from gearoffload.protocol import FIELD_COUNTS, REQ, RES, Packet, encode, encode_request
 from gearoffload.protocol import PacketType as T
-
-HANDLE = re.compile(rb"H:[^:]+:(\d+)\Z")
-
-
-# -- helpers ------------------------------------------------------------------------------
-
-
-def wait_until(check: Callable[[], object], timeout: float = 5.0, interval: float = 0.02):
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s (last: {result!r})")
-        time.sleep(interval)
-
-
-def submit(conn, func: bytes, unique: bytes = b"", data: bytes = b"",
-           ptype: int = T.SUBMIT_JOB) -> bytes:
-    conn.send(ptype, func, unique, data)
-    return conn.expect(T.JOB_CREATED)[0]
-
-
-def number(handle: bytes) -> int:
-    match = HANDLE.match(handle)
-    assert match, f"handle {handle!r} is not H:<host>:<n>"
-    return int(match.group(1))
-
-
-def worker(server, *funcs: bytes, client_id: bytes | None = None):
-    conn = server.connect()
-    if client_id is not None:
-        conn.send(T.SET_CLIENT_ID, client_id)
-    for func in funcs:
-        conn.send(T.CAN_DO, func)
-    return conn
-
-
-def grab(conn, ptype: int = T.GRAB_JOB_UNIQ) -> tuple[bytes, ...]:
-    conn.send(ptype)
-    return conn.expect({T.GRAB_JOB: T.JOB_ASSIGN, T.GRAB_JOB_UNIQ: T.JOB_ASSIGN_UNIQ}[ptype])
-
-
-def items(conn, count: int, timeout: float = 5.0) -> list[Packet | bytes]:
-    """The next ``count`` decoded items (packets or text lines) from a raw connection."""
-    deadline = time.monotonic() + timeout
-    while len(conn.pending) < count:
-        if time.monotonic() > deadline:
-            pytest.fail(f"got {conn.pending} of {count} items")
-        conn._fill(max(0.001, deadline - time.monotonic()))
-    got = conn.pending[:count]
-    del conn.pending[:count]
-    return got
-
-
-def listing(admin, command: str) -> list[bytes]:
-    """A listing reply without its final '.', one entry per line."""
-    reply = admin.admin(command)
-    assert reply.endswith(b".\n"), reply
-    return reply[:-2].split(b"\n")[:-1]
-
-
-def status_table(admin) -> dict[bytes, tuple[int, ...]]:
-    rows = {}
-    for line in listing(admin, "status"):
-        name, *counts = line.split(b"\t")
-        rows[name] = tuple(int(c) for c in counts)
-    return rows
-
-
-def show_jobs(admin) -> dict[bytes, tuple[int, int, int]]:
-    rows = {}
-    for line in listing(admin, "show jobs"):
-        handle, *fields = line.split(b"\t")
-        rows[handle] = tuple(int(f) for f in fields)
-    return rows
-
 
 # -- §1 transport and framing ---------------------------------------------------------------
 
@@ -501,7 +433,8 @@ def test_pre_sleep_without_work_is_silent_then_one_noop(server):
             worker(server, b"g") as other_func, worker(server, b"f") as awake:
         sleeper.send(T.PRE_SLEEP)
         other_func.send(T.PRE_SLEEP)
-        sleeper.expect_nothing(0.2)  # rule 2
+        sync(sleeper)  # rule 2: no reply (the ECHO_RES comes first)
+        sync(other_func)
         submit(c, b"f", b"", b"1", T.SUBMIT_JOB_BG)
         sleeper.expect(T.NOOP)  # rule 3
         submit(c, b"f", b"", b"2", T.SUBMIT_JOB_BG)
@@ -514,7 +447,7 @@ def test_pre_sleep_without_work_is_silent_then_one_noop(server):
 def test_noop_is_only_a_hint(server):
     with server.connect() as c, worker(server, b"f") as sleeper, worker(server, b"f") as fast:
         sleeper.send(T.PRE_SLEEP)
-        sleeper.expect_nothing(0.1)
+        sync(sleeper)
         submit(c, b"f", b"", b"", T.SUBMIT_JOB_BG)
         sleeper.expect(T.NOOP)
         grab(fast)
@@ -528,7 +461,7 @@ def test_requeue_wakes_sleeping_worker(server):
         h = submit(c, b"f", b"", b"x", T.SUBMIT_JOB_BG)
         grab(holder)
         sleeper.send(T.PRE_SLEEP)
-        sleeper.expect_nothing(0.1)
+        sync(sleeper)
         holder.close()
         sleeper.expect(T.NOOP)
         assert grab(sleeper)[0] == h
@@ -707,6 +640,33 @@ def test_cant_do_requeues_and_later_result_is_job_not_found(server):
         assert w.expect(T.ERROR) == (b"JOB_NOT_FOUND", b"Job given in work result not found")
         with worker(server, b"f") as w2:
             assert grab(w2)[0] == h
+
+
+def test_reset_abilities_requeues_held_job(server):
+    with server.connect() as c, worker(server, b"f", b"g") as w:
+        h = submit(c, b"g", b"", b"d")
+        grab(w)
+        w.send(T.RESET_ABILITIES)
+        w.send(T.WORK_DATA, h, b"late")
+        assert w.expect(T.ERROR) == (b"JOB_NOT_FOUND", b"Job does not exist on server")
+        c.expect_nothing(0.05)
+        with worker(server, b"g") as w2:
+            assert grab(w2)[0] == h
+
+
+@pytest.mark.parametrize("ptype", [T.SUBMIT_JOB, T.SUBMIT_JOB_BG], ids=["fg", "bg"])
+def test_cancelled_running_job_is_not_run_again_after_worker_loss(server, ptype):
+    with server.connect() as c, server.connect() as admin:
+        h = submit(c, b"f", b"u", b"d", ptype)
+        w = worker(server, b"f")
+        grab(w)
+        assert admin.admin(f"cancel job {h.decode()}") == b"OK\r\n"
+        w.close()
+        time.sleep(0.2)
+        with worker(server, b"f") as w2:
+            w2.send(T.GRAB_JOB_UNIQ)
+            w2.expect(T.NO_JOB)
+        wait_until(lambda: show_jobs(admin) == {})
 
 
 def test_can_do_timeout_requeues(server):

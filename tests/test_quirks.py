@@ -1,0 +1,395 @@
+"""Our server's chosen behaviour where gearmand 1.1.20 has a quirk (shared/PROTOCOL.md §6).
+
+These run against our server only: gearmand would fail them by design. One test per quirk
+Q1–Q15 (Q11 is about persistent stores, which our server does not have, so there is no
+test for it), plus the server options whose defaults differ from gearmand's.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from wire_helpers import (
+    grab,
+    listing,
+    show_jobs,
+    status_table,
+    submit,
+    sync,
+    wait_until,
+    worker,
+)
+
+from gearoffload.protocol import PacketType as T
+from gearoffload.protocol import encode_request
+
+
+def noops(sleepers, wait: float = 0.2) -> list:
+    """The connections among ``sleepers`` that got a packet within ``wait`` seconds; each
+    must have got exactly one NOOP (which is consumed)."""
+    time.sleep(wait)
+    woken = []
+    for conn in sleepers:
+        assert not conn.is_closed(0.01)
+        if conn.pending:
+            assert conn.recv().type == T.NOOP
+            assert not conn.pending
+            woken.append(conn)
+    return woken
+
+
+def test_q1_exception_becomes_work_fail_with_bare_handle(our_server):
+    with our_server.connect() as c, worker(our_server, b"f") as w:
+        h = submit(c, b"f", b"", b"")
+        grab(w)
+        w.send(T.WORK_EXCEPTION, h, b"boom")
+        assert c.expect(T.WORK_FAIL) == (h,)  # gearmand sends h + b"\0"
+
+
+def test_q2_64_byte_unique_kept_whole_and_coalesces(our_server):
+    unique = bytes(range(48, 48 + 63)) + b"A"
+    twin = unique[:63] + b"B"  # differs only in the 64th byte
+    with our_server.connect() as c1, our_server.connect() as c2, our_server.connect() as admin:
+        h = submit(c1, b"f", unique, b"d")
+        assert submit(c2, b"f", unique, b"d") == h
+        assert submit(c2, b"f", twin, b"d", T.SUBMIT_JOB_BG) != h
+        c1.send(T.GET_STATUS_UNIQUE, unique)
+        assert c1.expect(T.STATUS_RES_UNIQUE) == (unique, b"1", b"0", b"0", b"0", b"2")
+        assert sorted(listing(admin, "show unique jobs")) == sorted([unique, twin])
+        with worker(our_server, b"f") as w:
+            assert grab(w) == (h, b"f", unique, b"d")
+            w.send(T.WORK_COMPLETE, h, b"r")
+        assert c1.expect(T.WORK_COMPLETE) == (h, b"r")
+        assert c2.expect(T.WORK_COMPLETE) == (h, b"r")
+
+
+def test_q3_background_job_survives_foreground_client_leaving(our_server):
+    with our_server.connect() as bg, our_server.connect() as admin:
+        h = submit(bg, b"f", b"u", b"data", T.SUBMIT_JOB_BG)
+        fg = our_server.connect()
+        assert submit(fg, b"f", b"u", b"") == h
+        fg.close()
+        time.sleep(0.2)
+        assert show_jobs(admin) == {h: (0, 0, 1)}
+        with worker(our_server, b"f") as w:
+            assert grab(w) == (h, b"f", b"u", b"data")
+
+
+def test_q4_resubmission_into_abandoned_job_gets_an_answer(our_server):
+    with our_server.connect() as admin:
+        gone = our_server.connect()
+        submit(gone, b"f", b"u", b"d")
+        gone.close()
+        with our_server.connect() as again:
+            h = submit(again, b"f", b"u", b"d")
+            with worker(our_server, b"f") as w:
+                assert grab(w)[0] == h
+                w.send(T.WORK_COMPLETE, h, b"answer")
+            assert again.expect(T.WORK_COMPLETE) == (h, b"answer")
+        assert show_jobs(admin) == {}
+
+
+def test_q4_running_abandoned_job_revived_by_resubmission(our_server):
+    with worker(our_server, b"f") as w:
+        gone = our_server.connect()
+        h = submit(gone, b"f", b"u", b"d")
+        grab(w)
+        gone.close()
+        time.sleep(0.1)
+        with our_server.connect() as again:
+            assert submit(again, b"f", b"u", b"d") == h  # still running: coalesces
+            w.send(T.WORK_COMPLETE, h, b"answer")
+            assert again.expect(T.WORK_COMPLETE) == (h, b"answer")
+
+
+def test_q5_abandoned_queued_job_removed_at_once(our_server):
+    with our_server.connect() as admin:
+        gone = our_server.connect()
+        h = submit(gone, b"f", b"", b"d", T.SUBMIT_JOB_LOW)
+        assert show_jobs(admin) == {h: (0, 0, 0)}
+        gone.close()
+        # No worker ever polls: gearmand would keep counting it until one does.
+        wait_until(lambda: show_jobs(admin) == {}, timeout=1)
+        assert status_table(admin)[b"f"] == (0, 0, 0)
+        with our_server.connect() as c:
+            c.send(T.GET_STATUS, h)
+            assert c.expect(T.STATUS_RES) == (h, b"0", b"0", b"0", b"0")
+
+
+def test_q6_one_timeout_timer_per_job(our_server):
+    with our_server.connect() as c, our_server.connect() as admin:
+        first = submit(c, b"f", b"", b"1", T.SUBMIT_JOB_BG)
+        second = submit(c, b"f", b"", b"2", T.SUBMIT_JOB_BG)
+        with our_server.connect() as w:
+            w.send(T.CAN_DO_TIMEOUT, b"f", b"1000")
+            assert grab(w)[0] == first
+            w.send(T.WORK_COMPLETE, first, b"")  # must cancel first's timer
+            time.sleep(0.6)
+            assert grab(w)[0] == second
+            grabbed = time.monotonic()
+            time.sleep(0.6)  # first's timer would have fired by now
+            assert show_jobs(admin) == {second: (0, 0, 1)}
+            assert status_table(admin)[b"f"] == (1, 1, 1)
+            wait_until(lambda: show_jobs(admin) == {second: (1, 0, 1)}, timeout=3)
+            assert time.monotonic() - grabbed >= 0.95
+            w.send(T.WORK_COMPLETE, second, b"late")
+            assert w.expect(T.ERROR) == (b"JOB_NOT_FOUND", b"Job given in work result not found")
+
+
+def test_q7_epoch_job_wakes_sleeping_worker_when_due(our_server):
+    with our_server.connect() as c, worker(our_server, b"f") as w:
+        w.send(T.PRE_SLEEP)
+        sync(w)
+        due = int(time.time()) + 2
+        c.send(T.SUBMIT_JOB_EPOCH, b"f", b"", b"%d" % due, b"scheduled")
+        h = c.expect(T.JOB_CREATED)[0]
+        w.expect(T.NOOP, timeout=4)  # gearmand never wakes it
+        assert time.time() >= due - 0.05
+        assert grab(w) == (h, b"f", b"", b"scheduled")
+
+
+def test_q8_create_function_takes_the_name_as_written(our_server):
+    with our_server.connect() as admin:
+        assert admin.admin_raw(b"create function fy\n") == b"OK\r\n"  # gearmand creates "f"
+        assert admin.admin_raw(b"create function gz\r\n") == b"OK\r\n"
+        assert sorted(status_table(admin)) == [b"fy", b"gz"]
+
+
+def test_q9_drop_function_refused_while_jobs_queued(our_server):
+    with our_server.connect() as c, our_server.connect() as admin:
+        h = submit(c, b"f", b"", b"", T.SUBMIT_JOB_BG)
+        reply = admin.admin("drop function f")
+        assert reply.startswith(b"ERR ") and reply.endswith(b"\r\n")
+        assert status_table(admin)[b"f"] == (1, 0, 0)
+        with worker(our_server, b"f") as w:
+            assert grab(w)[0] == h
+            w.send(T.WORK_COMPLETE, h, b"")
+        wait_until(lambda: status_table(admin)[b"f"] == (0, 0, 0))
+        assert admin.admin("drop function f") == b"OK\r\n"
+
+
+def test_q10_cancel_detaches_clients_from_running_job(our_server):
+    with our_server.connect() as c, our_server.connect() as admin, worker(our_server, b"f") as w:
+        h = submit(c, b"f", b"u", b"")
+        grab(w)
+        assert admin.admin(f"cancel job {h.decode()}") == b"OK\r\n"
+        assert c.expect(T.WORK_FAIL) == (h,)
+        w.send(T.WORK_DATA, h, b"x")
+        w.send(T.WORK_COMPLETE, h, b"late result")
+        w.expect_nothing(0.2)  # accepted quietly
+        c.expect_nothing(0.2)  # gearmand relays it after the WORK_FAIL
+        assert submit(c, b"f", b"u", b"") != h  # the coalescing window closed
+
+
+# Q11 (persistent store keyed per job) is not tested: our server has no persistent store.
+
+
+def test_q12_missing_nuls_error_then_close(our_server):
+    with our_server.connect() as bad, our_server.connect() as good:
+        # SUBMIT_JOB needs 2 NULs; the ECHO behind it must not be read as part of it.
+        bad.send_raw(encode_request(T.SUBMIT_JOB, b"f\0no-second-nul")
+                     + encode_request(T.ECHO_REQ, b"\0\0\0"))
+        code, _text = bad.expect(T.ERROR)
+        assert code
+        assert bad.is_closed()
+        assert not bad.pending  # nothing after the ERROR, no ECHO_RES
+        good.send(T.ECHO_REQ, b"fine")
+        assert good.expect(T.ECHO_RES) == (b"fine",)
+        assert status_table(good) == {}
+
+
+def test_q13_errors_instead_of_silence(our_server):
+    with our_server.connect() as c:
+        c.send(T.GET_STATUS, b"H:" + b"x" * 62)  # 64 bytes
+        assert c.expect(T.ERROR)[0] == b"ARGUMENT_TOO_LARGE"
+        c.send(T.GET_STATUS_UNIQUE, b"u" * 65)
+        assert c.expect(T.ERROR)[0] == b"ARGUMENT_TOO_LARGE"
+        c.send(T.SUBMIT_JOB_EPOCH, b"f", b"", b"99999999999999999999", b"d")
+        assert c.expect(T.ERROR)[0]
+        c.send(T.CAN_DO_TIMEOUT, b"f", b"1" * 21)
+        assert c.expect(T.ERROR)[0]
+        sync(c)
+        assert status_table(c) == {}  # neither the epoch job nor the registration happened
+        c.send(T.GET_STATUS, b"H:" + b"x" * 61)  # 63 bytes is a valid handle length
+        assert c.expect(T.STATUS_RES)[1] == b"0"
+
+
+def test_q14_reduce_job_checks_unique_and_reducer_length(our_server):
+    with our_server.connect() as c:
+        c.send(T.SUBMIT_REDUCE_JOB, b"f", b"u" * 65, b"r", b"", b"d")
+        assert c.expect(T.ERROR) == (b"ARGUMENT_TOO_LARGE", b"Unique value too large")
+        c.send(T.SUBMIT_REDUCE_JOB_BACKGROUND, b"f", b"u", b"r" * 65, b"", b"d")
+        assert c.expect(T.ERROR) == (b"ARGUMENT_TOO_LARGE", b"Unique value too large")
+        c.send(T.SUBMIT_REDUCE_JOB_BACKGROUND, b"f", b"u" * 64, b"r" * 64, b"", b"d")
+        h = c.expect(T.JOB_CREATED)[0]
+        with worker(our_server, b"f") as w:
+            w.send(T.GRAB_JOB_ALL)
+            assert w.expect(T.JOB_ASSIGN_ALL) == (h, b"f", b"u" * 64, b"r" * 64, b"d")
+
+
+def test_q15_global_priority_then_round_robin(our_server):
+    with our_server.connect() as c:
+        for func, ptype, data in [
+            (b"fa", T.SUBMIT_JOB_BG, b"a1"), (b"fa", T.SUBMIT_JOB_BG, b"a2"),
+            (b"fb", T.SUBMIT_JOB_BG, b"b1"), (b"fb", T.SUBMIT_JOB_BG, b"b2"),
+            (b"fc", T.SUBMIT_JOB_LOW_BG, b"c2"), (b"fc", T.SUBMIT_JOB_HIGH_BG, b"c1"),
+        ]:
+            submit(c, func, b"", data, ptype)
+        with worker(our_server, b"fa", b"fb", b"fc") as w:
+            got = [grab(w)[3] for _ in range(6)]
+        # gearmand 1.1 would drain fc (last registered) first: c1, c2, then fb, then fa.
+        assert got[0] == b"c1" and got[-1] == b"c2"
+        middle = got[1:5]
+        assert sorted(middle) == [b"a1", b"a2", b"b1", b"b2"]
+        assert [d[:1] for d in middle] in ([b"a", b"b", b"a", b"b"], [b"b", b"a", b"b", b"a"])
+        assert middle.index(b"a1") < middle.index(b"a2")
+
+
+# -- options whose defaults or meaning differ from gearmand 1.1 -----------------------------------
+
+
+def test_job_retries_default_is_unlimited(our_server):
+    with our_server.connect() as c, our_server.connect() as admin:
+        h = submit(c, b"f", b"", b"d")
+        for attempt in range(1, 4):
+            w = worker(our_server, b"f")
+            assert grab(w)[0] == h
+            w.close()
+            wait_until(lambda n=attempt: show_jobs(admin).get(h, (0,))[0] == n)
+        c.expect_nothing(0.05)
+
+
+def test_job_retries_two_fails_after_two_lost_attempts(server_factory):
+    srv = server_factory("gearoffload", "--job-retries", "2")
+    with srv.connect() as c, srv.connect() as admin:
+        h = submit(c, b"f", b"", b"d")
+        w = worker(srv, b"f")
+        assert grab(w)[0] == h
+        w.close()
+        wait_until(lambda: show_jobs(admin).get(h, (0,))[0] == 1)
+        c.expect_nothing(0.05)
+        w = worker(srv, b"f")
+        assert grab(w)[0] == h
+        w.close()
+        assert c.expect(T.WORK_FAIL) == (h,)
+        assert show_jobs(admin) == {}
+
+
+def test_job_retries_applies_to_timeouts(server_factory):
+    srv = server_factory("gearoffload", "--job-retries", "1")
+    with srv.connect() as c, srv.connect() as w:
+        h = submit(c, b"f", b"", b"d")
+        w.send(T.CAN_DO_TIMEOUT, b"f", b"1")  # raised to 1000 ms
+        grab(w)
+        assert c.expect(T.WORK_FAIL, timeout=4) == (h,)
+
+
+def test_worker_wakeup_default_wakes_one_sleeper_per_job(our_server):
+    with our_server.connect() as c:
+        sleepers = [worker(our_server, b"f") for _ in range(3)]
+        for w in sleepers:
+            w.send(T.PRE_SLEEP)
+            sync(w)
+        submit(c, b"f", b"", b"1", T.SUBMIT_JOB_BG)
+        first = noops(sleepers)
+        assert len(first) == 1  # gearmand NOOPs all three
+        submit(c, b"f", b"", b"2", T.SUBMIT_JOB_BG)
+        second = noops(sleepers)
+        assert len(second) == 1 and second[0] is not first[0]
+        for w in sleepers:
+            w.close()
+
+
+def test_woken_worker_leaving_passes_its_noop_on(our_server):
+    """With one NOOP per job, the woken worker going away must not strand the job."""
+    with our_server.connect() as c:
+        for leave in ("close", "cant_do", "reset"):
+            sleepers = [worker(our_server, b"f") for _ in range(2)]
+            for w in sleepers:
+                w.send(T.PRE_SLEEP)
+                sync(w)
+            h = submit(c, b"f", b"", leave.encode(), T.SUBMIT_JOB_BG)
+            [woken] = noops(sleepers)
+            other = sleepers[1] if woken is sleepers[0] else sleepers[0]
+            if leave == "close":
+                woken.close()
+            elif leave == "cant_do":
+                woken.send(T.CANT_DO, b"f")
+            else:
+                woken.send(T.RESET_ABILITIES)
+            other.expect(T.NOOP, timeout=2)
+            assert grab(other)[0] == h
+            other.send(T.WORK_COMPLETE, h, b"")
+            sync(other)
+            for w in sleepers:
+                w.close()
+
+
+def test_worker_wakeup_zero_wakes_all(server_factory):
+    srv = server_factory("gearoffload", "--worker-wakeup", "0")
+    with srv.connect() as c:
+        sleepers = [worker(srv, b"f") for _ in range(3)]
+        for w in sleepers:
+            w.send(T.PRE_SLEEP)
+            sync(w)
+        submit(c, b"f", b"", b"1", T.SUBMIT_JOB_BG)
+        for w in sleepers:
+            w.expect(T.NOOP)
+            w.close()
+
+
+def test_work_fail_after_work_exception_is_accepted_quietly(our_server):
+    with our_server.connect() as c, worker(our_server, b"f") as w:
+        c.send(T.OPTION_REQ, b"exceptions")
+        c.expect(T.OPTION_RES)
+        h = submit(c, b"f", b"", b"")
+        grab(w)
+        w.send(T.WORK_EXCEPTION, h, b"died")
+        w.send(T.WORK_FAIL, h)  # what python-gearman and Perl workers do
+        w.expect_nothing(0.3)
+        assert c.expect(T.WORK_EXCEPTION) == (h, b"died")
+        c.expect_nothing(0.1)  # the WORK_FAIL is not relayed a second time
+        w.send(T.WORK_FAIL, h)  # only once
+        assert w.expect(T.ERROR) == (b"JOB_NOT_FOUND", b"Job given in work result not found")
+
+
+def test_handle_prefix_option(our_server):
+    with our_server.connect() as c:
+        assert submit(c, b"f", b"", b"", T.SUBMIT_JOB_BG) == b"H:test:1"
+
+
+def test_admin_six_words_is_an_error_not_a_silent_close(our_server):
+    with our_server.connect() as admin:
+        reply = admin.admin("status a b c d e")
+        assert reply.startswith(b"ERR ") and reply.endswith(b"\r\n")
+        assert admin.admin("status a b c d") == b".\n"
+
+
+def test_shutdown_enabled_from_loopback_exits_zero(server_factory):
+    srv = server_factory("gearoffload", "--enable-shutdown")
+    with srv.connect() as admin:
+        assert admin.admin("shutdown now") == (
+            b"ERR UNKNOWN_ARGUMENTS Unknown+arguments+to+server+command\r\n")
+        assert admin.admin("SHUTDOWN") == b"OK\r\n"
+        assert srv.proc.wait(5) == 0
+
+
+def test_shutdown_graceful_waits_for_jobs(server_factory):
+    srv = server_factory("gearoffload", "--enable-shutdown")
+    with srv.connect() as c, worker(srv, b"f") as w, srv.connect() as admin:
+        h = submit(c, b"f", b"", b"d", T.SUBMIT_JOB_BG)
+        assert admin.admin("shutdown graceful") == b"OK\r\n"
+
+        def refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", srv.port), timeout=0.5).close()
+            except OSError:
+                return True
+            return False
+
+        wait_until(refused, timeout=3)
+        assert srv.proc.poll() is None  # a job is left: still running
+        assert grab(w)[0] == h
+        w.send(T.WORK_COMPLETE, h, b"")
+        assert srv.proc.wait(5) == 0
