@@ -224,6 +224,12 @@ class Decoder:
         self._unread = None
         pos = 0
         end = len(buf)
+        is_bytes = type(buf) is bytes
+        unpack = HEADER.unpack_from
+        counts = FIELD_COUNTS
+        new_tuple = tuple.__new__
+        want_magic = self.magic
+        max_size = self.max_packet_size
         try:
             while pos < end:
                 if buf[pos] != 0:
@@ -249,24 +255,40 @@ class Decoder:
                     if end - pos >= 4 and buf[pos : pos + 4] not in (REQ, RES):
                         raise ProtocolError(f"bad magic {bytes(buf[pos:pos + 4])!r}")
                     break
-                magic, ptype, size = HEADER.unpack_from(buf, pos)
+                magic, ptype, size = unpack(buf, pos)
                 if magic != REQ and magic != RES:
                     raise ProtocolError(f"bad magic {magic!r}")
                 if ptype == 0 or ptype > MAX_TYPE:
                     raise ProtocolError(f"unknown packet type {ptype}")
-                if self.magic is not None and magic != self.magic:
+                if want_magic is not None and magic != want_magic:
                     raise ProtocolError(f"unexpected magic {magic!r} on {PacketType(ptype).name}")
-                if size > self.max_packet_size:
+                if size > max_size:
                     raise ProtocolError(
-                        f"packet of {size} bytes exceeds the limit of {self.max_packet_size}",
+                        f"packet of {size} bytes exceeds the limit of {max_size}",
                         code="ARGUMENT_TOO_LARGE",
                         in_sync=True,
                     )
-                if end - pos - 12 < size:
-                    break
                 start = pos + 12
+                if start + size > end:
+                    break
                 pos = start + size
-                yield Packet(magic, ptype, split_payload(ptype, bytes(buf[start:pos])))
+                # Inlined split_payload() and tuple.__new__ instead of Packet(...): this
+                # loop runs for every packet the server receives.
+                payload = buf[start:pos] if is_bytes else bytes(buf[start:pos])
+                count = counts[ptype]
+                if count == 1:
+                    args = (payload,)
+                elif count == 0:
+                    args = ()
+                else:
+                    args = tuple(payload.split(b"\0", count - 1))
+                    if len(args) != count:
+                        raise ProtocolError(
+                            f"{PacketType(ptype).name} needs {count} fields, got {len(args)}",
+                            code="INVALID_PACKET",
+                            in_sync=True,
+                        )
+                yield new_tuple(Packet, (magic, ptype, args))
         finally:
             # However iteration ended (exhausted, an error, the consumer stopping early),
             # keep exactly the unconsumed tail so the next feed() resumes at the right byte.
