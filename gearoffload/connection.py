@@ -105,6 +105,7 @@ class Connection:
         self._writer: gevent.Greenlet | None = None
         self.closed = False
         self.close_reason: BaseException | None = None
+        self._close_after_flush: tuple[BaseException | None] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("open" if self._sock else "new")
@@ -140,9 +141,17 @@ class Connection:
         self._out.append(data)
         self._wakeup.set()
 
-    def close(self, reason: BaseException | None = None) -> None:
-        """Close the socket (idempotent) and report ``reason`` to ``on_close`` once."""
+    def close(self, reason: BaseException | None = None, flush: bool = False) -> None:
+        """Close the socket (idempotent) and report ``reason`` to ``on_close`` once.
+
+        With ``flush``, what is queued is sent first (the writer closes afterwards), so
+        that e.g. a worker's last WORK_COMPLETE is not lost when it disconnects.
+        """
         if self.closed:
+            return
+        if flush and self._out and self._writer is not None and not self._writer.dead:
+            self._close_after_flush = (reason,)
+            self._wakeup.set()
             return
         self.closed = True
         self.close_reason = reason
@@ -198,6 +207,9 @@ class Connection:
                     data = out[0] if len(out) == 1 else b"".join(out)
                     out.clear()
                     self._sock.sendall(data)
+                if self._close_after_flush is not None:
+                    self.close(self._close_after_flush[0])
+                    return
         except gevent.GreenletExit:
             return
         except OSError as exc:

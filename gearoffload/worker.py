@@ -169,9 +169,9 @@ class Worker:
         self._working = False
         self._slots: BoundedSemaphore | None = None
         self._jobs = Group()
-        #: Live connections and how many jobs run on each (a draining worker closes a
-        #: connection once its jobs are done: closing earlier would requeue them).
-        self._conns: dict[Connection, int] = {}
+        #: Live connections and the handles of the jobs running on each (a draining worker
+        #: closes a connection once its jobs are done: closing earlier would requeue them).
+        self._conns: dict[Connection, dict[bytes, int]] = {}
         self.jobs_done = 0
 
     def __repr__(self) -> str:
@@ -244,7 +244,7 @@ class Worker:
                 self._drain()
             finally:
                 for conn in list(self._conns):
-                    conn.close()
+                    conn.close(flush=True)
                 self._conns.clear()
                 self._stop_event.clear()
                 self._graceful = True
@@ -295,7 +295,7 @@ class Worker:
                 continue
             log.info("connected to %s", name)
             connected_at = time.monotonic()
-            self._conns[conn] = 0
+            self._conns[conn] = {}
             try:
                 self._session(conn, inbox)
             except ConnectionError as exc:
@@ -357,7 +357,6 @@ class Worker:
                 while self._next(inbox).type != T.NOOP:
                     pass
                 continue  # always grab after a NOOP (§3.6 rule 4)
-            self._conns[conn] = self._conns.get(conn, 0) + 1
             self._jobs.spawn(self._run, conn, packet)
 
     def _run(self, conn: Connection, packet: Packet) -> None:
@@ -366,20 +365,30 @@ class Worker:
         unique = args[2] if packet.type != T.JOB_ASSIGN else b""
         job = WorkerJob(conn, handle, function, unique, args[-1])
         entry = self.registry.get(job.function)
+        running = self._conns.get(conn)
+        if running is not None:
+            running[handle] = running.get(handle, 0) + 1
         try:
             if entry is None:
                 raise JobFailed(f"no task registered for {job.function!r}")
             if entry.timeout:
-                with gevent.Timeout(entry.timeout):
+                # The server's CAN_DO_TIMEOUT fires first and requeues the job; the local
+                # limit, a little later, frees this slot (and covers servers that do not
+                # requeue, such as gearmand 1.1.20 once the connection sent PRE_SLEEP, Q6).
+                with gevent.Timeout(entry.timeout * 1.1 + 1.0):
                     result = entry.fn(job)
             else:
                 result = entry.fn(job)
             job._send(T.WORK_COMPLETE, _as_bytes(result))
         except gevent.Timeout:
-            # The server requeues the job at the same moment (CAN_DO_TIMEOUT); a result
-            # sent now would only earn ERROR JOB_NOT_FOUND.
             log.warning("task %s timed out after %ss on job %s", job.function,
                         entry.timeout if entry else "?", job.handle)
+            if running is not None and running.get(handle, 0) > 1:
+                pass  # requeued and grabbed again by this connection: leave that attempt be
+            else:
+                # If the server requeued the job, it answers ERROR JOB_NOT_FOUND (ignored);
+                # if it did not, this ends the job instead of leaving it held forever.
+                job._send(T.WORK_FAIL)
         except JobFailed as exc:
             log.info("task %s failed job %s: %s", job.function, job.handle, exc)
             job._send(T.WORK_FAIL)
@@ -390,8 +399,11 @@ class Worker:
         finally:
             self.jobs_done += 1
             self._slots.release()
-            running = self._conns.get(conn)
             if running is not None:
-                self._conns[conn] = running - 1
-                if running == 1 and self._stop_event.is_set() and self._graceful:
-                    conn.close()  # draining, and this connection's last job is done
+                if running[handle] == 1:
+                    del running[handle]
+                else:
+                    running[handle] -= 1
+                if not running and self._stop_event.is_set() and self._graceful:
+                    # Draining, and this connection's last job is done.
+                    conn.close(flush=True)

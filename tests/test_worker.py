@@ -1,0 +1,332 @@
+"""gearoffload.Worker against real servers: ours and Debian's gearmand (``server`` runs each
+test against both). Workers run in greenlets of this process, or as child processes when
+a test has to kill one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import gevent
+import gevent.subprocess
+import pytest
+from gevent.event import Event
+
+from conftest import ROOT, ServerProcess, free_port, need_tool
+from gearoffload import Client, TaskRegistry, Worker
+from gearoffload.errors import JobFailed, JobTimeout
+
+TEST_TIME_LIMIT = 40
+
+
+@pytest.fixture(autouse=True)
+def time_limit() -> Iterator[None]:
+    """No test may hang: every wait below is gevent-cooperative, so this fires."""
+    timer = gevent.Timeout(TEST_TIME_LIMIT, AssertionError(f"test ran over {TEST_TIME_LIMIT}s"))
+    timer.start()
+    yield
+    timer.close()
+
+
+@contextmanager
+def working(worker: Worker) -> Iterator[Worker]:
+    greenlet = gevent.spawn(worker.work)
+    try:
+        yield worker
+    finally:
+        worker.stop(graceful=False)
+        greenlet.join(5)
+        assert greenlet.dead
+
+
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        gevent.sleep(0.02)
+    return True
+
+
+def test_task_sees_the_job(server):
+    seen = {}
+    worker = Worker(server.address, client_id="test worker")
+
+    @worker.task("inspect")
+    def inspect(job):
+        seen.update(handle=job.handle, function=job.function, unique=job.unique,
+                    data=job.data, server=job.server)
+        return None  # an empty result
+
+    with working(worker), Client(server.address) as client:
+        job = client.submit("inspect", b"pay\0load", unique="u-1")
+        assert job.result(5) == b""
+    assert seen == {"handle": job.handle, "function": "inspect", "unique": "u-1",
+                    "data": b"pay\0load", "server": server.address}
+    with server.connect() as admin:  # the worker is gone; nothing stays registered
+        assert b"inspect\t0\t0\t0" in admin.admin("status")
+
+
+def test_concurrency_runs_m_jobs_at_once(server):
+    running = []
+    peak = []
+
+    def slow(job):
+        running.append(job)
+        peak.append(len(running))
+        gevent.sleep(0.3)
+        running.remove(job)
+        return job.data
+
+    worker = Worker(server.address, concurrency=5)
+    worker.register("slow", slow)
+    with working(worker), Client(server.address) as client:
+        started = time.monotonic()
+        jobs = client.submit_many([("slow", b"%d" % i) for i in range(10)])
+        assert [j.result(5) for j in jobs] == [b"%d" % i for i in range(10)]
+        elapsed = time.monotonic() - started
+    assert max(peak) == 5
+    assert 0.55 < elapsed < 2.0  # two waves of five, not ten in a row
+
+
+def test_worker_keeps_serving_when_one_server_is_down_and_picks_it_up_later(server):
+    late_port = free_port()
+    late_address = f"127.0.0.1:{late_port}"
+    worker = Worker([late_address, server.address])
+    worker.register("ping", lambda job: b"pong " + job.data)
+    with working(worker):
+        with Client(server.address) as client:
+            assert client.submit("ping", b"1").result(5) == b"pong 1"
+        late = ServerProcess(server.kind)
+        late.port = late_port
+        late.start()
+        try:
+            with Client(late_address) as client:  # reconnect back-off is at most 10 s
+                assert client.submit("ping", b"2").result(15) == b"pong 2"
+        finally:
+            late.stop()
+
+
+def test_worker_reconnects_and_reregisters_after_server_restart(server):
+    worker = Worker(server.address, client_id="rejoin")
+    worker.register("ping", lambda job: b"pong")
+    with working(worker):
+        with Client(server.address) as client:
+            assert client.submit("ping").result(5) == b"pong"
+        server.stop(signal.SIGKILL)
+        again = ServerProcess(server.kind)
+        again.port = server.port
+        again.start()
+        try:
+            with Client(again.address) as client:
+                assert client.submit("ping").result(15) == b"pong"
+            with again.connect() as admin:
+                workers = admin.admin("workers").decode()
+            assert any(line.split()[2:] == ["rejoin", ":", "ping"]
+                       for line in workers.splitlines())
+        finally:
+            again.stop()
+
+
+WORKER_THAT_HANGS = """
+import sys, time
+from gearoffload import Worker
+worker = Worker(sys.argv[1])
+
+@worker.task("fragile")
+def fragile(job):
+    print("started", job.handle, flush=True)
+    time.sleep(60)  # killed long before this ends
+
+worker.work()
+"""
+
+
+def test_worker_killed_mid_job_the_job_is_requeued_and_completes(server):
+    proc = gevent.subprocess.Popen([sys.executable, "-c", WORKER_THAT_HANGS, server.address],
+                                   stdout=gevent.subprocess.PIPE, cwd=ROOT)
+    try:
+        with Client(server.address) as client:
+            job = client.submit("fragile", b"data")
+            line = proc.stdout.readline().decode().split()
+            assert line == ["started", job.handle]
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(5)
+            rescuer = Worker(server.address)
+            rescuer.register("fragile", lambda j: b"completed " + j.data + j.handle.encode())
+            with working(rescuer):
+                # Requeued by the server, not resubmitted: same handle.
+                assert job.result(10) == b"completed data" + job.handle.encode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_graceful_stop_finishes_running_jobs_and_grabs_no_more(server):
+    started = Event()
+
+    def slow(job):
+        started.set()
+        gevent.sleep(0.5)
+        return b"finished"
+
+    worker = Worker(server.address, concurrency=1)
+    worker.register("slow", slow)
+    greenlet = gevent.spawn(worker.work)
+    with Client(server.address) as client:
+        first = client.submit("slow")
+        assert started.wait(5)
+        second = client.submit("slow")  # queued behind the running one
+        stopped_at = time.monotonic()
+        worker.stop(graceful=True)  # returns once the running job is done
+        assert 0.3 < time.monotonic() - stopped_at < 3
+        assert greenlet.dead
+        assert first.result(5) == b"finished"
+        status = second.status()
+        assert status.known and not status.running  # never grabbed
+        # The same Worker can work again; it picks up what is left.
+        with working(worker):
+            assert second.result(5) == b"finished"
+
+
+def test_hard_stop_abandons_jobs_to_another_worker(server):
+    started = Event()
+
+    def stuck(job):
+        started.set()
+        gevent.sleep(30)
+
+    worker = Worker(server.address)
+    worker.register("stuck", stuck)
+    greenlet = gevent.spawn(worker.work)
+    with Client(server.address) as client:
+        job = client.submit("stuck", b"x")
+        assert started.wait(5)
+        worker.stop(graceful=False)
+        assert greenlet.join(5) is None and greenlet.dead
+        rescuer = Worker(server.address)
+        rescuer.register("stuck", lambda j: b"rescued")
+        with working(rescuer):
+            assert job.result(10) == b"rescued"
+
+
+def test_task_timeout_lets_the_server_requeue(server):
+    attempts = []
+
+    def sometimes_slow(job):
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            gevent.sleep(20)  # over the 1 s limit: the server takes the job back
+        return b"attempt %d" % len(attempts)
+
+    # concurrency=1: against gearmand 1.1.20 a PRE_SLEEP (which a worker with a free slot
+    # sends) cancels the CAN_DO_TIMEOUT timer (Q6), and the job would fail instead.
+    worker = Worker(server.address, concurrency=1)
+    worker.task("sometimes_slow", timeout=1)(sometimes_slow)
+    with working(worker), Client(server.address) as client:
+        job = client.submit("sometimes_slow", b"")
+        assert job.result(10) == b"attempt 2"
+    assert 0.9 < attempts[1] - attempts[0] < 5
+
+
+def test_task_timeout_fails_the_job_if_the_server_keeps_it(server):
+    """A server that does not take the job back (gearmand after PRE_SLEEP, Q6): the
+    worker's own limit ends the job with WORK_FAIL instead of holding it forever."""
+    worker = Worker(server.address, concurrency=2)
+    worker.task("hangs", timeout=1)(lambda job: gevent.sleep(30))
+    with working(worker), Client(server.address) as client:
+        job = client.submit("hangs", b"")
+        started = time.monotonic()
+        if server.kind == "gearmand":
+            with pytest.raises(JobFailed):
+                job.result(10)
+            assert 1.5 < time.monotonic() - started < 5
+        else:  # our server requeues on time, again and again: still running
+            with pytest.raises(JobTimeout):
+                job.result(3)
+
+
+def test_registering_while_working_and_unknown_functions(server):
+    worker = Worker(server.address)
+    worker.register("first", lambda job: b"1")
+    with working(worker), Client(server.address) as client:
+        assert client.submit("first").result(5) == b"1"
+        worker.register("second", lambda job: b"2")
+        assert client.submit("second").result(5) == b"2"
+    with pytest.raises(ValueError):
+        Worker(server.address).work()  # nothing registered
+    with pytest.raises(TypeError):
+        worker.register("bad", "not callable")
+
+
+def test_task_returning_a_bad_type_or_failing_explicitly(server):
+    worker = Worker(server.address)
+    worker.register("number", lambda job: 42)
+
+    @worker.task
+    def refuse(job):
+        raise JobFailed("no")
+
+    with working(worker), Client(server.address) as client:
+        with pytest.raises(Exception) as info:
+            client.submit("number").result(5)
+        assert "TypeError" in str(info.value)
+        with pytest.raises(JobFailed):
+            client.submit("refuse").result(5)
+
+
+def _load_wordcount():
+    spec = importlib.util.spec_from_file_location("wordcount_example",
+                                                  ROOT / "examples" / "wordcount.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_map_reduce_word_count_without_deadlock(server, tmp_path):
+    """More reducers than mapper slots can ever block: each runs in its own Worker."""
+    wordcount = _load_wordcount()
+    files = []
+    for i in range(6):
+        path = tmp_path / f"f{i}.txt"
+        path.write_text(("apple banana " * (i + 1)) + "cherry\n")
+        files.append(str(path))
+    map_worker, reduce_worker = wordcount.run_workers(server.address, map_concurrency=2,
+                                                      reduce_concurrency=4)
+    try:
+        with Client(server.address) as client:
+            # Four reducers at once, all waiting on sub-jobs: still no deadlock.
+            jobs = [client.submit("wordcount", json.dumps(files)) for _ in range(4)]
+            results = [json.loads(job.result(20)) for job in jobs]
+        assert results == [{"apple": 21, "banana": 21, "cherry": 6}] * 4
+    finally:
+        map_worker.stop(graceful=False)
+        reduce_worker.stop(graceful=False)
+        wordcount.client().close()
+
+
+def test_interop_serves_jobs_from_the_gearman_cli(server):
+    """`gearman -f FUNC data` (libgearman client, UUID uniques) against our worker."""
+    gearman = need_tool("gearman", "gearman-tools")
+    tasks = TaskRegistry()
+    tasks.register("shout", lambda job: job.data.upper() + b"!")
+    with working(Worker(server.address, registry=tasks, concurrency=4)):
+        outputs = []
+        for word in ("hello", "gear man"):
+            out = gevent.subprocess.run(
+                [gearman, "-h", "127.0.0.1", "-p", str(server.port), "-f", "shout", word],
+                capture_output=True, timeout=10)
+            assert out.returncode == 0, out.stderr
+            outputs.append(out.stdout)
+        background = gevent.subprocess.run(
+            [gearman, "-h", "127.0.0.1", "-p", str(server.port), "-b", "-f", "shout", "bg"],
+            capture_output=True, timeout=10)
+        assert background.returncode == 0
+    assert outputs == [b"HELLO!", b"GEAR MAN!"]
