@@ -21,7 +21,6 @@ _LAZY = {
     "Worker": "gearoffload.worker",
     "WorkerJob": "gearoffload.worker",
     "TaskRegistry": "gearoffload.registry",
-    "registry": "gearoffload.registry",
     "task": "gearoffload.registry",
 }
 

@@ -112,8 +112,8 @@ def load_registry(target: str) -> TaskRegistry:
         >>> load_registry("examples.wordcount:worker").names()   # doctest: +SKIP
         ['wordcount', 'count_words']
     """
-    from . import registry as default
     from .registry import TaskRegistry
+    from .registry import registry as default_registry
     from .worker import Worker
 
     module_name, _, attr = target.partition(":")
@@ -127,8 +127,8 @@ def load_registry(target: str) -> TaskRegistry:
         candidates = [obj]
     else:
         found = [v for v in vars(module).values() if isinstance(v, (Worker, TaskRegistry))
-                 and v is not default.registry]
-        candidates = found if len(found) == 1 else [default.registry]
+                 and v is not default_registry]
+        candidates = found if len(found) == 1 else [default_registry]
     obj = candidates[0]
     registry = obj.registry if isinstance(obj, Worker) else obj
     if not isinstance(registry, TaskRegistry):

@@ -1,0 +1,195 @@
+"""The ``gearoffload-worker`` pool: real processes against real servers (ours and gearmand).
+
+The pool is started as a subprocess on a tasks module written to a temporary directory;
+the test talks to it only through a job server, signals and its log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import gevent
+import gevent.subprocess
+import pytest
+
+from conftest import ROOT
+from gearoffload import Client, TaskRegistry, Worker
+from gearoffload.pool import PoolConfig, load_registry, parse_args
+
+TEST_TIME_LIMIT = 40
+SCRIPT = Path(sys.executable).parent / "gearoffload-worker"
+
+TASKS = """
+import os
+import time
+
+import gearoffload
+
+
+@gearoffload.task("pid")
+def pid(job):
+    return str(os.getpid())
+
+
+@gearoffload.task("nap")
+def nap(job):
+    time.sleep(float(job.data))  # the pool monkey-patched: this only blocks one greenlet
+    return b"rested " + job.data
+"""
+
+
+@pytest.fixture(autouse=True)
+def time_limit() -> Iterator[None]:
+    timer = gevent.Timeout(TEST_TIME_LIMIT, AssertionError(f"test ran over {TEST_TIME_LIMIT}s"))
+    timer.start()
+    yield
+    timer.close()
+
+
+class Pool:
+    """A ``gearoffload-worker`` process, stopped by its PID."""
+
+    def __init__(self, tmp_path: Path, servers: str, *args: str, module: str = "pooltasks"):
+        (tmp_path / f"{module}.py").write_text(TASKS)
+        self.log_path = tmp_path / "pool.log"
+        command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m",
+                                                          "gearoffload.pool"]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        with open(self.log_path, "wb") as log:
+            self.proc = gevent.subprocess.Popen(
+                [*command, module, "--servers", servers, *args],
+                cwd=tmp_path, stdout=log, stderr=log, env=env)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)  # the children notice and drain
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def pool_factory(tmp_path) -> Iterator:
+    pools: list[Pool] = []
+
+    def start(servers: str, *args: str) -> Pool:
+        pool = Pool(tmp_path, servers, *args)
+        pools.append(pool)
+        return pool
+
+    yield start
+    for pool in pools:
+        pool.stop()
+
+
+def serving_pids(client: Client, want: int, timeout: float = 10) -> set[bytes]:
+    """PIDs of the processes that answer ``pid`` jobs, until ``want`` distinct ones."""
+    pids: set[bytes] = set()
+    deadline = time.monotonic() + timeout
+    while len(pids) < want and time.monotonic() < deadline:
+        jobs = client.submit_many([("pid", b"")] * 20)
+        pids.update(job.result(10) for job in jobs)
+    return pids
+
+
+def test_pool_serves_with_n_processes_and_drains_on_sigterm(server, pool_factory):
+    pool = pool_factory(server.address, "--processes", "2", "--concurrency", "3")
+    with Client(server.address) as client:
+        pids = serving_pids(client, want=2)
+        assert len(pids) == 2
+        # Three naps in one process at once: greenlets, not one after the other.
+        started = time.monotonic()
+        naps = client.submit_many([("nap", b"0.5")] * 6)
+        assert [j.result(10) for j in naps] == [b"rested 0.5"] * 6
+        assert time.monotonic() - started < 1.4
+        # SIGTERM while a job runs: it finishes, then the pool exits.
+        running = client.submit("nap", b"1.5")
+        deadline = time.monotonic() + 5
+        while not running.status().running and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        pool.proc.send_signal(signal.SIGTERM)
+        assert running.result(10) == b"rested 1.5"
+        assert pool.proc.wait(10) == 0
+        # Nothing serves any more: a new job stays queued.
+        late = client.submit("pid", b"")
+        gevent.sleep(0.3)
+        status = late.status()
+        assert status.known and not status.running
+    log = pool.log()
+    assert "draining" in log and "all worker processes exited" in log
+    for pid in pids:
+        assert f"(pid {pid.decode()}) exited (exit status 0)" in log
+
+
+def test_pool_restarts_a_child_that_dies(our_server, pool_factory):
+    pool = pool_factory(our_server.address, "--processes", "2", "--concurrency", "2")
+    with Client(our_server.address) as client:
+        pids = serving_pids(client, want=2)
+        assert len(pids) == 2
+        victim = int(sorted(pids)[0])
+        os.kill(victim, signal.SIGKILL)  # a child of the pool this test started
+        deadline = time.monotonic() + 10
+        while f"(pid {victim}) died" not in pool.log() and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        assert f"(pid {victim}) died (killed by signal 9); restarting in" in pool.log()
+        new_pids = serving_pids(client, want=2)
+        assert len(new_pids) == 2 and str(victim).encode() not in new_pids
+        assert pool.proc.poll() is None
+
+
+def test_pool_refuses_a_module_without_tasks(tmp_path):
+    (tmp_path / "empty_tasks.py").write_text("x = 1\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "gearoffload.pool"]
+    out = gevent.subprocess.run([*command, "empty_tasks:x"], cwd=tmp_path, env=env,
+                                capture_output=True, timeout=20)
+    assert out.returncode == 2
+    assert b"cannot load tasks from empty_tasks:x" in out.stderr
+    out = gevent.subprocess.run([*command, "no_such_module_here"], cwd=tmp_path, env=env,
+                                capture_output=True, timeout=20)
+    assert out.returncode == 2 and b"No module named" in out.stderr
+
+
+def test_load_registry_finds_workers_and_registries(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "with_worker.py").write_text(textwrap.dedent("""
+        from gearoffload import Worker
+        worker = Worker("127.0.0.1:1")
+        worker.register("a", lambda job: b"a")
+    """))
+    (tmp_path / "with_registry.py").write_text(textwrap.dedent("""
+        from gearoffload import TaskRegistry
+        tasks = TaskRegistry()
+        other = TaskRegistry()
+        tasks.register("b", lambda job: b"b")
+        other.register("c", lambda job: b"c")
+        empty = TaskRegistry()
+    """))
+    assert load_registry("with_worker").names() == ["a"]  # its only Worker
+    assert load_registry("with_worker:worker").names() == ["a"]
+    assert load_registry("with_registry:tasks").names() == ["b"]
+    assert load_registry("with_registry:other").names() == ["c"]
+    with pytest.raises(ValueError):
+        load_registry("with_registry:empty")
+    with pytest.raises(TypeError):
+        load_registry("with_worker:Worker")  # a class, not a Worker
+    assert isinstance(load_registry("with_worker:worker"), TaskRegistry)
+    assert isinstance(Worker("127.0.0.1:1").registry, TaskRegistry)
+
+
+def test_pool_options_are_validated():
+    config = parse_args(["m", "--servers", "a:1, b:2", "--processes", "3"])
+    assert config == PoolConfig(target="m", servers=("a:1", "b:2"), processes=3,
+                                concurrency=1)
+    assert parse_args(["m"]).processes == (os.cpu_count() or 1)
+    with pytest.raises(SystemExit):
+        parse_args(["m", "--processes", "0"])
+    with pytest.raises(SystemExit):
+        parse_args(["m", "--concurrency", "-1"])
