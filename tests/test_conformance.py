@@ -296,6 +296,59 @@ def test_maxqueue_forms(server):
         assert not refused(T.SUBMIT_JOB_LOW_BG)
 
 
+def test_same_unique_in_two_functions_is_tracked_per_function(server):
+    with server.connect() as c:
+        hf = submit(c, b"f", b"u", b"", T.SUBMIT_JOB_BG)
+        hg = submit(c, b"g", b"u", b"", T.SUBMIT_JOB_BG)
+        with worker(server, b"f") as w:
+            assert grab(w)[0] == hf
+            w.send(T.WORK_COMPLETE, hf, b"")
+            sync(w)
+        c.send(T.GET_STATUS_UNIQUE, b"u")  # g's job still answers
+        assert c.expect(T.STATUS_RES_UNIQUE) == (b"u", b"1", b"0", b"0", b"0", b"0")
+        assert submit(c, b"g", b"u", b"", T.SUBMIT_JOB_BG) == hg
+        assert submit(c, b"f", b"u", b"", T.SUBMIT_JOB_BG) not in (hf, hg)
+
+
+def test_pipelined_submissions_answered_in_order_with_errors(server):
+    with server.connect() as c:
+        c.send_raw(encode_request(T.SUBMIT_JOB_BG, b"f", b"a", b"")
+                   + encode_request(T.SUBMIT_JOB_BG, b"f", b"x" * 65, b"")
+                   + encode_request(T.SUBMIT_JOB, b"f", b"a", b"")
+                   + encode_request(T.SUBMIT_JOB_LOW_BG, b"f", b"b", b""))
+        replies = [c.recv() for _ in range(4)]
+        assert [p.type for p in replies] == [T.JOB_CREATED, T.ERROR, T.JOB_CREATED,
+                                             T.JOB_CREATED]
+        assert replies[0].args == replies[2].args
+        assert number(replies[3].args[0]) == number(replies[0].args[0]) + 1
+
+
+def test_large_job_data_and_result(server):
+    data = os.urandom(4 << 20)
+    with server.connect() as c, worker(server, b"big") as w:
+        h = submit(c, b"big", b"", data)
+        assert grab(w, T.GRAB_JOB, timeout=20) == (h, b"big", data)
+        w.send(T.WORK_COMPLETE, h, data[::-1])
+        assert c.expect(T.WORK_COMPLETE, timeout=20) == (h, data[::-1])
+
+
+def test_functions_are_listed_once_named(server):
+    with server.connect() as admin, worker(server, b"viacando") as w:
+        submit(admin, b"viasubmit", b"", b"", T.SUBMIT_JOB_BG)
+        rows = status_table(admin)
+        assert rows[b"viacando"] == (0, 0, 1) and rows[b"viasubmit"] == (1, 0, 0)
+        w.send(T.CANT_DO, b"viacando")
+        sync(w)
+        assert status_table(admin)[b"viacando"] == (0, 0, 0)  # still listed
+
+
+def test_function_names_are_case_sensitive(server):
+    with server.connect() as c, worker(server, b"Upper") as w:
+        submit(c, b"upper", b"", b"", T.SUBMIT_JOB_BG)
+        w.send(T.GRAB_JOB)
+        w.expect(T.NO_JOB)
+
+
 # -- §3.4 WORK_* relay ----------------------------------------------------------------------
 
 
@@ -862,6 +915,12 @@ def test_admin_pipelined_commands(server):
             assert chunk, buf
             buf += chunk
         assert buf == expected
+
+
+def test_overlong_admin_line_closes_the_connection(server):
+    with server.connect() as conn:
+        conn.send_raw(b"status " + b"x" * 9000 + b"\n")
+        assert conn.is_closed()
 
 
 def test_admin_then_binary_on_one_connection(server):

@@ -393,3 +393,74 @@ def test_shutdown_graceful_waits_for_jobs(server_factory):
         assert grab(w)[0] == h
         w.send(T.WORK_COMPLETE, h, b"")
         assert srv.proc.wait(5) == 0
+
+
+# -- our limits and clean-ups where gearmand is silent or unsafe (§1.5, §2.1) --------------------
+
+
+def test_abandoned_jobs_do_not_disturb_the_queue(our_server):
+    """Thousands of foreground jobs dropped by their client (Q5: removed at once, and the
+    queue compacted) leave the background jobs queued among them intact and in order."""
+    with our_server.connect() as c, our_server.connect() as admin:
+        gone = our_server.connect()
+        order = []
+        for batch in range(2):
+            gone.send_raw(b"".join(encode_request(T.SUBMIT_JOB_LOW, b"z", b"", b"fg%d" % i)
+                                   for i in range(1500)))
+            for _ in range(1500):
+                gone.expect(T.JOB_CREATED)
+            for i in range(3):
+                data = b"bg%d-%d" % (batch, i)
+                submit(c, b"z", b"", data, T.SUBMIT_JOB_LOW_BG)
+                order.append(data)
+        gone.close()
+        wait_until(lambda: status_table(admin)[b"z"] == (6, 0, 0))
+        assert listing(admin, "prioritystatus") == [b"z\t0\t0\t6\t0"]
+        with worker(our_server, b"z") as w:
+            assert [grab(w)[3] for _ in order] == order
+            w.send(T.GRAB_JOB)
+            w.expect(T.NO_JOB)
+
+
+def test_overlong_admin_line_gets_err_before_close(our_server):
+    with our_server.connect() as conn:
+        conn.send_raw(b"status " + b"x" * 9000 + b"\n")
+        reply = conn.sock.recv(4096)
+        assert reply.startswith(b"ERR ") and reply.endswith(b"\r\n")
+        assert conn.is_closed()
+
+
+def test_packet_over_max_packet_size_is_error_then_close(server_factory):
+    srv = server_factory("gearoffload", "--max-packet-size", "4k")
+    with srv.connect() as big, srv.connect() as other:
+        big.send(T.ECHO_REQ, b"x" * 4096)
+        assert big.expect(T.ECHO_RES) == (b"x" * 4096,)
+        big.send(T.ECHO_REQ, b"x" * 5000)
+        assert big.expect(T.ERROR)[0] == b"ARGUMENT_TOO_LARGE"
+        assert big.is_closed()
+        sync(other)
+
+
+def test_function_name_must_be_1_to_512_bytes(our_server):
+    with our_server.connect() as c:
+        for name in (b"", b"f" * 513):
+            c.send(T.SUBMIT_JOB_BG, name, b"", b"d")
+            assert c.expect(T.ERROR)[0] == b"INVALID_FUNCTION_NAME"
+            c.send(T.CAN_DO, name)
+            assert c.expect(T.ERROR)[0] == b"INVALID_FUNCTION_NAME"
+        submit(c, b"f" * 512, b"", b"", T.SUBMIT_JOB_BG)
+        assert status_table(c) == {b"f" * 512: (1, 0, 0)}
+
+
+def test_client_id_whitespace_stripped_and_can_do_deduplicated(our_server):
+    with our_server.connect() as admin:
+        with worker(our_server, b"fa", b"fb", b"fa", client_id=b" my worker\t1 ") as w:
+            w.send(T.SET_CLIENT_ID, b"my worker 1")
+            sync(w)
+            lines = listing(admin, "workers")
+            assert any(line.endswith(b" 127.0.0.1 myworker1 : fb fa") for line in lines), lines
+            assert status_table(admin) == {b"fa": (0, 0, 1), b"fb": (0, 0, 1)}
+            w.send(T.SET_CLIENT_ID, b" \t ")
+            sync(w)
+            lines = listing(admin, "workers")
+            assert any(line.endswith(b" 127.0.0.1 - : fb fa") for line in lines), lines

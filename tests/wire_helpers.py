@@ -55,9 +55,10 @@ def worker(server, *funcs: bytes, client_id: bytes | None = None):
     return conn
 
 
-def grab(conn, ptype: int = T.GRAB_JOB_UNIQ) -> tuple[bytes, ...]:
+def grab(conn, ptype: int = T.GRAB_JOB_UNIQ, timeout: float = 5.0) -> tuple[bytes, ...]:
     conn.send(ptype)
-    return conn.expect({T.GRAB_JOB: T.JOB_ASSIGN, T.GRAB_JOB_UNIQ: T.JOB_ASSIGN_UNIQ}[ptype])
+    reply = {T.GRAB_JOB: T.JOB_ASSIGN, T.GRAB_JOB_UNIQ: T.JOB_ASSIGN_UNIQ}[ptype]
+    return conn.expect(reply, timeout)
 
 
 def items(conn, count: int, timeout: float = 5.0) -> list[Packet | bytes]:
