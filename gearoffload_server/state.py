@@ -91,14 +91,14 @@ def _error(code: bytes, text: bytes) -> bytes:
 
 
 def strtoul32(text: bytes) -> int:
-    """Parse like C ``strtoul`` cast to uint32: ``abc``→0, ``12xyz``→12, ``-1``→4294967295."""
+    """Parse as gearmand does, C ``strtol`` (saturating at the signed 64-bit range) cast to
+    uint32: ``abc``→0, ``12xyz``→12, ``-1``→4294967295, ``2**63``→4294967295,
+    ``-2**63-1``→0."""
     sign, digits = _LEADING_INT.match(text).groups()
     if not digits:
         return 0
-    value = int(digits)
-    if value >= 1 << 64:
-        return 0xFFFFFFFF
-    return (-value if sign == b"-" else value) & 0xFFFFFFFF
+    value = -int(digits) if sign == b"-" else int(digits)
+    return max(-(1 << 63), min(value, (1 << 63) - 1)) & 0xFFFFFFFF
 
 
 def strtoll(text: bytes) -> int | None:

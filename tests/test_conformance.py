@@ -578,7 +578,11 @@ def test_get_status(server):
         c.send(T.GET_STATUS, h)
         assert c.expect(T.STATUS_RES) == (h, b"1", b"1", b"0", b"0")
         for num, den, want in [(b"3", b"10", (b"3", b"10")), (b"abc", b"12xyz", (b"0", b"12")),
-                               (b"-1", b"7", (b"4294967295", b"7"))]:
+                               (b"-1", b"7", (b"4294967295", b"7")),
+                               (b"4294967297", b" +5", (b"1", b"5")),
+                               # gearmand parses with strtol: saturates at +-2**63
+                               (b"9223372036854775813", b"7", (b"4294967295", b"7")),
+                               (b"-18446744073709551615", b"7", (b"0", b"7"))]:
             w.send(T.WORK_STATUS, h, num, den)
             w.send(T.ECHO_REQ, b"sync")
             w.expect(T.ECHO_RES)
