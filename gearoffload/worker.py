@@ -341,23 +341,39 @@ class Worker:
         for entry in self.registry:
             self._announce(conn, entry)
         slots = self._slots
-        while True:
-            slots.acquire()
-            try:
-                conn.send(T.GRAB_JOB_UNIQ)
+        # GRABs in flight. With free slots the worker sends one GRAB per slot at once
+        # instead of one round trip per job: replies come in order (JOB_ASSIGN* or
+        # NO_JOB), one per GRAB, and a worker may hold several jobs (§3.7).
+        outstanding = 0
+        exhausted = False  # a NO_JOB came: grab no more until we have slept
+        try:
+            while True:
+                if not exhausted:
+                    while slots.acquire(blocking=False):
+                        conn.send(T.GRAB_JOB_UNIQ)
+                        outstanding += 1
+                if not outstanding:
+                    if exhausted:
+                        conn.send(T.PRE_SLEEP)
+                        while self._next(inbox).type != T.NOOP:
+                            pass
+                        exhausted = False  # always grab after a NOOP (§3.6 rule 4)
+                        continue
+                    slots.acquire()  # every slot busy: wait for a job to finish
+                    conn.send(T.GRAB_JOB_UNIQ)
+                    outstanding += 1
                 packet = self._next(inbox)
-                while packet.type == T.NOOP:  # a late wake-up; the grab's answer follows
-                    packet = self._next(inbox)
-            except BaseException:
+                if packet.type == T.NOOP:
+                    continue  # a late wake-up; the answers to our GRABs follow
+                outstanding -= 1
+                if packet.type == T.NO_JOB:
+                    slots.release()
+                    exhausted = True
+                else:
+                    self._jobs.spawn(self._run, conn, packet)
+        finally:
+            for _ in range(outstanding):  # GRABs that will never be answered here
                 slots.release()
-                raise
-            if packet.type == T.NO_JOB:
-                slots.release()
-                conn.send(T.PRE_SLEEP)
-                while self._next(inbox).type != T.NOOP:
-                    pass
-                continue  # always grab after a NOOP (§3.6 rule 4)
-            self._jobs.spawn(self._run, conn, packet)
 
     def _run(self, conn: Connection, packet: Packet) -> None:
         args = packet.args
