@@ -421,6 +421,10 @@ def test_work_from_connection_not_holding_the_job_is_job_not_found(server):
         assert c.expect(T.WORK_COMPLETE) == (h, b"ok")
         holder.send(T.WORK_COMPLETE, h, b"again")  # a second result
         assert holder.expect(T.ERROR) == (b"JOB_NOT_FOUND", texts[T.WORK_COMPLETE])
+        other.send(T.WORK_FAIL, b"H:" + b"x" * 62)  # a handle of 64 bytes
+        assert other.expect(T.ERROR) == (
+            b"ARGUMENT_TOO_LARGE",
+            b"Error occurred due to GEARMAND_JOB_HANDLE_SIZE being too small from snprintf")
 
 
 def test_running_foreground_job_of_departed_client_accepts_results(server):
