@@ -72,6 +72,9 @@ _RING_POINTS = 160
 _BACKOFF_START = 0.25
 _BACKOFF_MAX = 30.0
 _END = object()  # end of a job's update stream
+#: Results are as large as the worker makes them (§8: accept any payload size); the
+#: 32-bit size field is the only bound.
+MAX_RESULT_SIZE = 1 << 32
 
 
 def _to_bytes(value: Data, what: str) -> bytes:
@@ -191,7 +194,11 @@ class _Submission:
     # Called by the connection's reader, in stream order.
 
     def on_reply(self, link: _Link, packet: Packet) -> None:
-        if self.done.ready():  # the submitter gave up (timeout); do not attach
+        if self.done.ready():
+            # The submitter gave up (timeout). The server attached this submission all
+            # the same, so its copies of WORK_* packets must still be counted.
+            if not self.background:
+                link.attach(packet.args[0], None)
             return
         self.handle = packet.args[0]
         self.link = link
@@ -268,7 +275,7 @@ class _Link:
         if self._connecting is not None:  # another greenlet is connecting: share its result
             return self._connecting.get()
         connecting = self._connecting = AsyncResult()
-        conn = Connection(self.address, self._on_packet)
+        conn = Connection(self.address, self._on_packet, max_packet_size=MAX_RESULT_SIZE)
         conn._on_close = lambda reason: self._on_close(conn, reason)
         try:
             conn.connect(timeout=self.client.connect_timeout)
@@ -299,12 +306,12 @@ class _Link:
         conn.send_raw(data)  # raises ConnectionError if it just died: nothing was queued
         self.pending.append(entry)
 
-    def attach(self, handle: bytes, sub: _Submission) -> None:
+    def attach(self, handle: bytes, sub: _Submission | None) -> None:
         attachment = self.jobs.get(handle)
         if attachment is None:
             attachment = self.jobs[handle] = _Attachment()
         attachment.copies += 1
-        if sub not in attachment.subs:
+        if sub is not None and sub not in attachment.subs:
             attachment.subs.append(sub)
 
     def _on_packet(self, packet: Packet) -> None:

@@ -28,7 +28,7 @@ from gevent import socket
 from gevent.event import Event
 
 from .errors import GearmanError
-from .protocol import RES, Decoder, Packet, encode_request
+from .protocol import DEFAULT_MAX_PACKET_SIZE, RES, Decoder, Packet, encode_request
 
 __all__ = ["DEFAULT_PORT", "Address", "Connection", "parse_address", "parse_servers"]
 
@@ -93,8 +93,10 @@ class Connection:
         address: Address,
         on_packet: Callable[[Packet], None],
         on_close: Callable[[BaseException | None], None] | None = None,
+        max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
     ) -> None:
         self.address = address
+        self.max_packet_size = max_packet_size
         self.name = format_address(address)
         self._on_packet = on_packet
         self._on_close = on_close
@@ -175,7 +177,7 @@ class Connection:
                 log.exception("on_close callback of %s failed", self.name)
 
     def _read_loop(self) -> None:
-        decoder = Decoder(text=False, magic=RES)
+        decoder = Decoder(self.max_packet_size, text=False, magic=RES)
         recv = self._sock.recv
         on_packet = self._on_packet
         reason: BaseException | None

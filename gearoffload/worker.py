@@ -172,6 +172,7 @@ class Worker:
         #: Live connections and the handles of the jobs running on each (a draining worker
         #: closes a connection once its jobs are done: closing earlier would requeue them).
         self._conns: dict[Connection, dict[bytes, int]] = {}
+        self._sleeping: set[Connection] = set()
         self.jobs_done = 0
 
     def __repr__(self) -> str:
@@ -201,6 +202,11 @@ class Worker:
         entry = self.registry.register(name, fn, timeout)
         for conn in list(self._conns):
             self._announce(conn, entry)
+            if conn in self._sleeping:
+                # Jobs of this function may be queued already, and a server wakes
+                # sleepers only for new jobs; PRE_SLEEP again gets an immediate NOOP
+                # if one is runnable (§3.6 rule 1).
+                conn.send(T.PRE_SLEEP)
         return entry
 
     @staticmethod
@@ -355,8 +361,12 @@ class Worker:
                 if not outstanding:
                     if exhausted:
                         conn.send(T.PRE_SLEEP)
-                        while self._next(inbox).type != T.NOOP:
-                            pass
+                        self._sleeping.add(conn)
+                        try:
+                            while self._next(inbox).type != T.NOOP:
+                                pass
+                        finally:
+                            self._sleeping.discard(conn)
                         exhausted = False  # always grab after a NOOP (§3.6 rule 4)
                         continue
                     slots.acquire()  # every slot busy: wait for a job to finish

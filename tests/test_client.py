@@ -220,6 +220,32 @@ def test_coalescing_500_greenlets_one_execution(server):
         client.close()
 
 
+def test_data_coalescing_on_one_connection_delivers_each_packet_once(server):
+    """Unique "-" coalesces on equal data in the server; one connection attached twice
+    receives every WORK_* twice (§3.3), and each Job must still see each update once."""
+    release = Event()
+
+    def chunks(job):
+        release.wait(10)
+        job.send_data(b"one")
+        job.send_status(1, 2)
+        job.send_data(b"two")
+        return b"end"
+
+    with running_worker(server.address, chunks=chunks), Client(server.address) as client:
+        first = client.submit("chunks", b"same data", unique="-")
+        second = client.submit("chunks", b"same data", unique="-")
+        assert first.handle == second.handle
+        release.set()
+        for job in (first, second):
+            assert [(u.kind, u.data) for u in job.updates(timeout=5)] == [
+                ("data", b"one"), ("status", b""), ("data", b"two")]
+            assert job.result(5) == b"end"
+        # The connection is still in step: the next job is answered normally.
+        third = client.submit("chunks", b"other data", unique="-")
+        assert third.handle != first.handle and third.result(5) == b"end"
+
+
 def test_submit_many_pipelines_a_batch(server):
     with running_worker(server.address, concurrency=20, upper=upper), \
             Client(server.address) as client:

@@ -260,6 +260,10 @@ def test_registering_while_working_and_unknown_functions(server):
         assert client.submit("first").result(5) == b"1"
         worker.register("second", lambda job: b"2")
         assert client.submit("second").result(5) == b"2"
+        gevent.sleep(0.1)  # the worker is asleep now
+        queued = client.submit("third")  # queued before anyone can do it
+        worker.register("third", lambda job: b"3")
+        assert queued.result(5) == b"3"
     with pytest.raises(ValueError):
         Worker(server.address).work()  # nothing registered
     with pytest.raises(TypeError):
