@@ -1,0 +1,430 @@
+"""``AdminClient``: the text admin protocol of a Gearman job server, with typed replies.
+
+Speaks the admin commands of ``shared/PROTOCOL.md`` §4 to one server (ours or gearmand)
+over a gevent socket, one request at a time (greenlet-safe), and parses each reply into a
+small frozen dataclass. Lines are framed by the shared codec (``Decoder(text=True)``);
+nothing here parses packet bytes by hand. An ``ERR CODE text`` reply raises ``AdminError``
+(a ``ServerError``) with the code and the text, ``+`` decoded to spaces.
+
+Example::
+
+    from gearoffload.admin import AdminClient
+
+    with AdminClient("127.0.0.1:4730", timeout=5) as admin:
+        for f in admin.status():
+            print(f.name, f.queued, f.running, f.workers)   # resize 12 2 2
+        print(admin.version())                              # '1.1.20+ds' or ours
+        admin.maxqueue("resize", 1000)                      # at most 1000 jobs
+        admin.cancel_job("H:host:42")                       # AdminError if unknown
+
+Names and handles are ``str``; bytes that are not UTF-8 are kept as surrogate escapes,
+so a name read from ``status()`` can be passed back to ``drop_function()`` unchanged.
+Closing is optional but polite; a lost connection is reopened by the next call.
+"""
+
+from __future__ import annotations
+
+import socket as _stdlib_socket
+import time
+from dataclasses import dataclass
+
+from gevent import socket
+from gevent.lock import RLock
+
+from .connection import Address, format_address, parse_address
+from .errors import GearmanError, JobTimeout, NoServersAvailable, ProtocolError, ServerError
+from .protocol import Decoder
+
+__all__ = [
+    "AdminClient",
+    "AdminError",
+    "FunctionStatus",
+    "PriorityStatus",
+    "WorkerInfo",
+    "JobInfo",
+]
+
+RECV_SIZE = 64 * 1024
+#: Admin replies are lines; a ``workers`` line of a worker with thousands of functions is
+#: long, so the client accepts much longer lines than a server does.
+MAX_REPLY_LINE = 16 * 1024 * 1024
+_ENCODING = "utf-8"
+_ERRORS = "surrogateescape"
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode(_ENCODING, _ERRORS)
+
+
+def _int(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ProtocolError(f"expected a number in an admin reply, got {raw!r}") from None
+
+
+class AdminError(ServerError):
+    """The server answered an admin command with ``ERR <CODE> <text>``.
+
+    ``code`` is the code word (``UNKNOWN_JOB``, ``UNKNOWN_COMMAND``...) and ``text`` the
+    rest with ``+`` decoded to spaces; ``command`` is the line that was sent. gearmand
+    answers some errors without a code (``ERR function not found``): then ``code`` is
+    ``""`` and ``text`` holds the whole message.
+
+    Example::
+
+        try:
+            admin.cancel_job("H:nope:1")
+        except AdminError as exc:
+            print(exc.code)          # UNKNOWN_JOB
+    """
+
+    def __init__(self, code: str, text: str, command: str = "") -> None:
+        super().__init__(code, text)
+        self.command = command
+        message = f"{code}: {text}" if code and text else (code or text or "ERR")
+        self.args = (f"{message} (admin command {command!r})" if command else message,)
+
+    @classmethod
+    def from_line(cls, line: str, command: str = "") -> AdminError:
+        """Parse an ``ERR ...`` reply line (without its line ending).
+
+        >>> e = AdminError.from_line("ERR UNKNOWN_COMMAND Unknown+server+commandfoo")
+        >>> e.code, e.text
+        ('UNKNOWN_COMMAND', 'Unknown server commandfoo')
+        >>> e = AdminError.from_line("ERR function not found")
+        >>> e.code, e.text
+        ('', 'function not found')
+        """
+        rest = line[4:] if line.startswith("ERR ") else line[3:]
+        code, _, text = rest.partition(" ")
+        if code and code.replace("_", "").isalnum() and code.upper() == code:
+            return cls(code, text.replace("+", " "), command)
+        return cls("", rest.replace("+", " "), command)  # gearmand's code-less errors
+
+
+@dataclass(frozen=True)
+class FunctionStatus:
+    """One line of ``status``: ``total`` jobs (queued + running), ``running`` ones, and
+    ``workers`` registrations (the same worker registering twice counts twice)."""
+
+    name: str
+    total: int
+    running: int
+    workers: int
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for a worker (``total - running``)."""
+        return self.total - self.running
+
+
+@dataclass(frozen=True)
+class PriorityStatus:
+    """One line of ``prioritystatus``: jobs *waiting* in each priority queue (running jobs
+    are not counted) and the number of worker registrations."""
+
+    name: str
+    high: int
+    normal: int
+    low: int
+    workers: int
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One line of ``workers``: one per connection (clients and admin connections too,
+    with no functions). ``fd`` is the server-side socket number, ``client_id`` ``None``
+    when the peer set none, ``functions`` most recently registered first."""
+
+    fd: int
+    address: str
+    client_id: str | None
+    functions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """One line of ``show jobs``: ``retries`` (requeues), ``abandoned`` (cancelled or
+    its clients left), ``persisted`` (a background job)."""
+
+    handle: str
+    retries: int
+    abandoned: bool
+    persisted: bool
+
+
+class AdminClient:
+    """A connection to one server's text admin port (the Gearman port itself).
+
+    ``server`` is ``"host:port"`` (``"host"`` means port 4730) or ``(host, port)``;
+    ``timeout`` bounds connecting and every reply, in seconds (``None``: wait forever).
+    Raises ``NoServersAvailable`` when the server cannot be reached or the connection
+    is lost, ``JobTimeout`` when a reply does not come in time, ``AdminError`` on an
+    ``ERR`` reply, ``ProtocolError`` on a reply that is not admin text.
+
+    Example::
+
+        admin = AdminClient("127.0.0.1:4730")
+        busy = [f.name for f in admin.status() if f.queued > 100]
+        admin.close()
+    """
+
+    def __init__(self, server: str | Address = "127.0.0.1:4730",
+                 timeout: float | None = 10.0) -> None:
+        self.address: Address = parse_address(server)
+        self.name = format_address(self.address)
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._decoder = Decoder(text=True, max_line_size=MAX_REPLY_LINE)
+        self._lines: list[str] = []
+        self._deadline: float | None = None
+        self._lock = RLock()
+
+    def __repr__(self) -> str:
+        return f"<AdminClient {self.name} {'open' if self._sock else 'closed'}>"
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (idempotent); the next command reconnects."""
+        sock, self._sock = self._sock, None
+        self._decoder = Decoder(text=True, max_line_size=MAX_REPLY_LINE)
+        self._lines.clear()
+        if sock is not None:
+            sock.close()
+
+    # -- the commands -----------------------------------------------------------------
+
+    def status(self) -> list[FunctionStatus]:
+        """``status``: every function the server knows, sorted by name.
+
+        >>> admin.status()                                       # doctest: +SKIP
+        [FunctionStatus(name='resize', total=3, running=1, workers=2)]
+        """
+        rows = []
+        for line in self._listing("status"):
+            name, total, running, workers = self._fields(line, 4, "status")
+            rows.append(FunctionStatus(name, _int(total), _int(running), _int(workers)))
+        return sorted(rows, key=lambda r: r.name)
+
+    def priority_status(self) -> list[PriorityStatus]:
+        """``prioritystatus``: waiting jobs per priority for every function, by name.
+
+        >>> admin.priority_status()                              # doctest: +SKIP
+        [PriorityStatus(name='resize', high=0, normal=2, low=0, workers=2)]
+        """
+        rows = []
+        for line in self._listing("prioritystatus"):
+            name, high, normal, low, workers = self._fields(line, 5, "prioritystatus")
+            rows.append(PriorityStatus(name, _int(high), _int(normal), _int(low),
+                                       _int(workers)))
+        return sorted(rows, key=lambda r: r.name)
+
+    def workers(self) -> list[WorkerInfo]:
+        """``workers``: one entry per connection, in the server's order.
+
+        >>> [w for w in admin.workers() if w.functions]          # doctest: +SKIP
+        [WorkerInfo(fd=37, address='127.0.0.1', client_id='w-1', functions=('resize',))]
+        """
+        rows = []
+        for line in self._listing("workers"):
+            # "FD IP CLIENT_ID :" then " FUNC" per registration (§4.3).
+            parts = line.split(" ", 3)
+            if len(parts) < 4 or not parts[3].startswith(":"):
+                raise ProtocolError(f"unexpected 'workers' line {line!r}")
+            fd, address, client_id, functions = parts
+            rows.append(WorkerInfo(_int(fd), address, None if client_id == "-" else client_id,
+                                   tuple(f for f in functions[1:].split(" ") if f)))
+        return rows
+
+    def jobs(self) -> list[JobInfo]:
+        """``show jobs``: every job the server holds (queued or running).
+
+        >>> admin.jobs()                                         # doctest: +SKIP
+        [JobInfo(handle='H:host:7', retries=0, abandoned=False, persisted=True)]
+        """
+        rows = []
+        for line in self._listing("show jobs"):
+            handle, retries, abandoned, persisted = self._fields(line, 4, "show jobs")
+            rows.append(JobInfo(handle, _int(retries), abandoned == "1", persisted == "1"))
+        return rows
+
+    def unique_jobs(self) -> list[str]:
+        """``show unique jobs``: the unique ID of every job (``""`` for jobs without one).
+
+        >>> admin.unique_jobs()                                  # doctest: +SKIP
+        ['report-2024-06', '']
+        """
+        return self._listing("show unique jobs", tabbed=False)
+
+    def version(self) -> str:
+        """``version``: the server's version string, e.g. ``'1.1.20+ds'``."""
+        return self._value("version")
+
+    def getpid(self) -> int:
+        """``getpid``: the server's process id."""
+        return _int(self._value("getpid"))
+
+    def verbose(self) -> str:
+        """``verbose``: the server's log level name, e.g. ``'ERROR'``."""
+        return self._value("verbose")
+
+    def cancel_job(self, handle: str) -> None:
+        """``cancel job HANDLE``: fail the job for its waiting clients and drop it
+        (``AdminError`` with code ``UNKNOWN_JOB`` when the server does not know it).
+
+        A job that is already running keeps running on its worker (§3.16).
+        """
+        self._ok("cancel job", handle)
+
+    def create_function(self, name: str) -> None:
+        """``create function NAME``: make an empty function known (e.g. for ``maxqueue``).
+
+        The line is sent with ``\\r\\n``, so gearmand's two-byte truncation (§4.3) takes
+        the ``\\r\\n`` and not the end of the name.
+        """
+        self._ok("create function", name)
+
+    def drop_function(self, name: str) -> None:
+        """``drop function NAME``: forget a function without workers or jobs.
+
+        Raises ``AdminError`` when it is unknown or still in use (gearmand sends these
+        errors without a code: ``exc.code == ""``, the reason is in ``exc.text``).
+        """
+        self._ok("drop function", name)
+
+    def maxqueue(self, function: str, *limits: int) -> None:
+        """``maxqueue``: limit how many jobs ``function`` may hold (0 = unlimited).
+
+        No limit given removes the limits; one applies to every priority; three are
+        high, normal and low. A limit on a function the server does not know yet is
+        discarded by the server (create it first with ``create_function``).
+
+        Example::
+
+            admin.maxqueue("resize", 1000)        # every priority
+            admin.maxqueue("resize", 10, 100, 0)  # high 10, normal 100, low unlimited
+            admin.maxqueue("resize")              # unlimited again
+        """
+        if len(limits) not in (0, 1, 3):
+            raise ValueError("maxqueue takes no limit, one limit, or three (high normal low)")
+        if any(not isinstance(n, int) or isinstance(n, bool) for n in limits):
+            raise TypeError("maxqueue limits must be integers")
+        self._ok("maxqueue", function, *(str(n) for n in limits))
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @staticmethod
+    def _fields(line: str, count: int, command: str) -> list[str]:
+        # Tab-separated, name first; split from the right so a name may hold a tab.
+        fields = line.rsplit("\t", count - 1)
+        if len(fields) != count:
+            raise ProtocolError(f"unexpected {command!r} line {line!r}")
+        return fields
+
+    @staticmethod
+    def _line(command: str, *args: str) -> bytes:
+        for arg in args:
+            if not arg or any(c in arg for c in " \t\r\n\0"):
+                raise ValueError(f"admin arguments must be non-empty words, not {arg!r}")
+        return " ".join((command, *args)).encode(_ENCODING, _ERRORS) + b"\r\n"
+
+    def _listing(self, command: str, tabbed: bool = True) -> list[str]:
+        """Send a listing command; return its lines (without the closing ``.``)."""
+        with self._lock:
+            self._send(self._line(command))
+            lines = []
+            while True:
+                line = self._read_line(command)
+                if line == ".":
+                    return lines
+                # An error comes instead of the listing, as its first and only line. A
+                # function or handle starting with "ERR " still has tabs in its line.
+                if not lines and (line == "ERR" or line.startswith("ERR ")) and (
+                        not tabbed or "\t" not in line):
+                    raise AdminError.from_line(line, command)
+                lines.append(line)
+
+    def _value(self, command: str) -> str:
+        """Send a command answered ``OK <value>``; return the value."""
+        with self._lock:
+            self._send(self._line(command))
+            line = self._read_line(command)
+        if line.startswith("OK "):
+            return line[3:]
+        raise self._unexpected(line, command)
+
+    def _ok(self, command: str, *args: str) -> None:
+        """Send a command answered ``OK``."""
+        line_bytes = self._line(command, *args)
+        sent = line_bytes[:-2].decode(_ENCODING, _ERRORS)
+        with self._lock:
+            self._send(line_bytes)
+            line = self._read_line(sent)
+        if line != "OK":
+            raise self._unexpected(line, sent)
+
+    def _unexpected(self, line: str, command: str) -> GearmanError:
+        if line == "ERR" or line.startswith("ERR "):
+            return AdminError.from_line(line, command)
+        self.close()  # we no longer know where the replies are
+        return ProtocolError(f"unexpected reply to {command!r}: {line!r}")
+
+    def _connect(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        try:
+            sock = socket.create_connection(self.address, timeout=self.timeout)
+        except OSError as exc:
+            reason = exc.strerror or exc.__class__.__name__
+            raise NoServersAvailable(f"cannot connect to {self.name}: {reason}") from None
+        sock.setsockopt(_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NODELAY, 1)
+        self._sock = sock
+        return sock
+
+    def _send(self, data: bytes) -> None:
+        sock = self._connect()
+        self._deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        try:
+            sock.settimeout(self.timeout)
+            sock.sendall(data)
+        except OSError as exc:
+            self.close()
+            raise NoServersAvailable(f"connection to {self.name} lost: {exc}") from None
+
+    def _read_line(self, command: str) -> str:
+        """The next reply line, framed by the codec; reads from the socket as needed."""
+        while not self._lines:
+            sock = self._sock
+            if sock is None:
+                raise NoServersAvailable(f"connection to {self.name} lost")
+            remaining = None
+            if self._deadline is not None:
+                remaining = max(0.001, self._deadline - time.monotonic())
+            try:
+                sock.settimeout(remaining)
+                data = sock.recv(RECV_SIZE)
+            except TimeoutError:
+                self.close()  # the reply may still come: this connection is out of step
+                raise JobTimeout(f"no reply to {command!r} from {self.name} within "
+                                 f"{self.timeout}s") from None
+            except OSError as exc:
+                self.close()
+                raise NoServersAvailable(f"connection to {self.name} lost: {exc}") from None
+            if not data:
+                self.close()
+                raise NoServersAvailable(f"{self.name} closed the connection")
+            try:
+                for item in self._decoder.feed(data):
+                    if not isinstance(item, bytes):
+                        raise ProtocolError(f"binary {item.name} packet in an admin reply")
+                    self._lines.append(_text(item))
+            except ProtocolError:
+                self.close()
+                raise
+        return self._lines.pop(0)

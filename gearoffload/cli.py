@@ -1,0 +1,388 @@
+"""The ``gearoffload`` command: look at job servers and submit jobs from a shell.
+
+::
+
+    gearoffload status                      # functions: total, running, workers
+    gearoffload workers                     # connections that registered functions
+    gearoffload jobs                        # every job the server holds
+    gearoffload submit resize '{"id": 7}'   # run a job, print its result
+    gearoffload --servers h1:4730,h2:4730 submit report - --background --wait < in.json
+
+``--servers`` defaults to ``$GEAROFFLOAD_SERVERS`` or ``127.0.0.1:4730``. Exit codes:
+0 success; 1 the job failed, raised, timed out or was refused, or the server answered an
+error; 2 bad usage or a server that cannot be reached (one line on stderr, never a
+traceback); 130 interrupted.
+
+Uses gevent sockets directly (``Client``, ``AdminClient``), so nothing is monkey-patched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import IO, Any, NoReturn
+
+from .errors import (
+    GearmanError,
+    JobException,
+    JobFailed,
+    JobTimeout,
+    NoServersAvailable,
+    ProtocolError,
+    ServerError,
+)
+
+__all__ = ["main", "Progress", "format_table"]
+
+PROG = "gearoffload"
+DEFAULT_SERVERS = "127.0.0.1:4730"
+#: Admin commands without --timeout give up after this long.
+ADMIN_TIMEOUT = 10.0
+#: How long a submission keeps retrying unreachable servers (at most --timeout).
+CONNECT_WINDOW = 3.0
+#: How often ``submit --background --wait`` asks for the job's status.
+POLL_INTERVAL = 0.2
+
+
+class _UsageError(Exception):
+    """Bad usage found after parsing (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Align ``rows`` under ``headers``: numbers to the right, text to the left.
+
+    >>> print(format_table(["FUNCTION", "TOTAL"], [["resize", 12], ["ocr", 3]]))
+    FUNCTION  TOTAL
+    resize       12
+    ocr           3
+    """
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    numeric = [all(isinstance(row[i], int) for row in rows) and bool(rows)
+               for i in range(len(headers))]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        parts = [c.rjust(w) if numeric[i] else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+class Progress:
+    """A progress bar drawn from WORK_STATUS numbers on ``stream`` (stderr).
+
+    On a terminal the bar is redrawn in place; otherwise each change is one line, so logs
+    and pipes read well::
+
+        [############------------------]  2/5  40%
+    """
+
+    def __init__(self, stream: IO[str], width: int = 30) -> None:
+        self.stream = stream
+        self.width = width
+        try:
+            self.tty = stream.isatty()
+        except (AttributeError, ValueError):
+            self.tty = False
+        self._last: tuple[int, int] | None = None
+        self._open = False  # a bar is drawn on the current terminal line
+
+    def update(self, numerator: int, denominator: int) -> None:
+        if (numerator, denominator) == self._last:
+            return
+        self._last = (numerator, denominator)
+        fraction = min(max(numerator / denominator, 0.0), 1.0) if denominator > 0 else 0.0
+        filled = round(fraction * self.width)
+        bar = "#" * filled + "-" * (self.width - filled)
+        text = f"[{bar}] {numerator:>{len(str(denominator))}}/{denominator} " \
+               f"{round(fraction * 100):3d}%"
+        if self.tty:
+            self.stream.write("\r" + text)
+            self._open = True
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        """End the bar's line (before anything else is written)."""
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
+
+
+def _servers(args: argparse.Namespace) -> list[str]:
+    from .connection import format_address, parse_servers
+
+    try:
+        return [format_address(a) for a in parse_servers(args.servers)]
+    except ValueError as exc:
+        raise _UsageError(f"bad --servers {args.servers!r}: {exc}") from None
+
+
+def _admin_each(args: argparse.Namespace,
+                query: Callable[[Any], list]) -> tuple[list | None, int]:
+    """Run ``query(admin)`` on every server: ([(server, row)...], exit code); ``None``
+    instead of the list when no server answered."""
+    from .admin import AdminClient
+
+    results: list[tuple[str, Any]] = []
+    code = 0
+    answered = 0
+    timeout = args.timeout if args.timeout is not None else ADMIN_TIMEOUT
+    for server in _servers(args):
+        try:
+            with AdminClient(server, timeout=timeout) as admin:
+                results.extend((server, row) for row in query(admin))
+            answered += 1
+        except ServerError as exc:
+            _error(f"{server}: {exc}")
+            code = max(code, 1)
+        except (NoServersAvailable, JobTimeout, ProtocolError) as exc:
+            _error(str(exc))
+            code = 2
+    return (results if answered else None), code
+
+
+def _print_rows(args: argparse.Namespace, results: list[tuple[str, Any]] | None,
+                headers: list[str], cells: Callable[[Any], list[Any]]) -> None:
+    if results is None:  # no server answered: the errors said it all
+        return
+    if args.json:
+        rows = [dict(asdict(row), server=server) for server, row in results]
+        print(json.dumps(rows, indent=2))
+        return
+    several = len(_servers(args)) > 1
+    table = [([server] if several else []) + cells(row) for server, row in results]
+    print(format_table((["SERVER"] if several else []) + headers, table))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.priority:
+        results, code = _admin_each(args, lambda admin: admin.priority_status())
+        _print_rows(args, results, ["FUNCTION", "HIGH", "NORMAL", "LOW", "WORKERS"],
+                    lambda r: [r.name, r.high, r.normal, r.low, r.workers])
+    else:
+        results, code = _admin_each(args, lambda admin: admin.status())
+        _print_rows(args, results, ["FUNCTION", "TOTAL", "QUEUED", "RUNNING", "WORKERS"],
+                    lambda r: [r.name, r.total, r.queued, r.running, r.workers])
+    return code
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    results, code = _admin_each(args, lambda admin: admin.workers())
+    if not args.all and results is not None:
+        results = [(server, w) for server, w in results if w.functions]
+    _print_rows(args, results, ["FD", "ADDRESS", "CLIENT_ID", "FUNCTIONS"],
+                lambda w: [w.fd, w.address, w.client_id or "-", " ".join(w.functions)])
+    return code
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    results, code = _admin_each(args, lambda admin: admin.jobs())
+
+    def yes(flag: bool) -> str:
+        return "yes" if flag else "no"
+
+    _print_rows(args, results, ["HANDLE", "RETRIES", "ABANDONED", "BACKGROUND"],
+                lambda j: [j.handle, j.retries, yes(j.abandoned), yes(j.persisted)])
+    return code
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    data = sys.stdin.buffer.read() if args.data == "-" else os.fsencode(args.data)
+    servers = _servers(args)
+    connect = CONNECT_WINDOW if args.timeout is None else min(args.timeout, CONNECT_WINDOW)
+    progress = Progress(sys.stderr)
+    out = sys.stdout.buffer
+    client = Client(servers, timeout=args.timeout, connect_timeout=connect)
+    try:
+        job = client.submit(args.function, data, unique=args.unique, priority=args.priority,
+                            background=args.background)
+        if args.background:
+            print(job.handle if len(servers) == 1 else f"{job.handle} {job.server}",
+                  flush=True)
+            if args.wait:
+                _poll_until_done(job, args.timeout, progress, args.quiet)
+            return 0
+        for update in job.updates():
+            if update.kind == "status":
+                if not args.quiet:
+                    progress.update(update.numerator or 0, update.denominator or 0)
+            elif update.kind == "data":
+                progress.finish()
+                out.write(update.data)
+                out.flush()
+            else:
+                progress.finish()
+                _error(f"warning from the worker: "
+                       f"{update.data.decode('utf-8', 'replace').rstrip()}", prefix=False)
+        result = job.result()
+        progress.finish()
+        out.write(result or b"")
+        if result and out.isatty() and not result.endswith(b"\n"):
+            out.write(b"\n")
+        out.flush()
+        return 0
+    except JobException as exc:
+        progress.finish()
+        _error(f"{args.function} job raised: {exc.text}")
+        return 1
+    except JobFailed as exc:
+        progress.finish()
+        _error(f"{args.function} job failed: {exc}")
+        return 1
+    except JobTimeout as exc:
+        progress.finish()
+        _error(str(exc))
+        return 1
+    except ServerError as exc:
+        progress.finish()
+        _error(f"the server refused the job: {exc}")
+        return 1
+    finally:
+        client.close()
+
+
+def _poll_until_done(job: Any, timeout: float | None, progress: Progress,
+                     quiet: bool) -> None:
+    """Wait for a background job by polling GET_STATUS until the server forgets it."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    import gevent
+
+    while True:
+        status = job.status(timeout=timeout)
+        if not status.known:
+            progress.finish()
+            return
+        if status.denominator and not quiet:
+            progress.update(status.numerator, status.denominator)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise JobTimeout(f"{job.function} job {job.handle} still running after "
+                             f"{timeout}s")
+        gevent.sleep(POLL_INTERVAL)
+
+
+def _error(message: str, prefix: bool = True) -> None:
+    line = " ".join(message.split())  # always one line
+    sys.stderr.write(f"{PROG}: {line}\n" if prefix else f"{line}\n")
+    sys.stderr.flush()
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--servers", default=argparse.SUPPRESS, metavar="HOST:PORT[,...]",
+                        help="job servers (default: $GEAROFFLOAD_SERVERS or "
+                             f"{DEFAULT_SERVERS})")
+    common.add_argument("--timeout", type=_timeout, default=argparse.SUPPRESS,
+                        metavar="SECONDS",
+                        help="give up after this long (default: admin commands "
+                             f"{ADMIN_TIMEOUT:g}s, jobs wait for their result)")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log connection problems to stderr")
+
+    parser = _Parser(prog=PROG, parents=[common],
+                     description="Look at Gearman job servers and submit jobs.",
+                     epilog="exit codes: 0 ok, 1 job failed/raised/timed out or server "
+                            "error, 2 usage or connection error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("status", parents=[common], help="jobs and workers per function")
+    p.add_argument("-p", "--priority", action="store_true",
+                   help="waiting jobs per priority (prioritystatus)")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("workers", parents=[common], help="connected workers and functions")
+    p.add_argument("-a", "--all", action="store_true",
+                   help="every connection, also clients without functions")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.set_defaults(func=cmd_workers)
+
+    p = sub.add_parser("jobs", parents=[common], help="every job the servers hold")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("submit", parents=[common], help="submit a job",
+                       description="Submit a job. In the foreground (the default) wait for "
+                       "it, show WORK_STATUS progress on stderr and print the result on "
+                       "stdout; with --background print the job handle.")
+    p.add_argument("function", metavar="FUNCTION")
+    p.add_argument("data", metavar="DATA", help="the job's data; - reads it from stdin")
+    p.add_argument("--background", "-b", action="store_true", help="do not wait for a result")
+    p.add_argument("--unique", "-u", default=None, metavar="U",
+                   help="unique ID: concurrent jobs with the same one run once")
+    p.add_argument("--priority", choices=["high", "normal", "low"], default="normal")
+    p.add_argument("--wait", "-w", action="store_true",
+                   help="wait until the job is done (the default in the foreground; with "
+                        "--background, poll its status until the server is done with it)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_submit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit code (0, 1, 2 or 130)."""
+    args = build_parser().parse_args(argv)
+    if not hasattr(args, "servers"):
+        args.servers = os.environ.get("GEAROFFLOAD_SERVERS") or DEFAULT_SERVERS
+    if not hasattr(args, "timeout"):
+        args.timeout = None
+    logger = logging.getLogger("gearoffload")
+    if getattr(args, "verbose", False):
+        logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(name)s: %(message)s")
+    else:
+        # Connection retries are logged as warnings; the command reports the outcome in
+        # one line instead (and without a handler Python would print them anyway).
+        logger.addHandler(logging.NullHandler())
+        logger.propagate = False
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+        except (AttributeError, ValueError):
+            pass
+    try:
+        return args.func(args)
+    except _UsageError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc} (see --help)\n")
+        return 2
+    except (NoServersAvailable, ProtocolError, OSError) as exc:
+        _error(str(exc))
+        return 2
+    except GearmanError as exc:
+        _error(str(exc))
+        return 1
+    except ValueError as exc:  # e.g. a unique longer than 64 bytes
+        sys.stderr.write(f"{PROG}: error: {exc} (see --help)\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The ``gearoffload`` command, run as a real subprocess against our server, with a real
+``gearoffload.Worker`` serving jobs in another subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import ROOT, ServerProcess, free_port
+from gearoffload.admin import AdminClient
+
+WORKER = r"""
+import sys
+import gevent
+from gearoffload import Worker
+from gearoffload.errors import JobFailed
+
+worker = Worker(sys.argv[1], client_id="cli-worker")
+
+@worker.task("cli_progress")
+def progress(job):
+    for i in range(1, 5):
+        job.send_status(i, 4)
+        gevent.sleep(0.02)
+    return b"done:" + job.data
+
+@worker.task("cli_upper")
+def upper(job):
+    job.send_data(b"partial;")
+    return job.data.upper()
+
+@worker.task("cli_fail")
+def fail(job):
+    raise JobFailed("no luck")
+
+@worker.task("cli_raise")
+def boom(job):
+    raise ValueError("kaput")
+
+worker.work()
+"""
+FUNCTIONS = ("cli_progress", "cli_upper", "cli_fail", "cli_raise")
+PROGRESS_LINES = [
+    "[########----------------------] 1/4  25%",
+    "[###############---------------] 2/4  50%",
+    "[######################--------] 3/4  75%",
+    "[##############################] 4/4 100%",
+]
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[ServerProcess]:
+    """Our server with a worker process registered for FUNCTIONS (shared by the module)."""
+    server = ServerProcess("gearoffload").start()
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, server.address], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with AdminClient(server.address, timeout=5) as admin:
+            deadline = time.monotonic() + 10
+            while {f.name for f in admin.status() if f.workers} < set(FUNCTIONS):
+                assert worker.poll() is None, "the worker process died"
+                assert time.monotonic() < deadline, "the worker did not register"
+                time.sleep(0.05)
+        yield server
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(5)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        server.stop()
+
+
+def run(*args: str, servers: str | None = None, env: dict | None = None,
+        stdin: bytes | None = None, timeout: float = 15) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "gearoffload.cli"]
+    if servers is not None:
+        command += ["--servers", servers]
+    environment = {k: v for k, v in os.environ.items() if k != "GEAROFFLOAD_SERVERS"}
+    environment.update(env or {})
+    result = subprocess.run([*command, *args], cwd=ROOT, input=stdin, capture_output=True,
+                            timeout=timeout, env=environment)
+    result.stdout_text = result.stdout.decode()
+    result.stderr_text = result.stderr.decode()
+    return result
+
+
+def one_line(text: str) -> str:
+    assert text.count("\n") == 1 and text.endswith("\n"), repr(text)
+    assert "Traceback" not in text
+    return text
+
+
+def test_status_table(served):
+    result = run("status", servers=served.address)
+    assert result.returncode == 0, result.stderr_text
+    lines = result.stdout_text.splitlines()
+    assert lines[0].split() == ["FUNCTION", "TOTAL", "QUEUED", "RUNNING", "WORKERS"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(FUNCTIONS) <= set(rows)
+    assert rows["cli_upper"].split()[1:] == ["0", "0", "0", "1"]
+    # aligned: every number column ends at the same place as its header
+    assert len({len(line) for line in lines if line.split()[0] in FUNCTIONS}) == 1
+    assert len(lines[0]) == len(rows["cli_upper"])
+
+
+def test_workers_table_and_all(served):
+    result = run("workers", servers=served.address)
+    assert result.returncode == 0, result.stderr_text
+    header, *rows = result.stdout_text.splitlines()
+    assert header.split() == ["FD", "ADDRESS", "CLIENT_ID", "FUNCTIONS"]
+    assert len(rows) == 1
+    fd, address, client_id, *functions = rows[0].split()
+    assert fd.isdigit() and address == "127.0.0.1" and client_id == "cli-worker"
+    assert sorted(functions) == sorted(FUNCTIONS)
+    everyone = run("workers", "--all", servers=served.address)
+    assert len(everyone.stdout_text.splitlines()) >= 3  # + the command's own connection
+
+
+def test_submit_prints_the_result(served):
+    result = run("submit", "cli_upper", "hello", servers=served.address)
+    assert result.returncode == 0, result.stderr_text
+    assert result.stdout == b"partial;HELLO"  # WORK_DATA first, then the result
+    assert result.stderr == b""
+
+
+def test_submit_wait_draws_progress_from_work_status(served):
+    result = run("submit", "cli_progress", "x", "--wait", servers=served.address)
+    assert result.returncode == 0, result.stderr_text
+    assert result.stdout == b"done:x"
+    assert result.stderr_text.splitlines() == PROGRESS_LINES
+    quiet = run("submit", "cli_progress", "y", "--quiet", servers=served.address)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, b"done:y", b"")
+
+
+def test_submit_data_from_stdin_with_options(served):
+    result = run("--timeout", "10", "submit", "cli_upper", "-", "--priority", "high",
+                 "--unique", "cli-u1", servers=served.address, stdin=b"from stdin")
+    assert result.returncode == 0, result.stderr_text
+    assert result.stdout == b"partial;FROM STDIN"
+
+
+def test_background_prints_the_handle_and_wait_polls(served):
+    result = run("submit", "cli_progress", "bg", "--background", servers=served.address)
+    assert result.returncode == 0, result.stderr_text
+    assert result.stdout_text.startswith("H:") and result.stdout_text.count("\n") == 1
+    waited = run("submit", "cli_progress", "bg", "--background", "--wait",
+                 servers=served.address)
+    assert waited.returncode == 0, waited.stderr_text
+    assert waited.stdout_text.startswith("H:")
+    for line in waited.stderr_text.splitlines():  # polled: a subset of the updates
+        assert line in PROGRESS_LINES
+
+
+def test_failing_job_exits_1(served):
+    result = run("submit", "cli_fail", "x", servers=served.address)
+    assert result.returncode == 1
+    assert result.stdout == b""
+    assert "cli_fail job failed" in one_line(result.stderr_text)
+
+
+def test_raising_job_exits_1_with_its_text(served):
+    result = run("submit", "cli_raise", "x", servers=served.address)
+    assert result.returncode == 1
+    assert "cli_raise job raised" in one_line(result.stderr_text)
+    assert "kaput" in result.stderr_text
+
+
+def test_job_timeout_exits_1_and_jobs_lists_the_job(served):
+    result = run("--timeout", "0.5", "submit", "cli_nobody", "x", servers=served.address)
+    assert result.returncode == 1
+    assert "still running after 0.5s" in one_line(result.stderr_text)
+
+    queued = run("submit", "cli_nobody", "y", "--background", "--unique", "cli-u2",
+                 servers=served.address)
+    handle = queued.stdout_text.strip()
+    jobs = run("jobs", servers=served.address)
+    assert jobs.returncode == 0, jobs.stderr_text
+    header, *rows = jobs.stdout_text.splitlines()
+    assert header.split() == ["HANDLE", "RETRIES", "ABANDONED", "BACKGROUND"]
+    assert [handle, "0", "no", "yes"] in [row.split() for row in rows]
+
+    as_json = json.loads(run("jobs", "--json", servers=served.address).stdout)
+    assert {"handle": handle, "retries": 0, "abandoned": False, "persisted": True,
+            "server": served.address} in as_json
+
+
+def test_status_json_priority_and_env_servers(served):
+    result = run("status", "--json", env={"GEAROFFLOAD_SERVERS": served.address})
+    assert result.returncode == 0, result.stderr_text
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["cli_upper"] == {"name": "cli_upper", "total": 0, "running": 0,
+                                 "workers": 1, "server": served.address}
+    prio = run("status", "--priority", servers=served.address)
+    assert prio.stdout_text.splitlines()[0].split() == ["FUNCTION", "HIGH", "NORMAL", "LOW",
+                                                        "WORKERS"]
+
+
+def test_no_server_exits_2_with_one_line():
+    address = f"127.0.0.1:{free_port()}"
+    for args in (["status"], ["workers"], ["jobs"], ["--timeout", "1", "submit", "f", "x"]):
+        started = time.monotonic()
+        result = run(*args, servers=address)
+        assert result.returncode == 2, (args, result.stderr_text)
+        assert f"127.0.0.1:{address.split(':')[1]}" in one_line(result.stderr_text)
+        assert result.stdout == b""
+        assert time.monotonic() - started < 5
+
+
+def test_one_server_down_of_two_still_shows_the_other(served):
+    down = f"127.0.0.1:{free_port()}"
+    result = run("status", servers=f"{served.address},{down}")
+    assert result.returncode == 2
+    assert "cannot connect to " + down in one_line(result.stderr_text)
+    header, *rows = result.stdout_text.splitlines()
+    assert header.split()[:2] == ["SERVER", "FUNCTION"]
+    assert rows and all(row.startswith(served.address) for row in rows)
+
+
+@pytest.mark.parametrize("args", [
+    [],
+    ["bogus"],
+    ["submit", "only-a-function"],
+    ["submit", "f", "x", "--priority", "urgent"],
+    ["--timeout", "soon", "status"],
+    ["--servers", "host:port", "status"],
+    ["submit", "f", "x", "--unique", "u" * 65],
+])
+def test_usage_errors_exit_2_with_one_line(args):
+    result = run(*args, servers=None)
+    assert result.returncode == 2
+    line = one_line(result.stderr_text)
+    assert line.startswith("gearoffload") and ": error: " in line
+
+
+def test_installed_script_runs():
+    script = os.path.join(os.path.dirname(sys.executable), "gearoffload")
+    if not os.path.exists(script):
+        pytest.skip("console script not installed (pip install -e .)")
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=15)
+    assert result.returncode == 0 and "submit" in result.stdout
