@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ import pytest
 
 from conftest import ROOT, ServerProcess, free_port
 from gearoffload.admin import AdminClient
+from gearoffload.cli import Progress, format_table
 
 WORKER = r"""
 import sys
@@ -247,3 +250,39 @@ def test_installed_script_runs():
         pytest.skip("console script not installed (pip install -e .)")
     result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=15)
     assert result.returncode == 0 and "submit" in result.stdout
+
+
+def test_silent_server_times_out_with_exit_2():
+    with socket.socket() as silent:  # accepts connections (backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        started = time.monotonic()
+        result = run("--timeout", "0.5", "status",
+                     servers=f"127.0.0.1:{silent.getsockname()[1]}")
+    assert result.returncode == 2
+    assert "no reply to 'status'" in one_line(result.stderr_text)
+    assert time.monotonic() - started < 5
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_redraws_in_place_on_a_terminal_and_ends_its_line():
+    stream = FakeTerminal()
+    bar = Progress(stream, width=10)
+    bar.update(1, 4)
+    bar.update(1, 4)  # unchanged: not redrawn
+    bar.update(4, 4)
+    bar.finish()
+    assert stream.getvalue() == "\r[##--------] 1/4  25%\r[##########] 4/4 100%\n"
+    piped = io.StringIO()
+    Progress(piped, width=4).update(0, 0)  # no denominator yet
+    assert piped.getvalue() == "[----] 0/0   0%\n"
+
+
+def test_format_table_aligns_numbers_right():
+    assert format_table(["NAME", "N"], [["a", 1], ["bbb", 100]]).splitlines() == [
+        "NAME    N", "a       1", "bbb   100"]
+    assert format_table(["NAME", "N"], []) == "NAME  N"
