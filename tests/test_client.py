@@ -321,6 +321,30 @@ def test_unique_jobs_hash_to_one_server_others_round_robin(two_servers):
                 assert other.submit("upper", b"y", unique=key).server == where
 
 
+def test_a_server_that_is_down_is_skipped_then_retried_with_backoff(server):
+    late_port = free_port()
+    late_address = f"127.0.0.1:{late_port}"
+    servers = f"{late_address},{server.address}"  # the comma-separated form
+    with running_worker(servers, upper=upper), Client(servers, connect_timeout=5) as client:
+        placed = {client.submit("upper", b"x", unique=f"k{i}").server for i in range(20)}
+        assert placed == {server.address}  # the dead server's share failed over
+        late = ServerProcess(server.kind)
+        late.port = late_port
+        late.start()
+        try:
+            deadline = time.monotonic() + 10
+            job = None
+            while time.monotonic() < deadline:
+                job = client.submit("upper", b"back", unique=f"k{int(time.monotonic() * 10)}")
+                if job.server == late_address:
+                    break
+                gevent.sleep(0.1)
+            assert job.server == late_address  # retried after its back-off, and used
+            assert job.result(15) == b"BACK"
+        finally:
+            late.stop()
+
+
 def test_failover_when_a_server_dies_while_jobs_flow(two_servers):
     """Stop one of two servers while 20 greenlets submit jobs: no caller sees an error."""
     first, second = two_servers
