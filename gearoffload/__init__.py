@@ -22,6 +22,10 @@ _LAZY = {
     "WorkerJob": "gearoffload.worker",
     "TaskRegistry": "gearoffload.registry",
     "task": "gearoffload.registry",
+    "offload": "gearoffload.offloading",
+    "configure": "gearoffload.offloading",
+    "progress": "gearoffload.offloading",
+    "OffloadMiddleware": "gearoffload.wsgi",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,0 +1,242 @@
+"""``@offload`` for plain functions against a real server, with workers in greenlets of this
+process (and one real ``gearoffload-worker`` pool finding the functions by import)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import gevent
+import gevent.subprocess
+import pytest
+
+import gearoffload
+from conftest import ROOT, free_port
+from gearoffload import Worker, offloading
+from gearoffload.errors import JobException, NoServersAvailable
+from gearoffload.registry import TaskRegistry
+
+TEST_TIME_LIMIT = 30
+TASKS = TaskRegistry()  # the test functions register here, not in the global registry
+CALLS: list[tuple] = []
+
+
+@pytest.fixture(autouse=True)
+def time_limit() -> Iterator[None]:
+    timer = gevent.Timeout(TEST_TIME_LIMIT, AssertionError(f"test ran over {TEST_TIME_LIMIT}s"))
+    timer.start()
+    yield
+    timer.close()
+
+
+@pytest.fixture(autouse=True)
+def reset_config() -> Iterator[None]:
+    CALLS.clear()
+    yield
+    offloading._config = None
+    offloading._generation += 1
+
+
+@contextmanager
+def serving(address: str, concurrency: int = 20) -> Iterator[Worker]:
+    worker = Worker(address, concurrency=concurrency, registry=TASKS)
+    greenlet = gevent.spawn(worker.work)
+    try:
+        yield worker
+    finally:
+        worker.stop(graceful=False)
+        greenlet.join(5)
+
+
+@gearoffload.offload(registry=TASKS)
+def add(a, b=0):
+    CALLS.append(("add", a, b))
+    return a + b
+
+
+@gearoffload.offload(unique=True, registry=TASKS)
+def slow_square(x):
+    CALLS.append(("slow_square", x))
+    gevent.sleep(0.3)
+    return {"x": x, "square": x * x, "raw": b"\x00\xff"}
+
+
+@gearoffload.offload(name="custom-name", unique=lambda month: f"report:{month}",
+                     registry=TASKS)
+def report(month):
+    CALLS.append(("report", month))
+    gevent.sleep(0.2)
+    return f"report {month}"
+
+
+@gearoffload.offload(registry=TASKS)
+def boom(text):
+    raise RuntimeError(f"exploded on {text}")
+
+
+@gearoffload.offload(registry=TASKS)
+def steps(n):
+    for i in range(1, n + 1):
+        gearoffload.progress(i, n)
+        gevent.sleep(0.02)
+    return n
+
+
+@gearoffload.offload(fallback="local", registry=TASKS)
+def resilient(x):
+    CALLS.append(("resilient", x))
+    return x * 2
+
+
+def test_call_runs_on_a_worker_and_returns_the_value(our_server):
+    gearoffload.configure(servers=our_server.address)
+    with serving(our_server.address) as worker:
+        assert add(2, b=3) == 5
+        assert slow_square(4) == {"x": 4, "square": 16, "raw": b"\x00\xff"}
+        assert worker.jobs_done == 2
+    assert add.name == "test_offload.add"
+    assert report.name == "custom-name"
+    assert sorted(TASKS.names()) == sorted(
+        ["test_offload.add", "test_offload.slow_square", "custom-name", "test_offload.boom",
+         "test_offload.steps", "test_offload.resilient"])
+
+
+def test_background_returns_a_job_at_once_and_local_runs_here(our_server):
+    gearoffload.configure(servers=our_server.address)
+    job = add.background(20, 22)  # no worker yet: the job waits on the server
+    assert job.handle and not job.done
+    assert add.local(1, 1) == 2 and CALLS == [("add", 1, 1)]
+    with serving(our_server.address):
+        assert job.result(timeout=5) == 42
+    assert ("add", 20, 22) in CALLS
+
+
+def test_unique_true_coalesces_identical_concurrent_calls(our_server):
+    gearoffload.configure(servers=our_server.address)
+    with serving(our_server.address):
+        calls = [gevent.spawn(slow_square, 7) for _ in range(50)]
+        calls += [gevent.spawn(slow_square, 8) for _ in range(10)]
+        gevent.joinall(calls, raise_error=True)
+    values = [g.value["square"] for g in calls]
+    assert values == [49] * 50 + [64] * 10
+    assert sorted(CALLS) == [("slow_square", 7), ("slow_square", 8)]
+    assert slow_square.unique_for((7,), {}) == slow_square.unique_for((7,), {})
+    assert slow_square.unique_for((7,), {}) != slow_square.unique_for((8,), {})
+
+
+def test_unique_callable_chooses_the_key(our_server):
+    gearoffload.configure(servers=our_server.address)
+    with serving(our_server.address):
+        job = report.background("2026-11")
+        assert job.unique == "report:2026-11"
+        calls = [gevent.spawn(report, "2026-11") for _ in range(5)]
+        gevent.joinall(calls, raise_error=True)
+        assert job.result(5) == "report 2026-11"
+    assert [g.value for g in calls] == ["report 2026-11"] * 5
+    assert CALLS == [("report", "2026-11")]
+
+
+def test_worker_exception_is_a_job_exception_and_the_worker_goes_on(our_server):
+    gearoffload.configure(servers=our_server.address)
+    with serving(our_server.address):
+        with pytest.raises(JobException, match="RuntimeError: exploded on x"):
+            boom("x")
+        # a payload that is not ours: a clean WORK_EXCEPTION, not a dead worker
+        client = offloading.get_client()
+        with pytest.raises(JobException, match="PayloadError"):
+            client.submit(add.name, b"\x00garbage").result(5)
+        with pytest.raises(JobException, match="PayloadError: refusing a pickle"):
+            client.submit(add.name, b"p" + b"\0" * 40).result(5)
+        assert add(1, 2) == 3
+
+
+def test_progress_reaches_the_caller(our_server):
+    gearoffload.configure(servers=our_server.address)
+    with serving(our_server.address):
+        job = steps.background(4)
+        updates = [(u.numerator, u.denominator) for u in job.updates(timeout=5)]
+        assert job.result() == 4
+    assert updates == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_no_server_raises_or_falls_back_to_local_quickly():
+    gearoffload.configure(servers=f"127.0.0.1:{free_port()}", connect_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(NoServersAvailable):
+        add(1, 2)
+    assert resilient(21) == 42
+    assert CALLS == [("resilient", 21)]
+    assert time.monotonic() - started < 3
+    gearoffload.configure(fallback="local", connect_timeout=0.3)
+    assert add(1, 2) == 3 and CALLS[-1] == ("add", 1, 2)
+
+
+def test_signed_pickle_carries_python_objects(our_server):
+    gearoffload.configure(servers=our_server.address, format="pickle", secret_key="k" * 32)
+    with serving(our_server.address):
+        assert add([{1, 2}], [frozenset({3})]) == [{1, 2}, frozenset({3})]  # JSON cannot
+        assert add((1, 2), (3,)) == (1, 2, 3)  # tuples stay tuples with pickle
+
+
+def test_configuration_errors_say_what_to_do(monkeypatch):
+    with pytest.raises(TypeError, match="known:"):
+        gearoffload.configure(server="x")
+    with pytest.raises(ValueError, match="'raise'.*'local'"):
+        gearoffload.configure(fallback="maybe")
+    with pytest.raises(ValueError, match="needs a secret key"):
+        gearoffload.configure(format="pickle")
+    monkeypatch.setenv("GEAROFFLOAD_TIMEOUT", "soon")
+    offloading._config = None  # read the environment again
+    with pytest.raises(ValueError, match="GEAROFFLOAD_TIMEOUT must be a number"):
+        offloading.get_config()
+    monkeypatch.setenv("GEAROFFLOAD_TIMEOUT", "5")
+    monkeypatch.setenv("GEAROFFLOAD_SERVERS", "127.0.0.1:1234,127.0.0.1:1235")
+    offloading._config = None
+    config = offloading.get_config()
+    assert config.servers == ("127.0.0.1:1234", "127.0.0.1:1235") and config.timeout == 5.0
+    with pytest.raises(TypeError, match="plain module-level"):
+        class Thing:
+            @gearoffload.offload(registry=TaskRegistry())
+            def method(self):
+                pass
+        Thing().method()
+
+
+POOL_TASKS = """
+import os
+import gearoffload
+
+@gearoffload.offload
+def whoami(greeting):
+    return {"greeting": greeting, "pid": os.getpid()}
+"""
+
+
+def test_gearoffload_worker_finds_decorated_functions_by_import(our_server, tmp_path):
+    (tmp_path / "offtasks.py").write_text(textwrap.dedent(POOL_TASKS))
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
+    log = open(tmp_path / "pool.log", "wb")
+    proc = gevent.subprocess.Popen(
+        [sys.executable, "-m", "gearoffload.pool", "offtasks", "--servers",
+         our_server.address, "--processes", "1"], cwd=tmp_path, stdout=log, stderr=log,
+        env=env)
+    try:
+        sys.path.insert(0, str(tmp_path))
+        import offtasks  # the web side imports the same module
+
+        gearoffload.configure(servers=our_server.address)
+        value = offtasks.whoami("hello")
+        assert value["greeting"] == "hello"
+        assert value["pid"] != os.getpid()
+        assert offtasks.whoami.name == "offtasks.whoami"
+    finally:
+        sys.path.remove(str(tmp_path))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        log.close()
+    assert "offtasks.whoami" in (tmp_path / "pool.log").read_text()
