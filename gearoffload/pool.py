@@ -16,7 +16,10 @@ Where the tasks come from:
 - ``module:attr`` — ``attr`` is a ``Worker`` (its tasks are served; its servers and
   concurrency are replaced by the command line) or a ``TaskRegistry``;
 - ``module`` — the module's ``Worker`` or ``TaskRegistry`` if it has exactly one, else the
-  default registry filled by ``@gearoffload.task``.
+  default registry filled by ``@gearoffload.task``;
+- ``module:attr`` naming anything else (a Flask app with ``GearOffload``) — its offloaded
+  views and the ``@offload`` functions (``gearoffload.offloading.registry_for``);
+- ``--wsgi module:app`` — also serve ``app`` as a WSGI app for ``OffloadMiddleware``.
 
 Processes are for CPU-bound tasks (one core each); greenlets for I/O-bound ones.
 """
@@ -58,6 +61,7 @@ class PoolConfig:
     drain_timeout: float | None = 60.0
     client_id: str | None = None
     log_level: str = "INFO"
+    wsgi_function: str | None = None  # --wsgi: serve the target for OffloadMiddleware
 
     def __post_init__(self) -> None:
         if self.processes < 1:
@@ -91,6 +95,11 @@ def parse_args(argv: list[str] | None = None) -> PoolConfig:
                              "(default: hostname)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--wsgi", action="store_true",
+                        help="target is a WSGI app (module:app): run the requests that "
+                             "OffloadMiddleware sends")
+    parser.add_argument("--wsgi-function", default="gearoffload.wsgi",
+                        help="function name the middleware uses (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         return PoolConfig(
@@ -98,13 +107,14 @@ def parse_args(argv: list[str] | None = None) -> PoolConfig:
             servers=tuple(s.strip() for s in args.servers.split(",") if s.strip()),
             processes=args.processes, concurrency=args.concurrency,
             drain_timeout=args.drain_timeout, client_id=args.client_id,
-            log_level=args.log_level)
+            log_level=args.log_level,
+            wsgi_function=args.wsgi_function if args.wsgi else None)
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
 
 
-def load_registry(target: str) -> TaskRegistry:
+def load_registry(target: str, wsgi_function: str | None = None) -> TaskRegistry:
     """Import ``module`` or ``module:attr`` and return the ``TaskRegistry`` to serve.
 
     Example::
@@ -130,6 +140,10 @@ def load_registry(target: str) -> TaskRegistry:
                  and v is not default_registry]
         candidates = found if len(found) == 1 else [default_registry]
     obj = candidates[0]
+    if wsgi_function is not None or not isinstance(obj, (Worker, TaskRegistry)):
+        from .offloading import registry_for  # layer 5: Flask apps, WSGI apps
+
+        return registry_for(obj, wsgi_function)
     registry = obj.registry if isinstance(obj, Worker) else obj
     if not isinstance(registry, TaskRegistry):
         raise TypeError(f"{target} is a {type(obj).__name__}, not a Worker or TaskRegistry")
@@ -292,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         level=config.log_level,
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     try:
-        registry = load_registry(config.target)
+        registry = load_registry(config.target, config.wsgi_function)
     except (ImportError, AttributeError, TypeError, ValueError) as exc:
         sys.stderr.write(f"gearoffload-worker: cannot load tasks from {config.target}: "
                          f"{exc}\n")
