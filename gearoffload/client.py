@@ -714,7 +714,8 @@ class Client:
                 continue
             sub.link = None
             sub.handle = None
-            log.info("resubmitting %s job (unique %r)", sub.function, sub.unique)
+            log.info("resubmitting %s job (unique %r)", sub.function.decode("utf-8", "replace"),
+                     sub.unique.decode("utf-8", "replace"))
             try:
                 self._route(sub, deadline)
             except GearmanError as exc:

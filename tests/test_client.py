@@ -4,6 +4,7 @@ fixture runs each test against both), with workers running in greenlets of this 
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from collections.abc import Iterator
@@ -345,8 +346,9 @@ def test_a_server_that_is_down_is_skipped_then_retried_with_backoff(server):
             late.stop()
 
 
-def test_failover_when_a_server_dies_while_jobs_flow(two_servers):
+def test_failover_when_a_server_dies_while_jobs_flow(two_servers, caplog):
     """Stop one of two servers while 20 greenlets submit jobs: no caller sees an error."""
+    caplog.set_level(logging.INFO, logger="gearoffload.client")
     first, second = two_servers
     servers = [first.address, second.address]
 
@@ -382,6 +384,8 @@ def test_failover_when_a_server_dies_while_jobs_flow(two_servers):
         gevent.joinall(greenlets, timeout=20)
         assert not errors, errors[:3]
         assert before > 20 and len(results) > before + 20
+        # Jobs were in flight on the dead server, and were resubmitted transparently.
+        assert "resubmitting work job" in caplog.text
         # Everything after the failover went to the surviving server.
         assert client.submit("work", b"after", unique="after").server == second.address
 
