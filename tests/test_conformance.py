@@ -936,3 +936,151 @@ def test_admin_then_binary_on_one_connection(server):
         assert conn.admin("status") == b".\n"
         conn.send(T.ECHO_REQ, b"bin")
         assert conn.expect(T.ECHO_RES) == (b"bin",)
+
+
+# -- differential: random sessions replayed on both servers ---------------------------------------
+
+_NUMBERED = re.compile(rb"H:[^:\0\t\n]+:(\d+)")
+
+
+class _Session:
+    """One random but seeded session: three clients, three single-function workers and an
+    admin connection. Every step is one request; afterwards each connection is drained
+    (the acting one first) and what it received is recorded with handles normalised."""
+
+    def __init__(self, server, seed: int) -> None:
+        import random
+
+        self.rnd = random.Random(seed)
+        self.server = server
+        self.clients = [server.connect() for _ in range(3)]
+        self.funcs = [b"f", b"f", b"g"]
+        self.workers = [worker(server, func) for func in self.funcs]
+        self.admin = server.connect()
+        self.held: list[list[bytes]] = [[], [], []]
+        self.noop = [False] * 3
+        self.handles: list[bytes] = []
+        self.log: list[tuple] = []
+
+    def close(self) -> None:
+        for conn in (*self.clients, *self.workers, self.admin):
+            conn.close()
+
+    @staticmethod
+    def _norm(data: bytes) -> bytes:
+        return _NUMBERED.sub(lambda m: b"H#" + m.group(1), data)
+
+    def _drain(self, conn) -> list[tuple]:
+        conn.send(T.ECHO_REQ, b"__drain__")
+        got = []
+        while True:
+            packet = conn.recv()
+            if packet.type == T.ECHO_RES and packet.args == (b"__drain__",):
+                return got
+            args = packet.args
+            if packet.type == T.WORK_FAIL:  # Q1: gearmand may append a NUL
+                args = (args[0].removesuffix(b"\0"),)
+            got.append((packet.type, args))
+
+    def step(self) -> None:
+        rnd = self.rnd
+        op = rnd.choice(["submit"] * 4 + ["grab"] * 3 + ["work"] * 5
+                        + ["status", "unique", "admin", "sleep", "drop", "cant_do"])
+        i = rnd.randrange(3)
+        actor = 3 + i
+        if op == "submit":
+            func = rnd.choice([b"f", b"g"])
+            unique = rnd.choice([b"", b"-", b"a" if func == b"f" else b"b"])
+            ptype = rnd.choice([T.SUBMIT_JOB, T.SUBMIT_JOB_BG, T.SUBMIT_JOB_HIGH,
+                                T.SUBMIT_JOB_HIGH_BG, T.SUBMIT_JOB_LOW, T.SUBMIT_JOB_LOW_BG])
+            data = rnd.choice([b"x", b"y", b""])
+            self.clients[i].send(ptype, func, unique, data)
+            what, actor = ("submit", i, int(ptype), func, unique, data), i
+        elif op == "grab" or (op == "sleep" and self.noop[i]):
+            # A worker always grabs after a NOOP (rule 4 differs: see test_quirks).
+            self.workers[i].send(rnd.choice([T.GRAB_JOB, T.GRAB_JOB_UNIQ, T.GRAB_JOB_ALL]))
+            self.noop[i] = False
+            what = ("grab", i)
+        elif op == "sleep":
+            self.workers[i].send(T.PRE_SLEEP)
+            what = ("sleep", i)
+        elif op == "work":
+            if not self.held[i]:
+                return
+            handle = rnd.choice(self.held[i])
+            kind = rnd.choice(["status", "data", "complete", "fail", "exception"])
+            w = self.workers[i]
+            if kind == "status":
+                w.send(T.WORK_STATUS, handle, b"%d" % rnd.randrange(5), b"5")
+            elif kind == "data":
+                w.send(T.WORK_DATA, handle, b"d")
+            else:
+                self.held[i].remove(handle)
+                if kind == "complete":
+                    w.send(T.WORK_COMPLETE, handle, b"r")
+                elif kind == "fail":
+                    w.send(T.WORK_FAIL, handle)
+                else:
+                    w.send(T.WORK_EXCEPTION, handle, b"e")
+            what = ("work", i, kind, self._norm(handle))
+        elif op in ("drop", "cant_do"):
+            # Requeue order of several held jobs is not specified (gearmand: newest first).
+            if len(self.held[i]) > 1:
+                return
+            if op == "drop":
+                self.workers[i].close()
+                self.workers[i] = worker(self.server, self.funcs[i])
+            else:
+                self.workers[i].send(T.CANT_DO, self.funcs[i])
+                self.workers[i].send(T.CAN_DO, self.funcs[i])
+            self.held[i] = []
+            self.noop[i] = False
+            what = (op, i)
+        elif op == "status":
+            if not self.handles:
+                return
+            handle = rnd.choice(self.handles)
+            self.admin.send(T.GET_STATUS, handle)
+            what, actor = ("status", self._norm(handle)), 6
+        elif op == "unique":
+            unique = rnd.choice([b"a", b"b"])
+            self.admin.send(T.GET_STATUS_UNIQUE, unique)
+            what, actor = ("unique", unique), 6
+        else:
+            command = rnd.choice(["status", "prioritystatus", "show jobs"])
+            reply = self._norm(self.admin.admin(command))
+            self.log.append((command, sorted(reply.split(b"\n"))))
+            return
+        conns = [*self.clients, *self.workers, self.admin]
+        received: list = [None] * len(conns)
+        received[actor] = self._drain(conns[actor])
+        for k, conn in enumerate(conns):
+            if received[k] is None:
+                received[k] = self._drain(conn)
+        for k, packets in enumerate(received):
+            for ptype, args in packets:
+                if ptype == T.JOB_CREATED:
+                    self.handles.append(args[0])
+                elif k >= 3 and ptype == T.NOOP:
+                    self.noop[k - 3] = True
+                elif ptype in (T.JOB_ASSIGN, T.JOB_ASSIGN_UNIQ, T.JOB_ASSIGN_ALL):
+                    self.held[k - 3].append(args[0])
+        self.log.append((what, [[(t, tuple(self._norm(a) for a in args)) for t, args in got]
+                                for got in received]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_sessions_behave_like_gearmand(server_factory, seed):
+    """The same seeded session on both servers gives the same packets to every connection
+    and the same admin listings (our server with --worker-wakeup 0, gearmand's NOOP rule)."""
+    logs = []
+    for kind, args in (("gearoffload", ["--worker-wakeup", "0"]), ("gearmand", [])):
+        session = _Session(server_factory(kind, *args), seed)
+        for _ in range(100):
+            session.step()
+        session.close()
+        logs.append(session.log)
+    ours, theirs = logs
+    for index, (mine, reference) in enumerate(zip(ours, theirs, strict=False)):
+        assert mine == reference, f"step {index} of seed {seed}: {ours[max(0, index - 6):index]}"
+    assert len(ours) == len(theirs)
