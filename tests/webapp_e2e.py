@@ -1,0 +1,64 @@
+"""The Flask app of the end-to-end web tests (tests/test_web_e2e.py). Served by a gevent
+WSGIServer in the test process; its views run in a real ``gearoffload-worker`` pool,
+which imports this module as ``webapp_e2e:app``. Runs are counted in files under
+``$E2E_STATE_DIR``, since they happen in other processes."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from flask import Flask, request
+
+from gearoffload.flask import GearOffload, progress
+
+STATE_DIR = os.environ.get("E2E_STATE_DIR", "/tmp")
+
+
+def count_run(name: str) -> int:
+    """Record one execution of ``name``; return how many there were (across processes)."""
+    path = os.path.join(STATE_DIR, f"{name}.runs")
+    with open(path, "a") as f:  # O_APPEND: whole short lines, safe across processes
+        f.write(f"{os.getpid()}\n")
+    with open(path) as f:
+        return len(f.readlines())
+
+
+def create_app(servers: str) -> Flask:
+    app = Flask(__name__)
+    app.config.update(GEAROFFLOAD_SERVERS=servers, GEAROFFLOAD_TIMEOUT=15,
+                      GEAROFFLOAD_CONNECT_TIMEOUT=0.5)
+    ext = GearOffload(app)
+
+    @app.get("/stampede")
+    @ext.offload(unique=True)
+    def stampede():
+        runs = count_run("stampede")
+        time.sleep(1.5)  # the pool monkey-patched: this sleeps one greenlet
+        return {"page": "expensive", "runs": runs, "q": request.args.get("q")}
+
+    @app.post("/report/<int:steps>")
+    @ext.offload(background=True)
+    def report(steps):
+        for i in range(1, steps + 1):
+            time.sleep(0.1)
+            progress(i, steps)
+        return {"steps": steps, "pid": os.getpid()}
+
+    @app.get("/crash")
+    @ext.offload
+    def crash():
+        runs = count_run("crash")
+        if runs == 1:
+            os._exit(3)  # the worker process dies holding the job
+        return f"survived, attempt {runs}"
+
+    @app.get("/trivial")
+    @ext.offload
+    def trivial():
+        return "ok"
+
+    return app
+
+
+app = create_app(os.environ.get("GEAROFFLOAD_SERVERS", "127.0.0.1:4730"))
