@@ -961,6 +961,8 @@ class _Session:
         self.noop = [False] * 3
         self.handles: list[bytes] = []
         self.log: list[tuple] = []
+        self.clients[0].send(T.OPTION_REQ, b"exceptions")  # the others get WORK_FAIL
+        self.clients[0].expect(T.OPTION_RES)
 
     def close(self) -> None:
         for conn in (*self.clients, *self.workers, self.admin):
@@ -992,9 +994,17 @@ class _Session:
             func = rnd.choice([b"f", b"g"])
             unique = rnd.choice([b"", b"-", b"a" if func == b"f" else b"b"])
             ptype = rnd.choice([T.SUBMIT_JOB, T.SUBMIT_JOB_BG, T.SUBMIT_JOB_HIGH,
-                                T.SUBMIT_JOB_HIGH_BG, T.SUBMIT_JOB_LOW, T.SUBMIT_JOB_LOW_BG])
+                                T.SUBMIT_JOB_HIGH_BG, T.SUBMIT_JOB_LOW, T.SUBMIT_JOB_LOW_BG,
+                                T.SUBMIT_JOB_EPOCH, T.SUBMIT_REDUCE_JOB,
+                                T.SUBMIT_REDUCE_JOB_BACKGROUND])
             data = rnd.choice([b"x", b"y", b""])
-            self.clients[i].send(ptype, func, unique, data)
+            if ptype == T.SUBMIT_JOB_EPOCH:
+                extra: tuple[bytes, ...] = (b"1",)  # in the past: runnable at once
+            elif ptype in (T.SUBMIT_REDUCE_JOB, T.SUBMIT_REDUCE_JOB_BACKGROUND):
+                extra = (b"red", b"agg")
+            else:
+                extra = ()
+            self.clients[i].send(ptype, func, unique, *extra, data)
             what, actor = ("submit", i, int(ptype), func, unique, data), i
         elif op == "grab" or (op == "sleep" and self.noop[i]):
             # A worker always grabs after a NOOP (rule 4 differs: see test_quirks).
