@@ -52,6 +52,9 @@ log = logging.getLogger("gearoffload.worker")
 _BACKOFF_START = 0.1
 _BACKOFF_MAX = 10.0
 _ASSIGN_TYPES = frozenset((T.JOB_ASSIGN, T.JOB_ASSIGN_UNIQ, T.JOB_ASSIGN_ALL))
+#: How long a stopping worker waits for the answers to GRABs it already sent.
+_GRAB_ANSWER_TIMEOUT = 5.0
+_STOP = object()  # put in a session's inbox: stop grabbing
 
 
 class _Closed:
@@ -173,6 +176,7 @@ class Worker:
         #: closes a connection once its jobs are done: closing earlier would requeue them).
         self._conns: dict[Connection, dict[bytes, int]] = {}
         self._sleeping: set[Connection] = set()
+        self._inboxes: set[Queue] = set()
         self.jobs_done = 0
 
     def __repr__(self) -> str:
@@ -245,7 +249,13 @@ class Worker:
             self._graceful = False
             raise
         finally:
-            sessions.kill()  # stop grabbing; jobs already grabbed go on
+            if self._graceful:
+                # Stop grabbing, but take the answers to GRABs already sent: a job
+                # assigned to us runs (and is drained) instead of waiting for a requeue.
+                for inbox in list(self._inboxes):
+                    inbox.put(_STOP)
+                sessions.join(timeout=_GRAB_ANSWER_TIMEOUT)
+            sessions.kill()
             try:
                 self._drain()
             finally:
@@ -287,7 +297,7 @@ class Worker:
         """One server: connect, register, grab; reconnect with back-off when lost."""
         name = format_address(address)
         backoff = _BACKOFF_START
-        while True:
+        while not self._stop_event.is_set():
             inbox: Queue = Queue()
             conn = Connection(address, self._packet_handler(inbox),
                               lambda reason, inbox=inbox: inbox.put(_Closed(reason)))
@@ -296,22 +306,27 @@ class Worker:
             except OSError as exc:
                 delay = backoff * (0.5 + random.random())  # jitter: no reconnect stampede
                 log.warning("cannot connect to %s: %s (retry in %.2fs)", name, exc, delay)
-                gevent.sleep(delay)
+                if self._stop_event.wait(delay):
+                    return
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
             log.info("connected to %s", name)
             connected_at = time.monotonic()
             self._conns[conn] = {}
+            self._inboxes.add(inbox)
             try:
                 self._session(conn, inbox)
+                return  # stopped
             except ConnectionError as exc:
                 log.warning("lost connection to %s: %s", name, exc)
             finally:
+                self._inboxes.discard(inbox)
                 if conn.closed:
                     self._conns.pop(conn, None)
             # A connection that dies at once again and again must not spin.
             if time.monotonic() - connected_at < 1.0:
-                gevent.sleep(backoff * (0.5 + random.random()))
+                if self._stop_event.wait(backoff * (0.5 + random.random())):
+                    return
                 backoff = min(backoff * 2, _BACKOFF_MAX)
             else:
                 backoff = _BACKOFF_START
@@ -334,7 +349,8 @@ class Worker:
         return on_packet
 
     @staticmethod
-    def _next(inbox: Queue) -> Packet:
+    def _next(inbox: Queue) -> Any:
+        """The next packet, or ``_STOP``; ``ConnectionError`` once the connection is gone."""
         item = inbox.get()
         if isinstance(item, _Closed):
             inbox.put(item)
@@ -352,27 +368,40 @@ class Worker:
         # NO_JOB), one per GRAB, and a worker may hold several jobs (§3.7).
         outstanding = 0
         exhausted = False  # a NO_JOB came: grab no more until we have slept
+        stopping = self._stop_event.is_set()
         try:
             while True:
-                if not exhausted:
+                if stopping:
+                    if not outstanding:
+                        return
+                elif not exhausted:
                     while slots.acquire(blocking=False):
                         conn.send(T.GRAB_JOB_UNIQ)
                         outstanding += 1
-                if not outstanding:
+                if not outstanding and not stopping:
                     if exhausted:
                         conn.send(T.PRE_SLEEP)
                         self._sleeping.add(conn)
                         try:
-                            while self._next(inbox).type != T.NOOP:
-                                pass
+                            packet = self._next(inbox)
+                            while packet is not _STOP and packet.type != T.NOOP:
+                                packet = self._next(inbox)
                         finally:
                             self._sleeping.discard(conn)
+                        if packet is _STOP:
+                            return
                         exhausted = False  # always grab after a NOOP (§3.6 rule 4)
                         continue
-                    slots.acquire()  # every slot busy: wait for a job to finish
+                    # Every slot is busy: wait for a job to finish (or for stop()).
+                    while not slots.acquire(timeout=0.5):
+                        if self._stop_event.is_set():
+                            return
                     conn.send(T.GRAB_JOB_UNIQ)
                     outstanding += 1
                 packet = self._next(inbox)
+                if packet is _STOP:
+                    stopping = True
+                    continue
                 if packet.type == T.NOOP:
                     continue  # a late wake-up; the answers to our GRABs follow
                 outstanding -= 1

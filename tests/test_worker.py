@@ -196,6 +196,19 @@ def test_graceful_stop_finishes_running_jobs_and_grabs_no_more(server):
             assert second.result(5) == b"finished"
 
 
+def test_stop_is_prompt_even_while_a_server_is_down(server):
+    worker = Worker([f"127.0.0.1:{free_port()}", server.address], concurrency=3)
+    worker.register("ping", lambda job: b"pong")
+    greenlet = gevent.spawn(worker.work)
+    with Client(server.address) as client:
+        assert client.submit("ping").result(5) == b"pong"
+    gevent.sleep(0.5)  # the dead server's reconnect loop is backing off by now
+    started = time.monotonic()
+    worker.stop()
+    assert time.monotonic() - started < 1.0
+    assert greenlet.dead
+
+
 def test_hard_stop_abandons_jobs_to_another_worker(server):
     started = Event()
 
