@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -388,6 +389,34 @@ def test_failover_when_a_server_dies_while_jobs_flow(two_servers, caplog):
         assert "resubmitting work job" in caplog.text
         # Everything after the failover went to the surviving server.
         assert client.submit("work", b"after", unique="after").server == second.address
+
+
+def test_connection_drop_resubmits_into_the_same_server(our_server):
+    """The connection drops but the server stays up: the client reconnects and resubmits
+    with the same unique into the job its old connection abandoned. Our server revives or
+    recreates that job (§3.8); gearmand 1.1.20 loses such a submission (Q4), which is why
+    this runs against our server only."""
+    executions = []
+    with Client(our_server.address) as client:
+        job = client.submit("later", b"x", unique="dropped")
+        link = client._links[0]
+        old_conn = link.conn
+        old_conn._sock.shutdown(socket.SHUT_RDWR)  # simulate a network drop
+        assert wait_for(lambda: link.conn not in (None, old_conn) and job.handle is not None)
+        with running_worker(our_server.address,
+                            later=lambda j: executions.append(j.unique) or b"done"):
+            assert job.result(10) == b"done"
+            gevent.sleep(0.2)
+    assert executions == ["dropped"]
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        gevent.sleep(0.02)
+    return True
 
 
 @pytest.mark.parametrize("kind", ["gearoffload", "gearmand"])
