@@ -572,16 +572,18 @@ class Client:
             jobs = client.submit_many([("upper", w) for w in words])
             results = [job.result() for job in jobs]
         """
-        jobs: list[Job] = []
-        new: list[_Submission] = []
-        for item in submissions:
+        prepared: list[_Submission] = []
+        for item in submissions:  # validate the whole batch before anything is sent
             if isinstance(item, dict):
                 options = dict(item)
                 function, data = options.pop("function"), options.pop("data", b"")
             else:
                 function, data, *rest = item
                 options = dict(rest[0]) if rest else {}
-            sub = self._prepare(function, data, **options)
+            prepared.append(self._prepare(function, data, **options))
+        jobs: list[Job] = []
+        new: list[_Submission] = []
+        for sub in prepared:
             if sub.key is not None:
                 existing = self._inflight.get(sub.key)
                 if existing is not None:

@@ -184,8 +184,15 @@ def test_server_error_is_raised_from_submit(server):
         assert info.value.code == "QUEUE_ERROR"
         # An ERROR answers one request; the connection and the first job are fine.
         assert client.status(first.handle, first.server).known
-    with pytest.raises(ValueError):
-        Client(server.address).submit("f", b"", unique="u" * 65)
+    with Client(server.address) as client:
+        with pytest.raises(ValueError):
+            client.submit("f", b"", unique="u" * 65)
+        # A bad item refuses the whole batch before anything is sent or remembered, so a
+        # later submission of the good item's unique is not stuck behind a phantom.
+        with pytest.raises(ValueError):
+            client.submit_many([("f", b"", {"unique": "fine"}), ("f", b"", {"priority": "x"})])
+        assert client.status_unique("fine").known is False
+        assert client.submit("f", b"", unique="fine").handle
 
 
 def test_coalescing_500_greenlets_one_execution(server):
