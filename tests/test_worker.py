@@ -169,6 +169,26 @@ def test_worker_killed_mid_job_the_job_is_requeued_and_completes(server):
             proc.wait(5)
 
 
+@pytest.mark.parametrize("kind", ["gearoffload", "gearmand"])
+def test_worker_killed_with_job_retries_exhausted_fails_the_job(kind, server_factory):
+    """With --job-retries 1 the first lost attempt ends the job: the client gets
+    JobFailed (WORK_FAIL from the server) at once instead of waiting."""
+    server = server_factory(kind, "--job-retries", "1")
+    proc = gevent.subprocess.Popen([sys.executable, "-c", WORKER_THAT_HANGS, server.address],
+                                   stdout=gevent.subprocess.PIPE, cwd=ROOT)
+    try:
+        with Client(server.address) as client:
+            job = client.submit("fragile", b"data")
+            assert proc.stdout.readline().decode().split() == ["started", job.handle]
+            proc.send_signal(signal.SIGKILL)
+            with pytest.raises(JobFailed):
+                job.result(5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(5)
+
+
 def test_graceful_stop_finishes_running_jobs_and_grabs_no_more(server):
     started = Event()
 
