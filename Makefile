@@ -19,7 +19,7 @@ test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/gearoffload-server --port $(PORT) --verbose INFO
+	PORT=$(PORT) $(PY) -m examples.flask_app.demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -1,0 +1,204 @@
+"""A small Flask app showing each piece of gearoffload's web layer.
+
+- ``/primes/<n>``: a slow CPU-bound view, offloaded (``@ext.offload``).
+- ``/expensive``: an expensive page under a stampede (``unique=True``): the stampede page
+  fires 100 concurrent requests, and the page shows how many times a worker really ran.
+- ``/report``: a background job (``background=True``) with a progress bar polling the
+  status URL.
+- ``/legacy/...``: a plain WSGI app from before Flask, offloaded by ``OffloadMiddleware``.
+- ``/offloaded-function/<n>``: a plain ``@offload`` function called from a normal view.
+
+Run everything with ``make demo`` (or ``python -m examples.flask_app.demo``). By hand::
+
+    gearoffload-server --port 4730 &
+    gearoffload-worker --wsgi examples.flask_app:app --servers 127.0.0.1:4730 &
+    GEAROFFLOAD_SERVERS=127.0.0.1:4730 python -m examples.flask_app.demo --no-children
+
+The worker serves the views, the ``@offload`` functions and (``--wsgi``) the legacy app.
+Runs are counted in files under ``$GEAROFFLOAD_DEMO_STATE`` (default: a directory in the
+system's temp dir), since they happen in the worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+from flask import Flask, render_template_string, request
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+from gearoffload import offload
+from gearoffload.flask import GearOffload, progress
+from gearoffload.wsgi import OffloadMiddleware
+
+STATE_DIR = os.environ.get("GEAROFFLOAD_DEMO_STATE",
+                           os.path.join(tempfile.gettempdir(), "gearoffload-demo"))
+SERVERS = os.environ.get("GEAROFFLOAD_SERVERS", "127.0.0.1:4730")
+
+app = Flask(__name__)
+app.config.update(GEAROFFLOAD_SERVERS=SERVERS, GEAROFFLOAD_TIMEOUT=60)
+ext = GearOffload(app)
+
+
+def count_run(name: str) -> int:
+    """Record one run of ``name`` (in any process); return the total so far."""
+    os.makedirs(STATE_DIR, exist_ok=True)
+    path = os.path.join(STATE_DIR, f"{name}.runs")
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    with open(path) as f:
+        return len(f.readlines())
+
+
+def runs(name: str) -> int:
+    try:
+        with open(os.path.join(STATE_DIR, f"{name}.runs")) as f:
+            return len(f.readlines())
+    except FileNotFoundError:
+        return 0
+
+
+PAGE = """<!doctype html><meta charset="utf-8"><title>gearoffload demo</title>
+<style>body{font:16px system-ui;max-width:46em;margin:2em auto}code{background:#eee}
+progress{width:100%}</style>
+<h1><a href="/">gearoffload demo</a></h1>{{ body|safe }}"""
+
+
+def page(body: str, **context: object) -> str:
+    return render_template_string(PAGE, body=render_template_string(body, **context))
+
+
+@app.get("/")
+def index() -> str:
+    return page("""
+<p>Every link below runs on a Gearman worker process, not in this web process
+(pid {{ pid }}).</p>
+<ul>
+<li><a href="{{ url_for('primes', n=200000) }}">/primes/200000</a>: a slow CPU-bound view,
+ offloaded.</li>
+<li><a href="{{ url_for('stampede') }}">/stampede</a>: 100 concurrent requests for one
+ expensive page; the worker runs it once.</li>
+<li><a href="{{ url_for('report_page') }}">/report</a>: a background job with a progress
+ bar.</li>
+<li><a href="/legacy/hello?name=wsgi">/legacy/hello</a>: a plain WSGI app behind
+ <code>OffloadMiddleware</code>.</li>
+<li><a href="{{ url_for('function_demo', n=30) }}">/offloaded-function/30</a>: a plain
+ <code>@offload</code> function called from a local view.</li>
+</ul>""", pid=os.getpid())
+
+
+@app.get("/primes/<int:n>")
+@ext.offload(timeout=30)
+def primes(n: int) -> str:
+    started = time.perf_counter()
+    n = min(n, 5_000_000)
+    sieve = bytearray([1]) * (n + 1)
+    sieve[0:2] = b"\0\0"
+    for i in range(2, int(n ** 0.5) + 1):
+        if sieve[i]:
+            sieve[i * i::i] = bytes(len(range(i * i, n + 1, i)))
+    count = sum(sieve)
+    return page("<p>{{ count }} primes up to {{ n }}, counted in {{ ms }} ms by worker "
+                "process {{ pid }}.</p>", count=count, n=n, pid=os.getpid(),
+                ms=round((time.perf_counter() - started) * 1000, 1))
+
+
+@app.get("/expensive")
+@ext.offload(unique=True)
+def expensive() -> dict:
+    run = count_run("expensive")
+    time.sleep(2)  # a slow query, a cache miss...
+    return {"rendered_by": os.getpid(), "worker_runs_so_far": run,
+            "generation": request.args.get("generation")}
+
+
+@app.get("/stampede")
+def stampede() -> str:
+    return page("""
+<p>This page fires 100 concurrent requests for <code>/expensive?generation=N</code>, a
+2-second page offloaded with <code>unique=True</code>.</p>
+<button onclick="go()">Stampede!</button><pre id="out"></pre>
+<script>
+async function go() {
+  const out = document.getElementById("out");
+  const gen = Date.now(); out.textContent = "100 requests in flight...";
+  const t0 = performance.now();
+  const answers = await Promise.all(Array.from({length: 100}, () =>
+      fetch("{{ url_for('expensive') }}?generation=" + gen).then(r => r.json())));
+  const runs = new Set(answers.map(a => a.worker_runs_so_far));
+  out.textContent = `100 responses in ${Math.round(performance.now() - t0)} ms\\n` +
+      `distinct responses: ${new Set(answers.map(JSON.stringify)).size}\\n` +
+      `worker runs of /expensive so far (all stampedes): ${Math.max(...runs)}`;
+}
+</script>""")
+
+
+@app.post("/report/start")
+@ext.offload(background=True)
+def start_report() -> dict:
+    steps = int(request.form.get("steps", 20))
+    for i in range(1, steps + 1):
+        time.sleep(0.25)  # one chunk of the report
+        progress(i, steps)
+    return {"rows": steps * 1000, "built_by": os.getpid()}
+
+
+@app.get("/report")
+def report_page() -> str:
+    return page("""
+<p>Starts a background view (<code>background=True</code>): the POST answers
+<code>202 Accepted</code> at once with a status URL, which this page polls.</p>
+<button onclick="start()">Build the report</button>
+<p><progress id="bar" value="0" max="1"></progress></p><pre id="out"></pre>
+<script>
+async function start() {
+  const out = document.getElementById("out"), bar = document.getElementById("bar");
+  const r = await fetch("{{ url_for('start_report') }}", {method: "POST",
+      body: new URLSearchParams({steps: "20"})});
+  let url = r.headers.get("Location"); out.textContent = `${r.status}, polling ${url}`;
+  for (;;) {
+    const s = await (await fetch(url)).json();
+    bar.max = s.progress.denominator || 1; bar.value = s.progress.numerator;
+    out.textContent = JSON.stringify(s, null, 2);
+    if (s.state === "done" || s.state === "failed") break;
+    await new Promise(ok => setTimeout(ok, 500));
+  }
+}
+</script>""")
+
+
+@offload(unique=True)
+def fibonacci(n: int) -> dict:
+    """A plain function run on a worker: ``fibonacci(30)`` from any code."""
+    def fib(k: int) -> int:
+        return k if k < 2 else fib(k - 1) + fib(k - 2)
+    return {"n": n, "fib": fib(min(n, 32)), "computed_by": os.getpid()}
+
+
+@app.get("/offloaded-function/<int:n>")
+def function_demo(n: int) -> str:
+    value = fibonacci(n)
+    return page("<p>fib({{ v.n }}) = {{ v.fib }}, computed by worker {{ v.computed_by }}; "
+                "this view ran in web process {{ pid }}.</p>", v=value, pid=os.getpid())
+
+
+def legacy_app(environ: dict, start_response) -> list[bytes]:
+    """A WSGI app from before Flask, mounted at /legacy."""
+    from urllib.parse import parse_qs
+
+    name = parse_qs(environ.get("QUERY_STRING", "")).get("name", ["world"])[0]
+    where = "a worker" if environ.get("gearoffload.worker") else "the web process"
+    body = (f"Hello {name} from the legacy WSGI app, path {environ['SCRIPT_NAME']}"
+            f"{environ['PATH_INFO']}, run by {where} (pid {os.getpid()}).\n").encode()
+    start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+
+
+# The legacy app is mounted under /legacy, and requests to it are sent to workers running
+# `gearoffload-worker --wsgi examples.flask_app:app` (there the middleware passes through).
+app.wsgi_app = OffloadMiddleware(  # type: ignore[method-assign]
+    DispatcherMiddleware(app.wsgi_app, {"/legacy": legacy_app}),
+    servers=SERVERS, routes=["/legacy/"])
+
