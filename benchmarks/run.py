@@ -97,6 +97,7 @@ def stop_all() -> None:
 class Server:
     name: str
     argv: list[str]
+    cwd: Path = REPO
     proc: subprocess.Popen | None = None
     port: int = 0
     log: Path | None = None
@@ -107,7 +108,7 @@ class Server:
         fd, path = tempfile.mkstemp(prefix=f"bench-{self.name}-", suffix=".log")
         self.log = Path(path)
         with os.fdopen(fd, "wb") as log:
-            self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(argv, cwd=self.cwd, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT)
         _started.append(self.proc)
         wait_listening(self.proc, self.port)
@@ -329,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
 
     ours = Server("gearoffload", [sys.executable, "-m", "gearoffload_server", "--port", "{port}",
-                                  "--job-handle-prefix", "H:bench"])
+                                  "--job-handle-prefix", "H:bench"], cwd=args.tree)
     servers = [ours]
     gearmand = args.gearmand or shutil.which("gearmand") or (
         "/usr/sbin/gearmand" if os.access("/usr/sbin/gearmand", os.X_OK) else None)
@@ -520,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gearmand", help="path of gearmand (default: from PATH or /usr/sbin)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds after which repetitions are skipped (default 300; quick 60)")
+    p.add_argument("--tree", type=Path, default=REPO,
+                   help="run gearoffload_server from this source tree (e.g. a patched copy) "
+                        "instead of the repository's")
     p.add_argument("--json", help="also write every figure and gearload's raw output here")
     p.add_argument("--verbose", "-v", action="store_true", help="print gearload's raw lines")
     args = p.parse_args(argv)
