@@ -1,0 +1,284 @@
+"""Web-layer benchmark: what offloading costs a request, and what the middleware sustains.
+
+    .venv/bin/python benchmarks/bench_web.py            # about 30 s
+    .venv/bin/python benchmarks/bench_web.py --quick    # a smoke run, under 15 s
+
+In one run it starts a gearoffload-server, a ``gearoffload-worker --wsgi`` pool and this
+file's Flask app on a gevent ``WSGIServer`` (each a separate process on 127.0.0.1), then
+measures with a keep-alive HTTP/1.1 load loop of its own (gevent sockets):
+
+1. added latency: the same trivial view run locally (``/local``) and offloaded with
+   ``@ext.offload`` (``/offloaded``), sequential requests on one connection: p50/p99 of
+   each and the difference;
+2. throughput: requests/s of a trivial WSGI route passing through ``OffloadMiddleware``
+   (``/mw/...``, distinct query strings so nothing coalesces) versus the same route served
+   locally (``/plain/...``), with C concurrent connections for a fixed time; and the same
+   with identical requests (``/mw-same``), which coalesce.
+
+Every loop is bounded in count and time; only processes this script started are stopped,
+by PID. Figures move with whatever else runs on the machine: compare ratios, not absolutes.
+"""
+
+if __name__ == "__main__":
+    from gevent import monkey
+
+    monkey.patch_all()  # entry point (the --serve child too): before anything else
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def make_app(servers: str):
+    from flask import Flask
+
+    from gearoffload.flask import GearOffload
+    from gearoffload.wsgi import OffloadMiddleware
+
+    app = Flask("bench_web")
+    app.config.update(GEAROFFLOAD_SERVERS=servers, GEAROFFLOAD_TIMEOUT=30)
+    ext = GearOffload(app)
+
+    @app.get("/local")
+    def local():
+        return "ok"
+
+    @app.get("/offloaded")
+    @ext.offload(name="bench_web.offloaded")
+    def offloaded():
+        return "ok"
+
+    def trivial_wsgi(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    flask_wsgi = app.wsgi_app
+
+    def dispatch(environ, start_response):
+        if environ["PATH_INFO"].startswith(("/mw", "/plain")):
+            return trivial_wsgi(environ, start_response)
+        return flask_wsgi(environ, start_response)
+
+    app.wsgi_app = OffloadMiddleware(dispatch, servers=servers, routes=["/mw"],
+                                     function="bench_web.wsgi")
+    return app
+
+
+app = make_app(os.environ.get("GEAROFFLOAD_SERVERS", "127.0.0.1:4730"))
+
+
+# -- the load loop ---------------------------------------------------------------------
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection (responses must carry Content-Length)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def get(self, path: str) -> int:
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(self.buf) < length:
+            self._fill()
+        self.buf = self.buf[length:]
+        return status
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        self.buf += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def latencies(port: int, path: str, count: int, budget: float) -> list[float]:
+    conn = Conn(port)
+    out = []
+    deadline = time.monotonic() + budget
+    try:
+        for _ in range(5):
+            conn.get(path)  # warm-up
+        while len(out) < count and time.monotonic() < deadline:
+            started = time.perf_counter()
+            status = conn.get(path)
+            out.append(time.perf_counter() - started)
+            assert status == 200, f"{path}: HTTP {status}"
+    finally:
+        conn.close()
+    return out
+
+
+def throughput(port: int, path_of, connections: int, seconds: float) -> float:
+    import gevent
+
+    done = [0]
+    stop_at = time.monotonic() + seconds
+
+    def loop(index: int) -> None:
+        conn = Conn(port)
+        n = 0
+        try:
+            while time.monotonic() < stop_at:
+                status = conn.get(path_of(index, n))
+                assert status == 200, f"HTTP {status}"
+                n += 1
+                done[0] += 1
+        finally:
+            conn.close()
+
+    started = time.monotonic()
+    greenlets = [gevent.spawn(loop, i) for i in range(connections)]
+    gevent.joinall(greenlets, timeout=seconds + 30, raise_error=True)
+    return done[0] / (time.monotonic() - started)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+# -- processes ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"bench_web: {proc.args} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"bench_web: nothing on port {port} after {timeout}s")
+
+
+def serve(port: int) -> None:
+    from gevent.pywsgi import WSGIServer
+
+    class NoDelayServer(WSGIServer):
+        # pywsgi writes headers and body in two sends: without TCP_NODELAY, Nagle and the
+        # client's delayed ACK add ~40 ms to every keep-alive response.
+        def handle(self, sock, address):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return super().handle(sock, address)
+
+    server = NoDelayServer(("127.0.0.1", port), app, log=None, backlog=1024)
+    import gevent
+    gevent.signal_handler(signal.SIGTERM, server.stop)
+    server.serve_forever()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="gearoffload web-layer benchmark")
+    parser.add_argument("--quick", action="store_true", help="small counts, short runs")
+    parser.add_argument("--processes", type=int, default=2, help="worker processes")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return 0
+
+    count, seconds = (200, 2.0) if args.quick else (1000, 5.0)
+    gear_port, web_port = free_port(), free_port()
+    servers = f"127.0.0.1:{gear_port}"
+    env = dict(os.environ, GEAROFFLOAD_SERVERS=servers,
+               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH"))
+                                          if p))
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    children: list[subprocess.Popen] = []
+    try:
+        server = subprocess.Popen([sys.executable, "-m", "gearoffload_server", "--port",
+                                   str(gear_port), "--verbose", "ERROR"], env=env, cwd=ROOT,
+                                  **quiet)
+        children.append(server)
+        wait_for_port(gear_port, server)
+        children.append(subprocess.Popen(
+            [sys.executable, "-m", "gearoffload.pool", "--wsgi", "bench_web:app",
+             "--wsgi-function", "bench_web.wsgi", "--servers", servers, "--processes",
+             str(args.processes), "--concurrency", "50", "--log-level", "ERROR"],
+            env=env, cwd=HERE, **quiet))
+        web = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve",
+                                str(web_port)], env=env, cwd=ROOT, **quiet)
+        children.append(web)
+        wait_for_port(web_port, web)
+        warm = time.monotonic() + 15
+        while True:  # until the pool answers
+            try:
+                if Conn(web_port).get("/offloaded") == 200:
+                    break
+            except (OSError, ConnectionError):
+                pass
+            if time.monotonic() > warm:
+                raise SystemExit("bench_web: the worker pool did not answer within 15 s")
+            time.sleep(0.2)
+
+        print(f"gearoffload web benchmark ({'quick' if args.quick else 'full'}): server, "
+              f"{args.processes} worker processes, 1 web process; all on 127.0.0.1")
+        local = latencies(web_port, "/local", count, 30)
+        remote = latencies(web_port, "/offloaded", count, 30)
+        print(f"\n1. latency, {len(local)} sequential requests per view, one keep-alive "
+              "connection")
+        print(f"   {'view':<22}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}")
+        for name, values in (("local", local), ("offloaded", remote)):
+            print(f"   {name:<22}{pct(values, .5):9.3f}{pct(values, .99):9.3f}"
+                  f"{statistics.mean(values) * 1000:9.3f}")
+        print(f"   {'added by offloading':<22}{pct(remote, .5) - pct(local, .5):9.3f}"
+              f"{pct(remote, .99) - pct(local, .99):9.3f}"
+              f"{(statistics.mean(remote) - statistics.mean(local)) * 1000:9.3f}"
+              f"   (ratio p50 {pct(remote, .5) / pct(local, .5):.1f}x)")
+
+        c = args.connections
+        print(f"\n2. throughput, {c} keep-alive connections, {seconds:.0f} s each")
+        plain = throughput(web_port, lambda i, n: f"/plain/{i}?n={n}", c, seconds)
+        distinct = throughput(web_port, lambda i, n: f"/mw/{i}?n={n}", c, seconds)
+        same = throughput(web_port, lambda i, n: "/mw-same", c, seconds)
+        print(f"   {'route':<44}{'req/s':>9}{'ratio':>8}")
+        print(f"   {'/plain/... served in the web process':<44}{plain:9.0f}{1:8.2f}")
+        print(f"   {'/mw/... via OffloadMiddleware, all distinct':<44}{distinct:9.0f}"
+              f"{distinct / plain:8.2f}")
+        print(f"   {'/mw-same via OffloadMiddleware, identical':<44}{same:9.0f}"
+              f"{same / plain:8.2f}")
+    finally:
+        for proc in reversed(children):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
