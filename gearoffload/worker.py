@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -252,13 +253,15 @@ class Worker:
             if self._graceful:
                 # Stop grabbing, but take the answers to GRABs already sent: a job
                 # assigned to us runs (and is drained) instead of waiting for a requeue.
+                # Each session leaves its server once nothing runs on its connection.
                 for inbox in list(self._inboxes):
                     inbox.put(_STOP)
-                sessions.join(timeout=_GRAB_ANSWER_TIMEOUT)
-            sessions.kill()
             try:
                 self._drain()
+                if self._graceful:
+                    sessions.join(timeout=_GRAB_ANSWER_TIMEOUT)
             finally:
+                sessions.kill()
                 for conn in list(self._conns):
                     conn.close(flush=True)
                 self._conns.clear()
@@ -270,11 +273,6 @@ class Worker:
     def _drain(self) -> None:
         if self._graceful and len(self._jobs):
             log.info("draining: waiting for %d running jobs", len(self._jobs))
-            # Connections without running jobs go now, so servers stop counting this
-            # worker as asleep (and NOOPing it instead of a worker that will grab).
-            for conn, running in list(self._conns.items()):
-                if not running:
-                    conn.close()
             if not self._jobs.join(timeout=self._drain_timeout):
                 log.warning("drain timeout: abandoning %d jobs (the servers requeue them)",
                             len(self._jobs))
@@ -318,6 +316,8 @@ class Worker:
                 self._session(conn, inbox)
                 return  # stopped
             except ConnectionError as exc:
+                if self._stop_event.is_set():
+                    return  # a draining worker closed it
                 log.warning("lost connection to %s: %s", name, exc)
             finally:
                 self._inboxes.discard(inbox)
@@ -363,22 +363,24 @@ class Worker:
         for entry in self.registry:
             self._announce(conn, entry)
         slots = self._slots
-        # GRABs in flight. With free slots the worker sends one GRAB per slot at once
-        # instead of one round trip per job: replies come in order (JOB_ASSIGN* or
-        # NO_JOB), one per GRAB, and a worker may hold several jobs (§3.7).
-        outstanding = 0
+        # GRABs in flight, oldest first; True where the GRAB holds a slot. With free slots
+        # the worker sends one GRAB per slot at once instead of one round trip per job:
+        # the answers come in order (JOB_ASSIGN* or NO_JOB), one per GRAB, and a worker
+        # may hold several jobs (§3.7).
+        grabs: deque[bool] = deque()
         exhausted = False  # a NO_JOB came: grab no more until we have slept
         stopping = self._stop_event.is_set()
         try:
             while True:
                 if stopping:
-                    if not outstanding:
+                    if not grabs and not self._conns.get(conn):
+                        conn.close(flush=True)  # nothing runs here: leave the server now
                         return
                 elif not exhausted:
                     while slots.acquire(blocking=False):
                         conn.send(T.GRAB_JOB_UNIQ)
-                        outstanding += 1
-                if not outstanding and not stopping:
+                        grabs.append(True)
+                if not grabs and not stopping:
                     if exhausted:
                         conn.send(T.PRE_SLEEP)
                         self._sleeping.add(conn)
@@ -389,32 +391,44 @@ class Worker:
                         finally:
                             self._sleeping.discard(conn)
                         if packet is _STOP:
-                            return
-                        exhausted = False  # always grab after a NOOP (§3.6 rule 4)
+                            stopping = True
+                            # The server still counts this connection as asleep: a NOOP
+                            # may come, and is answered below.
+                        else:
+                            exhausted = False  # always grab after a NOOP (§3.6 rule 4)
                         continue
                     # Every slot is busy: wait for a job to finish (or for stop()).
                     while not slots.acquire(timeout=0.5):
                         if self._stop_event.is_set():
                             return
                     conn.send(T.GRAB_JOB_UNIQ)
-                    outstanding += 1
+                    grabs.append(True)
                 packet = self._next(inbox)
                 if packet is _STOP:
                     stopping = True
                     continue
                 if packet.type == T.NOOP:
-                    continue  # a late wake-up; the answers to our GRABs follow
-                outstanding -= 1
+                    if stopping and not grabs:
+                        # Even a draining worker grabs after a NOOP (§3.6 rule 4): the
+                        # server chose it to run a job, and a server that wakes one
+                        # sleeper per job would let that job wait until we disconnect.
+                        # It never sleeps again, so this happens at most once.
+                        conn.send(T.GRAB_JOB_UNIQ)
+                        grabs.append(slots.acquire(blocking=False))
+                    continue  # otherwise a late wake-up: our GRABs are answered anyway
+                holds_slot = grabs.popleft()
                 if packet.type == T.NO_JOB:
-                    slots.release()
+                    if holds_slot:
+                        slots.release()
                     exhausted = True
                 else:
-                    self._jobs.spawn(self._run, conn, packet)
+                    self._jobs.spawn(self._run, conn, packet, holds_slot)
         finally:
-            for _ in range(outstanding):  # GRABs that will never be answered here
-                slots.release()
+            for holds_slot in grabs:  # GRABs that will never be answered here
+                if holds_slot:
+                    slots.release()
 
-    def _run(self, conn: Connection, packet: Packet) -> None:
+    def _run(self, conn: Connection, packet: Packet, holds_slot: bool = True) -> None:
         args = packet.args
         handle, function = args[0], args[1]
         unique = args[2] if packet.type != T.JOB_ASSIGN else b""
@@ -453,7 +467,8 @@ class Worker:
             job._send(T.WORK_EXCEPTION, text)
         finally:
             self.jobs_done += 1
-            self._slots.release()
+            if holds_slot:
+                self._slots.release()
             if running is not None:
                 if running[handle] == 1:
                     del running[handle]

@@ -216,6 +216,36 @@ def test_graceful_stop_finishes_running_jobs_and_grabs_no_more(server):
             assert second.result(5) == b"finished"
 
 
+def test_a_draining_worker_does_not_hold_up_new_jobs(server):
+    """A worker asleep with a long job still running is told to drain; a new job must not
+    wait for that drain (a server that wakes one sleeper per job may pick the draining
+    worker, which therefore still answers that NOOP with a GRAB, §3.6 rule 4)."""
+    started = Event()
+
+    def long(job):
+        started.set()
+        gevent.sleep(2)
+        return b"long"
+
+    draining = Worker(server.address, concurrency=2)
+    draining.register("long", long)
+    draining.register("quick", lambda job: b"quick")
+    other = Worker(server.address)
+    other.register("quick", lambda job: b"quick")
+    other.register("warm", lambda job: b"warm")
+    with working(draining), working(other), Client(server.address) as client:
+        long_job = client.submit("long")
+        assert started.wait(5)
+        assert client.submit("warm").result(5) == b"warm"  # `other` now sleeps last
+        gevent.sleep(0.2)
+        draining.stop(wait=False)
+        gevent.sleep(0.2)
+        started_at = time.monotonic()
+        assert client.submit("quick").result(5) == b"quick"
+        assert time.monotonic() - started_at < 1.0
+        assert long_job.result(5) == b"long"
+
+
 def test_stop_is_prompt_even_while_a_server_is_down(server):
     worker = Worker([f"127.0.0.1:{free_port()}", server.address], concurrency=3)
     worker.register("ping", lambda job: b"pong")
