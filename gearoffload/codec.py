@@ -38,7 +38,7 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FORMATS", "Codec", "PayloadError"]
+__all__ = ["FORMATS", "Codec", "PayloadError", "sign_payload", "stable_hash", "verify_payload"]
 
 FORMATS = ("json", "msgpack", "pickle")
 _MARK = {"json": b"j", "msgpack": b"m", "pickle": b"p"}
@@ -179,6 +179,42 @@ class Codec:
                 raise PayloadError(f"corrupt pickle payload: {type(exc).__name__}: {exc}") \
                     from None
         raise PayloadError(f"unknown payload format byte {mark!r} (not a gearoffload payload)")
+
+
+def sign_payload(secret_key: bytes | str, data: bytes) -> bytes:
+    """Wrap ``data`` with an HMAC-SHA256 of it (``verify_payload`` unwraps it).
+
+    Used for the web layer's request payloads when a secret key is configured, so that a
+    worker runs only requests that a web process with the key sent.
+
+    Example::
+
+        assert verify_payload("k", sign_payload("k", b"jdata")) == b"jdata"
+    """
+    key = secret_key.encode() if isinstance(secret_key, str) else secret_key
+    mac = hmac.new(key, b"gearoffload-signed\0" + data, hashlib.sha256).digest()
+    return b"s" + mac + data
+
+
+def verify_payload(secret_key: bytes | str | None, data: bytes) -> bytes:
+    """The payload inside ``sign_payload``'s output; ``PayloadError`` if it is unsigned,
+    signed with another key, or tampered with. Without a key, unsigned payloads pass and
+    signed ones are refused (the sender has a key this side lacks)."""
+    if not secret_key:
+        if data[:1] == b"s":
+            raise PayloadError("refusing a signed payload: no secret key is configured here "
+                               "(set the same GEAROFFLOAD_SECRET_KEY on both sides)")
+        return data
+    if data[:1] != b"s" or len(data) < 1 + _SIG_LEN:
+        raise PayloadError("refusing an unsigned payload: this side has a secret key, so "
+                           "every request must be signed with it")
+    key = secret_key.encode() if isinstance(secret_key, str) else secret_key
+    inner = data[1 + _SIG_LEN:]
+    mac = hmac.new(key, b"gearoffload-signed\0" + inner, hashlib.sha256).digest()
+    if not hmac.compare_digest(mac, data[1:1 + _SIG_LEN]):
+        raise PayloadError("refusing a payload with a bad signature (a different secret key, "
+                           "or a forged payload)")
+    return inner
 
 
 def stable_hash(*parts: Any) -> str:

@@ -46,7 +46,8 @@ normal 500 handling applies. Each is logged with the job handle.
 Configuration (validated by ``init_app``, with messages that say what to do):
 ``GEAROFFLOAD_SERVERS`` (``"host:port,..."``, default ``127.0.0.1:4730``),
 ``GEAROFFLOAD_TIMEOUT`` (seconds, default 60), ``GEAROFFLOAD_FALLBACK`` (``"raise"`` or
-``"local"``), ``GEAROFFLOAD_SECRET_KEY`` (signed pickle for ``@offload`` functions),
+``"local"``), ``GEAROFFLOAD_SECRET_KEY`` (requests to workers are HMAC-signed and checked;
+enables signed pickle for ``@offload`` functions),
 ``GEAROFFLOAD_FORMAT``, ``GEAROFFLOAD_MAX_BODY`` (bytes, default 4 MiB),
 ``GEAROFFLOAD_RESULT_TTL`` (seconds a background result is kept, default 600),
 ``GEAROFFLOAD_URL_PREFIX`` (of the status blueprint, default ``/_offload``).
@@ -84,7 +85,7 @@ from werkzeug.exceptions import (
 )
 from werkzeug.test import stream_encode_multipart
 
-from .codec import stable_hash
+from .codec import sign_payload, stable_hash, verify_payload
 from .errors import JobException, JobFailed, JobTimeout, NoServersAvailable
 from .offloading import OffloadConfig, progress, run_as_task
 from .offloading import configure as configure_default
@@ -258,6 +259,8 @@ class OffloadedView:
             raise RequestEntityTooLarge(str(exc)) from None
         payload = CODEC.dumps({"environ": encode_environ(request.environ), "body": body,
                                "background": self.background})
+        if settings.offload.secret_key:
+            payload = sign_payload(settings.offload.secret_key, payload)
         fallback = self.fallback or settings.offload.fallback
         try:
             job = state.client.submit(self.name, payload, unique=self.unique_for(view_args),
@@ -296,7 +299,8 @@ class OffloadedView:
     def run_job(self, app: Flask, job: Any) -> bytes:
         """Rebuild the request, run the view body in app and request contexts, and
         return the encoded response."""
-        data = CODEC.loads(job.data)
+        secret_key = app.extensions["gearoffload"].config.offload.secret_key
+        data = CODEC.loads(verify_payload(secret_key, job.data))
         environ = build_environ(data["environ"], data["body"])
         with app.request_context(environ):
             if data.get("background"):

@@ -402,7 +402,7 @@ def registry_for(obj: Any, wsgi_function: str | None = None) -> TaskRegistry:
         if not callable(obj):
             raise TypeError(f"--wsgi needs a WSGI application, not {type(obj).__name__}")
         from .wsgi import wsgi_runner
-        registry.register(wsgi_function, wsgi_runner(obj))
+        registry.register(wsgi_function, wsgi_runner(obj, get_config().secret_key))
     if not len(registry):
         raise ValueError(f"{type(obj).__name__} has no offloaded views or functions (use "
                          "GearOffload(app) with @ext.offload, or --wsgi for a WSGI app)")

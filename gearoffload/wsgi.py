@@ -39,7 +39,7 @@ from typing import Any
 
 from gevent import monkey
 
-from .codec import Codec, stable_hash
+from .codec import Codec, sign_payload, stable_hash, verify_payload
 from .errors import JobException, JobFailed, JobTimeout, NoServersAvailable
 
 __all__ = ["BodyTooLarge", "OffloadMiddleware", "build_environ", "encode_environ",
@@ -124,9 +124,11 @@ def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]
     return [(str(k), str(v)) for k, v in headers if k.lower() not in _HOP_BY_HOP]
 
 
-def wsgi_runner(app: WSGIApp) -> Callable[[Any], bytes]:
+def wsgi_runner(app: WSGIApp, secret_key: str | bytes | None = None) -> Callable[[Any], bytes]:
     """The worker-side task for ``OffloadMiddleware``: rebuild the environ, call ``app``,
-    return status, headers and body. ``gearoffload-worker --wsgi module:app`` registers it.
+    return status, headers and body. ``gearoffload-worker --wsgi module:app`` registers it
+    (with the ``GEAROFFLOAD_SECRET_KEY`` of ``gearoffload.configure``/the environment).
+    With ``secret_key``, only requests signed with it are run.
 
     Example::
 
@@ -134,7 +136,7 @@ def wsgi_runner(app: WSGIApp) -> Callable[[Any], bytes]:
         worker.register("gearoffload.wsgi", wsgi_runner(app))
     """
     def run(job: Any) -> bytes:
-        data = CODEC.loads(job.data)
+        data = CODEC.loads(verify_payload(secret_key, job.data))
         environ = build_environ(data["environ"], data["body"])
         started: list[Any] = []
         chunks: list[bytes] = []
@@ -179,7 +181,9 @@ class OffloadMiddleware:
     that make two requests different for coalescing; ``function``: the Gearman function
     (``--wsgi-function`` on the worker); ``timeout``: seconds to wait for the worker;
     ``fallback="local"`` runs the app here when no server is reachable; ``client``: a
-    ``Client`` to use instead of one made from ``servers``.
+    ``Client`` to use instead of one made from ``servers``; ``secret_key``: sign every
+    request (HMAC-SHA256) — give the workers the same ``GEAROFFLOAD_SECRET_KEY`` — so
+    that they run only requests from a web process that has the key.
 
     Example::
 
@@ -201,6 +205,7 @@ class OffloadMiddleware:
         max_body: int = DEFAULT_MAX_BODY,
         fallback: str = "raise",
         client: Any = None,
+        secret_key: str | bytes | None = None,
     ) -> None:
         self.app = app
         self.servers = [servers] if isinstance(servers, str) else list(servers)
@@ -224,6 +229,7 @@ class OffloadMiddleware:
             raise ValueError(f"fallback must be 'raise' (503) or 'local', not {fallback!r}")
         self.fallback = fallback
         self._client = client
+        self.secret_key = secret_key
         self._local = monkey.get_original("threading", "local")()
 
     @property
@@ -270,6 +276,8 @@ class OffloadMiddleware:
         except BodyTooLarge as exc:
             return _plain(start_response, "413 Request Entity Too Large", str(exc))
         payload = CODEC.dumps({"environ": encode_environ(environ), "body": body})
+        if self.secret_key:
+            payload = sign_payload(self.secret_key, payload)
         path = environ.get("PATH_INFO", "")
         try:
             job = self.client.submit(self.function, payload, unique=self.unique_for(environ))

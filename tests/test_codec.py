@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from gearoffload.codec import Codec, PayloadError, stable_hash
+from gearoffload.codec import Codec, PayloadError, sign_payload, stable_hash, verify_payload
 
 VALUES = [
     None, True, 0, -7, 2**70, 1.5, "", "héllo\0", b"", b"\x00\xff\x80raw",
@@ -86,3 +86,17 @@ def test_stable_hash_ignores_dict_order_and_sequence_type():
     assert stable_hash("f", [1]) != stable_hash("f", [2])
     assert stable_hash(b"\x00") != stable_hash("\x00")
     assert len(stable_hash({1, 2})) == 40
+
+
+def test_signed_payloads_are_checked_both_ways():
+    signed = sign_payload("key", b"j{}")
+    assert verify_payload("key", signed) == b"j{}"
+    assert verify_payload(None, b"j{}") == b"j{}"  # no key on either side: plain payloads
+    with pytest.raises(PayloadError, match="unsigned"):
+        verify_payload("key", b"j{}")
+    with pytest.raises(PayloadError, match="bad signature"):
+        verify_payload("other", signed)
+    with pytest.raises(PayloadError, match="bad signature"):
+        verify_payload("key", signed[:-1] + b"]")
+    with pytest.raises(PayloadError, match="no secret key"):
+        verify_payload(None, signed)

@@ -15,6 +15,7 @@ from gevent.event import Event
 import gearoffload.offloading
 from conftest import ServerProcess, free_port
 from gearoffload import Worker
+from gearoffload.errors import JobException, JobFailed
 from gearoffload.flask import GearOffload, offload, progress
 from gearoffload.offloading import current_job, registry_for
 
@@ -133,6 +134,11 @@ def make_app(servers: str, **config) -> Flask:
         RUNS[run] = RUNS.get(run, 0) + 1
         RELEASE.wait(5)
         return {"key": key, "q": request.args.get("q"), "runs": RUNS[run]}
+
+    @app.route("/fails")
+    @ext.offload
+    def fails():
+        raise JobFailed("the task gave up")  # WORK_FAIL
 
     @app.route("/slow")
     @ext.offload(timeout=0.5)
@@ -266,6 +272,27 @@ def test_unique_view_runs_once_for_a_stampede(client, served):
     assert {r.value.data for r in requests} == {b'{"key":"k1","q":"1","runs":1}\n'}
     assert {r.value.json["q"] for r in others} == {"2"}
     assert RUNS == {"k1?1": 1, "k1?2": 1}  # one run per distinct query string
+
+
+def test_failed_job_is_502(client):
+    assert client.get("/fails").status_code == 502
+
+
+def test_with_a_secret_key_workers_run_only_signed_requests(our_server):
+    servers = our_server.address
+    app = make_app(servers, GEAROFFLOAD_SECRET_KEY="k" * 32)
+    worker = Worker(servers, registry=registry_for(app))
+    greenlet = gevent.spawn(worker.work)
+    try:
+        assert app.test_client().get("/text").text == "hello from a worker"
+        client = app.extensions["gearoffload"].client
+        name = "test_flask.make_app.<locals>.text"
+        forged = b'j{"environ":{"PATH_INFO":"/text"},"body":{"\\u0000":["b",""]}}'
+        with pytest.raises(JobException, match="PayloadError: refusing an unsigned"):
+            client.submit(name, forged).result(5)
+    finally:
+        worker.stop(graceful=False)
+        greenlet.join(5)
 
 
 def test_timeout_is_504(client):

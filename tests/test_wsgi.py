@@ -131,3 +131,19 @@ def test_worker_pool_loads_a_wsgi_app_with_the_wsgi_flag():
     assert "gearoffload.wsgi" in registry.names()
     with pytest.raises(TypeError, match="--wsgi"):
         load_registry("test_wsgi:legacy_app")
+
+
+def test_signed_middleware_requests(server):
+    worker = Worker(server.address)
+    worker.register("signed.wsgi", wsgi_runner(legacy_app, secret_key="s3cret"))
+    greenlet = gevent.spawn(worker.work)
+    try:
+        good = WsgiClient(wrap(server.address, function="signed.wsgi", secret_key="s3cret"))
+        assert good.get("/item/1").text.startswith("worker GET /item/1")
+        unsigned = WsgiClient(wrap(server.address, function="signed.wsgi"))
+        assert unsigned.get("/item/1").status_code == 500  # refused by the worker
+        wrong = WsgiClient(wrap(server.address, function="signed.wsgi", secret_key="nope"))
+        assert wrong.get("/item/1").status_code == 500
+    finally:
+        worker.stop(graceful=False)
+        greenlet.join(5)
