@@ -174,3 +174,35 @@ def test_no_server_is_503_over_http(stack):
         assert time.monotonic() - started < 5
     finally:
         http_server.stop(timeout=1)
+
+
+def test_flask_gearoffload_worker_command_runs_the_pool(tmp_path, monkeypatch):
+    """`flask gearoffload worker` execs gearoffload-worker on this app with its servers."""
+    server = ServerProcess("gearoffload").start()
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}", FLASK_APP="webapp_e2e",
+               GEAROFFLOAD_SERVERS=server.address, E2E_STATE_DIR=str(tmp_path))
+    log = open(tmp_path / "cli.log", "wb")
+    proc = gevent.subprocess.Popen(
+        [sys.executable, "-m", "flask", "gearoffload", "worker", "--processes", "1"],
+        cwd=tmp_path, env=env, stdout=log, stderr=log)
+    monkeypatch.syspath_prepend(str(TESTS))
+    try:
+        deadline = time.monotonic() + 25
+        while time.monotonic() < deadline and proc.poll() is None:
+            with server.connect() as conn:
+                status = conn.admin("status").decode()
+            if "webapp_e2e.create_app.<locals>.trivial\t0\t0\t1" in status:
+                break
+            gevent.sleep(0.1)
+        assert "webapp_e2e.create_app.<locals>.trivial\t0\t0\t1" in status, \
+            (tmp_path / "cli.log").read_text()
+        import webapp_e2e
+
+        app = webapp_e2e.create_app(server.address)
+        assert app.test_client().get("/trivial").text == "ok"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        log.close()
+        server.stop()
+    assert "webapp_e2e:app on " + server.address in (tmp_path / "cli.log").read_text()
