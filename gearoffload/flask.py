@@ -308,7 +308,8 @@ class OffloadedView:
             try:
                 if request.routing_exception is not None:
                     raise request.routing_exception
-                rv = run_as_task(job, lambda: self.view(**(request.view_args or {})))
+                view = app.ensure_sync(self.view)  # async views too
+                rv = run_as_task(job, lambda: view(**(request.view_args or {})))
                 response = app.make_response(rv)
             except HTTPException as exc:
                 if exc.response is None and exc.code is not None and exc.code >= 400:

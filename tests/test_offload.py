@@ -183,6 +183,14 @@ def test_signed_pickle_carries_python_objects(our_server):
         assert add((1, 2), (3,)) == (1, 2, 3)  # tuples stay tuples with pickle
 
 
+def test_msgpack_format_when_installed(our_server):
+    pytest.importorskip("msgpack")
+    gearoffload.configure(servers=our_server.address, format="msgpack")
+    with serving(our_server.address):
+        assert add(b"\x00", b"\xff") == b"\x00\xff"
+        assert slow_square(3)["raw"] == b"\x00\xff"
+
+
 def test_configuration_errors_say_what_to_do(monkeypatch):
     with pytest.raises(TypeError, match="known:"):
         gearoffload.configure(server="x")
