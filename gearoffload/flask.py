@@ -184,9 +184,15 @@ class MemoryResultStore(ResultStore):
     def __init__(self, max_entries: int = 10_000) -> None:
         self.entries: dict[str, _Entry] = {}
         self.max_entries = max_entries
+        self._next_sweep = 0.0
 
     def put(self, token: str, entry: _Entry) -> None:
-        self._expire()
+        if token in self.entries:  # a progress update: nothing else to do
+            self.entries[token] = entry
+            return
+        if time.monotonic() >= self._next_sweep:  # at most one sweep a second
+            self._expire()
+            self._next_sweep = time.monotonic() + 1.0
         self.entries[token] = entry
         while len(self.entries) > self.max_entries:
             self.entries.pop(next(iter(self.entries)))

@@ -385,3 +385,14 @@ def test_worker_registry_lists_every_offloaded_view(served):
     names = registry_for(served[0]).names()
     assert "test_flask.make_app.<locals>.text" in names
     assert "test_flask.make_app.<locals>.job" in names  # the module-level decorator's view
+
+
+def test_memory_result_store_is_bounded_and_expires():
+    from gearoffload.flask import MemoryResultStore, _Entry
+
+    store = MemoryResultStore(max_entries=3)
+    for i in range(5):
+        store.put(f"t{i}", _Entry(f"H:{i}", ttl=60))
+    assert list(store.entries) == ["t2", "t3", "t4"]  # the oldest went first
+    store.put("t3", _Entry("H:3", ttl=-1))  # an update of an existing token
+    assert store.get("t3") is None and store.get("t4").handle == "H:4"
