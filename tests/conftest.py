@@ -13,9 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -63,6 +65,7 @@ class ServerProcess:
         self.port = free_port()
         self.args = list(args or [])
         self.proc: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
 
     @property
     def address(self) -> str:
@@ -72,12 +75,18 @@ class ServerProcess:
         if self.kind == "gearmand":
             return [need_tool("gearmand", "gearman-job-server"), "--listen=127.0.0.1",
                     f"--port={self.port}", "--threads=1", "--log-file=none", *self.args]
+        # Persistence is opt-in for tests (a test that wants a store passes its --queue).
+        queue = [] if any(a.startswith(("--queue", "-q")) for a in self.args) else [
+            "--queue", "memory"]
         return [sys.executable, "-m", "gearoffload_server", "--port", str(self.port),
-                "--job-handle-prefix", "H:test", *self.args]
+                "--job-handle-prefix", "H:test", *queue, *self.args]
 
     def start(self) -> ServerProcess:
+        # A file, not a pipe: nothing reads the log while the server runs, and a full pipe
+        # (64 KiB of log lines, e.g. from many protocol errors) would block the server.
+        self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, cwd=ROOT)
+                                     stderr=self._log, cwd=ROOT)
         wait_for_port(self.port, self.proc)
         return self
 
@@ -92,8 +101,11 @@ class ServerProcess:
             return self.proc.wait()
 
     def stderr_text(self) -> str:
-        """The server's log (only after stop())."""
-        return self.proc.stderr.read().decode(errors="replace") if self.proc else ""
+        """The server's log so far (complete after stop())."""
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
 
     def connect(self, timeout: float = 5.0) -> RawConn:
         return RawConn(self.port, timeout)

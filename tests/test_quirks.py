@@ -470,3 +470,39 @@ def test_client_id_whitespace_stripped_and_can_do_deduplicated(our_server):
             sync(w)
             lines = listing(admin, "workers")
             assert any(line.endswith(b" 127.0.0.1 - : fb fa") for line in lines), lines
+
+
+def test_random_packets_never_break_the_server(our_server):
+    """Seeded junk: every request type with random fields, sometimes one NUL short (Q12),
+    on many connections. Each bad connection is closed alone; the server keeps serving and
+    logs no traceback."""
+    import random
+    import struct
+
+    from gearoffload.protocol import FIELD_COUNTS, REQ
+
+    rnd = random.Random(7)
+    vocab = [b"", b"f", b"-", b"u", b"H:test:1", b"H:test:2", b"0", b"-1", b"abc", b"1000",
+             b"99999999999999999999999", b"\0", b"x" * 70]
+    for _ in range(300):
+        conn = our_server.connect()
+        try:
+            for _ in range(rnd.randrange(1, 20)):
+                ptype = rnd.randrange(1, 43)
+                count = FIELD_COUNTS[ptype]
+                fields = [rnd.choice(vocab) for _ in range(max(count, 1))]
+                if count > 1 and rnd.random() < 0.1:
+                    fields.pop()  # one field (one NUL) short
+                payload = fields[0] if count == 1 else b"\0".join(fields)
+                if count == 0 and rnd.random() < 0.7:
+                    payload = b""
+                conn.send_raw(struct.pack(">4sII", REQ, ptype, len(payload)) + payload)
+            conn.is_closed(0.01)
+        except OSError:
+            pass  # closed by the server after a malformed packet (Q12)
+        finally:
+            conn.close()
+    with our_server.connect() as check:
+        sync(check)
+        assert check.admin("status").endswith(b".\n")
+    assert "Traceback" not in our_server.stderr_text()
