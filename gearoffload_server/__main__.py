@@ -14,6 +14,7 @@ import gevent  # noqa: E402
 
 from .config import ServerConfig, parse_args  # noqa: E402
 from .server import GearmanServer  # noqa: E402
+from .stores import StoreError  # noqa: E402
 
 # gearmand's level names mapped onto the logging module's.
 _LEVELS = {
@@ -53,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         sys.stderr.write(f"gearoffload-server: cannot open log file: {exc}\n")
         return 2
-    server = GearmanServer(config)
+    try:
+        server = GearmanServer(config)
+    except StoreError as exc:
+        sys.stderr.write(f"gearoffload-server: {exc}\n")
+        return 2
     try:
         server.start()
     except OSError as exc:
@@ -61,13 +66,16 @@ def main(argv: list[str] | None = None) -> int:
             f"gearoffload-server: cannot listen on {config.host}:{config.port}: "
             f"{exc.strerror or exc}\n")
         return 2
-    gevent.signal_handler(signal.SIGTERM, server.stop)
+    gevent.signal_handler(signal.SIGTERM, server.shutdown)
     gevent.signal_handler(signal.SIGINT, server.stop)
     gevent.signal_handler(signal.SIGUSR1, server.stop_graceful)
     host, port = server.address[:2]
     logging.getLogger("gearoffload.server").info(
         "gearoffload-server %s listening on %s:%d (pid %d)",
         config.version, host, port, os.getpid())
+    if server.store is not None:
+        logging.getLogger("gearoffload.server").info(
+            "queue %s: %d background jobs restored", server.store.describe(), server.restored)
     server.serve_forever()
     return 0
 

@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -24,6 +25,15 @@ MAX_HANDLE_PREFIX = 42
 
 def default_handle_prefix() -> str:
     return "H:" + socket.gethostname()[: MAX_HANDLE_PREFIX - 2]
+
+
+def default_queue(port: int) -> str:
+    """The documented default store: ``$XDG_STATE_HOME/gearoffload/queue-PORT.db``
+    (``~/.local/state/gearoffload/queue-PORT.db``), one file per port, so that a restart
+    on the same port finds its jobs and two servers never share a file."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state")
+    return "sqlite://" + os.path.join(os.path.abspath(base), "gearoffload", f"queue-{port}.db")
 
 
 class ConfigError(ValueError):
@@ -46,7 +56,16 @@ class ServerConfig:
     verbose: str = "INFO"
     log_file: str | None = None
     enable_shutdown: bool = False
+    #: Where background jobs are kept (``stores``): ``memory``, ``sqlite://PATH``;
+    #: empty = ``default_queue(port)``.
+    queue: str = ""
+    #: On SIGTERM, how long running jobs may take to finish before the server exits.
+    shutdown_timeout: float = 10.0
     version: str = __version__
+
+    @property
+    def queue_url(self) -> str:
+        return self.queue or default_queue(self.port)
 
     def __post_init__(self) -> None:
         if not -1 <= self.job_retries <= 255:
@@ -70,6 +89,15 @@ class ServerConfig:
             raise ConfigError("--worker-wakeup must be 0 (wake all) or a positive number")
         if self.verbose not in LOG_LEVELS:
             raise ConfigError(f"--verbose must be one of {', '.join(LOG_LEVELS)}")
+        if self.queue:
+            from .stores import parse_queue_url
+
+            try:
+                parse_queue_url(self.queue)
+            except ValueError as exc:
+                raise ConfigError(f"--queue: {exc}") from None
+        if not 0 <= self.shutdown_timeout <= 86400:
+            raise ConfigError("--shutdown-timeout must be between 0 and 86400 seconds")
 
 
 def _size(text: str) -> int:
@@ -115,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", default="INFO", type=str.upper,
                    help=f"log level, one of {' '.join(LOG_LEVELS)} (default INFO)")
     p.add_argument("--log-file", "-l", default=None, help="log to this file instead of stderr")
+    p.add_argument("--queue", "-q", default="", metavar="URL",
+                   help="where background jobs are kept across restarts: sqlite://PATH "
+                        "(default sqlite://$XDG_STATE_HOME/gearoffload/queue-PORT.db, i.e. "
+                        "~/.local/state/gearoffload/queue-PORT.db; sqlite:///abs/q.db is "
+                        "absolute, sqlite://q.db relative; options ?synchronous=normal, "
+                        "?max_size=512M) or memory (no persistence, like gearmand's default)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM, how long running jobs may take to finish (default 10)")
     p.add_argument("--enable-shutdown", action="store_true",
                    help="accept the admin 'shutdown' command, from loopback only")
     p.add_argument("--version", "-V", action="version", version=f"gearoffload-server {__version__}")
@@ -137,6 +173,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             verbose=ns.verbose,
             log_file=ns.log_file,
             enable_shutdown=ns.enable_shutdown,
+            queue=ns.queue,
+            shutdown_timeout=ns.shutdown_timeout,
         )
     except ConfigError as exc:
         parser.error(str(exc))

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 
 import gevent
+import gevent.event
 from gevent.server import StreamServer
 
 from gearoffload.errors import ProtocolError
@@ -32,6 +33,7 @@ from gearoffload.protocol import RES, Decoder, Packet, PacketType, encode
 from .admin import AdminProtocol
 from .config import ServerConfig
 from .state import JobServerState, Peer
+from .stores import open_store
 
 log = logging.getLogger("gearoffload.server")
 
@@ -128,6 +130,10 @@ class Connection:
                     break
                 finally:
                     flush()
+                    if peer.batch is not None:
+                        # This chunk submitted background jobs: their JOB_CREATED (and
+                        # everything after it) leaves once their rows are durable.
+                        server.wait_durable(peer)
                 if self.closing:
                     reason = ""  # abort() has said why
                     break
@@ -171,7 +177,7 @@ class Connection:
         peer = self.peer
         try:
             self.sock.sendall(backlog)
-            while peer.out:
+            while peer.out and peer.batch is None:  # a held peer: see wait_durable()
                 self.sock.sendall(peer.take_output())
         except OSError as exc:
             self.abort(f"write failed: {exc}", logging.INFO)
@@ -209,11 +215,17 @@ class GearmanServer(StreamServer):
     def __init__(self, config: ServerConfig, listener: object = None) -> None:
         super().__init__(listener or (config.host, config.port), backlog=1024)
         self.config = config
-        self.state = JobServerState(config, LoopScheduler(self.flush))
+        #: ``None`` for ``--queue memory``: then nothing below costs anything extra.
+        self.store = open_store(config.queue_url)  # StoreError: cannot open it
+        self.state = JobServerState(config, LoopScheduler(self.flush), self.store)
+        self._committer: gevent.Greenlet | None = None
+        #: Background jobs replayed from the store at start-up.
+        self.restored = self.state.restore(self.store.load()) if self.store is not None else 0
         self.state.on_shutdown = self._admin_shutdown
         self.admin = AdminProtocol(self.state)
         self.connections: set[Connection] = set()
         self._graceful: gevent.Greenlet | None = None
+        self._shutting_down: bool | None = False  # None once the store is closed
 
     def init_socket(self) -> None:
         super().init_socket()
@@ -228,12 +240,93 @@ class GearmanServer(StreamServer):
     def flush(self) -> None:
         """Send every peer its output now; drop peers that stopped reading."""
         limit = self.config.max_output_buffer
+        store = self.store
+        if store is None:
+            for peer in self.state.take_dirty():
+                conn = peer.transport
+                if peer.out_bytes > limit:
+                    conn.abort(f"more than {limit} bytes of replies unread")
+                else:
+                    conn.wake()
+            return
+        if self._committer is None and store.batch.pending:
+            self._committer = gevent.spawn(self._commit_loop)
         for peer in self.state.take_dirty():
+            if peer.batch is not None:
+                continue  # held until its batch is durable; its reader sends it then
             conn = peer.transport
             if peer.out_bytes > limit:
                 conn.abort(f"more than {limit} bytes of replies unread")
             else:
                 conn.wake()
+
+    # -- group commit ----------------------------------------------------------------------
+    #
+    # The state only appends saves and deletes to the store's open batch. One committer
+    # greenlet at a time takes that batch and writes it in a thread (one transaction); all
+    # that arrives meanwhile waits in the next batch, so under load each commit carries a
+    # whole burst. A peer that was sent JOB_CREATED for a job in a batch (``peer.batch``)
+    # is not written to until that batch is durable: ``flush()`` and the writer greenlet
+    # skip it, and its own reader waits in ``wait_durable()`` before reading more. All
+    # output that names a not-yet-durable job as "created" goes to such a held peer (only
+    # the submitter's own packets produce it), so nothing acknowledges a job early, while
+    # other peers' output (workers, foreground clients) is not delayed. Should the write
+    # fail, the held JOB_CREATED replies are still in ``out`` and become ERROR QUEUE_ERROR
+    # (``JobServerState.store_failed``).
+
+    def wait_durable(self, peer: Peer) -> None:
+        """Block this reader until ``peer.batch`` is written (or failed), then send."""
+        batch = peer.batch
+        if not batch.done:
+            if batch.event is None:
+                batch.event = gevent.event.Event()
+            if self._committer is None:
+                self._committer = gevent.spawn(self._commit_loop)
+            batch.event.wait()
+        peer.batch = None
+        if peer.out:
+            limit = self.config.max_output_buffer
+            if peer.out_bytes > limit:
+                peer.transport.abort(f"more than {limit} bytes of replies unread")
+            else:
+                peer.transport.wake()
+
+    def _commit_loop(self) -> None:
+        store = self.store
+        pool = gevent.get_hub().threadpool
+        try:
+            while store.batch.pending:
+                batch = store.take_batch()
+                try:
+                    pool.spawn(store.write, batch).get()
+                except Exception as exc:  # StoreError, or a bug: never acknowledge
+                    batch.error = str(exc)
+                    dropped = self.state.store_failed(
+                        batch, b"Job could not be saved: " + str(exc).encode())
+                    log.error("queue store write failed (%s): %d submissions refused with "
+                              "QUEUE_ERROR, %d deletes lost (those jobs may run again "
+                              "after a restart)", exc, dropped, len(batch.deletes))
+                batch.done = True
+                if batch.event is not None:
+                    batch.event.set()
+        finally:
+            self._committer = None
+
+    def _close_store(self) -> None:
+        """At exit: write what is still pending (deletes of finished jobs), then close."""
+        store = self.store
+        if store is None or self._shutting_down is None:
+            return
+        self._shutting_down = None  # closed: stop() may run twice (graceful, then TERM)
+        committer = self._committer
+        if committer is not None:
+            committer.join(10.0)
+        if store.batch.pending and self._committer is None:
+            try:
+                store.write(store.take_batch())
+            except Exception as exc:
+                log.error("queue store: final write failed: %s", exc)
+        store.close()
 
     def stop_graceful(self) -> None:
         """Stop accepting connections; stop the server once no job remains (SIGUSR1)."""
@@ -250,10 +343,35 @@ class GearmanServer(StreamServer):
             gevent.sleep(0.1)
         self.stop()
 
+    def shutdown(self) -> None:
+        """SIGTERM: stop accepting, hand out no new job (grabs get NO_JOB), let running
+        jobs finish for up to ``--shutdown-timeout`` seconds, write the store, stop.
+        Queued background jobs are in the store already; a restart replays them."""
+        if self._shutting_down is not False:
+            return
+        self._shutting_down = True
+        state = self.state
+        running = sum(f.running for f in state.functions.values())
+        log.warning("shutting down: %d running jobs may finish within %gs", running,
+                    self.config.shutdown_timeout)
+        if self._graceful is None:
+            self.stop_accepting()
+            self.socket.close()
+        state.draining = True
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        while running and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+            running = sum(f.running for f in state.functions.values())
+        if running:
+            log.warning("%d jobs still running at shutdown; they are requeued at restart "
+                        "if stored", running)
+        self.stop()
+
     def stop(self, timeout: float | None = None) -> None:
         for conn in list(self.connections):
             conn.abort("server stopping", logging.INFO)
         super().stop(timeout if timeout is not None else 1.0)
+        self._close_store()
 
     def _admin_shutdown(self, graceful: bool) -> None:
         # Let the OK reach the admin before the server goes.

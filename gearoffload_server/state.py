@@ -25,13 +25,14 @@ import itertools
 import logging
 import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import SimpleNamespace
 from typing import Protocol
 
 from gearoffload.protocol import REQ, RES, Packet, PacketType, encode
 
 from .config import ServerConfig
+from .stores import QueueStore, StoredJob
 
 log = logging.getLogger("gearoffload.server")
 
@@ -172,7 +173,7 @@ class Peer:
     __slots__ = (
         "fd", "address", "loopback", "client_id", "out", "out_bytes", "transport",
         "exceptions", "functions", "timeouts", "jobs", "attached", "sleep", "rr",
-        "last_exception", "_dirty", "_flagged",
+        "last_exception", "_dirty", "_flagged", "batch",
     )
 
     def __init__(self, fd: int = -1, address: str = "-", loopback: bool = True,
@@ -194,6 +195,9 @@ class Peer:
         self.last_exception: bytes | None = None
         self._dirty: list[Peer] | None = None
         self._flagged = False  # in ``_dirty`` since the last ``take_dirty()``
+        #: The newest store batch holding a job this peer was sent JOB_CREATED for: its
+        #: output must not be written before that batch is durable (``stores``).
+        self.batch = None
 
     def send(self, data: bytes) -> None:
         if not self._flagged and self._dirty is not None:
@@ -243,7 +247,7 @@ class Function:
 class Job:
     __slots__ = ("handle", "function", "unique", "data", "priority", "background",
                  "reducer", "when", "clients", "worker", "numerator", "denominator",
-                 "retries", "abandoned", "timer", "state", "coalesce")
+                 "retries", "abandoned", "timer", "state", "coalesce", "stored", "batch")
 
     def __init__(self, handle: bytes, function: Function, unique: bytes, data: bytes,
                  priority: int, background: bool, reducer: bytes | None, when: int) -> None:
@@ -264,6 +268,8 @@ class Job:
         self.timer: Timer | None = None
         self.state = QUEUED
         self.coalesce = False  # indexed for coalescing (cleared when the window closes)
+        self.stored = 0        # the store's id for this job's row, 0 when not stored
+        self.batch = None      # the store batch that saves it (see ``stores.Batch``)
 
     def __repr__(self) -> str:
         return f"<Job {self.handle!r} {self.function.name!r} state={self.state}>"
@@ -272,9 +278,12 @@ class Job:
 class JobServerState:
     """All jobs, functions and connections of one server, and the rules that move them."""
 
-    def __init__(self, config: ServerConfig, scheduler: Scheduler) -> None:
+    def __init__(self, config: ServerConfig, scheduler: Scheduler,
+                 store: QueueStore | None = None) -> None:
         self.config = config
         self.scheduler = scheduler
+        #: Where background jobs are saved (§3.13); ``None`` for ``--queue memory``.
+        self.store = store
         self.functions: dict[bytes, Function] = {}
         self.jobs: dict[bytes, Job] = {}               # every live job by handle
         self.peers: dict[Peer, None] = {}              # connection order, for admin
@@ -286,6 +295,8 @@ class JobServerState:
         self._prefix = config.handle_prefix.encode() + b":"
         self._counter = itertools.count(1)
         self._dirty: list[Peer] = []
+        #: Shutting down (SIGTERM): grabs get NO_JOB, running jobs may finish.
+        self.draining = False
         #: Called by admin ``shutdown [graceful]`` when enabled; set by the I/O shell.
         self.on_shutdown: Callable[[bool], None] | None = None
         self._handlers: list[Callable[[Peer, Packet], None]] = [self._invalid_command] * 43
@@ -404,7 +415,11 @@ class JobServerState:
             func = self.functions[name] = Function(name)
         job = self._find_coalesced(func, unique, data) if unique else None
         if job is not None:
-            peer.send(encode(RES, T.JOB_CREATED, (job.handle,)))
+            created = encode(RES, T.JOB_CREATED, (job.handle,))
+            batch = job.batch
+            if batch is not None and not batch.done:
+                batch.ack(peer, len(peer.out), created, job)  # not durable yet
+            peer.send(created)
             if not background:
                 self._attach(job, peer)
             return
@@ -418,7 +433,10 @@ class JobServerState:
         func.total += 1
         if unique:
             self._index(job)
-        peer.send(encode(RES, T.JOB_CREATED, (handle,)))
+        created = encode(RES, T.JOB_CREATED, (handle,))
+        if background and self.store is not None:
+            self.store.save(job, peer, len(peer.out), created)
+        peer.send(created)
         if not background:
             self._attach(job, peer)
         if when and when > self.scheduler.now():
@@ -534,6 +552,8 @@ class JobServerState:
         state = job.state
         if state == DONE:
             return
+        if job.stored:
+            self.store.delete(job)
         if state == QUEUED:
             p = job.priority
             func.queued[p] -= 1
@@ -663,7 +683,7 @@ class JobServerState:
         was_woken = peer.sleep == WOKEN
         if peer.sleep != AWAKE:
             self._set_sleep(peer, AWAKE)
-        job = self._next_job(peer)
+        job = None if self.draining else self._next_job(peer)
         if job is None:
             peer.send(_NO_JOB)
         else:
@@ -845,3 +865,46 @@ class JobServerState:
             self._remove(job)
         return True
 
+
+    # -- the queue store (§3.13) -----------------------------------------------------------
+
+    def restore(self, rows: Iterable[StoredJob]) -> int:
+        """Replay stored background jobs at start-up, oldest first: fresh handles (§3.13),
+        the unique index (so coalescing works for them), counters and queues as if just
+        submitted; epoch jobs keep their due time. Returns how many were restored."""
+        now = self.scheduler.now()
+        count = 0
+        for row in rows:
+            func = self.function(row.function)
+            handle = b"%s%d" % (self._prefix, next(self._counter))
+            job = Job(handle, func, row.unique, row.data, row.priority, True, row.reducer,
+                      row.when)
+            job.stored = row.id
+            self.jobs[handle] = job
+            func.total += 1
+            if row.unique and self._find_coalesced(func, row.unique, row.data) is None:
+                self._index(job)
+            if row.when and row.when > now:
+                self._schedule(job)
+            else:
+                self._enqueue(job)
+            count += 1
+        return count
+
+    def store_failed(self, batch, text: bytes) -> int:
+        """The store could not write ``batch``. Every JOB_CREATED that referred to one of
+        its jobs is still in its peer's ``out`` (a peer waiting for a batch is not written
+        to; ``batch.acks`` says where each reply sits) and becomes ``ERROR QUEUE_ERROR``;
+        the jobs leave the server. Returns how many jobs were dropped."""
+        error = _error(b"QUEUE_ERROR", text)
+        jobs: dict[Job, None] = {}
+        for peer, index, reply, job in batch.acks:
+            out = peer.out
+            if index < len(out) and out[index] is reply:
+                out[index] = error
+                peer.out_bytes += len(error) - len(reply)
+            jobs[job] = None
+        for job in jobs:
+            job.stored = 0  # there is no row to delete
+            self._remove(job)  # detaches the clients: they were told ERROR, not CREATED
+        return len(jobs)

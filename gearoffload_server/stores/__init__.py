@@ -1,0 +1,200 @@
+"""Queue stores: where background jobs live, so that a restart loses none (PROTOCOL.md §3.13).
+
+The state calls a store at two moments: ``save(...)`` when it accepts a new background job
+and ``delete(job)`` when a stored job ends (complete, fail, exception, retry limit, cancel).
+Both only append to the store's open ``Batch``; nothing touches the disk on the event loop.
+The I/O shell takes the batch (``take_batch()``) and hands it to ``write(batch)`` in a
+thread: one transaction per batch, so a burst of submissions costs one commit (group
+commit). A submitter's JOB_CREATED is held back until the batch holding its job is durable
+(``Peer.batch`` says which batch a peer waits for; see ``server.py``).
+
+Rows are keyed by a store-generated id per job, never by (function, unique) (Q11); handles
+are not stored: replay (``load()``) gives fresh handles through the state.
+
+``--queue`` URLs:
+
+- ``memory`` — no persistence (gearmand's default); ``open_store`` returns ``None`` and the
+  state skips every store call.
+- ``sqlite://PATH`` — ``sqlite:///var/lib/q.db`` is the absolute path ``/var/lib/q.db``,
+  ``sqlite://q.db`` is relative to the working directory. Options as a query string:
+  ``synchronous=full`` (default: a commit is on disk before JOB_CREATED leaves) or
+  ``normal`` (survives a process crash, not a power cut), ``max_size=64M`` (caps the file;
+  a full store answers submissions with ``ERROR QUEUE_ERROR``).
+- ``redis://...`` — not implemented yet.
+
+Example::
+
+    >>> store = open_store("memory")
+    >>> store is None
+    True
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import NamedTuple
+from urllib.parse import parse_qs
+
+SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+class StoreError(Exception):
+    """The store cannot be opened or written; the message says what to do."""
+
+
+class StoredJob(NamedTuple):
+    """One row of a store, as ``load()`` returns it (in submission order)."""
+
+    id: int
+    function: bytes
+    unique: bytes
+    priority: int
+    data: bytes
+    when: int
+    reducer: bytes | None
+
+
+class Batch:
+    """Saves and deletes that become durable together, in one transaction.
+
+    ``acks`` lists, for every JOB_CREATED that refers to a job saved in this batch, where
+    that reply sits: ``(peer, index in peer.out, reply bytes, job)``. Should the write fail,
+    the shell swaps each such reply for an ``ERROR QUEUE_ERROR`` (it is still in ``out``,
+    because a peer waiting for a batch is not written to) and the jobs are dropped.
+    """
+
+    __slots__ = ("seq", "saves", "deletes", "acks", "done", "error", "event")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.saves: list[tuple] = []   # rows: StoredJob fields
+        self.deletes: list[int] = []
+        self.acks: list[tuple] = []
+        self.done = False
+        self.error: str | None = None
+        self.event = None  # the shell's wait object, made when someone waits
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.saves or self.deletes)
+
+    def ack(self, peer, index: int, reply: bytes, job) -> None:
+        """``peer`` was told about ``job`` (saved in this batch) at ``peer.out[index]``."""
+        self.acks.append((peer, index, reply, job))
+        waits = peer.batch
+        if waits is None or waits.seq < self.seq:
+            peer.batch = self
+
+
+class QueueStore:
+    """The interface the state and the shell use; subclasses implement the disk side."""
+
+    def __init__(self) -> None:
+        self._seq = itertools.count(1)
+        self.batch = Batch(next(self._seq))
+        self._ids = itertools.count(1)
+
+    # -- on the event loop ---------------------------------------------------------------
+
+    def save(self, job, peer, index: int, reply: bytes) -> None:
+        """Add a new background job to the open batch; ``reply`` is its JOB_CREATED,
+        about to be appended to ``peer.out`` at ``index``."""
+        job.stored = ident = next(self._ids)
+        batch = self.batch
+        job.batch = batch
+        # The row is built here: the job may end (and lose its id) while a thread writes.
+        batch.saves.append((ident, job.function.name, job.unique, job.priority, job.data,
+                            job.when, job.reducer))
+        batch.ack(peer, index, reply, job)
+
+    def delete(self, job) -> None:
+        """A stored job ended; its row goes with the next batch (lazily: at-least-once)."""
+        self.batch.deletes.append(job.stored)
+        job.stored = 0
+
+    def take_batch(self) -> Batch:
+        """Close the open batch for writing; later calls go into a fresh one."""
+        batch = self.batch
+        self.batch = Batch(next(self._seq))
+        return batch
+
+    # -- in a worker thread (or at start-up and shutdown) --------------------------------
+
+    def load(self) -> list[StoredJob]:
+        """Every stored job, oldest first. Called once, before the first ``save``."""
+        raise NotImplementedError
+
+    def write(self, batch: Batch) -> None:
+        """Make ``batch`` durable in one transaction, or raise ``StoreError``."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+def _size(text: str) -> int:
+    text = text.strip().lower().removesuffix("b")
+    if text and text[-1] in SIZE_UNITS:
+        return int(text[:-1]) * SIZE_UNITS[text[-1]]
+    return int(text)
+
+
+def parse_queue_url(url: str) -> tuple[str, str, dict[str, str]]:
+    """``(kind, path, options)`` for a ``--queue`` URL; ``ValueError`` says what is wrong."""
+    if url == "memory":
+        return "memory", "", {}
+    if url.startswith("redis://"):
+        raise ValueError("the redis queue store is not implemented yet; "
+                         "use sqlite://PATH or memory")
+    if not url.startswith("sqlite://"):
+        raise ValueError(f"unknown queue {url!r}: use memory or sqlite://PATH "
+                         "(e.g. sqlite:///var/lib/gearoffload/queue.db)")
+    rest = url[len("sqlite://"):]
+    path, _, query = rest.partition("?")
+    if not path:
+        raise ValueError("sqlite queue needs a file: sqlite:///absolute/path.db "
+                         "or sqlite://relative/path.db")
+    options: dict[str, str] = {}
+    for key, values in parse_qs(query, keep_blank_values=True).items():
+        value = values[-1].lower()
+        if key == "synchronous":
+            if value not in ("full", "normal"):
+                raise ValueError("sqlite option synchronous must be full or normal")
+        elif key == "max_size":
+            try:
+                if _size(value) < 64 * 1024:
+                    raise ValueError
+            except ValueError:
+                raise ValueError("sqlite option max_size must be a size of at least 64k, "
+                                 "e.g. 512M") from None
+        else:
+            raise ValueError(f"unknown sqlite option {key!r} (known: synchronous, max_size)")
+        options[key] = value
+    return "sqlite", path, options
+
+
+def open_store(url: str) -> QueueStore | None:
+    """Open the store a ``--queue`` URL names (``None`` for ``memory``); ``StoreError``
+    when it cannot be opened, e.g. a directory that cannot be created or a file that
+    another server holds."""
+    try:
+        kind, path, options = parse_queue_url(url)
+    except ValueError as exc:
+        raise StoreError(str(exc)) from None
+    if kind == "memory":
+        return None
+    from .sqlite import SqliteStore
+
+    directory = os.path.dirname(path)
+    if directory:
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the queue directory {directory}: "
+                             f"{exc.strerror or exc}") from None
+    return SqliteStore(path, synchronous=options.get("synchronous", "full"),
+                       max_size=_size(options["max_size"]) if "max_size" in options else 0)

@@ -1,0 +1,84 @@
+"""The embedded default store: one SQLite file in WAL mode, written by group commit.
+
+The file is held with an exclusive lock for the server's lifetime, so a second server
+pointed at the same file refuses to start instead of replaying someone else's jobs.
+Writes happen only in ``write()``, which the I/O shell runs in a thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+
+from . import Batch, QueueStore, StoredJob, StoreError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS gearoffload_jobs (
+    id INTEGER PRIMARY KEY,      -- per job, never (function, unique): PROTOCOL.md Q11
+    function BLOB NOT NULL,
+    unique_key BLOB NOT NULL,
+    priority INTEGER NOT NULL,   -- 0 high, 1 normal, 2 low
+    data BLOB NOT NULL,
+    due INTEGER NOT NULL,        -- epoch time of SUBMIT_JOB_EPOCH jobs, else 0
+    reducer BLOB                 -- reduce jobs only
+)
+"""
+
+
+class SqliteStore(QueueStore):
+    def __init__(self, path: str, synchronous: str = "full", max_size: int = 0) -> None:
+        super().__init__()
+        self.path = path
+        try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                 timeout=0.2)
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise sqlite3.OperationalError(f"journal_mode is {mode}, not wal")
+            db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            if max_size:
+                page = db.execute("PRAGMA page_size").fetchone()[0]
+                db.execute(f"PRAGMA max_page_count={max(max_size // page, 16)}")
+            db.execute(_SCHEMA)
+            db.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now, not at first job
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            hint = (" (is another server using it? give each server its own --queue)"
+                    if "locked" in str(exc) else "")
+            raise StoreError(f"cannot open queue database {path}: {exc}{hint}") from None
+        self.db = db
+
+    def describe(self) -> str:
+        return f"sqlite {self.path}"
+
+    def load(self) -> list[StoredJob]:
+        rows = [StoredJob(*row) for row in self.db.execute(
+            "SELECT id, function, unique_key, priority, data, due, reducer "
+            "FROM gearoffload_jobs ORDER BY id")]
+        self._ids = itertools.count(rows[-1].id + 1 if rows else 1)
+        return rows
+
+    def write(self, batch: Batch) -> None:
+        db = self.db
+        try:
+            db.execute("BEGIN")
+            if batch.saves:
+                db.executemany("INSERT INTO gearoffload_jobs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               batch.saves)
+            if batch.deletes:
+                db.executemany("DELETE FROM gearoffload_jobs WHERE id = ?",
+                               [(i,) for i in batch.deletes])
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise StoreError(f"queue database {self.path}: {exc}") from None
+
+    def close(self) -> None:
+        try:
+            self.db.close()
+        except sqlite3.Error:
+            pass

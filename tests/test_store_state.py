@@ -1,0 +1,155 @@
+"""Queue stores seen from the state: saves, deletes, replay, a failed write (no I/O)."""
+
+from __future__ import annotations
+
+from test_state import Harness
+
+from gearoffload.protocol import PacketType as T
+from gearoffload_server.stores import QueueStore, StoredJob, open_store, parse_queue_url
+from gearoffload_server.stores.sqlite import SqliteStore
+
+
+class RowsStore(QueueStore):
+    """A store that keeps rows in a dict: what a real one would have on disk."""
+
+    def __init__(self, rows=()):
+        super().__init__()
+        self.rows = {r.id: r for r in rows}
+
+    def load(self):
+        return sorted(self.rows.values())
+
+    def write(self, batch):
+        for row in batch.saves:
+            self.rows[row[0]] = StoredJob(*row)
+        for ident in batch.deletes:
+            self.rows.pop(ident, None)
+
+    def commit(self):
+        batch = self.take_batch()
+        self.write(batch)
+        batch.done = True
+        return batch
+
+
+def harness(store, **config):
+    h = Harness(**config)
+    h.state.store = store
+    return h
+
+
+def test_background_jobs_are_saved_per_job_and_deleted_when_they_end():
+    store = RowsStore()
+    h = harness(store)
+    client, worker = h.peer(), h.worker(b"f")
+    for _ in range(2):  # two empty uniques: two rows, never one (Q11)
+        h.send(client, T.SUBMIT_JOB_BG, b"f", b"", b"x")
+    h.send(client, T.SUBMIT_JOB, b"f", b"", b"foreground")  # not stored
+    assert client.batch is store.batch
+    batch = store.commit()
+    assert len(store.rows) == 2 and batch.done
+    h.send(worker, T.GRAB_JOB)
+    handle = h.received(worker)[0][1][0]
+    h.send(worker, T.WORK_COMPLETE, handle, b"")
+    store.commit()
+    assert len(store.rows) == 1
+
+
+def test_coalesced_submission_waits_for_the_batch_of_the_job():
+    store = RowsStore()
+    h = harness(store)
+    a, b = h.peer(), h.peer()
+    h.send(a, T.SUBMIT_JOB_BG, b"f", b"u", b"x")
+    batch = store.take_batch()  # being written
+    h.send(b, T.SUBMIT_JOB_BG, b"f", b"u", b"x")
+    assert b.batch is batch and len(batch.acks) == 2
+    assert not store.batch.pending
+
+
+def test_failed_write_turns_job_created_into_queue_error_and_drops_the_jobs():
+    store = RowsStore()
+    h = harness(store)
+    client, other = h.peer(), h.peer()
+    h.send(client, T.ECHO_REQ, b"before")
+    h.send(client, T.SUBMIT_JOB_BG, b"f", b"u1", b"x")
+    h.send(client, T.SUBMIT_JOB_BG, b"f", b"", b"y")
+    h.send(other, T.SUBMIT_JOB, b"f", b"u1", b"x")  # foreground onto the unsaved job
+    h.send(client, T.ECHO_REQ, b"after")
+    batch = store.take_batch()
+    assert h.state.store_failed(batch, b"Job could not be saved: disk full") == 2
+    got = h.received(client)
+    assert [t for t, _ in got] == [T.ECHO_RES, T.ERROR, T.ERROR, T.ECHO_RES]
+    assert got[1][1] == (b"QUEUE_ERROR", b"Job could not be saved: disk full")
+    assert h.received(other) == [(T.ERROR, (b"QUEUE_ERROR", b"Job could not be saved: disk full"))]
+    assert not h.state.jobs and not other.attached
+    assert not store.batch.deletes  # nothing was stored, nothing to delete
+    h.send(client, T.SUBMIT_JOB_BG, b"f", b"u1", b"x")  # the unique is free again
+    assert h.received(client)[0][0] == T.JOB_CREATED
+
+
+def test_restore_keeps_priority_fifo_uniques_and_epoch_times():
+    now = 1_000_000
+    rows = [
+        StoredJob(1, b"f", b"", 2, b"low1", 0, None),
+        StoredJob(2, b"f", b"n1", 1, b"normal1", 0, None),
+        StoredJob(3, b"f", b"", 0, b"high1", 0, None),
+        StoredJob(4, b"f", b"later", 1, b"epoch", now + 60, None),
+        StoredJob(5, b"f", b"", 1, b"normal2", 0, None),
+        StoredJob(6, b"f", b"", 0, b"high2", 0, None),
+        StoredJob(7, b"f", b"r", 1, b"reduce", 0, b"red"),
+    ]
+    store = RowsStore(rows)
+    h = harness(store)
+    assert h.state.restore(store.load()) == 7
+    client = h.peer()
+    h.send(client, T.SUBMIT_JOB_BG, b"f", b"n1", b"again")  # coalesces onto row 2
+    assert h.received(client)[0][1][0] == b"H:t:2"
+    assert not store.batch.pending
+    worker = h.worker(b"f")
+    order = []
+    for _ in range(6):
+        h.send(worker, T.GRAB_JOB_ALL)
+        (ptype, args), = h.received(worker)
+        order.append(args[-1])
+        h.send(worker, T.WORK_COMPLETE, args[0], b"")
+    assert order == [b"high1", b"high2", b"normal1", b"normal2", b"reduce", b"low1"]
+    h.send(worker, T.GRAB_JOB)
+    assert h.received(worker)[0][0] == T.NO_JOB  # the epoch job is not due yet
+    h.clock.advance(61)
+    h.send(worker, T.GRAB_JOB)
+    assert h.received(worker)[0][1][2] == b"epoch"
+    assert sorted(store.batch.deletes) == [1, 2, 3, 5, 6, 7]
+
+
+def test_sqlite_store_round_trip_and_ids_continue(tmp_path):
+    path = str(tmp_path / "q.db")
+    store = open_store("sqlite://" + path)
+    assert isinstance(store, SqliteStore) and store.load() == []
+    h = harness(store)
+    client = h.peer()
+    h.send(client, T.SUBMIT_JOB_EPOCH, b"f", b"e", b"2000000", b"d1")
+    h.send(client, T.SUBMIT_REDUCE_JOB_BACKGROUND, b"f", b"", b"red", b"agg", b"d2")
+    store.write(store.take_batch())
+    store.close()
+    store = open_store("sqlite://" + path + "?synchronous=normal")
+    rows = store.load()
+    assert rows == [StoredJob(1, b"f", b"e", 1, b"d1", 2000000, None),
+                    StoredJob(2, b"f", b"", 1, b"d2", 0, b"red")]
+    h = harness(store)
+    h.send(h.peer(), T.SUBMIT_JOB_BG, b"f", b"", b"d3")
+    assert store.batch.saves[0][0] == 3
+    store.close()
+
+
+def test_queue_urls():
+    assert parse_queue_url("memory") == ("memory", "", {})
+    assert parse_queue_url("sqlite:///var/q.db?max_size=1M") == (
+        "sqlite", "/var/q.db", {"max_size": "1m"})
+    assert parse_queue_url("sqlite://rel.db") == ("sqlite", "rel.db", {})
+    for bad in ("postgres://x", "sqlite://", "sqlite:///q.db?synchronous=off",
+                "sqlite:///q.db?foo=1", "redis://localhost:6379/0"):
+        try:
+            parse_queue_url(bad)
+        except ValueError:
+            continue
+        raise AssertionError(bad)
