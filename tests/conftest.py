@@ -25,6 +25,11 @@ from gearoffload.protocol import RES, Decoder, Packet, encode_request
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ROOT = Path(__file__).resolve().parent.parent
+#: Our server keeps background jobs in $XDG_STATE_HOME/gearoffload/queue-PORT.db by
+#: default. Each ServerProcess gets its own XDG_STATE_HOME under this run's directory, so
+#: no test replays jobs left by another test (or run) that happened to use the same port;
+#: start() again on the same ServerProcess (same port, same directory) does replay them.
+_STATE_ROOT = tempfile.TemporaryDirectory(prefix="gearoffload-tests-")
 
 
 def need_tool(name: str, package: str) -> str:
@@ -66,6 +71,7 @@ class ServerProcess:
         self.args = list(args or [])
         self.proc: subprocess.Popen | None = None
         self._log: IO[bytes] | None = None
+        self.state_home = tempfile.mkdtemp(dir=_STATE_ROOT.name)
 
     @property
     def address(self) -> str:
@@ -85,8 +91,9 @@ class ServerProcess:
         # A file, not a pipe: nothing reads the log while the server runs, and a full pipe
         # (64 KiB of log lines, e.g. from many protocol errors) would block the server.
         self._log = tempfile.TemporaryFile()
+        env = {**os.environ, "XDG_STATE_HOME": self.state_home}
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
-                                     stderr=self._log, cwd=ROOT)
+                                     stderr=self._log, cwd=ROOT, env=env)
         wait_for_port(self.port, self.proc)
         return self
 
