@@ -1,8 +1,8 @@
 """Our server's chosen behaviour where gearmand 1.1.20 has a quirk (shared/PROTOCOL.md §6).
 
 These run against our server only: gearmand would fail them by design. One test per quirk
-Q1–Q15 (Q11 is about persistent stores, which our server does not have, so there is no
-test for it), plus the server options whose defaults differ from gearmand's.
+Q1–Q15 (Q11, the persistent store, is at the end, with the other option tests), plus the
+server options whose defaults differ from gearmand's.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def test_q10_cancel_detaches_clients_from_running_job(our_server):
         assert submit(c, b"f", b"u", b"") != h  # the coalescing window closed
 
 
-# Q11 (persistent store keyed per job) is not tested: our server has no persistent store.
+# Q11 (persistent store keyed per job): test_q11_store_keeps_every_empty_unique_background_job.
 
 
 def test_q12_missing_nuls_error_then_close(our_server):
@@ -506,3 +506,23 @@ def test_random_packets_never_break_the_server(our_server):
         sync(check)
         assert check.admin("status").endswith(b".\n")
     assert "Traceback" not in our_server.stderr_text()
+
+
+def test_q11_store_keeps_every_empty_unique_background_job(server_factory, tmp_path):
+    """gearmand's sqlite store keys rows by (unique, function), so background jobs with an
+    empty unique overwrite each other and only the last survives a restart."""
+    queue = f"sqlite://{tmp_path / 'q.db'}"
+    first = server_factory("gearoffload", "--queue", queue)
+    with first.connect() as c:
+        for data in (b"one", b"two", b"three"):
+            submit(c, b"f", b"", data, T.SUBMIT_JOB_BG)
+        submit(c, b"f", b"u", b"same-unique-f", T.SUBMIT_JOB_LOW_BG)
+        submit(c, b"g", b"u", b"same-unique-g", T.SUBMIT_JOB_HIGH_BG)
+        submit(c, b"f", b"", b"foreground is not stored", T.SUBMIT_JOB)
+    assert first.stop() == 0
+    second = server_factory("gearoffload", "--queue", queue)
+    with second.connect() as admin:
+        assert status_table(admin) == {b"f": (4, 0, 0), b"g": (1, 0, 0)}
+        with worker(second, b"f") as w:
+            got = [grab(w)[2:] for _ in range(4)]
+    assert got == [(b"", b"one"), (b"", b"two"), (b"", b"three"), (b"u", b"same-unique-f")]
