@@ -555,10 +555,45 @@ class Client:
             job = client.submit("thumbnail", image, unique="img-42", priority="high")
             client.submit("cleanup", b"", background=True, run_at=time.time() + 3600)
         """
-        return self.submit_many([(function, data, {
-            "unique": unique, "priority": priority, "background": background,
-            "run_at": run_at,
-        })])[0]
+        # The one-job case of submit_many(), without the batch bookkeeping (hot path).
+        sub, new = self._join_inflight(self._prepare(function, data, unique, priority,
+                                                     background, run_at))
+        job = Job(self, sub)
+        sub.jobs.append(job)
+        if new:
+            try:
+                self._route(sub, time.monotonic() + self.connect_timeout)
+            except GearmanError as exc:
+                sub.finish(exc=exc)
+        if not sub.created.is_set():
+            self._wait_created([sub])
+        self._raise_if_refused(sub)
+        return job
+
+    def _join_inflight(self, sub: _Submission) -> tuple[_Submission, bool]:
+        """The in-flight submission ``sub`` joins (itself if none); whether it is new."""
+        if sub.key is None:
+            return sub, True
+        existing = self._inflight.get(sub.key)
+        if existing is not None:
+            return existing, False
+        self._inflight[sub.key] = sub
+        return sub, True
+
+    def _wait_created(self, subs: list[_Submission]) -> None:
+        timeout = None if self.timeout is None else max(self.timeout, self.connect_timeout)
+        with gevent.Timeout(timeout, False):
+            for sub in subs:
+                sub.created.wait()
+        for sub in subs:
+            if not sub.created.is_set():
+                sub.finish(exc=JobTimeout(f"{sub.function!r} was not accepted within "
+                                          f"{timeout}s"))
+
+    @staticmethod
+    def _raise_if_refused(sub: _Submission) -> None:
+        if sub.handle is None and sub.done.ready() and not sub.done.successful():
+            raise sub.done.exception
 
     def submit_many(self, submissions: Iterable[tuple | dict[str, Any]]) -> list[Job]:
         """Submit a batch in one pipelined write per server; return the Jobs in order.
@@ -584,14 +619,8 @@ class Client:
         jobs: list[Job] = []
         new: list[_Submission] = []
         for sub in prepared:
-            if sub.key is not None:
-                existing = self._inflight.get(sub.key)
-                if existing is not None:
-                    sub = existing
-                else:
-                    self._inflight[sub.key] = sub
-                    new.append(sub)
-            else:
+            sub, is_new = self._join_inflight(sub)
+            if is_new:
                 new.append(sub)
             job = Job(self, sub)
             sub.jobs.append(job)
@@ -602,17 +631,9 @@ class Client:
                 self._route(sub, deadline)
             except GearmanError as exc:
                 sub.finish(exc=exc)
-        timeout = None if self.timeout is None else max(self.timeout, self.connect_timeout)
-        with gevent.Timeout(timeout, False):
-            for job in jobs:
-                job._sub.created.wait()
+        self._wait_created([job._sub for job in jobs])
         for job in jobs:
-            sub = job._sub
-            if not sub.created.is_set():
-                sub.finish(exc=JobTimeout(f"{sub.function!r} was not accepted within "
-                                          f"{timeout}s"))
-            if sub.done.ready() and not sub.done.successful() and sub.handle is None:
-                raise sub.done.exception
+            self._raise_if_refused(job._sub)
         return jobs
 
     def _prepare(self, function: str | bytes, data: Data, unique: str | bytes | None = None,
