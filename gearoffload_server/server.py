@@ -370,8 +370,10 @@ class GearmanServer(StreamServer):
     def stop(self, timeout: float | None = None) -> None:
         for conn in list(self.connections):
             conn.abort("server stopping", logging.INFO)
-        super().stop(timeout if timeout is not None else 1.0)
+        # Before super().stop(): once that returns, serve_forever() returns and the
+        # process may exit before this greenlet runs again.
         self._close_store()
+        super().stop(timeout if timeout is not None else 1.0)
 
     def _admin_shutdown(self, graceful: bool) -> None:
         # Let the OK reach the admin before the server goes.
