@@ -255,6 +255,24 @@ def test_data_coalescing_on_one_connection_delivers_each_packet_once(server):
         assert third.handle != first.handle and third.result(5) == b"end"
 
 
+def test_one_client_shared_by_1000_greenlets(server):
+    """Replies are matched by order on one multiplexed connection: every greenlet gets
+    its own result, whatever the interleaving."""
+    def work(job):
+        gevent.sleep(0.001 * (job.data[-1] % 7))  # finish out of order
+        return b"r:" + job.data
+
+    with running_worker(server.address, concurrency=50, work=work), \
+            Client(server.address) as client:
+        def one(i: int) -> bytes:
+            job = client.submit("work", b"%d" % i, priority=("low", "normal", "high")[i % 3])
+            return job.result(20)
+
+        greenlets = [gevent.spawn(one, i) for i in range(1000)]
+        gevent.joinall(greenlets, timeout=30, raise_error=True)
+        assert [g.value for g in greenlets] == [b"r:%d" % i for i in range(1000)]
+
+
 def test_submit_many_pipelines_a_batch(server):
     with running_worker(server.address, concurrency=20, upper=upper), \
             Client(server.address) as client:
