@@ -231,7 +231,7 @@ class _Submission:
 
     def update(self, update: JobUpdate) -> None:
         for job in self.jobs:
-            job._updates.put(update)
+            job._push(update)
 
     def finish(self, value: bytes | None = None, exc: BaseException | None = None) -> None:
         if self.done.ready():
@@ -242,7 +242,7 @@ class _Submission:
             self.done.set(value)
         self.created.set()  # wake a submitter still waiting for JOB_CREATED
         for job in self.jobs:
-            job._updates.put(_END)
+            job._push(_END)
         if self.key is not None and self.client._inflight.get(self.key) is self:
             del self.client._inflight[self.key]
 
@@ -379,12 +379,23 @@ class Job:
         thumbnail = job.result(timeout=10)      # bytes, or raises JobFailed/JobException
     """
 
-    __slots__ = ("_client", "_sub", "_updates")
+    __slots__ = ("_client", "_sub", "_updates", "_ended")
 
     def __init__(self, client: Client, sub: _Submission) -> None:
         self._client = client
         self._sub = sub
-        self._updates: Queue = Queue()
+        # Created on the first update or updates() call: most jobs have neither, and a
+        # queue per job is a measurable share of a submission's cost.
+        self._updates: Queue | None = None
+        self._ended = False
+
+    def _push(self, item: object) -> None:
+        if self._updates is None:
+            if item is _END:
+                self._ended = True
+                return
+            self._updates = Queue()
+        self._updates.put(item)
 
     def __repr__(self) -> str:
         state = "done" if self.done else "pending"
@@ -450,9 +461,11 @@ class Job:
         if timeout is None:
             timeout = self._client.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self._sub.background:
+        if self._updates is None:
+            if self._ended or self._sub.background:
                 return
+            self._updates = Queue()
+        while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 item = self._updates.get(timeout=remaining)
