@@ -294,11 +294,17 @@ class GearmanServer(StreamServer):
     def _commit_loop(self) -> None:
         store = self.store
         pool = gevent.get_hub().threadpool
+        debug = log.isEnabledFor(logging.DEBUG)
         try:
             while store.batch.pending:
                 batch = store.take_batch()
+                started = time.perf_counter()
                 try:
                     pool.spawn(store.write, batch).get()
+                    if debug:
+                        log.debug("store batch %d: %d saves, %d deletes in %.2f ms", batch.seq,
+                                  len(batch.saves), len(batch.deletes),
+                                  (time.perf_counter() - started) * 1000)
                 except Exception as exc:  # StoreError, or a bug: never acknowledge
                     batch.error = str(exc)
                     dropped = self.state.store_failed(
