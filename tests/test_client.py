@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import gevent
+import gevent.socket
 import gevent.subprocess
 import pytest
 from gevent.event import Event
@@ -172,6 +173,42 @@ def test_result_timeout_and_no_servers(server):
         with pytest.raises(NoServersAvailable):
             client.status("H:x:1", dead)
     assert issubclass(NoServersAvailable, GearmanError)
+
+
+def test_many_waits_time_out_each_on_time(server):
+    with Client(server.address) as client:
+        jobs = client.submit_many([("nobody_serves_this", b"%d" % i) for i in range(50)])
+
+        def wait(job, timeout: float) -> float:
+            started = time.monotonic()
+            with pytest.raises(JobTimeout):
+                job.result(timeout)
+            return time.monotonic() - started - timeout
+
+        greenlets = [gevent.spawn(wait, job, 0.1 + 0.01 * i) for i, job in enumerate(jobs)]
+        gevent.joinall(greenlets, timeout=5, raise_error=True)
+        lateness = [g.value for g in greenlets]
+        assert min(lateness) >= -0.01 and max(lateness) < 0.3
+        # Waiting again works, and so does the connection.
+        with pytest.raises(JobTimeout):
+            jobs[0].result(0.05)
+        assert client.status(jobs[0].handle, jobs[0].server).known
+
+
+def test_a_server_that_never_answers_times_out_the_submission():
+    """A peer that accepts connections but never replies: submit() must not hang."""
+    silent = gevent.socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)
+    address = f"127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        with Client(address, timeout=0.5, connect_timeout=0.5) as client:
+            started = time.monotonic()
+            with pytest.raises(JobTimeout):
+                client.submit("f", b"x")
+            assert 0.45 < time.monotonic() - started < 2
+    finally:
+        silent.close()
 
 
 def test_server_error_is_raised_from_submit(server):
