@@ -98,6 +98,7 @@ class Server:
     name: str
     argv: list[str]
     cwd: Path = REPO
+    env: dict[str, str] | None = None
     proc: subprocess.Popen | None = None
     port: int = 0
     log: Path | None = None
@@ -108,7 +109,8 @@ class Server:
         fd, path = tempfile.mkstemp(prefix=f"bench-{self.name}-", suffix=".log")
         self.log = Path(path)
         with os.fdopen(fd, "wb") as log:
-            self.proc = subprocess.Popen(argv, cwd=self.cwd, stdin=subprocess.DEVNULL,
+            env = {**os.environ, **self.env} if self.env else None
+            self.proc = subprocess.Popen(argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT)
         _started.append(self.proc)
         wait_listening(self.proc, self.port)
@@ -147,6 +149,16 @@ def proc_cpu(pid: int) -> float:
 
 
 # -- gearload ----------------------------------------------------------------------------
+
+def supports_queue_option(tree: Path) -> bool:
+    """Whether this version of the server has ``--queue`` (its queue stores)."""
+    try:
+        res = subprocess.run([sys.executable, "-m", "gearoffload_server", "--help"], cwd=tree,
+                             capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return False
+    return "--queue" in res.stdout
+
 
 def find_bench_dir() -> Path | None:
     for d in BENCH_DIRS:
@@ -290,14 +302,17 @@ class Plan:
     background: int
     coalesce: int
     memory: int
+    durable: int
     time_limit: float
     repeat: int
 
 
 FULL = Plan(small_jobs=100_000, large_jobs=30_000, serial_small=30_000, serial_large=15_000,
-            background=100_000, coalesce=1_000, memory=1_000_000, time_limit=45, repeat=3)
+            background=100_000, coalesce=1_000, memory=1_000_000, durable=5_000,
+            time_limit=45, repeat=3)
 QUICK = Plan(small_jobs=20_000, large_jobs=6_000, serial_small=6_000, serial_large=4_000,
-             background=20_000, coalesce=1_000, memory=100_000, time_limit=20, repeat=1)
+             background=20_000, coalesce=1_000, memory=100_000, durable=1_000,
+             time_limit=20, repeat=1)
 
 
 @dataclass
@@ -329,14 +344,28 @@ def run(args: argparse.Namespace) -> int:
     v = args.verbose
     t0 = time.monotonic()
 
-    ours = Server("gearoffload", [sys.executable, "-m", "gearoffload_server", "--port", "{port}",
-                                  "--job-handle-prefix", "H:bench"], cwd=args.tree)
+    # Our server keeps background jobs in a sqlite store by default, under
+    # $XDG_STATE_HOME: point that at a private directory, removed at the end. The main
+    # scenarios use --queue memory, like gearmand's default in-memory queue; the
+    # "durable" scenario compares the default store with gearmand -q libsqlite3.
+    state_dir = Path(tempfile.mkdtemp(prefix="bench-state-"))
+    ours_argv = [sys.executable, "-m", "gearoffload_server", "--port", "{port}",
+                 "--job-handle-prefix", "H:bench"]
+    has_queue = supports_queue_option(args.tree)
+    env = {"XDG_STATE_HOME": str(state_dir)}
+    ours = Server("gearoffload", ours_argv + (["--queue", "memory"] if has_queue else []),
+                  cwd=args.tree, env=env)
     servers = [ours]
+    durable = [Server("gearoffload", ours_argv, cwd=args.tree, env=env)] if has_queue else []
     gearmand = args.gearmand or shutil.which("gearmand") or (
         "/usr/sbin/gearmand" if os.access("/usr/sbin/gearmand", os.X_OK) else None)
     if gearmand and not args.no_gearmand:
-        servers.append(Server("gearmand", [gearmand, "--listen=127.0.0.1", "--port={port}",
-                                           "--threads=1", "--log-file=none"]))
+        gm_argv = [gearmand, "--listen=127.0.0.1", "--port={port}", "--threads=1",
+                   "--log-file=none"]
+        servers.append(Server("gearmand", gm_argv))
+        if durable:
+            durable.append(Server("gearmand", gm_argv + [
+                "-q", "libsqlite3", f"--libsqlite3-db={state_dir / 'gearmand-{port}.db'}"]))
     else:
         print("gearmand not installed (or --no-gearmand): measuring gearoffload alone")
     names = [s.name for s in servers]
@@ -438,8 +467,25 @@ def run(args: argparse.Namespace) -> int:
         add(label, "server RSS (MiB)", False, "rss", mem, "{:,.1f}", mib)
         add(label, "RSS growth per queued job (bytes)", False, "per_job", mem, "{:,.0f}")
         add(label, "server CPU per submission (us)", False, "srv_us", mem, "{:,.1f}")
+
+        if durable:
+            label = (f"durable background: {plan.durable:,} x 64 B into sqlite "
+                     "(ours: default store; gearmand: -q libsqlite3)")
+            print(f"- {label}", flush=True)
+            res: dict[str, dict] = {}
+            for s in durable:
+                s.start()
+                res[s.name] = gearload(["background", "-n", str(plan.durable), "-c", "4",
+                                        "-d", "16", "-w", "4", "-s", "64"], s, tl * 2, v)
+                s.stop()
+            raw[label] = res
+            add(label, "background submissions/s", True, "submit_jobs_per_s", res)
+            add(label, "submit p99 latency (us)", False, "submit_p99_us", res)
+            add(label, "server CPU per submission (us)", False, "submit_srv_us_per_job", res,
+                "{:,.1f}")
     finally:
         stop_all()
+        shutil.rmtree(state_dir, ignore_errors=True)
 
     elapsed = time.monotonic() - t0
     report(rows, names, plan, elapsed, raw, args)
