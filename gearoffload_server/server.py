@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 
 import gevent
-import gevent.event
 from gevent.server import StreamServer
 
 from gearoffload.errors import ProtocolError
@@ -86,7 +85,7 @@ class Connection:
     that does not read never blocks the greenlet that produced output for it.
     """
 
-    __slots__ = ("server", "sock", "peer", "decoder", "_writer", "closing")
+    __slots__ = ("server", "sock", "peer", "decoder", "_writer", "closing", "_released")
 
     def __init__(self, server: GearmanServer, sock: socket.socket, address: tuple) -> None:
         self.server = server
@@ -100,6 +99,8 @@ class Connection:
         self.decoder = Decoder(server.config.max_packet_size)
         self._writer: gevent.Greenlet | None = None
         self.closing = False
+        #: Output of a held peer released by the committer while the writer was busy.
+        self._released: list[bytes] = []
 
     def serve(self) -> None:
         server = self.server
@@ -130,10 +131,6 @@ class Connection:
                     break
                 finally:
                     flush()
-                    if peer.batch is not None:
-                        # This chunk submitted background jobs: their JOB_CREATED (and
-                        # everything after it) leaves once their rows are durable.
-                        server.wait_durable(peer)
                 if self.closing:
                     reason = ""  # abort() has said why
                     break
@@ -173,12 +170,43 @@ class Connection:
         if sent < len(data):
             self._writer = gevent.spawn(self._write_backlog, memoryview(data)[sent:])
 
+    def release(self, count: int) -> None:
+        """Send the first ``count`` entries of a held peer's output (their jobs are
+        durable now); the rest stays held. Never blocks the caller."""
+        out = self.peer.out
+        count = min(count, len(out))
+        if not count or self.closing:
+            return
+        data = b"".join(out[:count])
+        del out[:count]
+        self.peer.out_bytes -= len(data)
+        if self._writer is not None:
+            self._released.append(data)  # the writer sends it before anything newer
+            return
+        try:
+            sent = self.sock.send(data, 0, 0.0)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.abort(f"write failed: {exc}", logging.INFO)
+            return
+        if sent < len(data):
+            self._writer = gevent.spawn(self._write_backlog, memoryview(data)[sent:])
+
     def _write_backlog(self, backlog: memoryview) -> None:
         peer = self.peer
+        released = self._released
         try:
             self.sock.sendall(backlog)
-            while peer.out and peer.batch is None:  # a held peer: see wait_durable()
-                self.sock.sendall(peer.take_output())
+            while True:
+                if released:
+                    data = b"".join(released)
+                    released.clear()
+                    self.sock.sendall(data)
+                elif peer.out and peer.batch is None:  # held: see GearmanServer._release
+                    self.sock.sendall(peer.take_output())
+                else:
+                    break
         except OSError as exc:
             self.abort(f"write failed: {exc}", logging.INFO)
         finally:
@@ -264,32 +292,18 @@ class GearmanServer(StreamServer):
     #
     # The state only appends saves and deletes to the store's open batch. One committer
     # greenlet at a time takes that batch and writes it in a thread (one transaction); all
-    # that arrives meanwhile waits in the next batch, so under load each commit carries a
-    # whole burst. A peer that was sent JOB_CREATED for a job in a batch (``peer.batch``)
-    # is not written to until that batch is durable: ``flush()`` and the writer greenlet
-    # skip it, and its own reader waits in ``wait_durable()`` before reading more. All
-    # output that names a not-yet-durable job as "created" goes to such a held peer (only
-    # the submitter's own packets produce it), so nothing acknowledges a job early, while
-    # other peers' output (workers, foreground clients) is not delayed. Should the write
-    # fail, the held JOB_CREATED replies are still in ``out`` and become ERROR QUEUE_ERROR
-    # (``JobServerState.store_failed``).
-
-    def wait_durable(self, peer: Peer) -> None:
-        """Block this reader until ``peer.batch`` is written (or failed), then send."""
-        batch = peer.batch
-        if not batch.done:
-            if batch.event is None:
-                batch.event = gevent.event.Event()
-            if self._committer is None:
-                self._committer = gevent.spawn(self._commit_loop)
-            batch.event.wait()
-        peer.batch = None
-        if peer.out:
-            limit = self.config.max_output_buffer
-            if peer.out_bytes > limit:
-                peer.transport.abort(f"more than {limit} bytes of replies unread")
-            else:
-                peer.transport.wake()
+    # that arrives meanwhile goes into the next batch, so under load each commit carries a
+    # whole burst. A peer that was sent JOB_CREATED for a job of a batch not yet durable
+    # (``peer.batch``, the newest such batch) is held: ``flush()`` and the writer greenlet
+    # do not write its output, but its reader goes on reading (clients keep pipelining).
+    # When the committer takes batch B it notes, for each peer with a reply about B, how
+    # long that peer's ``out`` is: everything before that point refers only to jobs of B or
+    # earlier batches (later submissions go into B+1). Once B is durable that prefix is
+    # sent; a peer whose newest batch is B is released entirely. All output that names a
+    # not-yet-durable job as created goes to such a held peer (only submissions produce
+    # it), so no acknowledgement leaves early, and other peers' output (workers,
+    # foreground clients) is never delayed. Should the write fail, the held replies are
+    # still in ``out`` and become ERROR QUEUE_ERROR (``JobServerState.store_failed``).
 
     def _commit_loop(self) -> None:
         store = self.store
@@ -298,6 +312,7 @@ class GearmanServer(StreamServer):
         try:
             while store.batch.pending:
                 batch = store.take_batch()
+                cuts = {ack[0]: len(ack[0].out) for ack in batch.acks}
                 started = time.perf_counter()
                 try:
                     pool.spawn(store.write, batch).get()
@@ -313,10 +328,26 @@ class GearmanServer(StreamServer):
                               "QUEUE_ERROR, %d deletes lost (those jobs may run again "
                               "after a restart)", exc, dropped, len(batch.deletes))
                 batch.done = True
-                if batch.event is not None:
-                    batch.event.set()
+                self._release(batch, cuts)
         finally:
             self._committer = None
+
+    def _release(self, batch, cuts: dict[Peer, int]) -> None:
+        """``batch`` is durable (or failed): send what its peers were held for."""
+        limit = self.config.max_output_buffer
+        for peer in {ack[0]: None for ack in batch.acks}:
+            conn = peer.transport
+            waits = peer.batch
+            if waits is None:
+                continue
+            if waits.done:
+                peer.batch = None
+                if peer.out_bytes > limit:
+                    conn.abort(f"more than {limit} bytes of replies unread")
+                elif peer.out:
+                    conn.wake()
+            elif peer in cuts:
+                conn.release(cuts[peer])
 
     def _close_store(self) -> None:
         """At exit: write what is still pending (deletes of finished jobs), then close."""

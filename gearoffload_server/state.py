@@ -418,7 +418,7 @@ class JobServerState:
             created = encode(RES, T.JOB_CREATED, (job.handle,))
             batch = job.batch
             if batch is not None and not batch.done:
-                batch.ack(peer, len(peer.out), created, job)  # not durable yet
+                batch.ack(peer, created, job)  # not durable yet: this reply is held
             peer.send(created)
             if not background:
                 self._attach(job, peer)
@@ -435,7 +435,7 @@ class JobServerState:
             self._index(job)
         created = encode(RES, T.JOB_CREATED, (handle,))
         if background and self.store is not None:
-            self.store.save(job, peer, len(peer.out), created)
+            self.store.save(job, peer, created)
         peer.send(created)
         if not background:
             self._attach(job, peer)
@@ -894,16 +894,20 @@ class JobServerState:
     def store_failed(self, batch, text: bytes) -> int:
         """The store could not write ``batch``. Every JOB_CREATED that referred to one of
         its jobs is still in its peer's ``out`` (a peer waiting for a batch is not written
-        to; ``batch.acks`` says where each reply sits) and becomes ``ERROR QUEUE_ERROR``;
+        to; ``batch.acks`` names each reply object) and becomes ``ERROR QUEUE_ERROR``;
         the jobs leave the server. Returns how many jobs were dropped."""
         error = _error(b"QUEUE_ERROR", text)
         jobs: dict[Job, None] = {}
-        for peer, index, reply, job in batch.acks:
-            out = peer.out
-            if index < len(out) and out[index] is reply:
-                out[index] = error
-                peer.out_bytes += len(error) - len(reply)
+        replies: dict[Peer, set[int]] = {}
+        for peer, reply, job in batch.acks:
+            replies.setdefault(peer, set()).add(id(reply))
             jobs[job] = None
+        for peer, ids in replies.items():
+            out = peer.out
+            for i, item in enumerate(out):
+                if id(item) in ids:  # the very reply object, not an equal one
+                    out[i] = error
+                    peer.out_bytes += len(error) - len(item)
         for job in jobs:
             job.stored = 0  # there is no row to delete
             self._remove(job)  # detaches the clients: they were told ERROR, not CREATED

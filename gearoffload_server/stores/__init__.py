@@ -58,13 +58,13 @@ class StoredJob(NamedTuple):
 class Batch:
     """Saves and deletes that become durable together, in one transaction.
 
-    ``acks`` lists, for every JOB_CREATED that refers to a job saved in this batch, where
-    that reply sits: ``(peer, index in peer.out, reply bytes, job)``. Should the write fail,
-    the shell swaps each such reply for an ``ERROR QUEUE_ERROR`` (it is still in ``out``,
+    ``acks`` lists every JOB_CREATED that refers to a job saved in this batch:
+    ``(peer, reply bytes, job)``; the reply object sits in ``peer.out``. Should the write
+    fail, each such reply is swapped for an ``ERROR QUEUE_ERROR`` (it is still in ``out``,
     because a peer waiting for a batch is not written to) and the jobs are dropped.
     """
 
-    __slots__ = ("seq", "saves", "deletes", "acks", "done", "error", "event")
+    __slots__ = ("seq", "saves", "deletes", "acks", "done", "error")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
@@ -73,15 +73,14 @@ class Batch:
         self.acks: list[tuple] = []
         self.done = False
         self.error: str | None = None
-        self.event = None  # the shell's wait object, made when someone waits
 
     @property
     def pending(self) -> bool:
         return bool(self.saves or self.deletes)
 
-    def ack(self, peer, index: int, reply: bytes, job) -> None:
-        """``peer`` was told about ``job`` (saved in this batch) at ``peer.out[index]``."""
-        self.acks.append((peer, index, reply, job))
+    def ack(self, peer, reply: bytes, job) -> None:
+        """``reply``, about to go into ``peer.out``, tells of ``job`` (saved in this batch)."""
+        self.acks.append((peer, reply, job))
         waits = peer.batch
         if waits is None or waits.seq < self.seq:
             peer.batch = self
@@ -97,16 +96,16 @@ class QueueStore:
 
     # -- on the event loop ---------------------------------------------------------------
 
-    def save(self, job, peer, index: int, reply: bytes) -> None:
+    def save(self, job, peer, reply: bytes) -> None:
         """Add a new background job to the open batch; ``reply`` is its JOB_CREATED,
-        about to be appended to ``peer.out`` at ``index``."""
+        about to be appended to ``peer.out``."""
         job.stored = ident = next(self._ids)
         batch = self.batch
         job.batch = batch
         # The row is built here: the job may end (and lose its id) while a thread writes.
         batch.saves.append((ident, job.function.name, job.unique, job.priority, job.data,
                             job.when, job.reducer))
-        batch.ack(peer, index, reply, job)
+        batch.ack(peer, reply, job)
 
     def delete(self, job) -> None:
         """A stored job ended; its row goes with the next batch (lazily: at-least-once)."""
