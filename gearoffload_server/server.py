@@ -281,7 +281,7 @@ class GearmanServer(StreamServer):
             self._committer = gevent.spawn(self._commit_loop)
         for peer in self.state.take_dirty():
             if peer.batch is not None:
-                continue  # held until its batch is durable; its reader sends it then
+                continue  # held until its batch is durable: _release() sends it
             conn = peer.transport
             if peer.out_bytes > limit:
                 conn.abort(f"more than {limit} bytes of replies unread")
