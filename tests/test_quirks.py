@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
 from wire_helpers import (
     grab,
     listing,
@@ -526,3 +527,151 @@ def test_q11_store_keeps_every_empty_unique_background_job(server_factory, tmp_p
         with worker(second, b"f") as w:
             got = [grab(w)[2:] for _ in range(4)]
     assert got == [(b"", b"one"), (b"", b"two"), (b"", b"three"), (b"u", b"same-unique-f")]
+
+
+class _InvariantSession:
+    """Random traffic on our server (several clients, workers with one or two functions,
+    disconnects, CANT_DO, admin cancels), checking after every step what must always hold:
+    admin counts agree with each other, and no runnable job is left with every worker for
+    its function asleep and none woken (the one-NOOP-per-job wake-up must never strand a
+    job). At the end, one worker drains everything and the server is empty."""
+
+    WORKERS = 4
+
+    def __init__(self, server, seed: int) -> None:
+        import random
+
+        self.rnd = random.Random(seed)
+        self.server = server
+        self.admin = server.connect()
+        self.clients = [server.connect() for _ in range(3)]
+        self.workers: list = [None] * self.WORKERS
+        self.funcs: list[list[bytes]] = [[]] * self.WORKERS
+        self.held: list[list[bytes]] = [[] for _ in range(self.WORKERS)]
+        self.state = ["awake"] * self.WORKERS
+        for i in range(self.WORKERS):
+            self._new_worker(i)
+
+    def _new_worker(self, i: int) -> None:
+        funcs = self.rnd.choice([[b"f"], [b"g"], [b"f", b"g"], [b"g", b"f"]])
+        self.workers[i] = worker(self.server, *funcs)
+        self.funcs[i], self.held[i], self.state[i] = funcs, [], "awake"
+
+    @staticmethod
+    def _drain(conn) -> list:
+        conn.send(T.ECHO_REQ, b"__drain__")
+        got = []
+        while (packet := conn.recv()).args != (b"__drain__",):
+            got.append(packet)
+        return got
+
+    def step(self) -> None:
+        rnd = self.rnd
+        op = rnd.choice(["submit"] * 5 + ["grab"] * 2 + ["work"] * 4 + ["sleep"] * 5
+                        + ["worker_leaves"] * 2 + ["cant_do"] * 2 + ["client_leaves", "cancel"])
+        i = rnd.randrange(self.WORKERS)
+        acted = self.workers[i]
+        if op == "submit":
+            acted = rnd.choice(self.clients)
+            acted.send(rnd.choice([T.SUBMIT_JOB, T.SUBMIT_JOB_BG, T.SUBMIT_JOB_HIGH,
+                                   T.SUBMIT_JOB_HIGH_BG, T.SUBMIT_JOB_LOW, T.SUBMIT_JOB_LOW_BG]),
+                       rnd.choice([b"f", b"g"]), rnd.choice([b"", b"a", b"b", b"-"]),
+                       rnd.choice([b"x", b"y"]))
+        elif op == "grab" or (op == "sleep" and self.state[i] == "woken"):
+            acted.send(rnd.choice([T.GRAB_JOB, T.GRAB_JOB_UNIQ, T.GRAB_JOB_ALL]))
+            self.state[i] = "awake"
+        elif op == "sleep":
+            acted.send(T.PRE_SLEEP)
+            self.state[i] = "sleeping"
+        elif op == "work":
+            if not self.held[i]:
+                return
+            handle = rnd.choice(self.held[i])
+            ptype = rnd.choice([T.WORK_STATUS, T.WORK_DATA, T.WORK_COMPLETE, T.WORK_FAIL,
+                                T.WORK_EXCEPTION])
+            args = {T.WORK_STATUS: (b"1", b"2"), T.WORK_FAIL: ()}.get(ptype, (b"r",))
+            acted.send(ptype, handle, *args)
+            if ptype in (T.WORK_COMPLETE, T.WORK_FAIL, T.WORK_EXCEPTION):
+                self.held[i].remove(handle)
+        elif op == "worker_leaves":
+            acted.close()
+            self._new_worker(i)
+            acted = self.admin
+        elif op == "client_leaves":
+            k = rnd.randrange(3)
+            self.clients[k].close()
+            self.clients[k] = self.server.connect()
+            acted = self.admin
+        elif op == "cant_do":
+            func = rnd.choice(self.funcs[i])
+            acted.send(T.CANT_DO, func)
+            acted.send(T.CAN_DO, func)
+        else:
+            jobs = listing(self.admin, "show jobs")
+            if not jobs:
+                return
+            handle = rnd.choice(jobs).split(b"\t")[0].decode()
+            assert self.admin.admin(f"cancel job {handle}") == b"OK\r\n"
+            acted = self.admin
+        if acted is self.admin:
+            time.sleep(0.02)  # let the server see a close made on another connection
+        early = self._drain(acted)
+        for k, conn in enumerate(self.workers):
+            for packet in early if conn is acted else self._drain(conn):
+                if packet.type == T.NOOP:
+                    self.state[k] = "woken"
+                elif packet.type in (T.JOB_ASSIGN, T.JOB_ASSIGN_UNIQ, T.JOB_ASSIGN_ALL):
+                    self.held[k].append(packet.args[0])
+                elif packet.type == T.ERROR:  # a job taken back by CANT_DO or cancel
+                    assert packet.args[0] == b"JOB_NOT_FOUND", packet
+                else:
+                    assert packet.type == T.NO_JOB, packet
+        for conn in self.clients:
+            for packet in early if conn is acted else self._drain(conn):
+                assert packet.type in (T.JOB_CREATED, T.WORK_STATUS, T.WORK_DATA,
+                                       T.WORK_COMPLETE, T.WORK_FAIL), packet
+        self._check()
+
+    def _check(self) -> None:
+        rows = status_table(self.admin)
+        queued = {line.split(b"\t")[0]: [int(n) for n in line.split(b"\t")[1:]]
+                  for line in listing(self.admin, "prioritystatus")}
+        assert sum(total for total, _, _ in rows.values()) == len(
+            listing(self.admin, "show jobs"))
+        for func, (total, running, workers) in rows.items():
+            high, normal, low, prio_workers = queued[func]
+            assert (high + normal + low + running, prio_workers) == (total, workers)
+            if high + normal + low:
+                mine = [k for k in range(self.WORKERS) if func in self.funcs[k]]
+                asleep = [k for k in mine if self.state[k] == "sleeping"]
+                woken = [k for k in mine if self.state[k] == "woken"]
+                assert woken or not asleep, f"{func} has runnable jobs, all its workers sleep"
+
+    def finish(self) -> None:
+        for conn in (*self.clients, *self.workers):
+            conn.close()
+        with worker(self.server, b"f", b"g") as w:
+
+            def drained() -> bool:  # (closed workers' jobs may come back meanwhile)
+                while True:
+                    w.send(T.GRAB_JOB)
+                    packet = w.recv()
+                    if packet.type == T.NO_JOB:
+                        break
+                    w.send(T.WORK_COMPLETE, packet.args[0], b"")
+                sync(w)
+                return all(row[:2] == (0, 0) for row in status_table(self.admin).values())
+
+            wait_until(drained)
+        assert listing(self.admin, "show jobs") == []
+        self.admin.close()
+
+
+# Seeds 5 and 12 strand a job on the server before 9e73bb6 (a woken worker leaving took the
+# only NOOP with it); 0 is just another session.
+@pytest.mark.parametrize("seed", [0, 5, 12])
+def test_random_traffic_keeps_counts_consistent_and_strands_no_job(server_factory, seed):
+    session = _InvariantSession(server_factory("gearoffload", "--queue", "memory"), seed)
+    for _ in range(120):
+        session.step()
+    session.finish()
