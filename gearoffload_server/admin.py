@@ -72,6 +72,7 @@ class AdminProtocol:
             b"verbose": lambda peer, words: b"OK %s\n" % self.config.verbose.encode(),
             b"version": lambda peer, words: b"OK %s\n" % self.config.version.encode(),
             b"shutdown": self._shutdown,
+            b"requeue": self._requeue,
         }
 
     def handle(self, peer: Peer, line: bytes) -> None:
@@ -114,10 +115,20 @@ class AdminProtocol:
                      for j in self.state.jobs.values()]
         elif what == [b"unique", b"jobs"]:
             lines = [j.unique + b"\n" for j in self.state.jobs.values()]
+        elif what == [b"dead", b"jobs"]:
+            # Extension: dead letters (--retry-failed), HANDLE FUNCTION UNIQUE FAILURES.
+            lines = [b"%s\t%s\t%s\t%d\n" % (j.handle, j.function.name, j.unique, j.failures)
+                     for j in self.state.dead.values()]
         else:
             return b"ERR UNKNOWN_SHOW_ARGUMENTS\r\n"
         lines.append(_END)
         return b"".join(lines)
+
+    def _requeue(self, peer: Peer, words: list[bytes]) -> bytes:
+        """Extension: ``requeue dead job HANDLE`` runs a dead letter again."""
+        if len(words) != 4 or [w.lower() for w in words[1:3]] != [b"dead", b"job"]:
+            return _unknown(words[0])
+        return _OK if self.state.requeue_dead(words[3]) else b"ERR UNKNOWN_JOB\r\n"
 
     def _cancel(self, peer: Peer, words: list[bytes]) -> bytes:
         if len(words) < 3:

@@ -61,6 +61,11 @@ class ServerConfig:
     queue: str = ""
     #: On SIGTERM, how long running jobs may take to finish before the server exits.
     shutdown_timeout: float = 10.0
+    #: A background job that fails (WORK_FAIL/WORK_EXCEPTION) runs again this many times
+    #: before it becomes a dead letter; 0 = never retried, dropped as in gearmand.
+    retry_failed: int = 0
+    #: Seconds before the first retry, doubled for each further one.
+    retry_backoff: float = 1.0
     version: str = __version__
 
     @property
@@ -96,6 +101,10 @@ class ServerConfig:
                 parse_queue_url(self.queue)
             except ValueError as exc:
                 raise ConfigError(f"--queue: {exc}") from None
+        if not 0 <= self.retry_failed <= 1000:
+            raise ConfigError("--retry-failed must be between 0 (off) and 1000")
+        if not 0 <= self.retry_backoff <= 86400:
+            raise ConfigError("--retry-backoff must be between 0 and 86400 seconds")
         if not 0 <= self.shutdown_timeout <= 86400:
             raise ConfigError("--shutdown-timeout must be between 0 and 86400 seconds")
 
@@ -149,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "~/.local/state/gearoffload/queue-PORT.db; sqlite:///abs/q.db is "
                         "absolute, sqlite://q.db relative; options ?synchronous=normal, "
                         "?max_size=512M) or memory (no persistence, like gearmand's default)")
+    p.add_argument("--retry-failed", type=int, default=0, metavar="N",
+                   help="run a background job that fails up to N more times, then keep it "
+                        "as a dead letter (admin 'show dead jobs', 'requeue dead job H'); "
+                        "default 0: failed jobs are dropped, as in gearmand")
+    p.add_argument("--retry-backoff", type=float, default=1.0, metavar="SECONDS",
+                   help="wait before the first retry, doubled for each further one "
+                        "(default 1)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM, how long running jobs may take to finish (default 10)")
     p.add_argument("--enable-shutdown", action="store_true",
@@ -175,6 +191,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             enable_shutdown=ns.enable_shutdown,
             queue=ns.queue,
             shutdown_timeout=ns.shutdown_timeout,
+            retry_failed=ns.retry_failed,
+            retry_backoff=ns.retry_backoff,
         )
     except ConfigError as exc:
         parser.error(str(exc))

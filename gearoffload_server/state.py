@@ -52,7 +52,7 @@ MAX_CLIENT_ID = 127
 COMPACT_THRESHOLD = 1024
 
 # Job lifecycle.
-QUEUED, SCHEDULED, RUNNING, DONE = range(4)
+QUEUED, SCHEDULED, RUNNING, DONE, DEAD = range(5)
 # Worker sleep state (§3.6).
 AWAKE, SLEEPING, WOKEN = range(3)
 
@@ -247,7 +247,8 @@ class Function:
 class Job:
     __slots__ = ("handle", "function", "unique", "data", "priority", "background",
                  "reducer", "when", "clients", "worker", "numerator", "denominator",
-                 "retries", "abandoned", "timer", "state", "coalesce", "stored", "batch")
+                 "retries", "abandoned", "timer", "state", "coalesce", "stored", "batch",
+                 "failures")
 
     def __init__(self, handle: bytes, function: Function, unique: bytes, data: bytes,
                  priority: int, background: bool, reducer: bytes | None, when: int) -> None:
@@ -264,6 +265,7 @@ class Job:
         self.numerator = 0
         self.denominator = 0
         self.retries = 0
+        self.failures = 0      # WORK_FAIL/WORK_EXCEPTION answers (--retry-failed)
         self.abandoned = False
         self.timer: Timer | None = None
         self.state = QUEUED
@@ -295,6 +297,8 @@ class JobServerState:
         self._prefix = config.handle_prefix.encode() + b":"
         self._counter = itertools.count(1)
         self._dirty: list[Peer] = []
+        #: Background jobs that failed more than ``--retry-failed`` times, by handle.
+        self.dead: dict[bytes, Job] = {}
         #: Shutting down (SIGTERM): grabs get NO_JOB, running jobs may finish.
         self.draining = False
         #: Called by admin ``shutdown [graceful]`` when enabled; set by the I/O shell.
@@ -802,7 +806,10 @@ class JobServerState:
                 self._relay_to_clients(job, encode(RES, ptype, packet.args))
         if ptype == T.WORK_COMPLETE or ptype == T.WORK_FAIL or ptype == T.WORK_EXCEPTION:
             peer.last_exception = handle if ptype == T.WORK_EXCEPTION else None
-            self._remove(job)
+            if ptype != T.WORK_COMPLETE and job.background and self.config.retry_failed:
+                self._retry_or_bury(job)
+            else:
+                self._remove(job)
 
     @staticmethod
     def _relay_to_clients(job: Job, data: bytes) -> None:
@@ -871,7 +878,8 @@ class JobServerState:
     def restore(self, rows: Iterable[StoredJob]) -> int:
         """Replay stored background jobs at start-up, oldest first: fresh handles (§3.13),
         the unique index (so coalescing works for them), counters and queues as if just
-        submitted; epoch jobs keep their due time. Returns how many were restored."""
+        submitted; epoch jobs keep their due time; dead letters stay dead letters. Returns
+        how many rows were restored."""
         now = self.scheduler.now()
         count = 0
         for row in rows:
@@ -880,6 +888,11 @@ class JobServerState:
             job = Job(handle, func, row.unique, row.data, row.priority, True, row.reducer,
                       row.when)
             job.stored = row.id
+            if row.dead:
+                job.state = DEAD
+                self.dead[handle] = job
+                count += 1
+                continue
             self.jobs[handle] = job
             func.total += 1
             if row.unique and self._find_coalesced(func, row.unique, row.data) is None:
@@ -912,3 +925,63 @@ class JobServerState:
             job.stored = 0  # there is no row to delete
             self._remove(job)  # detaches the clients: they were told ERROR, not CREATED
         return len(jobs)
+
+    # -- retries and dead letters (--retry-failed, --retry-backoff) --------------------------
+
+    def _retry_or_bury(self, job: Job) -> None:
+        """A background job's worker answered WORK_FAIL or WORK_EXCEPTION (its clients, if
+        any coalesced onto it, were told and are detached). Run it again after a back-off
+        (``--retry-backoff`` seconds, doubled per failure), or once ``--retry-failed``
+        retries are used up, move it to the dead letters (``show dead jobs``)."""
+        func = job.function
+        del job.worker.jobs[job.handle]
+        job.worker = None
+        if job.timer is not None:
+            job.timer.cancel()
+            job.timer = None
+        func.running -= 1
+        for client in job.clients:
+            client.attached.pop(job, None)
+        job.clients = []
+        job.failures += 1
+        job.numerator = job.denominator = 0
+        name = func.name.decode(errors="replace")
+        if job.failures <= self.config.retry_failed and not job.abandoned:
+            delay = self.config.retry_backoff * (1 << (job.failures - 1))
+            log.info("job %s of %s failed (%d of %d retries); again in %gs",
+                     job.handle.decode(), name, job.failures, self.config.retry_failed, delay)
+            job.when = self.scheduler.now() + delay
+            self._schedule(job)
+            return
+        job.state = DEAD
+        func.total -= 1
+        del self.jobs[job.handle]
+        self._unindex(job)
+        if job.abandoned:  # cancelled while it ran: gone, not dead
+            if job.stored:
+                self.store.delete(job)
+            return
+        self.dead[job.handle] = job
+        if job.stored:
+            self.store.mark_dead(job, True)
+        log.warning("job %s of %s failed %d times: moved to the dead letters",
+                    job.handle.decode(), name, job.failures)
+
+    def requeue_dead(self, handle: bytes) -> bool:
+        """Admin ``requeue dead job H``: a dead job runs again with its handle, its
+        failure count reset; its unique coalesces again unless a live job took it."""
+        job = self.dead.pop(handle, None)
+        if job is None:
+            return False
+        job.function = func = self.function(job.function.name)  # it may have been dropped
+        job.failures = job.retries = 0
+        job.abandoned = False
+        job.when = 0
+        self.jobs[handle] = job
+        func.total += 1
+        if job.unique and self._find_coalesced(func, job.unique, job.data) is None:
+            self._index(job)
+        if job.stored:
+            self.store.mark_dead(job, False)
+        self._enqueue(job)
+        return True

@@ -22,8 +22,20 @@ from gearoffload.protocol import PacketType as T
 N_JOBS = 10_000
 
 
+_started: list[ServerProcess] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_started_servers():
+    yield
+    while _started:
+        _started.pop().stop()  # by PID; a no-op for those already stopped or killed
+
+
 def start(db, *args: str) -> ServerProcess:
-    return ServerProcess("gearoffload", ["--queue", f"sqlite://{db}", *args]).start()
+    server = ServerProcess("gearoffload", ["--queue", f"sqlite://{db}", *args])
+    _started.append(server)
+    return server.start()
 
 
 def drain(port: int, until_count: int | None = None, limit_s: float = 30.0,
@@ -203,6 +215,42 @@ def test_worker_killed_mid_job_requeued_then_failed_after_retries_and_deleted(tm
         # Both deletes (retry limit, completion) were in a batch written before the sync.
         assert c.admin("status") == b"g\t1\t0\t0\n.\n"
     server.stop()
+
+
+def test_dead_letters_survive_a_restart_and_can_be_requeued(tmp_path):
+    db = tmp_path / "queue.db"
+    server = start(db, "--retry-failed", "1", "--retry-backoff", "0.1")
+    with server.connect() as c, server.connect() as w:
+        c.send(T.SUBMIT_JOB_BG, b"f", b"u", b"flaky")
+        c.expect(T.JOB_CREATED)
+        w.send(T.CAN_DO, b"f")
+        for _ in range(2):  # the first failure is retried after 0.1 s, the second is final
+            w.send(T.GRAB_JOB)
+            packet = w.recv()
+            deadline = time.monotonic() + 3
+            while packet.type == T.NO_JOB and time.monotonic() < deadline:
+                time.sleep(0.05)
+                w.send(T.GRAB_JOB)
+                packet = w.recv()
+            assert packet.type == T.JOB_ASSIGN
+            w.send(T.WORK_FAIL, packet.args[0])
+        w.send(T.ECHO_REQ, b"sync")
+        w.expect(T.ECHO_RES)
+        assert c.admin("status") == b"f\t0\t0\t1\n.\n"
+        assert c.admin("show dead jobs").endswith(b"\tf\tu\t2\n.\n")
+        c.send(T.SUBMIT_JOB_BG, b"g", b"", b"sync")  # acknowledged once durable, and
+        c.expect(T.JOB_CREATED)                      # batches are written in order
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(10)
+
+    server = start(db)
+    with server.connect() as c:
+        listing = c.admin("show dead jobs").splitlines()
+        assert len(listing) == 2 and listing[0].endswith(b"\tf\tu\t0")
+        handle = listing[0].split(b"\t")[0]
+        assert c.admin(f"requeue dead job {handle.decode()}") == b"OK\r\n"
+        assert c.admin("show dead jobs") == b".\n"
+    assert drain(server.port) == [b"flaky"]
 
 
 def immutable(path, on: bool) -> bool:

@@ -22,6 +22,8 @@ class RowsStore(QueueStore):
     def write(self, batch):
         for row in batch.saves:
             self.rows[row[0]] = StoredJob(*row)
+        for dead, ident in batch.marks:
+            self.rows[ident] = self.rows[ident]._replace(dead=dead)
         for ident in batch.deletes:
             self.rows.pop(ident, None)
 
@@ -153,3 +155,53 @@ def test_queue_urls():
         except ValueError:
             continue
         raise AssertionError(bad)
+
+
+def test_failed_background_job_retries_with_backoff_then_becomes_a_dead_letter():
+    store = RowsStore()
+    h = harness(store, retry_failed=2, retry_backoff=1.0)
+    client, worker = h.peer(), h.worker(b"f")
+    h.send(client, T.SUBMIT_JOB_BG, b"f", b"u", b"x")
+    h.send(client, T.SUBMIT_JOB, b"f", b"", b"foreground")
+    store.commit()
+    h.received(client)
+
+    def run(answer):
+        h.send(worker, T.GRAB_JOB_UNIQ)
+        (ptype, args), = h.received(worker)
+        assert ptype == T.JOB_ASSIGN_UNIQ, ptype
+        h.send(worker, answer, args[0], *((b"boom",) if answer == T.WORK_EXCEPTION else ()))
+        return args
+
+    handle = run(T.WORK_FAIL)[0]  # background: retried, not dropped
+    assert run(T.WORK_FAIL)[3] == b"foreground"  # foreground: failed for its client
+    assert h.received(client) == [(T.WORK_FAIL, (b"H:t:2",))]
+    h.send(worker, T.GRAB_JOB)
+    assert h.received(worker)[0][0] == T.NO_JOB  # back-off: 1 s
+    h.clock.advance(1)
+    assert run(T.WORK_EXCEPTION)[0] == handle
+    h.clock.advance(1.5)
+    h.send(worker, T.GRAB_JOB)
+    assert h.received(worker)[0][0] == T.NO_JOB  # doubled: 2 s
+    h.clock.advance(0.5)
+    run(T.WORK_FAIL)  # third failure: retries used up
+    assert h.admin_text(b"status") == b"f\t0\t0\t1\n.\n"
+    assert h.admin_text(b"show dead jobs") == b"H:t:1\tf\tu\t3\n.\n"
+    store.commit()
+    assert [r.dead for r in store.rows.values()] == [1]
+
+    # After a restart the dead letter is still one, not a queued job.
+    h2 = harness(RowsStore(store.load()), retry_failed=2)
+    assert h2.state.restore(h2.state.store.load()) == 1
+    assert h2.admin_text(b"status") == b"f\t0\t0\t0\n.\n"
+    assert h2.admin_text(b"show dead jobs") == b"H:t:1\tf\tu\t0\n.\n"
+
+    assert h.admin_text(b"requeue dead job H:t:9") == b"ERR UNKNOWN_JOB\r\n"
+    assert h.admin_text(b"requeue dead job H:t:1") == b"OK\r\n"
+    h.send(client, T.SUBMIT_JOB_BG, b"f", b"u", b"x")  # coalesces onto it again
+    assert h.received(client) == [(T.JOB_CREATED, (b"H:t:1",))]
+    h.send(worker, T.GRAB_JOB)
+    (ptype, args), = h.received(worker)
+    h.send(worker, T.WORK_COMPLETE, args[0], b"")
+    store.commit()
+    assert not store.rows and h.admin_text(b"show dead jobs") == b".\n"

@@ -53,6 +53,7 @@ class StoredJob(NamedTuple):
     data: bytes
     when: int
     reducer: bytes | None
+    dead: int = 0   # 1: failed more than --retry-failed times (a dead letter)
 
 
 class Batch:
@@ -64,19 +65,20 @@ class Batch:
     because a peer waiting for a batch is not written to) and the jobs are dropped.
     """
 
-    __slots__ = ("seq", "saves", "deletes", "acks", "done", "error")
+    __slots__ = ("seq", "saves", "deletes", "marks", "acks", "done", "error")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
         self.saves: list[tuple] = []   # rows: StoredJob fields
         self.deletes: list[int] = []
+        self.marks: list[tuple[int, int]] = []  # (dead 0/1, id)
         self.acks: list[tuple] = []
         self.done = False
         self.error: str | None = None
 
     @property
     def pending(self) -> bool:
-        return bool(self.saves or self.deletes)
+        return bool(self.saves or self.deletes or self.marks)
 
     def ack(self, peer, reply: bytes, job) -> None:
         """``reply``, about to go into ``peer.out``, tells of ``job`` (saved in this batch)."""
@@ -111,6 +113,10 @@ class QueueStore:
         """A stored job ended; its row goes with the next batch (lazily: at-least-once)."""
         self.batch.deletes.append(job.stored)
         job.stored = 0
+
+    def mark_dead(self, job, dead: bool) -> None:
+        """A stored job became a dead letter (``True``) or was requeued (``False``)."""
+        self.batch.marks.append((int(dead), job.stored))
 
     def take_batch(self) -> Batch:
         """Close the open batch for writing; later calls go into a fresh one."""

@@ -20,7 +20,8 @@ CREATE TABLE IF NOT EXISTS gearoffload_jobs (
     priority INTEGER NOT NULL,   -- 0 high, 1 normal, 2 low
     data BLOB NOT NULL,
     due INTEGER NOT NULL,        -- epoch time of SUBMIT_JOB_EPOCH jobs, else 0
-    reducer BLOB                 -- reduce jobs only
+    reducer BLOB,                -- reduce jobs only
+    dead INTEGER NOT NULL DEFAULT 0  -- 1: a dead letter (--retry-failed used up)
 )
 """
 
@@ -54,7 +55,7 @@ class SqliteStore(QueueStore):
 
     def load(self) -> list[StoredJob]:
         rows = [StoredJob(*row) for row in self.db.execute(
-            "SELECT id, function, unique_key, priority, data, due, reducer "
+            "SELECT id, function, unique_key, priority, data, due, reducer, dead "
             "FROM gearoffload_jobs ORDER BY id")]
         self._ids = itertools.count(rows[-1].id + 1 if rows else 1)
         return rows
@@ -64,8 +65,11 @@ class SqliteStore(QueueStore):
         try:
             db.execute("BEGIN")
             if batch.saves:
-                db.executemany("INSERT INTO gearoffload_jobs VALUES (?, ?, ?, ?, ?, ?, ?)",
-                               batch.saves)
+                db.executemany(
+                    "INSERT INTO gearoffload_jobs (id, function, unique_key, priority, data, "
+                    "due, reducer) VALUES (?, ?, ?, ?, ?, ?, ?)", batch.saves)
+            if batch.marks:
+                db.executemany("UPDATE gearoffload_jobs SET dead = ? WHERE id = ?", batch.marks)
             if batch.deletes:
                 db.executemany("DELETE FROM gearoffload_jobs WHERE id = ?",
                                [(i,) for i in batch.deletes])
