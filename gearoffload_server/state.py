@@ -50,6 +50,8 @@ MAX_CLIENT_ID = 127
 #: Above this many dead entries in one queue (and more dead than live), the queue is
 #: compacted, so that submit-and-disconnect loops cannot grow memory without bound.
 COMPACT_THRESHOLD = 1024
+#: Seconds a woken worker has to grab before other sleepers are woken for the same work.
+WAKE_GRACE = 1.0
 
 # Job lifecycle.
 QUEUED, SCHEDULED, RUNNING, DONE, DEAD = range(5)
@@ -224,7 +226,7 @@ class Function:
     """A function name with its three priority queues, its workers and its sleepers."""
 
     __slots__ = ("name", "queues", "queued", "ready", "scheduled", "running", "total",
-                 "dead", "workers", "sleepers", "woken", "limits")
+                 "dead", "workers", "sleepers", "woken", "limits", "wake_timer")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
@@ -239,6 +241,7 @@ class Function:
         self.sleepers: dict[Peer, None] = {}  # asleep and not yet sent a NOOP, oldest first
         self.woken = 0                # registered workers sent a NOOP that have not grabbed
         self.limits = [0, 0, 0]       # maxqueue per priority, 0 = unlimited
+        self.wake_timer: Timer | None = None  # see JobServerState._wake_overdue
 
     def __repr__(self) -> str:
         return f"<Function {self.name!r} total={self.total} running={self.running}>"
@@ -678,10 +681,29 @@ class JobServerState:
         woken worker (times ``--worker-wakeup``; 0 wakes them all, like gearmand)."""
         per_job = self.config.worker_wakeup
         sleepers = func.sleepers
+        woke = False
         while sleepers and (not per_job or func.ready * per_job > func.woken):
             worker = next(iter(sleepers))
             self._set_sleep(worker, WOKEN)
             worker.send(_NOOP)
+            woke = True
+        if woke and per_job and func.wake_timer is None:
+            func.wake_timer = self.scheduler.call_later(
+                WAKE_GRACE, lambda: self._wake_overdue(func))
+
+    def _wake_overdue(self, func: Function) -> None:
+        """Timer: jobs still wait although workers were woken for them. Those workers may be
+        busy, slow or ignoring NOOPs; stop counting on them and wake other sleepers, so
+        that waking one worker per job never leaves a job stranded."""
+        func.wake_timer = None
+        count = min(func.ready, len(func.sleepers))
+        for _ in range(count):
+            worker = next(iter(func.sleepers))
+            self._set_sleep(worker, WOKEN)
+            worker.send(_NOOP)
+        if count:
+            func.wake_timer = self.scheduler.call_later(
+                WAKE_GRACE, lambda: self._wake_overdue(func))
 
     def _grab(self, peer: Peer, packet: Packet) -> None:
         was_woken = peer.sleep == WOKEN

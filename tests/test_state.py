@@ -139,6 +139,22 @@ def test_woken_worker_taking_other_work_wakes_another_sleeper(h):
     assert h.received(only_f) == [(T.NOOP, ())]
 
 
+def test_job_not_stranded_by_a_woken_worker_that_never_grabs(h):
+    lazy, other = h.worker(b"f"), h.worker(b"f")
+    h.sleep(lazy)
+    h.sleep(other)
+    h.send(h.peer(), T.SUBMIT_JOB_BG, b"f", b"", b"x")
+    assert h.received(lazy) == [(T.NOOP, ())] and h.received(other) == []
+    h.clock.advance(0.9)
+    assert h.received(other) == []
+    h.clock.advance(0.2)  # `lazy` did not grab within WAKE_GRACE
+    assert h.received(other) == [(T.NOOP, ())]
+    h.send(other, T.GRAB_JOB)
+    assert h.received(other)[0][0] == T.JOB_ASSIGN
+    h.clock.advance(5)
+    assert h.received(lazy) == []  # nothing left to wake anyone for
+
+
 def test_pre_sleep_with_work_queued_gets_immediate_noop_every_time(h):
     c, w = h.peer(), h.worker(b"f")
     h.send(c, T.SUBMIT_JOB_BG, b"f", b"", b"x")
