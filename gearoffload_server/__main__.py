@@ -54,13 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         sys.stderr.write(f"gearoffload-server: cannot open log file: {exc}\n")
         return 2
+    server = GearmanServer(config)
     try:
-        server = GearmanServer(config)
+        server.start()  # binds the port, then opens the queue store and replays it
     except StoreError as exc:
         sys.stderr.write(f"gearoffload-server: {exc}\n")
         return 2
-    try:
-        server.start()
     except OSError as exc:
         sys.stderr.write(
             f"gearoffload-server: cannot listen on {config.host}:{config.port}: "

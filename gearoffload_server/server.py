@@ -244,11 +244,13 @@ class GearmanServer(StreamServer):
         super().__init__(listener or (config.host, config.port), backlog=1024)
         self.config = config
         #: ``None`` for ``--queue memory``: then nothing below costs anything extra.
-        self.store = open_store(config.queue_url)  # StoreError: cannot open it
-        self.state = JobServerState(config, LoopScheduler(self.flush), self.store)
+        #: Opened once the port is bound (``init_socket``), so that a server that cannot
+        #: listen neither creates nor locks a queue file.
+        self.store = None
+        self.state = JobServerState(config, LoopScheduler(self.flush))
         self._committer: gevent.Greenlet | None = None
         #: Background jobs replayed from the store at start-up.
-        self.restored = self.state.restore(self.store.load()) if self.store is not None else 0
+        self.restored = 0
         self.state.on_shutdown = self._admin_shutdown
         self.admin = AdminProtocol(self.state)
         self.connections: set[Connection] = set()
@@ -258,6 +260,15 @@ class GearmanServer(StreamServer):
     def init_socket(self) -> None:
         super().init_socket()
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.store is None and self._shutting_down is False:
+            try:
+                store = open_store(self.config.queue_url)
+            except Exception:  # StoreError: cannot open it; do not keep the port
+                self.socket.close()
+                raise
+            if store is not None:
+                self.store = self.state.store = store
+                self.restored = self.state.restore(store.load())
 
     def handle(self, sock: socket.socket, address: tuple) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

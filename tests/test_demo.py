@@ -23,7 +23,8 @@ def get(url: str) -> tuple[int, str]:
 def test_demo_serves_every_piece_and_stops_its_children_on_sigint(tmp_path):
     port, web_port = free_port(), free_port()
     env = dict(os.environ, PORT=str(port), WEB_PORT=str(web_port),
-               GEAROFFLOAD_DEMO_STATE=str(tmp_path), PYTHONPATH=str(ROOT))
+               GEAROFFLOAD_DEMO_STATE=str(tmp_path), PYTHONPATH=str(ROOT),
+               XDG_STATE_HOME=str(tmp_path))  # the server's default queue file goes here
     env.pop("GEAROFFLOAD_SERVERS", None)
     log = open(tmp_path / "demo.log", "w+")
     demo = subprocess.Popen([sys.executable, "-m", "examples.flask_app.demo",
