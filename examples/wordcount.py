@@ -39,7 +39,7 @@ from gearoffload.worker import WorkerJob
 WORD = re.compile(r"[a-z0-9']+")
 
 #: Where the reducer submits its sub-jobs; set by ``main()`` or by the environment.
-SERVERS = os.environ.get("GEARMAN_SERVERS", "127.0.0.1:4730")
+SERVERS = os.environ.get("GEAROFFLOAD_SERVERS", "127.0.0.1:4730")
 
 mappers = TaskRegistry()
 reducers = TaskRegistry()

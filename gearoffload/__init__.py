@@ -26,6 +26,7 @@ _LAZY = {
     "configure": "gearoffload.offloading",
     "progress": "gearoffload.offloading",
     "OffloadMiddleware": "gearoffload.wsgi",
+    "AdminClient": "gearoffload.admin",
 }
 
 __all__ = ["__version__", *_LAZY]

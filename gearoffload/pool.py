@@ -80,9 +80,9 @@ def parse_args(argv: list[str] | None = None) -> PoolConfig:
         description="Serve the tasks of a Python module with N processes x M greenlets.")
     parser.add_argument("target", help="module to import (myapp.tasks) or module:attr, "
                         "attr being a Worker or a TaskRegistry")
-    parser.add_argument("--servers", default=os.environ.get("GEARMAN_SERVERS",
+    parser.add_argument("--servers", default=os.environ.get("GEAROFFLOAD_SERVERS",
                                                             "127.0.0.1:4730"),
-                        help="comma-separated host:port list (default: $GEARMAN_SERVERS "
+                        help="comma-separated host:port list (default: $GEAROFFLOAD_SERVERS "
                              "or 127.0.0.1:4730)")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                         help="worker processes (default: the CPU count, %(default)s)")
