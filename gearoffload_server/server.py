@@ -159,7 +159,10 @@ class Connection:
         """Send what the state queued for this peer, without ever blocking the caller."""
         if self._writer is not None:
             return  # the writer greenlet sends ``peer.out`` after its backlog
-        data = self.peer.take_output()
+        self._send_now(self.peer.take_output())
+
+    def _send_now(self, data: bytes) -> None:
+        """One non-blocking send; what the kernel does not take goes to a writer greenlet."""
         try:
             sent = self.sock.send(data, 0, 0.0)
         except BlockingIOError:
@@ -183,15 +186,7 @@ class Connection:
         if self._writer is not None:
             self._released.append(data)  # the writer sends it before anything newer
             return
-        try:
-            sent = self.sock.send(data, 0, 0.0)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self.abort(f"write failed: {exc}", logging.INFO)
-            return
-        if sent < len(data):
-            self._writer = gevent.spawn(self._write_backlog, memoryview(data)[sent:])
+        self._send_now(data)
 
     def _write_backlog(self, backlog: memoryview) -> None:
         peer = self.peer

@@ -413,13 +413,9 @@ class JobServerState:
         if len(unique) > MAX_UNIQUE:
             peer.send(_error(b"ARGUMENT_TOO_LARGE", b"Unique value too large"))
             return
-        if not name or len(name) > MAX_FUNCTION_NAME:
-            peer.send(_error(b"INVALID_FUNCTION_NAME",
-                             b"Function name must be 1 to 512 bytes long"))
-            return
-        func = self.functions.get(name)
+        func = self._named_function(peer, name)
         if func is None:
-            func = self.functions[name] = Function(name)
+            return
         job = self._find_coalesced(func, unique, data) if unique else None
         if job is not None:
             created = encode(RES, T.JOB_CREATED, (job.handle,))
@@ -450,6 +446,15 @@ class JobServerState:
             self._schedule(job)
         else:
             self._enqueue(job)
+
+    def _named_function(self, peer: Peer, name: bytes) -> Function | None:
+        """The function a packet names (created on first use, §3.2), or ``None`` after
+        answering ERROR for an empty or over-long name (gearmand takes any, §1.5)."""
+        if not name or len(name) > MAX_FUNCTION_NAME:
+            peer.send(_error(b"INVALID_FUNCTION_NAME",
+                             b"Function name must be 1 to 512 bytes long"))
+            return None
+        return self.function(name)
 
     def _find_coalesced(self, func: Function, unique: bytes, data: bytes) -> Job | None:
         if unique == b"-":
@@ -610,13 +615,9 @@ class JobServerState:
             ms = strtoll(raw) or 0
             if ms > 0:
                 timeout = max(ms, 1000) / 1000.0
-        if not name or len(name) > MAX_FUNCTION_NAME:
-            peer.send(_error(b"INVALID_FUNCTION_NAME",
-                             b"Function name must be 1 to 512 bytes long"))
-            return
-        func = self.functions.get(name)
+        func = self._named_function(peer, name)
         if func is None:
-            func = self.functions[name] = Function(name)
+            return
         if timeout:
             peer.timeouts[func] = timeout
         else:
