@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+import gevent
 import pytest
 
 from gearoffload.protocol import RES, Decoder, Packet, encode_request
@@ -201,6 +202,21 @@ class RawConn:
 
     def admin(self, command: str) -> bytes:
         return self.admin_raw(command.encode() + b"\r\n")
+
+
+def gevent_time_limit(seconds: float):
+    """An autouse fixture that fails a test running over ``seconds``; in a test module:
+    ``time_limit = gevent_time_limit(40)``. Every wait in gevent-based tests is
+    cooperative, so the timeout fires even where a socket read would hang."""
+
+    @pytest.fixture(autouse=True)
+    def time_limit() -> Iterator[None]:
+        timer = gevent.Timeout(seconds, AssertionError(f"test ran over {seconds}s"))
+        timer.start()
+        yield
+        timer.close()
+
+    return time_limit
 
 
 @pytest.fixture(params=["gearoffload", "gearmand"])

@@ -13,7 +13,7 @@ import gevent.socket
 import pytest
 from wire_helpers import grab, submit, sync, worker
 
-from conftest import ServerProcess
+from conftest import ServerProcess, gevent_time_limit
 from gearoffload.admin import (
     AdminClient,
     AdminError,
@@ -27,12 +27,7 @@ from gearoffload.protocol import PacketType as T
 TEST_TIME_LIMIT = 20
 
 
-@pytest.fixture(autouse=True)
-def time_limit() -> Iterator[None]:
-    timer = gevent.Timeout(TEST_TIME_LIMIT, AssertionError(f"test ran over {TEST_TIME_LIMIT}s"))
-    timer.start()
-    yield
-    timer.close()
+time_limit = gevent_time_limit(TEST_TIME_LIMIT)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from flask import Flask, abort, jsonify, make_response, redirect, request, sessi
 from gevent.event import Event
 
 import gearoffload.offloading
-from conftest import ServerProcess, free_port
+from conftest import ServerProcess, free_port, gevent_time_limit
 from gearoffload import Worker
 from gearoffload.errors import JobException, JobFailed
 from gearoffload.flask import GearOffload, offload, progress
@@ -24,12 +24,7 @@ RUNS: dict[str, int] = {}
 RELEASE = Event()
 
 
-@pytest.fixture(autouse=True)
-def time_limit() -> Iterator[None]:
-    timer = gevent.Timeout(TEST_TIME_LIMIT, AssertionError(f"test ran over {TEST_TIME_LIMIT}s"))
-    timer.start()
-    yield
-    timer.close()
+time_limit = gevent_time_limit(TEST_TIME_LIMIT)
 
 
 def make_app(servers: str, **config) -> Flask:

@@ -16,7 +16,7 @@ import gevent.subprocess
 import pytest
 
 import gearoffload
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, gevent_time_limit
 from gearoffload import Worker, offloading
 from gearoffload.errors import JobException, NoServersAvailable
 from gearoffload.registry import TaskRegistry
@@ -26,12 +26,7 @@ TASKS = TaskRegistry()  # the test functions register here, not in the global re
 CALLS: list[tuple] = []
 
 
-@pytest.fixture(autouse=True)
-def time_limit() -> Iterator[None]:
-    timer = gevent.Timeout(TEST_TIME_LIMIT, AssertionError(f"test ran over {TEST_TIME_LIMIT}s"))
-    timer.start()
-    yield
-    timer.close()
+time_limit = gevent_time_limit(TEST_TIME_LIMIT)
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ import gevent
 import gevent.subprocess
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, gevent_time_limit
 from gearoffload import Client, TaskRegistry, Worker
 from gearoffload.pool import PoolConfig, load_registry, parse_args
 
@@ -44,12 +44,7 @@ def nap(job):
 """
 
 
-@pytest.fixture(autouse=True)
-def time_limit() -> Iterator[None]:
-    timer = gevent.Timeout(TEST_TIME_LIMIT, AssertionError(f"test ran over {TEST_TIME_LIMIT}s"))
-    timer.start()
-    yield
-    timer.close()
+time_limit = gevent_time_limit(TEST_TIME_LIMIT)
 
 
 class Pool:

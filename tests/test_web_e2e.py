@@ -18,18 +18,13 @@ import pytest
 from gevent import socket
 from gevent.pywsgi import WSGIServer
 
-from conftest import ROOT, ServerProcess, free_port
+from conftest import ROOT, ServerProcess, free_port, gevent_time_limit
 
 TEST_TIME_LIMIT = 40
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def time_limit() -> Iterator[None]:
-    timer = gevent.Timeout(TEST_TIME_LIMIT, AssertionError(f"test ran over {TEST_TIME_LIMIT}s"))
-    timer.start()
-    yield
-    timer.close()
+time_limit = gevent_time_limit(TEST_TIME_LIMIT)
 
 
 def http(port: int, method: str, path: str, body: bytes = b"",

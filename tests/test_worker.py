@@ -18,20 +18,14 @@ import gevent.subprocess
 import pytest
 from gevent.event import Event
 
-from conftest import ROOT, ServerProcess, free_port, need_tool
+from conftest import ROOT, ServerProcess, free_port, gevent_time_limit, need_tool
 from gearoffload import Client, TaskRegistry, Worker
 from gearoffload.errors import JobFailed, JobTimeout
 
 TEST_TIME_LIMIT = 40
 
 
-@pytest.fixture(autouse=True)
-def time_limit() -> Iterator[None]:
-    """No test may hang: every wait below is gevent-cooperative, so this fires."""
-    timer = gevent.Timeout(TEST_TIME_LIMIT, AssertionError(f"test ran over {TEST_TIME_LIMIT}s"))
-    timer.start()
-    yield
-    timer.close()
+time_limit = gevent_time_limit(TEST_TIME_LIMIT)
 
 
 @contextmanager

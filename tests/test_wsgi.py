@@ -11,7 +11,7 @@ import pytest
 from gevent.event import Event
 from werkzeug.test import Client as WsgiClient
 
-from conftest import ServerProcess, free_port
+from conftest import ServerProcess, free_port, gevent_time_limit
 from gearoffload import Worker
 from gearoffload.pool import load_registry
 from gearoffload.wsgi import OffloadMiddleware, wsgi_runner
@@ -21,12 +21,7 @@ RUNS: list[str] = []
 RELEASE = Event()
 
 
-@pytest.fixture(autouse=True)
-def time_limit() -> Iterator[None]:
-    timer = gevent.Timeout(TEST_TIME_LIMIT, AssertionError(f"test ran over {TEST_TIME_LIMIT}s"))
-    timer.start()
-    yield
-    timer.close()
+time_limit = gevent_time_limit(TEST_TIME_LIMIT)
 
 
 def legacy_app(environ, start_response):
