@@ -5,18 +5,22 @@
 
 In one run it starts a gearoffload-server, a ``gearoffload-worker --wsgi`` pool and this
 file's Flask app on a gevent ``WSGIServer`` (each a separate process on 127.0.0.1), then
-measures with a keep-alive HTTP/1.1 load loop of its own (gevent sockets):
+measures with ``wrk`` when it is on PATH (``apt-get install wrk``), otherwise with a
+keep-alive HTTP/1.1 load loop of its own (gevent sockets); ``--loadgen`` picks one, and
+the output says which was used:
 
 1. added latency: the same trivial view run locally (``/local``) and offloaded with
-   ``@ext.offload`` (``/offloaded``), sequential requests on one connection: p50/p99 of
-   each and the difference;
+   ``@ext.offload`` (``/offloaded``), sequential requests on one connection (wrk: ``-t1
+   -c1 --latency`` for a fixed time): p50/p99 of each and the difference;
 2. throughput: requests/s of a trivial WSGI route passing through ``OffloadMiddleware``
    (``/mw/...``, distinct query strings so nothing coalesces) versus the same route served
-   locally (``/plain/...``), with C concurrent connections for a fixed time; and the same
-   with identical requests (``/mw-same``), which coalesce.
+   locally (``/plain/...``), with C concurrent connections for a fixed time (wrk: ``-t2``,
+   a Lua script written to a temp file varies the path per thread and query per request);
+   and the same with identical requests (``/mw-same``), which coalesce.
 
-Every loop is bounded in count and time; only processes this script started are stopped,
-by PID. Figures move with whatever else runs on the machine: compare ratios, not absolutes.
+Every loop and every wrk run (``-d``) is bounded in count and time; only processes this
+script started are stopped, by PID. Figures move with whatever else runs on the machine:
+compare ratios, not absolutes.
 """
 
 if __name__ == "__main__":
@@ -26,11 +30,14 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -155,6 +162,68 @@ def throughput(port: int, path_of, connections: int, seconds: float) -> float:
     return done[0] / (time.monotonic() - started)
 
 
+# -- wrk -------------------------------------------------------------------------------
+
+# Each wrk thread has its own Lua state: setup() numbers the threads, so
+# "<prefix><thread>?n=<count>" is distinct across threads and requests.
+WRK_DISTINCT_LUA = """\
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+local prefix, n = "/", 0
+function init(args)
+  prefix = args[1] or "/"
+end
+function request()
+  n = n + 1
+  return wrk.format("GET", prefix .. tid .. "?n=" .. n)
+end
+"""
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _seconds(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if not match:
+        raise ValueError(f"wrk: cannot read the duration {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def run_wrk(port: int, path: str, threads: int, connections: int, seconds: float,
+            script: str | None = None, script_args: tuple[str, ...] = ()) -> dict:
+    """One bounded wrk run against 127.0.0.1: requests/s, count, mean/p50/p99 (s)."""
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
+           "--latency", "--timeout", "10s"]
+    if script:
+        cmd += ["-s", script]
+    cmd.append(f"http://127.0.0.1:{port}{path}")
+    if script_args:
+        cmd += ["--", *script_args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
+    out = done.stdout
+    if done.returncode != 0:
+        raise SystemExit(f"bench_web: {' '.join(cmd)} exited with {done.returncode}:\n"
+                         f"{out}{done.stderr}")
+    for bad in ("Non-2xx or 3xx responses", "Socket errors"):
+        if bad in out:
+            line = next(x for x in out.splitlines() if bad in x)
+            raise SystemExit(f"bench_web: wrk {path}: {line.strip()}")
+    result = {}
+    mean = re.search(r"^\s*Latency\s+(\S+)", out, re.M)
+    rate = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    count = re.search(r"^\s*(\d+) requests in", out, re.M)
+    dist = dict(re.findall(r"^\s*(50|75|90|99)%\s+(\S+)", out, re.M))
+    if not (mean and rate and count and "50" in dist and "99" in dist):
+        raise SystemExit(f"bench_web: cannot parse the wrk output:\n{out}")
+    result.update(rate=float(rate.group(1)), count=int(count.group(1)),
+                  mean=_seconds(mean.group(1)), p50=_seconds(dist["50"]),
+                  p99=_seconds(dist["99"]))
+    return result
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
@@ -202,11 +271,16 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small counts, short runs")
     parser.add_argument("--processes", type=int, default=2, help="worker processes")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--loadgen", choices=("auto", "wrk", "gevent"), default="auto",
+                        help="auto: wrk when it is on PATH, else the built-in gevent loop")
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(args.serve)
         return 0
+    wrk_path = shutil.which("wrk")
+    if args.loadgen == "wrk" and not wrk_path:
+        parser.error("--loadgen wrk: wrk is not on PATH (apt-get install wrk)")
 
     count, seconds = (200, 2.0) if args.quick else (1000, 5.0)
     gear_port, web_port = free_port(), free_port()
@@ -242,26 +316,60 @@ def main() -> int:
                 raise SystemExit("bench_web: the worker pool did not answer within 15 s")
             time.sleep(0.2)
 
+        use_wrk = args.loadgen == "wrk" or (args.loadgen == "auto" and wrk_path)
+        loadgen = (f"wrk ({wrk_path})" if use_wrk
+                   else "the built-in gevent keep-alive loop" + (
+                       "" if args.loadgen == "gevent" else " (wrk not on PATH)"))
         print(f"gearoffload web benchmark ({'quick' if args.quick else 'full'}): server, "
               f"{args.processes} worker processes, 1 web process; all on 127.0.0.1")
-        local = latencies(web_port, "/local", count, 30)
-        remote = latencies(web_port, "/offloaded", count, 30)
-        print(f"\n1. latency, {len(local)} sequential requests per view, one keep-alive "
-              "connection")
+        print(f"load generator: {loadgen}")
+
+        # 1. latency: {"count", "p50", "p99", "mean"}, milliseconds
+        if use_wrk:
+            lat = {}
+            for path in ("/local", "/offloaded"):
+                r = run_wrk(web_port, path, 1, 1, seconds)
+                lat[path] = {"count": r["count"], "p50": r["p50"] * 1000,
+                             "p99": r["p99"] * 1000, "mean": r["mean"] * 1000}
+            how = (f"wrk -t1 -c1 --latency, {seconds:.0f} s per view "
+                   f"({lat['/local']['count']} / {lat['/offloaded']['count']} requests)")
+        else:
+            lat = {}
+            for path in ("/local", "/offloaded"):
+                values = latencies(web_port, path, count, 30)
+                lat[path] = {"count": len(values), "p50": pct(values, .5),
+                             "p99": pct(values, .99),
+                             "mean": statistics.mean(values) * 1000}
+            how = f"{lat['/local']['count']} sequential requests per view"
+        local, remote = lat["/local"], lat["/offloaded"]
+        print(f"\n1. latency, {how}, one keep-alive connection")
         print(f"   {'view':<22}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}")
-        for name, values in (("local", local), ("offloaded", remote)):
-            print(f"   {name:<22}{pct(values, .5):9.3f}{pct(values, .99):9.3f}"
-                  f"{statistics.mean(values) * 1000:9.3f}")
-        print(f"   {'added by offloading':<22}{pct(remote, .5) - pct(local, .5):9.3f}"
-              f"{pct(remote, .99) - pct(local, .99):9.3f}"
-              f"{(statistics.mean(remote) - statistics.mean(local)) * 1000:9.3f}"
-              f"   (ratio p50 {pct(remote, .5) / pct(local, .5):.1f}x)")
+        for name, v in (("local", local), ("offloaded", remote)):
+            print(f"   {name:<22}{v['p50']:9.3f}{v['p99']:9.3f}{v['mean']:9.3f}")
+        print(f"   {'added by offloading':<22}{remote['p50'] - local['p50']:9.3f}"
+              f"{remote['p99'] - local['p99']:9.3f}{remote['mean'] - local['mean']:9.3f}"
+              f"   (ratio p50 {remote['p50'] / local['p50']:.1f}x)")
 
         c = args.connections
-        print(f"\n2. throughput, {c} keep-alive connections, {seconds:.0f} s each")
-        plain = throughput(web_port, lambda i, n: f"/plain/{i}?n={n}", c, seconds)
-        distinct = throughput(web_port, lambda i, n: f"/mw/{i}?n={n}", c, seconds)
-        same = throughput(web_port, lambda i, n: "/mw-same", c, seconds)
+        if use_wrk:
+            threads = min(2, c)
+            print(f"\n2. throughput, wrk -t{threads} -c{c}, {seconds:.0f} s each")
+            with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="bench_web_",
+                                             delete=False) as lua:
+                lua.write(WRK_DISTINCT_LUA)
+            try:
+                plain = run_wrk(web_port, "/", threads, c, seconds, lua.name,
+                                ("/plain/",))["rate"]
+                distinct = run_wrk(web_port, "/", threads, c, seconds, lua.name,
+                                   ("/mw/",))["rate"]
+            finally:
+                os.unlink(lua.name)
+            same = run_wrk(web_port, "/mw-same", threads, c, seconds)["rate"]
+        else:
+            print(f"\n2. throughput, {c} keep-alive connections, {seconds:.0f} s each")
+            plain = throughput(web_port, lambda i, n: f"/plain/{i}?n={n}", c, seconds)
+            distinct = throughput(web_port, lambda i, n: f"/mw/{i}?n={n}", c, seconds)
+            same = throughput(web_port, lambda i, n: "/mw-same", c, seconds)
         print(f"   {'route':<44}{'req/s':>9}{'ratio':>8}")
         print(f"   {'/plain/... served in the web process':<44}{plain:9.0f}{1:8.2f}")
         print(f"   {'/mw/... via OffloadMiddleware, all distinct':<44}{distinct:9.0f}"
