@@ -361,7 +361,10 @@ class GearmanServer(StreamServer):
                     log.exception("%s fd=%d: internal error", conn.peer.address, fd)
                     conn.abort("internal error")
                     conn.close("")
-            flush()
+            try:
+                flush()
+            except Exception:  # keep serving everyone else
+                log.exception("flush failed")
 
     def flush(self) -> None:
         """Send every peer its output now; drop peers that stopped reading."""
