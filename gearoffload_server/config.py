@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 import sys
@@ -36,6 +37,9 @@ def default_queue(port: int) -> str:
     return "sqlite://" + os.path.join(os.path.abspath(base), "gearoffload", f"queue-{port}.db")
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says what to do."""
 
@@ -56,8 +60,8 @@ class ServerConfig:
     verbose: str = "INFO"
     log_file: str | None = None
     enable_shutdown: bool = False
-    #: Where background jobs are kept (``stores``): ``memory``, ``sqlite://PATH``;
-    #: empty = ``default_queue(port)``.
+    #: Where background jobs are kept (``stores``): ``memory``, ``sqlite://PATH``,
+    #: ``redis://HOST:PORT/DB``; empty = ``default_queue(port)``.
     queue: str = ""
     #: On SIGTERM, how long running jobs may take to finish before the server exits.
     shutdown_timeout: float = 10.0
@@ -66,11 +70,24 @@ class ServerConfig:
     retry_failed: int = 0
     #: Seconds before the first retry, doubled for each further one.
     retry_backoff: float = 1.0
+    #: Networks (besides loopback) whose peers may send mutating admin commands.
+    admin_allow: tuple[IPNetwork, ...] = ()
+    #: Open connections beyond which new ones are closed at once.
+    max_connections: int = 10000
+    #: Seconds a connection may stay without sending a single byte; 0 = no limit.
+    idle_timeout: float = 300.0
+    #: Default maxqueue of every function (admin ``maxqueue`` overrides it); 0 = unlimited.
+    max_queue: int = 0
+    #: Foreground submissions one connection may wait on at once; 0 = unlimited.
+    max_client_jobs: int = 10000
     version: str = __version__
 
     @property
     def queue_url(self) -> str:
-        return self.queue or default_queue(self.port)
+        from .stores import with_default_prefix
+
+        return with_default_prefix(self.queue, self.port) if self.queue else \
+            default_queue(self.port)
 
     def __post_init__(self) -> None:
         if not -1 <= self.job_retries <= 255:
@@ -107,6 +124,14 @@ class ServerConfig:
             raise ConfigError("--retry-backoff must be between 0 and 86400 seconds")
         if not 0 <= self.shutdown_timeout <= 86400:
             raise ConfigError("--shutdown-timeout must be between 0 and 86400 seconds")
+        if self.max_connections < 1:
+            raise ConfigError("--max-connections must be at least 1")
+        if not 0 <= self.idle_timeout <= 86400:
+            raise ConfigError("--idle-timeout must be between 0 (off) and 86400 seconds")
+        if self.max_queue < 0:
+            raise ConfigError("--max-queue must be 0 (unlimited) or a positive number")
+        if self.max_client_jobs < 0:
+            raise ConfigError("--max-client-jobs must be 0 (unlimited) or a positive number")
 
 
 def _size(text: str) -> int:
@@ -119,6 +144,15 @@ def _size(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 65536, 64k or 8M)") from None
+
+
+def _network(text: str) -> IPNetwork:
+    """Parse an ``--admin-allow`` value: ``10.0.0.0/8``, ``192.0.2.7``, ``fd00::/8``."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an address or network: {text!r} (try 10.0.0.0/8 or 192.0.2.7)") from None
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -157,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default sqlite://$XDG_STATE_HOME/gearoffload/queue-PORT.db, i.e. "
                         "~/.local/state/gearoffload/queue-PORT.db; sqlite:///abs/q.db is "
                         "absolute, sqlite://q.db relative; options ?synchronous=normal, "
-                        "?max_size=512M) or memory (no persistence, like gearmand's default)")
+                        "?max_size=512M), redis://HOST:PORT/DB (keys under ?prefix=NAME, default "
+                        "gearoffload:PORT; needs gearoffload[redis]) or memory (no "
+                        "persistence, like gearmand's default)")
     p.add_argument("--retry-failed", type=int, default=0, metavar="N",
                    help="run a background job that fails up to N more times, then keep it "
                         "as a dead letter (admin 'show dead jobs', 'requeue dead job H'); "
@@ -168,7 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM, how long running jobs may take to finish (default 10)")
     p.add_argument("--enable-shutdown", action="store_true",
-                   help="accept the admin 'shutdown' command, from loopback only")
+                   help="accept the admin 'shutdown' command (from loopback or "
+                        "--admin-allow addresses only)")
+    p.add_argument("--admin-allow", type=_network, action="append", default=[],
+                   metavar="CIDR",
+                   help="also accept mutating admin commands (cancel, create, drop, maxqueue, "
+                        "shutdown, requeue) from this network; repeatable (default: loopback "
+                        "only; read-only commands are open to anyone who can connect)")
+    p.add_argument("--max-connections", type=int, default=10000, metavar="N",
+                   help="close new connections at once beyond N open ones (default 10000)")
+    p.add_argument("--idle-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="close a connection that has sent nothing at all for this long "
+                        "(default 300; 0 = never); peers that have talked are never timed out")
+    p.add_argument("--max-queue", type=int, default=0, metavar="N",
+                   help="default maxqueue of every function (admin 'maxqueue' overrides it); "
+                        "0 = unlimited (default, as gearmand)")
+    p.add_argument("--max-client-jobs", type=int, default=10000, metavar="N",
+                   help="foreground jobs one connection may wait on at once; more get "
+                        "ERROR QUEUE_ERROR (default 10000; 0 = unlimited)")
     p.add_argument("--version", "-V", action="version", version=f"gearoffload-server {__version__}")
     return p
 
@@ -193,6 +246,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             shutdown_timeout=ns.shutdown_timeout,
             retry_failed=ns.retry_failed,
             retry_backoff=ns.retry_backoff,
+            admin_allow=tuple(ns.admin_allow),
+            max_connections=ns.max_connections,
+            idle_timeout=ns.idle_timeout,
+            max_queue=ns.max_queue,
+            max_client_jobs=ns.max_client_jobs,
         )
     except ConfigError as exc:
         parser.error(str(exc))

@@ -1,10 +1,15 @@
-"""Nothing lost: the sqlite queue store with real server processes, kill -9 and restarts.
+"""Nothing lost: the queue stores with real server processes, kill -9 and restarts.
 
-Everything runs on loopback against servers this file starts (stopped by PID only).
+The behaviours every store must have run against sqlite and redis (``store_url``); the
+redis runs use a ``redis-server`` this file starts on a free loopback port (Debian package
+redis-server), one key prefix per test. Everything runs on loopback against processes
+this file starts (stopped by PID only).
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import shutil
 import signal
 import socket
@@ -15,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, RawConn, ServerProcess, free_port
+from conftest import ROOT, RawConn, ServerProcess, free_port, need_tool, wait_for_port
 from gearoffload.protocol import Decoder, encode_request
 from gearoffload.protocol import PacketType as T
 
@@ -32,8 +37,60 @@ def _stop_started_servers():
         _started.pop().stop()  # by PID; a no-op for those already stopped or killed
 
 
-def start(db, *args: str) -> ServerProcess:
-    server = ServerProcess("gearoffload", ["--queue", f"sqlite://{db}", *args])
+class RedisServer:
+    """A throwaway ``redis-server`` on a free loopback port, nothing saved to disk."""
+
+    def __init__(self, binary: str, port: int | None = None) -> None:
+        self.binary = binary
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # our own child, by PID
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def url(self, prefix: str) -> str:
+        return f"redis://127.0.0.1:{self.port}/0?prefix={prefix}"
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = RedisServer(need_tool("redis-server", "redis-server")).start()
+    yield server
+    server.stop()
+
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request, tmp_path) -> str:
+    """A fresh, empty queue: a sqlite file or a key prefix of its own in the redis."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'queue.db'}"
+    redis_server = request.getfixturevalue("redis_server")
+    return redis_server.url(f"test{os.getpid()}-{next(_prefixes)}")
+
+
+def start(db, *args: str, port: int | None = None) -> ServerProcess:
+    """A server on the queue ``db``: a sqlite file path or a whole ``--queue`` URL."""
+    url = db if str(db).startswith(("sqlite://", "redis://")) else f"sqlite://{db}"
+    server = ServerProcess("gearoffload", ["--queue", url, *args])
+    if port is not None:
+        server.port = port
     _started.append(server)
     return server.start()
 
@@ -107,8 +164,8 @@ def submit_and_kill(server: ServerProcess) -> list[bytes]:
     return payloads[:acked]
 
 
-def test_kill_9_mid_stream_then_mid_drain_loses_no_acknowledged_job(tmp_path):
-    db = tmp_path / "queue.db"
+def test_kill_9_mid_stream_then_mid_drain_loses_no_acknowledged_job(store_url):
+    db = store_url
     first = start(db)
     acked = submit_and_kill(first)
     count = len(acked)
@@ -143,8 +200,8 @@ def test_kill_9_mid_stream_then_mid_drain_loses_no_acknowledged_job(tmp_path):
     assert len(phase3) == len(set(phase3)) and len(phase2) == len(set(phase2))
 
 
-def test_replay_keeps_priority_order_uniques_and_epoch_jobs(tmp_path):
-    db = tmp_path / "queue.db"
+def test_replay_keeps_priority_order_uniques_and_epoch_jobs(store_url):
+    db = store_url
     server = start(db)
     with server.connect() as c:
         for ptype, unique, data in [
@@ -186,8 +243,8 @@ def test_replay_keeps_priority_order_uniques_and_epoch_jobs(tmp_path):
     server.stop()
 
 
-def test_worker_killed_mid_job_requeued_then_failed_after_retries_and_deleted(tmp_path):
-    db = tmp_path / "queue.db"
+def test_worker_killed_mid_job_requeued_then_failed_after_retries_and_deleted(store_url):
+    db = store_url
     server = start(db, "--job-retries", "2")
     with server.connect() as c:
         c.send(T.SUBMIT_JOB_BG, b"f", b"", b"doomed")
@@ -217,8 +274,8 @@ def test_worker_killed_mid_job_requeued_then_failed_after_retries_and_deleted(tm
     server.stop()
 
 
-def test_dead_letters_survive_a_restart_and_can_be_requeued(tmp_path):
-    db = tmp_path / "queue.db"
+def test_dead_letters_survive_a_restart_and_can_be_requeued(store_url):
+    db = store_url
     server = start(db, "--retry-failed", "1", "--retry-backoff", "0.1")
     with server.connect() as c, server.connect() as w:
         c.send(T.SUBMIT_JOB_BG, b"f", b"u", b"flaky")
@@ -326,7 +383,9 @@ def test_full_store_refuses_with_queue_error(tmp_path):
 
 @pytest.mark.parametrize("queue, message", [
     ("postgres://x", "unknown queue"),
-    ("redis://localhost:6379/0", "redis queue store is not implemented"),
+    ("redis://localhost:notaport/0", "port must be a number"),
+    ("redis://localhost:6379/zero", "database must be a number"),
+    ("redis://localhost:6379/0?prefx=a", "unknown redis option 'prefx'"),
     ("sqlite:///proc/no/such/dir/q.db", "cannot create the queue directory"),
 ])
 def test_bad_queue_is_one_line_and_exit_2(queue, message):
@@ -350,8 +409,8 @@ def test_second_server_on_the_same_file_refuses_to_start(tmp_path):
         first.stop()
 
 
-def test_sigterm_lets_running_jobs_finish_and_gives_no_new_ones(tmp_path):
-    server = start(tmp_path / "queue.db", "--shutdown-timeout", "5")
+def test_sigterm_lets_running_jobs_finish_and_gives_no_new_ones(store_url):
+    server = start(store_url, "--shutdown-timeout", "5")
     with server.connect() as c, server.connect() as w:
         for data in (b"running", b"queued"):
             c.send(T.SUBMIT_JOB_BG, b"f", b"", data)
@@ -366,8 +425,72 @@ def test_sigterm_lets_running_jobs_finish_and_gives_no_new_ones(tmp_path):
         w.expect(T.NO_JOB)  # nothing new during shutdown
         w.send(T.WORK_COMPLETE, handle, b"")
         assert server.proc.wait(5) == 0
-    server = start(tmp_path / "queue.db")
+    server = start(store_url)
     assert drain(server.port) == [b"queued"]
     server.stop()
 
 
+
+
+# -- redis only ---------------------------------------------------------------------------
+
+
+def test_redis_unreachable_mid_run_refuses_with_queue_error_and_recovers():
+    """Redis goes away while the server runs: background submissions get ERROR
+    QUEUE_ERROR naming redis, the server keeps running and foreground jobs still work;
+    once Redis is back on its port, submissions are stored again."""
+    own = RedisServer(need_tool("redis-server", "redis-server")).start()
+    try:
+        server = start(own.url("outage"))
+        with server.connect() as c, server.connect() as w:
+            c.send(T.SUBMIT_JOB_BG, b"f", b"", b"before")
+            c.expect(T.JOB_CREATED)
+            own.stop()
+            c.send(T.SUBMIT_JOB_BG, b"f", b"u", b"x")
+            c.send(T.SUBMIT_JOB_BG, b"f", b"", b"y")
+            for _ in range(2):
+                code, text = c.expect(T.ERROR)
+                assert code == b"QUEUE_ERROR" and b"could not be saved" in text, text
+                assert b"redis queue redis://127.0.0.1:" in text, text
+            assert c.admin("status") == b"f\t1\t0\t0\n.\n"  # the refused jobs are gone
+            w.send(T.CAN_DO, b"g")
+            c.send(T.SUBMIT_JOB, b"g", b"", b"foreground")  # still works
+            handle, = c.expect(T.JOB_CREATED)
+            w.send(T.GRAB_JOB)
+            assert w.expect(T.JOB_ASSIGN)[2] == b"foreground"
+            w.send(T.WORK_COMPLETE, handle, b"done")
+            assert c.expect(T.WORK_COMPLETE) == (handle, b"done")
+            own.start()  # the same port, empty (nothing was saved)
+            c.send(T.SUBMIT_JOB_BG, b"f", b"", b"z")
+            c.expect(T.JOB_CREATED)
+        assert server.stop() == 0
+        assert "queue store write failed" in server.stderr_text()
+        server = start(own.url("outage"))
+        assert drain(server.port) == [b"z"]
+    finally:
+        own.stop()
+
+
+def test_redis_not_answering_at_start_is_one_line_and_exit_2():
+    port = free_port()  # nothing listens there
+    result = subprocess.run(
+        [sys.executable, "-m", "gearoffload_server", "--port", str(free_port()),
+         "--queue", f"redis://127.0.0.1:{port}/0"], cwd=ROOT, capture_output=True,
+        text=True, timeout=15)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"cannot reach the redis queue at redis://127.0.0.1:{port}/0" in result.stderr
+
+
+def test_redis_default_prefix_is_per_port_so_two_servers_share_one_redis(redis_server):
+    url = f"redis://127.0.0.1:{redis_server.port}/0"
+    first, second = start(url), start(url)
+    for server, data in ((first, b"one"), (second, b"two")):
+        with server.connect() as c:
+            c.send(T.SUBMIT_JOB_BG, b"f", b"", data)
+            c.expect(T.JOB_CREATED)
+        assert server.stop() == 0
+    for server, data in ((first, b"one"), (second, b"two")):
+        again = start(url, port=server.port)  # the same port: the same default prefix
+        assert drain(again.port) == [data]
+        again.stop()

@@ -5,7 +5,13 @@ from __future__ import annotations
 from test_state import Harness
 
 from gearoffload.protocol import PacketType as T
-from gearoffload_server.stores import QueueStore, StoredJob, open_store, parse_queue_url
+from gearoffload_server.stores import (
+    QueueStore,
+    StoredJob,
+    open_store,
+    parse_queue_url,
+    with_default_prefix,
+)
 from gearoffload_server.stores.sqlite import SqliteStore
 
 
@@ -148,8 +154,16 @@ def test_queue_urls():
     assert parse_queue_url("sqlite:///var/q.db?max_size=1M") == (
         "sqlite", "/var/q.db", {"max_size": "1m"})
     assert parse_queue_url("sqlite://rel.db") == ("sqlite", "rel.db", {})
+    assert parse_queue_url("redis://h:6380/2?prefix=eu1") == (
+        "redis", "redis://h:6380/2", {"prefix": "eu1"})
+    assert parse_queue_url("redis://h") == ("redis", "redis://h", {})
+    assert with_default_prefix("redis://h:6379/0", 4730) == \
+        "redis://h:6379/0?prefix=gearoffload:4730"
+    assert with_default_prefix("redis://h/0?prefix=x", 4730) == "redis://h/0?prefix=x"
+    assert with_default_prefix("sqlite://q.db", 4730) == "sqlite://q.db"
     for bad in ("postgres://x", "sqlite://", "sqlite:///q.db?synchronous=off",
-                "sqlite:///q.db?foo=1", "redis://localhost:6379/0"):
+                "sqlite:///q.db?foo=1", "redis://h:0/0", "redis://h:99999/0",
+                "redis://h:6379/db", "redis://h/0?prefix=", "redis://h/0?db=1"):
         try:
             parse_queue_url(bad)
         except ValueError:
@@ -205,3 +219,12 @@ def test_failed_background_job_retries_with_backoff_then_becomes_a_dead_letter()
     h.send(worker, T.WORK_COMPLETE, args[0], b"")
     store.commit()
     assert not store.rows and h.admin_text(b"show dead jobs") == b".\n"
+
+
+def test_redis_rows_round_trip():
+    from gearoffload_server.stores.redis import _pack, _unpack
+
+    for row in [(7, b"f", b"", 1, b"data", 0, None),
+                (8, b"fn:x", b"u\x00nique", 0, b"", 1893456000, b"reduce"),
+                (9, b"f", b"u", 2, bytes(range(256)) * 3, 0, b"")]:
+        assert _unpack(row[0], _pack(row), 1) == StoredJob(*row, dead=1)

@@ -20,7 +20,10 @@ are not stored: replay (``load()``) gives fresh handles through the state.
   ``synchronous=full`` (default: a commit is on disk before JOB_CREATED leaves) or
   ``normal`` (survives a process crash, not a power cut), ``max_size=64M`` (caps the file;
   a full store answers submissions with ``ERROR QUEUE_ERROR``).
-- ``redis://...`` — not implemented yet.
+- ``redis://HOST:PORT/DB`` — a Redis the team already runs (``stores/redis.py``; needs
+  ``pip install 'gearoffload[redis]'``). ``?prefix=NAME`` names its keys (``NAME:jobs``,
+  ``NAME:dead``); the default ``gearoffload:PORT`` (the job server's port) keeps several
+  servers on one Redis apart. Redis must answer PING at start-up.
 
 Example::
 
@@ -34,7 +37,7 @@ from __future__ import annotations
 import itertools
 import os
 from typing import NamedTuple
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -153,11 +156,11 @@ def parse_queue_url(url: str) -> tuple[str, str, dict[str, str]]:
     if url == "memory":
         return "memory", "", {}
     if url.startswith("redis://"):
-        raise ValueError("the redis queue store is not implemented yet; "
-                         "use sqlite://PATH or memory")
+        return _parse_redis_url(url)
     if not url.startswith("sqlite://"):
-        raise ValueError(f"unknown queue {url!r}: use memory or sqlite://PATH "
-                         "(e.g. sqlite:///var/lib/gearoffload/queue.db)")
+        raise ValueError(f"unknown queue {url!r}: use memory, sqlite://PATH "
+                         "(e.g. sqlite:///var/lib/gearoffload/queue.db) "
+                         "or redis://HOST:PORT/DB")
     rest = url[len("sqlite://"):]
     path, _, query = rest.partition("?")
     if not path:
@@ -182,6 +185,43 @@ def parse_queue_url(url: str) -> tuple[str, str, dict[str, str]]:
     return "sqlite", path, options
 
 
+def _parse_redis_url(url: str) -> tuple[str, str, dict[str, str]]:
+    """``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB][?prefix=NAME]``."""
+    where, _, query = url.partition("?")
+    parts = urlsplit(where)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("redis queue: the port must be a number from 1 to 65535, "
+                         "e.g. redis://localhost:6379/0") from None
+    if port == 0:
+        raise ValueError("redis queue: the port must be a number from 1 to 65535")
+    db = parts.path.lstrip("/")
+    if db and not (db.isdigit() and int(db) < 1 << 16):
+        raise ValueError(f"redis queue: the database must be a number, not {db!r} "
+                         "(e.g. redis://localhost:6379/0)")
+    if parts.fragment:
+        raise ValueError("redis queue: unexpected '#' in the URL")
+    options: dict[str, str] = {}
+    for key, values in parse_qs(query, keep_blank_values=True).items():
+        value = values[-1]
+        if key != "prefix":
+            raise ValueError(f"unknown redis option {key!r} (known: prefix)")
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("redis option prefix must be a non-empty name without spaces, "
+                             "e.g. ?prefix=gearoffload:eu1")
+        options[key] = value
+    return "redis", where, options
+
+
+def with_default_prefix(url: str, port: int) -> str:
+    """A ``redis://`` URL without ``?prefix=`` gets ``gearoffload:PORT``: two job
+    servers on one Redis keep their jobs apart. Other URLs are returned as they are."""
+    if not url.startswith("redis://") or "prefix=" in url.partition("?")[2]:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}prefix=gearoffload:{port}"
+
+
 def open_store(url: str) -> QueueStore | None:
     """Open the store a ``--queue`` URL names (``None`` for ``memory``); ``StoreError``
     when it cannot be opened, e.g. a directory that cannot be created or a file that
@@ -192,6 +232,10 @@ def open_store(url: str) -> QueueStore | None:
         raise StoreError(str(exc)) from None
     if kind == "memory":
         return None
+    if kind == "redis":
+        from .redis import RedisStore
+
+        return RedisStore(path, options.get("prefix", "gearoffload"))
     from .sqlite import SqliteStore
 
     directory = os.path.dirname(path)

@@ -1,0 +1,178 @@
+"""The shared store: background jobs in a Redis the team already runs.
+
+Two keys per server, under its prefix (``gearoffload:PORT`` unless ``?prefix=`` says
+otherwise, so that several servers share one Redis without seeing each other's jobs):
+
+- ``PREFIX:jobs`` — a hash, field = the store-generated job id (decimal; never
+  function+unique, PROTOCOL.md Q11), value = the packed row (``_pack``);
+- ``PREFIX:dead`` — a set of the ids that are dead letters.
+
+One batch is one ``MULTI``/``EXEC`` pipeline: a burst of submissions costs one round
+trip. ``load()`` sorts the ids: ids grow with every submission, so that is submission
+order (the state rebuilds priority queues from it, as for sqlite).
+
+Durability is Redis's own: JOB_CREATED leaves once ``EXEC`` has returned, i.e. the rows
+are in Redis's memory; they survive a Redis restart as far as its persistence is
+configured (``appendonly yes`` with ``appendfsync always`` matches sqlite's
+``synchronous=full``, ``everysec`` loses up to a second on a power cut).
+
+Writes run in a thread of gevent's pool; the connection uses the unpatched socket module
+so it does not depend on which pool thread (or the main thread, for ``load``) uses it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from urllib.parse import urlsplit
+
+from . import Batch, QueueStore, StoredJob, StoreError
+
+try:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError:  # pragma: no cover - the optional extra is missing
+    redis = None
+
+# priority, when, len(function), len(unique), len(reducer) or NO_REDUCER; then the bytes
+_HEAD = struct.Struct("!BqIII")
+_NO_REDUCER = 0xFFFFFFFF
+
+
+def _pack(row: tuple) -> bytes:
+    _id, function, unique, priority, data, when, reducer = row
+    return b"".join((
+        _HEAD.pack(priority, when, len(function), len(unique),
+                   _NO_REDUCER if reducer is None else len(reducer)),
+        function, unique, reducer or b"", data))
+
+
+def _unpack(ident: int, raw: bytes, dead: int) -> StoredJob:
+    priority, when, nf, nu, nr = _HEAD.unpack_from(raw)
+    at = _HEAD.size
+    function = raw[at:at + nf]
+    at += nf
+    unique = raw[at:at + nu]
+    at += nu
+    reducer = None
+    if nr != _NO_REDUCER:
+        reducer = raw[at:at + nr]
+        at += nr
+    return StoredJob(ident, function, unique, priority, raw[at:], when, reducer, dead)
+
+
+def _original_socket():
+    """The socket module's own ``socket`` and ``getaddrinfo``, not gevent's."""
+    try:
+        from gevent import monkey
+    except ImportError:  # pragma: no cover
+        import socket
+        return socket.socket, socket.getaddrinfo
+    return tuple(monkey.get_original("socket", ["socket", "getaddrinfo"]))
+
+
+if redis is not None:
+    class _Connection(redis.Connection):
+        """A plain blocking socket, usable from any thread."""
+
+        def _connect(self):
+            import socket
+
+            make, getaddrinfo = _original_socket()
+            err: OSError | None = None
+            for family, socktype, proto, _, address in getaddrinfo(
+                    self.host, self.port, 0, socket.SOCK_STREAM):
+                sock = make(family, socktype, proto)
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock.settimeout(self.socket_connect_timeout)
+                    sock.connect(address)
+                    sock.settimeout(self.socket_timeout)
+                    return sock
+                except OSError as exc:
+                    err = exc
+                    sock.close()
+            raise err or OSError(f"cannot resolve {self.host}")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class RedisStore(QueueStore):
+    def __init__(self, url: str, prefix: str) -> None:
+        super().__init__()
+        if redis is None:
+            raise StoreError("the redis queue store needs the redis package: "
+                             "pip install 'gearoffload[redis]'")
+        parts = urlsplit(url)
+        self.host = parts.hostname or "localhost"
+        self.port = parts.port or 6379
+        self.db = int(parts.path.lstrip("/") or 0)
+        self.prefix = prefix
+        self.jobs_key = f"{prefix}:jobs"
+        self.dead_key = f"{prefix}:dead"
+        pool = redis.ConnectionPool(
+            connection_class=_Connection, host=self.host, port=self.port, db=self.db,
+            username=parts.username or None, password=parts.password or None,
+            socket_connect_timeout=3.0, socket_timeout=5.0,
+            retry=Retry(NoBackoff(), 1),  # one reconnect, e.g. after a Redis restart
+            max_connections=4)
+        self.client = redis.Redis(connection_pool=pool)
+        try:
+            self.client.ping()
+        except redis.RedisError as exc:
+            raise StoreError(f"cannot reach the redis queue at {self.describe_where()}: "
+                             f"{_one_line(exc)}") from None
+
+    def describe_where(self) -> str:
+        return f"redis://{self.host}:{self.port}/{self.db}"
+
+    def describe(self) -> str:
+        return f"redis {self.describe_where()} prefix {self.prefix}"
+
+    def load(self) -> list[StoredJob]:
+        try:
+            rows = self.client.hgetall(self.jobs_key)
+            dead = {int(i) for i in self.client.smembers(self.dead_key)}
+        except redis.RedisError as exc:
+            raise StoreError(f"cannot read the redis queue at {self.describe_where()} "
+                             f"({self.jobs_key}): {_one_line(exc)}") from None
+        except ValueError:
+            raise StoreError(f"{self.jobs_key} in {self.describe_where()} is not a "
+                             "gearoffload queue; use another ?prefix=") from None
+        try:
+            jobs = sorted((int(i), raw) for i, raw in rows.items())
+            result = [_unpack(i, raw, int(i in dead)) for i, raw in jobs]
+        except (ValueError, struct.error):
+            raise StoreError(f"{self.jobs_key} in {self.describe_where()} is not a "
+                             "gearoffload queue; use another ?prefix=") from None
+        self._ids = itertools.count(result[-1].id + 1 if result else 1)
+        return result
+
+    def write(self, batch: Batch) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        if batch.saves:
+            pipe.hset(self.jobs_key, mapping={row[0]: _pack(row) for row in batch.saves})
+        for dead, ident in batch.marks:
+            if dead:
+                pipe.sadd(self.dead_key, ident)
+            else:
+                pipe.srem(self.dead_key, ident)
+        if batch.deletes:
+            pipe.hdel(self.jobs_key, *batch.deletes)
+            pipe.srem(self.dead_key, *batch.deletes)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise StoreError(f"redis queue {self.describe_where()}: {_one_line(exc)}") from None
+        finally:
+            pipe.reset()
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+            self.client.connection_pool.disconnect()
+        except Exception:
+            pass
