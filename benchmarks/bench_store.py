@@ -18,6 +18,10 @@ Configurations, interleaved per round so machine noise hits all alike:
 - ``ours memory``            ``--queue memory`` (no persistence)
 - ``ours sqlite``            ``--queue sqlite://DB`` (WAL, synchronous=FULL: fsync per commit)
 - ``ours sqlite normal``     ``?synchronous=normal`` (survives kill -9, not a power cut)
+- ``ours redis``             ``--queue redis://...`` against a ``redis-server`` this script
+                             starts on a free loopback port (no persistence: ``--save ''
+                             --appendonly no``, so this is the round-trip cost, not fsync);
+                             only when ``redis-server`` is on PATH
 - ``gearmand libsqlite3``    ``-q libsqlite3 --libsqlite3-db=DB`` (one transaction per job;
                              it gets fewer jobs, see ``--gearmand-jobs``)
 - ``gearmand builtin``       no persistence, for reference
@@ -48,7 +52,8 @@ from run import build_gearload, find_bench_dir, free_port, wait_listening  # noq
 TARGET_DURABLE_PER_S = 20_000
 
 
-def configs(tmp: Path, gearmand: str | None) -> list[tuple[str, list[str]]]:
+def configs(tmp: Path, gearmand: str | None,
+            redis_port: int | None = None) -> list[tuple[str, list[str]]]:
     """(name, command with {port})."""
     ours = [sys.executable, "-m", "gearoffload_server", "--port", "{port}",
             "--verbose", "WARNING", "--queue"]
@@ -57,6 +62,9 @@ def configs(tmp: Path, gearmand: str | None) -> list[tuple[str, list[str]]]:
         ("ours sqlite", [*ours, f"sqlite://{tmp}/ours.db"]),
         ("ours sqlite normal", [*ours, f"sqlite://{tmp}/ours-normal.db?synchronous=normal"]),
     ]
+    if redis_port:  # a fresh key prefix per run: the server's port
+        result.append(("ours redis",
+                       [*ours, f"redis://127.0.0.1:{redis_port}/0?prefix=bench:{{port}}"]))
     if gearmand:
         base = [gearmand, "--listen=127.0.0.1", "--port={port}", "--threads=1",
                 "--log-file=none"]
@@ -109,21 +117,36 @@ def main() -> int:
         return 0
     gearload = build_gearload(bench)
     results: dict[str, list[dict[str, str]]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-store-") as tmpdir:
-        tmp = Path(tmpdir)
-        for rnd in range(args.rounds):
-            for name, command in configs(tmp, args.gearmand):
-                for f in tmp.iterdir():
-                    f.unlink()  # a fresh database each run
-                jobs = args.gearmand_jobs if name == "gearmand libsqlite3" else args.jobs
-                fields = run_one(gearload, command, jobs, args.time_limit, args.clients,
-                                 args.depth)
-                results.setdefault(name, []).append(fields)
-                print(f"round {rnd + 1} {name:20s} jobs={jobs} "
-                      f"submit/s={fields.get('submit_jobs_per_s', '-')} "
-                      f"drain/s={fields.get('drain_jobs_per_s', '-')} "
-                      f"status={fields.get('status', '-')}", flush=True)
-                time.sleep(0.2)
+    redis_binary = shutil.which("redis-server")
+    redis_proc = None
+    redis_port = None
+    if redis_binary:
+        redis_port = free_port()
+        redis_proc = subprocess.Popen(
+            [redis_binary, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_listening(redis_proc, redis_port)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-store-") as tmpdir:
+            tmp = Path(tmpdir)
+            for rnd in range(args.rounds):
+                for name, command in configs(tmp, args.gearmand, redis_port):
+                    for f in tmp.iterdir():
+                        f.unlink()  # a fresh database each run
+                    jobs = args.gearmand_jobs if name == "gearmand libsqlite3" else args.jobs
+                    fields = run_one(gearload, command, jobs, args.time_limit, args.clients,
+                                     args.depth)
+                    results.setdefault(name, []).append(fields)
+                    print(f"round {rnd + 1} {name:20s} jobs={jobs} "
+                          f"submit/s={fields.get('submit_jobs_per_s', '-')} "
+                          f"drain/s={fields.get('drain_jobs_per_s', '-')} "
+                          f"status={fields.get('status', '-')}", flush=True)
+                    time.sleep(0.2)
+    finally:
+        if redis_proc is not None:
+            redis_proc.terminate()  # our own child, by PID
+            redis_proc.wait(10)
 
     def med(rows: list[dict[str, str]], key: str) -> str:
         values = [float(r[key]) for r in rows if key in r]
