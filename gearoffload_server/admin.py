@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from collections.abc import Callable
 from .state import JobServerState, Peer
 
 MAX_WORDS = 5
+#: Commands that change the server: only from loopback or ``--admin-allow`` networks.
+MUTATING = frozenset((b"cancel", b"create", b"drop", b"maxqueue", b"shutdown", b"requeue"))
 _SPACES = re.compile(b" +")
 _OK = b"OK\r\n"
 _END = b".\n"
@@ -82,8 +85,32 @@ class AdminProtocol:
             # gearmand closes the connection without a word; say what went wrong instead.
             peer.send(b"ERR INVALID_ARGUMENTS Too+many+arguments+(at+most+5+words)\r\n")
             return
-        command = self._commands.get(words[0].lower())
-        peer.send(command(peer, words) if command else _unknown(words[0]))
+        name = words[0].lower()
+        command = self._commands.get(name)
+        if command is None:
+            peer.send(_unknown(words[0]))
+        elif name in MUTATING and not self.may_change(peer) and not (
+                name == b"shutdown" and not self.config.enable_shutdown):
+            # (A disabled shutdown stays an unknown command for everyone, as in gearmand.)
+            peer.send(b"ERR PERMISSION_DENIED %s+is+only+allowed+from+loopback+or+"
+                      b"--admin-allow+addresses\r\n" % name)
+        else:
+            peer.send(command(peer, words))
+
+    def may_change(self, peer: Peer) -> bool:
+        """May ``peer`` send mutating commands: loopback, or in an ``--admin-allow`` net."""
+        if peer.loopback:
+            return True
+        try:
+            address = ipaddress.ip_address(peer.address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # a dual-stack listener sees ::ffff:10.1.2.3
+        if address.is_loopback:
+            return True
+        return any(address in net for net in self.config.admin_allow
+                   if net.version == address.version)
 
     def _status(self, peer: Peer, words: list[bytes]) -> bytes:
         lines = [b"%s\t%d\t%d\t%d\n" % (f.name, f.total, f.running, len(f.workers))
@@ -175,8 +202,6 @@ class AdminProtocol:
     def _shutdown(self, peer: Peer, words: list[bytes]) -> bytes:
         if not self.config.enable_shutdown or self.state.on_shutdown is None:
             return _unknown(words[0])  # as gearmand >= 1.1.15 (§4.4)
-        if not peer.loopback:
-            return b"ERR PERMISSION_DENIED shutdown+is+only+allowed+from+loopback\r\n"
         rest = [w.lower() for w in words[1:]]
         if rest not in ([], [b"graceful"]):
             return b"ERR UNKNOWN_ARGUMENTS Unknown+arguments+to+server+command\r\n"

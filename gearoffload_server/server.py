@@ -28,6 +28,7 @@ import os
 import select
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 
 import gevent
@@ -52,6 +53,8 @@ EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 #: How long a closing connection may take to deliver what was queued for it.
 CLOSE_FLUSH_TIMEOUT = 5.0
+#: At most one "refused (--max-connections)" log line per this many seconds.
+REFUSED_LOG_INTERVAL = 10.0
 
 
 class LoopScheduler:
@@ -100,7 +103,7 @@ class Connection:
     """
 
     __slots__ = ("server", "sock", "fd", "peer", "decoder", "backlog", "events", "closing",
-                 "closed", "done")
+                 "closed", "done", "silent")
 
     def __init__(self, server: GearmanServer, sock: socket.socket, address: tuple) -> None:
         self.server = server
@@ -118,6 +121,7 @@ class Connection:
         self.closing = False  # no more input is taken
         self.closed = False   # gone from the state and the poll loop
         self.done = Event()   # set once the last output is delivered (or given up)
+        self.silent = True    # nothing read yet (--idle-timeout)
 
     def serve(self) -> None:
         """The connection's greenlet: register with the poll loop, wait for the end."""
@@ -140,6 +144,8 @@ class Connection:
         if not data:
             self.close("" if self.closing else "closed by peer")
             return
+        if self.silent:
+            self.silent = False
         peer = self.peer
         handle = self.server.state.handle
         admin = self.server.admin.handle
@@ -297,6 +303,11 @@ class GearmanServer(StreamServer):
         self._epoll = _epoll()
         self._by_fd: dict[int, Connection] = {}
         self._poller: gevent.Greenlet | None = None
+        #: (deadline, connection) in connection order, for --idle-timeout.
+        self._silent: deque[tuple[float, Connection]] = deque()
+        self._sweeper: gevent.Greenlet | None = None
+        self._refused = 0          # connections refused since the last log line
+        self._refused_log_at = 0.0
 
     def init_socket(self) -> None:
         super().init_socket()
@@ -312,10 +323,48 @@ class GearmanServer(StreamServer):
                 self.restored = self.state.restore(store.load())
 
     def handle(self, sock: socket.socket, address: tuple) -> None:
+        if len(self.connections) >= self.config.max_connections:
+            self._refuse()
+            sock.close()
+            return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Connection(self, sock, address)
         self.connections.add(conn)
+        if self.config.idle_timeout:
+            self._silent.append((time.monotonic() + self.config.idle_timeout, conn))
+            if self._sweeper is None:
+                self._sweeper = gevent.spawn(self._sweep_silent)
         conn.serve()
+
+    def _refuse(self) -> None:
+        """A connection over ``--max-connections``: counted, logged once per interval."""
+        self._refused += 1
+        now = time.monotonic()
+        if now >= self._refused_log_at:
+            log.warning("%d open connections (--max-connections): refused %d new "
+                        "connection(s) (logged at most every %gs)", len(self.connections),
+                        self._refused, REFUSED_LOG_INTERVAL)
+            self._refused = 0
+            self._refused_log_at = now + REFUSED_LOG_INTERVAL
+
+    def _sweep_silent(self) -> None:
+        """--idle-timeout: close connections that have sent nothing since they connected.
+        One greenlet for all of them, running only while some are young enough to check;
+        the poll loop's only cost is clearing ``Connection.silent`` at the first read."""
+        timeout = self.config.idle_timeout
+        tick = min(max(timeout / 4, 0.05), 5.0)
+        silent = self._silent
+        try:
+            while silent:
+                gevent.sleep(tick)
+                now = time.monotonic()
+                while silent and silent[0][0] <= now:
+                    conn = silent.popleft()[1]
+                    if conn.silent and not conn.closing:
+                        conn.abort(f"sent nothing for {timeout:g}s (--idle-timeout)",
+                                   logging.INFO)
+        finally:
+            self._sweeper = None
 
     # -- the poll loop ---------------------------------------------------------------------
 
@@ -506,6 +555,9 @@ class GearmanServer(StreamServer):
         self.stop()
 
     def stop(self, timeout: float | None = None) -> None:
+        if self._sweeper is not None:
+            self._sweeper.kill(block=False)
+        self._silent.clear()
         for conn in list(self.connections):
             conn.abort("server stopping", logging.INFO)
             conn.close("")

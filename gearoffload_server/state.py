@@ -175,7 +175,7 @@ class Peer:
     __slots__ = (
         "fd", "address", "loopback", "client_id", "out", "out_bytes", "transport",
         "exceptions", "functions", "timeouts", "jobs", "attached", "sleep", "rr",
-        "last_exception", "_dirty", "_flagged", "batch",
+        "last_exception", "_dirty", "_flagged", "batch", "waiting",
     )
 
     def __init__(self, fd: int = -1, address: str = "-", loopback: bool = True,
@@ -192,6 +192,7 @@ class Peer:
         self.timeouts: dict[Function, float] = {}
         self.jobs: dict[bytes, Job] = {}       # held as a worker, by handle
         self.attached: dict[Job, int] = {}     # waited on as a client: submissions per job
+        self.waiting = 0                       # sum of ``attached`` (--max-client-jobs)
         self.sleep = AWAKE
         self.rr = 0                            # round-robin position in ``functions``
         self.last_exception: bytes | None = None
@@ -298,6 +299,7 @@ class JobServerState:
         self._epoch_timer: Timer | None = None
         self._epoch_timer_due: int | None = None
         self._prefix = config.handle_prefix.encode() + b":"
+        self._max_client_jobs = config.max_client_jobs
         self._counter = itertools.count(1)
         self._dirty: list[Peer] = []
         #: Background jobs that failed more than ``--retry-failed`` times, by handle.
@@ -416,6 +418,10 @@ class JobServerState:
         func = self._named_function(peer, name)
         if func is None:
             return
+        if not background and self._max_client_jobs and \
+                peer.waiting >= self._max_client_jobs:
+            peer.send(_error(b"QUEUE_ERROR", b"Too many jobs waiting on this connection"))
+            return
         job = self._find_coalesced(func, unique, data) if unique else None
         if job is not None:
             created = encode(RES, T.JOB_CREATED, (job.handle,))
@@ -504,10 +510,11 @@ class JobServerState:
         job.clients.append(peer)
         job.abandoned = False  # revive a job whose clients had all left (Q4)
         peer.attached[job] = peer.attached.get(job, 0) + 1
+        peer.waiting += 1
 
     def _detach(self, job: Job, peer: Peer) -> None:
         """``peer`` stops waiting for ``job``; a foreground job nobody waits for goes."""
-        peer.attached.pop(job, None)
+        peer.waiting -= peer.attached.pop(job, 0)
         job.clients = [c for c in job.clients if c is not peer]
         if job.clients or job.background:
             return
@@ -591,7 +598,7 @@ class JobServerState:
         del self.jobs[job.handle]
         self._unindex(job)
         for client in job.clients:
-            client.attached.pop(job, None)
+            client.waiting -= client.attached.pop(job, 0)
         job.clients = []
 
     def _pop_runnable(self, func: Function, priority: int) -> Job:
@@ -875,6 +882,8 @@ class JobServerState:
         func = self.functions.get(name)
         if func is None:
             func = self.functions[name] = Function(name)
+            if self.config.max_queue:
+                func.limits = [self.config.max_queue] * 3  # --max-queue
         return func
 
     def cancel(self, handle: bytes) -> bool:
@@ -886,7 +895,7 @@ class JobServerState:
         fail = encode(RES, T.WORK_FAIL, (handle,))
         for client in job.clients:
             client.send(fail)
-            client.attached.pop(job, None)
+            client.waiting -= client.attached.pop(job, 0)
         job.clients = []
         if job.state == RUNNING:
             job.abandoned = True
@@ -964,7 +973,7 @@ class JobServerState:
             job.timer = None
         func.running -= 1
         for client in job.clients:
-            client.attached.pop(job, None)
+            client.waiting -= client.attached.pop(job, 0)
         job.clients = []
         job.failures += 1
         job.numerator = job.denominator = 0
