@@ -4,8 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PORT ?= 4730
+FUZZ_SECONDS ?= 60
+STRESS_SECONDS ?= 30
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench lint clean fuzz stress
 
 $(STAMP): setup.cfg setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +25,15 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+
+# Robustness (issue #6): atheris is optional (the harnesses fall back to a random loop).
+fuzz: $(STAMP)
+	$(PY) -m pip install -q atheris || echo "atheris not installable: plain random loop"
+	$(PY) fuzz/fuzz_decoder.py -max_total_time=$(FUZZ_SECONDS)
+	$(PY) fuzz/fuzz_admin.py -max_total_time=$(FUZZ_SECONDS)
+
+stress: $(STAMP)
+	$(PY) benchmarks/stress.py --seconds $(STRESS_SECONDS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
