@@ -357,6 +357,12 @@ class GearmanServer(StreamServer):
         try:
             while silent:
                 gevent.sleep(tick)
+                # Forget at once the connections that spoke or closed, not after the full
+                # timeout: under connection churn they would pile up here (issue #6 stress).
+                kept = [item for item in silent if item[1].silent and not item[1].closing]
+                if len(kept) < len(silent):
+                    silent.clear()
+                    silent.extend(kept)
                 now = time.monotonic()
                 while silent and silent[0][0] <= now:
                     conn = silent.popleft()[1]

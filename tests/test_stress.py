@@ -16,3 +16,38 @@ def test_stress_five_seconds_leaves_server_consistent():
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK: server consistent" in result.stdout
+
+
+def test_idle_timeout_forgets_closed_and_talking_connections_early():
+    """Regression (found by the stress run): with --idle-timeout (default 300 s) every
+    connection stayed referenced for the whole timeout after it closed, so RSS grew with
+    connection churn. Now the sweeper drops the ones that closed or spoke at its next tick."""
+    import gevent
+    import gevent.socket
+
+    from gearoffload_server.config import ServerConfig
+    from gearoffload_server.server import GearmanServer
+
+    srv = GearmanServer(ServerConfig(port=0, queue="memory", idle_timeout=4.0),
+                        ("127.0.0.1", 0))
+    srv.start()
+    try:
+        port = srv.address[1]
+        socks = [gevent.socket.create_connection(("127.0.0.1", port)) for _ in range(30)]
+        talker = gevent.socket.create_connection(("127.0.0.1", port))
+        quiet = gevent.socket.create_connection(("127.0.0.1", port))
+        talker.sendall(b"version\n")
+        with gevent.Timeout(3):
+            assert talker.recv(100).startswith(b"OK")
+            while len(srv._silent) < 32:
+                gevent.sleep(0.01)
+        for s in socks:
+            s.close()
+        with gevent.Timeout(3):  # one sweeper tick (1 s), well before the 4 s timeout
+            while len(srv._silent) > 1:
+                gevent.sleep(0.05)
+        assert [conn.silent for _, conn in srv._silent] == [True]
+        talker.close()
+        quiet.close()
+    finally:
+        srv.stop()
