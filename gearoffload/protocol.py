@@ -15,7 +15,7 @@ Example::
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -181,7 +181,7 @@ class Decoder:
         ([], [Packet(magic=b'\\x00REQ', type=16, args=(b'hi',))])
     """
 
-    __slots__ = ("_buf", "_unread", "max_packet_size", "max_line_size", "text", "magic")
+    __slots__ = ("_buf", "max_packet_size", "max_line_size", "text", "magic")
 
     def __init__(
         self,
@@ -192,7 +192,6 @@ class Decoder:
         max_line_size: int = MAX_LINE_SIZE,
     ) -> None:
         self._buf = bytearray()
-        self._unread: bytes | None = None  # handed to an iterator that has not started yet
         self.max_packet_size = max_packet_size
         self.max_line_size = max_line_size
         self.text = text
@@ -206,22 +205,30 @@ class Decoder:
     def feed(self, data: bytes) -> Iterator[Packet | bytes]:
         """Add ``data``; return an iterator over every complete packet or line now available.
 
-        The data is kept whether or not the iterator is consumed; consume each iterator
-        before the next ``feed()``.
+        The data is decoded at once; a malformed item makes the iterator raise
+        ``ProtocolError`` after the items before it.
         """
-        if self._unread is not None:  # the previous iterator was never started
-            self._buf += self._unread
-            self._unread = None
+        items: list[Packet | bytes] = []
+        append = items.append
+        try:
+            self.dispatch(data, append, append)
+        except ProtocolError as exc:
+            return _items_then_raise(items, exc)
+        return iter(items)
+
+    def dispatch(self, data: bytes, on_packet: Callable[[Packet], object],
+                 on_line: Callable[[bytes], object]) -> None:
+        """Add ``data`` and call ``on_packet(packet)`` or ``on_line(line)`` for every
+        complete item, in stream order. A malformed item raises ``ProtocolError`` once the
+        items before it have been handed over. The server's path: no iterator per chunk.
+        """
         if self._buf:
             self._buf += data
-            return self._drain(self._buf)
-        # Common case: nothing pending, so slice the caller's bytes directly (one copy
-        # per payload instead of two) and keep only an incomplete tail.
-        self._unread = data
-        return self._drain(data)
-
-    def _drain(self, buf: bytes | bytearray) -> Iterator[Packet | bytes]:
-        self._unread = None
+            buf: bytes | bytearray = self._buf
+        else:
+            # Common case: nothing pending, so slice the caller's bytes directly (one copy
+            # per payload instead of two) and keep only an incomplete tail.
+            buf = data
         pos = 0
         end = len(buf)
         is_bytes = type(buf) is bytes
@@ -249,7 +256,7 @@ class Decoder:
                     line_end = nl - 1 if nl > pos and buf[nl - 1] == 13 else nl
                     line = bytes(buf[pos:line_end])
                     pos = nl + 1
-                    yield line
+                    on_line(line)
                     continue
                 if end - pos < 12:
                     if end - pos >= 4 and buf[pos : pos + 4] not in (REQ, RES):
@@ -288,11 +295,16 @@ class Decoder:
                             code="INVALID_PACKET",
                             in_sync=True,
                         )
-                yield new_tuple(Packet, (magic, ptype, args))
+                on_packet(new_tuple(Packet, (magic, ptype, args)))
         finally:
-            # However iteration ended (exhausted, an error, the consumer stopping early),
-            # keep exactly the unconsumed tail so the next feed() resumes at the right byte.
+            # However it ended (all consumed, a malformed item, a callback raising), keep
+            # exactly the unconsumed tail so that the next call resumes at the right byte.
             if buf is self._buf:
                 del buf[:pos]
             elif pos < end:
                 self._buf += buf[pos:]
+
+
+def _items_then_raise(items: list[Packet | bytes], exc: ProtocolError) -> Iterator[Packet | bytes]:
+    yield from items
+    raise exc

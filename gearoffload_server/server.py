@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
@@ -37,7 +38,7 @@ from gevent.event import Event
 from gevent.server import StreamServer
 
 from gearoffload.errors import ProtocolError
-from gearoffload.protocol import RES, Decoder, Packet, PacketType, encode
+from gearoffload.protocol import RES, Decoder, PacketType, encode
 
 from .admin import AdminProtocol
 from .config import ServerConfig
@@ -103,7 +104,7 @@ class Connection:
     """
 
     __slots__ = ("server", "sock", "fd", "peer", "decoder", "backlog", "events", "closing",
-                 "closed", "done", "silent")
+                 "closed", "done", "silent", "_on_packet", "_on_line")
 
     def __init__(self, server: GearmanServer, sock: socket.socket, address: tuple) -> None:
         self.server = server
@@ -116,6 +117,9 @@ class Connection:
             loopback = False
         self.peer = Peer(fd=self.fd, address=host, loopback=loopback, transport=self)
         self.decoder = Decoder(server.config.max_packet_size)
+        # Bound once: the decoder hands every packet and admin line straight to these.
+        self._on_packet = functools.partial(server.state.handle, self.peer)
+        self._on_line = functools.partial(server.admin.handle, self.peer)
         self.backlog: bytearray | None = None
         self.events = 0       # what the poll loop watches this socket for
         self.closing = False  # no more input is taken
@@ -146,18 +150,11 @@ class Connection:
             return
         if self.silent:
             self.silent = False
-        peer = self.peer
-        handle = self.server.state.handle
-        admin = self.server.admin.handle
         try:
-            for item in self.decoder.feed(data):
-                if type(item) is Packet:
-                    handle(peer, item)
-                else:
-                    admin(peer, item)
+            self.decoder.dispatch(data, self._on_packet, self._on_line)
         except ProtocolError as exc:
             if exc.in_sync and exc.code:
-                peer.send(_error_reply(exc, binary=exc.code != "LINE_TOO_LONG"))
+                self.peer.send(_error_reply(exc, binary=exc.code != "LINE_TOO_LONG"))
             self.close(f"protocol error: {exc}")
             return
         if self.closing:
