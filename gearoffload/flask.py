@@ -87,7 +87,7 @@ from werkzeug.test import stream_encode_multipart
 
 from .codec import sign_payload, stable_hash, verify_payload
 from .errors import JobException, JobFailed, JobTimeout, NoServersAvailable
-from .offloading import OffloadConfig, progress, run_as_task
+from .offloading import OffloadConfig, check_call_options, progress, run_as_task
 from .offloading import configure as configure_default
 from .registry import TaskRegistry
 from .wsgi import CODEC, BodyTooLarge, build_environ, encode_environ
@@ -227,10 +227,7 @@ class OffloadedView:
                  unique: bool = False, background: bool = False,
                  timeout: float | None = None, fallback: str | None = None,
                  vary: Iterable[str] = (), priority: str = "normal") -> None:
-        if fallback is not None and fallback not in ("raise", "local"):
-            raise ValueError(f"fallback must be 'raise' or 'local', not {fallback!r}")
-        if timeout is not None and not timeout > 0:
-            raise ValueError("timeout must be a positive number of seconds")
+        check_call_options(timeout, fallback)
         self.view = view
         self.name = name or f"{view.__module__}.{view.__qualname__}"
         self.unique = unique

@@ -67,6 +67,14 @@ log = logging.getLogger("gearoffload.offloading")
 _FALLBACKS = ("raise", "local")
 
 
+def check_call_options(timeout: float | None, fallback: str | None) -> None:
+    """Validate the per-call options shared by ``@offload`` and the Flask extension."""
+    if fallback is not None and fallback not in _FALLBACKS:
+        raise ValueError(f"fallback must be 'raise' or 'local', not {fallback!r}")
+    if timeout is not None and not timeout > 0:
+        raise ValueError("timeout must be a positive number of seconds")
+
+
 @dataclass(frozen=True)
 class OffloadConfig:
     """The offload layer's settings, validated once (``configure``, the environment, or
@@ -295,10 +303,7 @@ class OffloadedFunction:
                  unique: bool | Callable[..., str | bytes] = False,
                  timeout: float | None = None, fallback: str | None = None,
                  priority: str = "normal", registry: TaskRegistry | None = None) -> None:
-        if fallback is not None and fallback not in _FALLBACKS:
-            raise ValueError(f"fallback must be 'raise' or 'local', not {fallback!r}")
-        if timeout is not None and not timeout > 0:
-            raise ValueError("timeout must be a positive number of seconds")
+        check_call_options(timeout, fallback)
         self.fn = fn
         self.name = name or f"{fn.__module__}.{fn.__qualname__}"
         self.unique = unique

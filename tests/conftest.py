@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -217,6 +218,18 @@ def gevent_time_limit(seconds: float):
         timer.close()
 
     return time_limit
+
+
+@contextmanager
+def working(worker) -> Iterator:
+    """Run ``worker.work()`` in a greenlet for the ``with`` block; stop it after."""
+    greenlet = gevent.spawn(worker.work)
+    try:
+        yield worker
+    finally:
+        worker.stop(graceful=False)
+        greenlet.join(5)
+        assert greenlet.dead
 
 
 @pytest.fixture(params=["gearoffload", "gearmand"])

@@ -17,7 +17,7 @@ import gevent.subprocess
 import pytest
 from gevent.event import Event
 
-from conftest import ServerProcess, free_port, gevent_time_limit, need_tool
+from conftest import ServerProcess, free_port, gevent_time_limit, need_tool, working
 from gearoffload import Client, Worker
 from gearoffload.errors import (
     GearmanError,
@@ -40,13 +40,8 @@ def running_worker(servers, concurrency: int = 10, **tasks) -> Iterator[Worker]:
     worker = Worker(servers, concurrency=concurrency)
     for name, fn in tasks.items():
         worker.register(name, fn)
-    greenlet = gevent.spawn(worker.work)
-    try:
+    with working(worker):
         yield worker
-    finally:
-        worker.stop(graceful=False)
-        greenlet.join(5)
-        assert greenlet.dead
 
 
 def upper(job):

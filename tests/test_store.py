@@ -310,6 +310,17 @@ def test_dead_letters_survive_a_restart_and_can_be_requeued(store_url):
     assert drain(server.port) == [b"flaky"]
 
 
+def assert_foreground_works(client: RawConn, worker: RawConn, function: bytes) -> None:
+    """While the store refuses writes, foreground jobs (never stored) still run."""
+    worker.send(T.CAN_DO, function)
+    client.send(T.SUBMIT_JOB, function, b"", b"foreground")
+    handle, = client.expect(T.JOB_CREATED)
+    worker.send(T.GRAB_JOB)
+    assert worker.expect(T.JOB_ASSIGN)[2] == b"foreground"
+    worker.send(T.WORK_COMPLETE, handle, b"done")
+    assert client.expect(T.WORK_COMPLETE) == (handle, b"done")
+
+
 def immutable(path, on: bool) -> bool:
     result = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True)
     return result.returncode == 0
@@ -338,13 +349,7 @@ def test_unwritable_store_refuses_with_queue_error_and_recovers(tmp_path):
                 code, text = c.expect(T.ERROR)
                 assert code == b"QUEUE_ERROR" and b"could not be saved" in text, text
             assert c.admin("status") == b"f\t0\t0\t0\n.\n"  # the refused jobs are gone
-            w.send(T.CAN_DO, b"f")
-            c.send(T.SUBMIT_JOB, b"f", b"u", b"foreground")  # still works
-            handle, = c.expect(T.JOB_CREATED)
-            w.send(T.GRAB_JOB)
-            assert w.expect(T.JOB_ASSIGN)[2] == b"foreground"
-            w.send(T.WORK_COMPLETE, handle, b"done")
-            assert c.expect(T.WORK_COMPLETE) == (handle, b"done")
+            assert_foreground_works(c, w, b"f")
             for f in files:
                 immutable(f, False)
             c.send(T.SUBMIT_JOB_BG, b"f", b"", b"z")
@@ -453,13 +458,7 @@ def test_redis_unreachable_mid_run_refuses_with_queue_error_and_recovers():
                 assert code == b"QUEUE_ERROR" and b"could not be saved" in text, text
                 assert b"redis queue redis://127.0.0.1:" in text, text
             assert c.admin("status") == b"f\t1\t0\t0\n.\n"  # the refused jobs are gone
-            w.send(T.CAN_DO, b"g")
-            c.send(T.SUBMIT_JOB, b"g", b"", b"foreground")  # still works
-            handle, = c.expect(T.JOB_CREATED)
-            w.send(T.GRAB_JOB)
-            assert w.expect(T.JOB_ASSIGN)[2] == b"foreground"
-            w.send(T.WORK_COMPLETE, handle, b"done")
-            assert c.expect(T.WORK_COMPLETE) == (handle, b"done")
+            assert_foreground_works(c, w, b"g")
             own.start()  # the same port, empty (nothing was saved)
             c.send(T.SUBMIT_JOB_BG, b"f", b"", b"z")
             c.expect(T.JOB_CREATED)

@@ -10,15 +10,13 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import gevent
 import gevent.subprocess
 import pytest
 from gevent.event import Event
 
-from conftest import ROOT, ServerProcess, free_port, gevent_time_limit, need_tool
+from conftest import ROOT, ServerProcess, free_port, gevent_time_limit, need_tool, working
 from gearoffload import Client, TaskRegistry, Worker
 from gearoffload.errors import JobFailed, JobTimeout
 
@@ -26,17 +24,6 @@ TEST_TIME_LIMIT = 40
 
 
 time_limit = gevent_time_limit(TEST_TIME_LIMIT)
-
-
-@contextmanager
-def working(worker: Worker) -> Iterator[Worker]:
-    greenlet = gevent.spawn(worker.work)
-    try:
-        yield worker
-    finally:
-        worker.stop(graceful=False)
-        greenlet.join(5)
-        assert greenlet.dead
 
 
 def wait_until(predicate, timeout: float = 5.0) -> bool:
