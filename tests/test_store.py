@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, RawConn, ServerProcess, free_port, need_tool, wait_for_port
+from conftest import IN_CI, ROOT, RawConn, ServerProcess, free_port, need_tool, wait_for_port
 from gearoffload.protocol import Decoder, encode_request
 from gearoffload.protocol import PacketType as T
 
@@ -337,10 +337,17 @@ def test_unwritable_store_refuses_with_queue_error_and_recovers(tmp_path):
     server = start(db)
     wal = tmp_path / "queue.db-wal"
     files = [db, wal]
+    # The port accepts just before the store is opened: wait for its files to exist.
+    deadline = time.monotonic() + 10
+    while not wal.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
     if not all(immutable(f, True) for f in files):
         for f in files:
             immutable(f, False)
-        pytest.skip("this filesystem does not support the immutable flag")
+        message = "this filesystem does not support the immutable flag"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
     try:
         with server.connect() as c, server.connect() as w:
             c.send(T.SUBMIT_JOB_BG, b"f", b"u", b"x")
