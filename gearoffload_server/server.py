@@ -56,6 +56,12 @@ _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 CLOSE_FLUSH_TIMEOUT = 5.0
 #: At most one "refused (--max-connections)" log line per this many seconds.
 REFUSED_LOG_INTERVAL = 10.0
+#: A batch that acknowledges no submission (only deletes of ended jobs, dead-letter marks)
+#: waits up to this long, or until a submission or DELETE_BATCH rows arrive, before it is
+#: written: a drain then commits hundreds of deletes at once instead of a few. It widens
+#: the at-least-once window (a job that ended this long before a crash may run again).
+DELETE_LINGER = 0.1
+DELETE_BATCH = 4096
 
 
 class LoopScheduler:
@@ -290,6 +296,7 @@ class GearmanServer(StreamServer):
         self.store = None
         self.state = JobServerState(config, LoopScheduler(self.flush))
         self._committer: gevent.Greenlet | None = None
+        self._lingering: Event | None = None  # set() ends a committer's DELETE_LINGER
         #: Background jobs replayed from the store at start-up.
         self.restored = 0
         self.state.on_shutdown = self._admin_shutdown
@@ -430,8 +437,11 @@ class GearmanServer(StreamServer):
                 else:
                     conn.wake()
             return
-        if self._committer is None and store.batch.pending:
-            self._committer = gevent.spawn(self._commit_loop)
+        if self._committer is None:
+            if store.batch.pending:
+                self._committer = gevent.spawn(self._commit_loop)
+        elif self._lingering is not None and store.batch.saves:
+            self._lingering.set()  # a submission waits for its JOB_CREATED: write now
         for peer in self.state.take_dirty():
             if peer.batch is not None:
                 continue  # held until its batch is durable: _release() sends it
@@ -464,6 +474,11 @@ class GearmanServer(StreamServer):
         debug = log.isEnabledFor(logging.DEBUG)
         try:
             while store.batch.pending:
+                batch = store.batch
+                if not batch.saves and len(batch.deletes) + len(batch.marks) < DELETE_BATCH:
+                    self._lingering = Event()
+                    self._lingering.wait(DELETE_LINGER)
+                    self._lingering = None
                 batch = store.take_batch()
                 cuts = {ack[0]: len(ack[0].out) for ack in batch.acks}
                 started = time.perf_counter()

@@ -141,3 +141,43 @@ def test_failed_write_answers_queue_error_and_keeps_serving(gated):
     store.gate(1).set()
     client.send(T.SUBMIT_JOB_BG, b"f", b"u", b"x")  # the next batch is fine again
     assert client.packets(1)[0][0] == T.JOB_CREATED
+
+
+def _complete_one_job(srv, store, client, worker) -> None:
+    """Submit a background job, let its save through, run it: its delete is now pending."""
+    client.send(T.SUBMIT_JOB_BG, b"f", b"", b"one")
+    wait_for(lambda: store.written)
+    store.gate(0).set()
+    handle = client.packets(1)[0][1][0]
+    worker.send(T.CAN_DO, b"f")
+    worker.send(T.GRAB_JOB)
+    assert worker.packets(1)[0] == (T.JOB_ASSIGN, (handle, b"f", b"one"))
+    worker.send(T.WORK_COMPLETE, handle, b"done")
+    wait_for(lambda: store.batch.deletes)
+
+
+def test_deletes_linger_until_a_submission_needs_a_commit(gated, monkeypatch):
+    """A batch of deletes alone waits (DELETE_LINGER) so that a drain commits many at
+    once; a submission that arrives meanwhile is written at once, with those deletes."""
+    monkeypatch.setattr(server_module, "DELETE_LINGER", 30.0)
+    srv, store = gated
+    client, worker = Conn(srv.server_port), Conn(srv.server_port)
+    _complete_one_job(srv, store, client, worker)
+    gevent.sleep(0.3)
+    assert len(store.written) == 1  # the delete lingers
+    client.send(T.SUBMIT_JOB_BG, b"f", b"", b"two")
+    wait_for(lambda: len(store.written) == 2)  # well before the 30 s linger
+    batch = store.written[1]
+    assert len(batch.saves) == 1 and len(batch.deletes) == 1
+    store.gate(1).set()
+    assert client.packets(1)[0][0] == T.JOB_CREATED
+
+
+def test_lingering_deletes_are_written_after_the_linger(gated, monkeypatch):
+    monkeypatch.setattr(server_module, "DELETE_LINGER", 0.2)
+    srv, store = gated
+    client, worker = Conn(srv.server_port), Conn(srv.server_port)
+    _complete_one_job(srv, store, client, worker)
+    wait_for(lambda: len(store.written) == 2)
+    batch = store.written[1]
+    assert not batch.saves and len(batch.deletes) == 1
