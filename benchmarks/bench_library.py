@@ -7,6 +7,13 @@ submits a job and waits for its result, then the next). Reports jobs/s, latency 
 and the CPU seconds per 1000 jobs spent by the client, the worker and the server, so one
 can see which side is the bottleneck; then the ratio ours / gearmand.
 
+Then, against the same server, the neutral C load generator (``gearload`` from
+``../shared/bench``, built into /tmp when missing) with the same shape: one client
+connection keeping ``--concurrency`` jobs in flight, 4 worker connections, the same
+payload. Its jobs/s is what the server can do with a client and workers that cost almost
+nothing; the ratio library / gearload says how far our client and worker fall short of
+that (issue #3: "the library must not be the bottleneck").
+
 Bounded: at most ``--jobs`` jobs and ``--time-limit`` seconds per server.
 
     .venv/bin/python benchmarks/bench_library.py
@@ -31,6 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gearoffload import Client  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from run import build_gearload, find_bench_dir  # noqa: E402
 
 WORKER = """
 import sys
@@ -137,6 +147,30 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
         server.wait(10)
 
 
+def run_gearload(kind: str, gearload: Path, args: argparse.Namespace) -> dict:
+    """The same server and load shape, driven by the C load generator."""
+    port = free_port()
+    server = start_server(kind, port)
+    try:
+        out = subprocess.run(
+            [str(gearload), "throughput", "-p", str(port), "-c", "1",
+             "-d", str(args.concurrency), "-w", "4", "-s", str(args.size),
+             "-n", str(args.jobs), "-t", str(args.time_limit), "-S", str(server.pid)],
+            capture_output=True, text=True, timeout=args.time_limit + 30)
+        fields = dict(kv.split("=", 1) for kv in out.stdout.split() if "=" in kv)
+        if fields.get("status") != "ok":
+            raise RuntimeError(f"gearload failed: {out.stdout.strip()} {out.stderr.strip()}")
+        return {
+            "server": kind, "jobs": int(fields["done"]), "rate": float(fields["jobs_per_s"]),
+            "p50": float(fields["p50_us"]) / 1000, "p99": float(fields["p99_us"]) / 1000,
+            "cpu_client": float(fields["lg_us_per_job"]), "cpu_worker": float("nan"),
+            "cpu_server": float(fields["srv_us_per_job"]),
+        }
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=10000, help="jobs per server")
@@ -153,17 +187,34 @@ def main(argv: list[str] | None = None) -> int:
         print("gearmand not installed: measuring our server only")
     print(f"{args.jobs} jobs of {args.size} bytes, {args.concurrency} client greenlets, "
           f"1 worker process x {args.worker_concurrency} greenlets; {os.cpu_count()} CPUs")
-    print(f"{'server':<12} {'jobs':>6} {'jobs/s':>9} {'p50 ms':>8} {'p99 ms':>8}  "
+    print(f"{'server (load)':<20} {'jobs':>6} {'jobs/s':>9} {'p50 ms':>8} {'p99 ms':>8}  "
           f"{'CPU µs per job: client':>22} {'worker':>7} {'server':>7}")
-    results = {}
+    bench = find_bench_dir()
+    gearload = build_gearload(bench) if bench is not None else None
+    results, loadgen = {}, {}
+
+    def show(label: str, r: dict) -> None:
+        print(f"{label:<20} {r['jobs']:>6} {r['rate']:>9.0f} {r['p50']:>8.2f} "
+              f"{r['p99']:>8.2f}  {r['cpu_client']:>22.0f} {r['cpu_worker']:>7.0f} "
+              f"{r['cpu_server']:>7.0f}")
+
     for kind in kinds:
-        r = results[kind] = run_one(kind, args)
-        print(f"{kind:<12} {r['jobs']:>6} {r['rate']:>9.0f} {r['p50']:>8.2f} {r['p99']:>8.2f}  "
-              f"{r['cpu_client']:>22.0f} {r['cpu_worker']:>7.0f} {r['cpu_server']:>7.0f}")
+        show(f"{kind} (library)", results.setdefault(kind, run_one(kind, args)))
+        if gearload is not None:
+            # gearload's "client" column is its whole process: clients and workers.
+            show(f"{kind} (gearload)", loadgen.setdefault(kind, run_gearload(kind, gearload,
+                                                                            args)))
+    if gearload is None:
+        print("gearload sources not found (../shared/bench): no load-generator comparison")
     if len(results) == 2:
         ours, theirs = results["gearoffload"], results["gearmand"]
         print(f"throughput ratio gearoffload/gearmand: {ours['rate'] / theirs['rate']:.2f}; "
               f"p50 ratio: {ours['p50'] / theirs['p50']:.2f}")
+    for kind, lg in loadgen.items():
+        lib = results[kind]
+        print(f"through {kind}: library / gearload jobs/s = {lib['rate'] / lg['rate']:.2f}; "
+              f"client+worker CPU per job {lib['cpu_client'] + lib['cpu_worker']:.0f} µs "
+              f"against gearload's {lg['cpu_client']:.0f} µs")
     return 0
 
 
