@@ -150,10 +150,10 @@ def _header(sample: Sample) -> str:
         return f"{sample.server}  DOWN  {sample.error}"
     queued = sum(f.queued for f in sample.functions)
     running = sum(f.running for f in sample.functions)
-    # Our own admin connection is one of the connections `workers` lists.
-    return (f"{sample.server}  up  version {sample.version}  "
-            f"connections {len(sample.connections)}  workers {sample.workers}  "
-            f"functions {len(sample.functions)}  queued {queued}  running {running}")
+    # Our own admin connection is one of the connections `workers` lists. Kept short:
+    # it should fit 80 columns, and the table below names the functions.
+    return (f"{sample.server}  up  {sample.version}  {len(sample.connections)} connections  "
+            f"{sample.workers} workers  {queued} queued  {running} running")
 
 
 def _table(rows: Sequence[FunctionRow]) -> list[str]:

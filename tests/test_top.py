@@ -81,8 +81,8 @@ def test_once_shows_queued_running_and_workers(server):
     assert names == ["top_queued", "top_busy", "top_idle"]  # by queued jobs
     header = next(line for line in result.stdout.splitlines()
                   if line.startswith(server.address))
-    assert " up " in header and "workers 2" in header
-    assert "queued 7" in header and "running 1" in header
+    assert " up " in header and " 2 workers " in header
+    assert " 7 queued " in header and header.endswith(" 1 running")
 
 
 def test_down_server_is_shown_and_others_still_are(our_server):
