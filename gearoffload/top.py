@@ -20,6 +20,7 @@ import argparse
 import os
 import select
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -202,16 +203,28 @@ def render(samples: Sequence[Sample], previous: dict[str, Sample], interval: flo
     return lines
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # gevent's hub passes it on to the main greenlet
+
+
 class Terminal:
     """The live screen: alternate screen, hidden cursor and cbreak input while inside the
-    ``with`` block; everything is restored on the way out, whatever ends it."""
+    ``with`` block; everything is restored on the way out, whatever ends it (SIGTERM and
+    SIGHUP, e.g. a closed terminal window, end it like Ctrl-C instead of killing the
+    process with the terminal still in cbreak mode)."""
 
     def __init__(self, out: IO[str], keys: IO[str] | None) -> None:
         self.out = out
         self.keys = keys  # None: stdin is not a terminal, no key reading
         self._saved: list | None = None
+        self._handlers: dict[int, object] = {}
 
     def __enter__(self) -> Terminal:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            try:
+                self._handlers[signum] = signal.signal(signum, _interrupt)
+            except ValueError:  # not the main thread: leave signals alone
+                break
         if self.keys is not None:
             import termios
             import tty
@@ -231,6 +244,9 @@ class Terminal:
 
             termios.tcsetattr(self.keys.fileno(), termios.TCSADRAIN, self._saved)
             self._saved = None
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+        self._handlers.clear()
 
     def draw(self, lines: list[str]) -> None:
         self.out.write(HOME + "".join(line + CLEAR_LINE + "\r\n" for line in lines[:-1])

@@ -200,7 +200,8 @@ def busy_server(our_server):
         c.close()
 
 
-@pytest.mark.parametrize("key", [b"q", b"\x03"], ids=["q", "ctrl-c"])
+@pytest.mark.parametrize("key", [b"q", b"\x03", signal.SIGTERM],
+                         ids=["q", "ctrl-c", "sigterm"])
 def test_live_view_redraws_then_quits_and_restores_the_terminal(busy_server, key):
     run = PtyRun("--servers", busy_server.address, "top", "--interval", "0.2")
     try:
@@ -208,7 +209,10 @@ def test_live_view_redraws_then_quits_and_restores_the_terminal(busy_server, key
         # Three frames: the second and third have rates (two samples).
         assert run.read_until(lambda out: out.count(b"\x1b[H") >= 3), run.output
         assert not run.canonical()  # cbreak while it runs: q works without Enter
-        os.write(run.fd, key)
+        if isinstance(key, bytes):
+            os.write(run.fd, key)
+        else:
+            os.kill(run.pid, key)
         code = run.wait()
         assert code == 0, run.output[-2000:]
         text = run.output.decode(errors="replace")
