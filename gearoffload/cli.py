@@ -6,6 +6,7 @@
     gearoffload workers                     # connections that registered functions
     gearoffload jobs                        # every job the server holds
     gearoffload submit resize '{"id": 7}'   # run a job, print its result
+    gearoffload top                         # live view; q quits
     gearoffload --servers h1:4730,h2:4730 submit report - --background --wait < in.json
 
 ``--servers`` defaults to ``$GEAROFFLOAD_SERVERS`` or ``127.0.0.1:4730``. Exit codes:
@@ -258,6 +259,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         client.close()
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from .top import run_top
+
+    return run_top(_servers(args), interval=args.interval, once=args.once,
+                   iterations=args.iterations, timeout=args.timeout)
+
+
 def _poll_until_done(job: Any, timeout: float | None, progress: Progress,
                      quiet: bool) -> None:
     """Wait for a background job by polling GET_STATUS until the server forgets it."""
@@ -342,6 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "--background, poll its status until the server is done with it)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_submit)
+
+    from . import top
+
+    p = sub.add_parser("top", parents=[common], help="live view of queues and workers",
+                       description="A live, top-like view of every server's functions: "
+                       "queued, running, workers and how fast those change. q or Ctrl-C "
+                       "quits.")
+    top.add_arguments(p)
+    p.set_defaults(func=cmd_top)
     return parser
 
 

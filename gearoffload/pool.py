@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .logfmt import LOG_FORMATS, make_formatter
+
 if TYPE_CHECKING:  # imported lazily at run time: main() must monkey-patch first
     from .registry import TaskRegistry
 
@@ -61,6 +63,7 @@ class PoolConfig:
     drain_timeout: float | None = 60.0
     client_id: str | None = None
     log_level: str = "INFO"
+    log_format: str = "text"  # gearoffload.logfmt: text or json
     wsgi_function: str | None = None  # --wsgi: serve the target for OffloadMiddleware
 
     def __post_init__(self) -> None:
@@ -72,6 +75,8 @@ class PoolConfig:
             raise ValueError("--servers needs at least one host:port")
         if self.drain_timeout is not None and self.drain_timeout <= 0:
             raise ValueError("--drain-timeout must be positive")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
 
 
 def parse_args(argv: list[str] | None = None) -> PoolConfig:
@@ -95,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> PoolConfig:
                              "(default: hostname)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", type=str.lower, metavar="FORMAT",
+                        help="text (default: one line, then key=value fields such as "
+                             "handle, function, server) or json (one object per line)")
     parser.add_argument("--wsgi", action="store_true",
                         help="target is a WSGI app (module:app): run the requests that "
                              "OffloadMiddleware sends")
@@ -107,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> PoolConfig:
             servers=tuple(s.strip() for s in args.servers.split(",") if s.strip()),
             processes=args.processes, concurrency=args.concurrency,
             drain_timeout=args.drain_timeout, client_id=args.client_id,
-            log_level=args.log_level,
+            log_level=args.log_level, log_format=args.log_format,
             wsgi_function=args.wsgi_function if args.wsgi else None)
     except ValueError as exc:
         parser.error(str(exc))
@@ -302,9 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     monkey.patch_all()  # entry point: patch first, so task code's blocking I/O cooperates
 
     config = parse_args(argv)
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(make_formatter(
+        config.log_format, "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+        pid=True))
+    logging.basicConfig(level=config.log_level, handlers=[handler])
     try:
         registry = load_registry(config.target, config.wsgi_function)
     except (ImportError, AttributeError, TypeError, ValueError) as exc:

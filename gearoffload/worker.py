@@ -67,6 +67,12 @@ class _Closed:
         self.reason = reason
 
 
+def _job_fields(job: WorkerJob, event: str) -> dict[str, object]:
+    """Structured log fields of a task event (``gearoffload.logfmt``)."""
+    return {"event": event, "handle": job.handle, "function": job.function,
+            "unique": job.unique or None, "server": job.server}
+
+
 def _as_bytes(value: Any) -> bytes:
     if value is None:
         return b""
@@ -303,12 +309,14 @@ class Worker:
                 conn.connect(timeout=self.connect_timeout)
             except OSError as exc:
                 delay = backoff * (0.5 + random.random())  # jitter: no reconnect stampede
-                log.warning("cannot connect to %s: %s (retry in %.2fs)", name, exc, delay)
+                log.warning("cannot connect to %s: %s (retry in %.2fs)", name, exc, delay,
+                            extra={"event": "worker.connect_failed", "server": name})
                 if self._stop_event.wait(delay):
                     return
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
-            log.info("connected to %s", name)
+            log.info("connected to %s", name,
+                     extra={"event": "worker.connected", "server": name})
             connected_at = time.monotonic()
             self._conns[conn] = {}
             self._inboxes.add(inbox)
@@ -318,7 +326,8 @@ class Worker:
             except ConnectionError as exc:
                 if self._stop_event.is_set():
                     return  # a draining worker closed it
-                log.warning("lost connection to %s: %s", name, exc)
+                log.warning("lost connection to %s: %s", name, exc,
+                            extra={"event": "worker.connection_lost", "server": name})
             finally:
                 self._inboxes.discard(inbox)
                 if conn.closed:
@@ -451,7 +460,8 @@ class Worker:
             job._send(T.WORK_COMPLETE, _as_bytes(result))
         except gevent.Timeout:
             log.warning("task %s timed out after %ss on job %s", job.function,
-                        entry.timeout if entry else "?", job.handle)
+                        entry.timeout if entry else "?", job.handle,
+                        extra=_job_fields(job, "task.timeout"))
             if running is not None and running.get(handle, 0) > 1:
                 pass  # requeued and grabbed again by this connection: leave that attempt be
             else:
@@ -459,10 +469,12 @@ class Worker:
                 # if it did not, this ends the job instead of leaving it held forever.
                 job._send(T.WORK_FAIL)
         except JobFailed as exc:
-            log.info("task %s failed job %s: %s", job.function, job.handle, exc)
+            log.info("task %s failed job %s: %s", job.function, job.handle, exc,
+                     extra=_job_fields(job, "task.failed"))
             job._send(T.WORK_FAIL)
         except Exception as exc:
-            log.warning("task %s raised on job %s", job.function, job.handle, exc_info=True)
+            log.warning("task %s raised on job %s", job.function, job.handle, exc_info=True,
+                        extra=_job_fields(job, "task.raised"))
             text = f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
             job._send(T.WORK_EXCEPTION, text)
         finally:

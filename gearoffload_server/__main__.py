@@ -12,6 +12,8 @@ import sys  # noqa: E402
 
 import gevent  # noqa: E402
 
+from gearoffload.logfmt import make_formatter  # noqa: E402
+
 from .config import ServerConfig, parse_args  # noqa: E402
 from .server import GearmanServer  # noqa: E402
 from .stores import StoreError  # noqa: E402
@@ -30,7 +32,7 @@ def configure_logging(config: ServerConfig) -> None:
         handler = logging.FileHandler(config.log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(make_formatter(config.log_format))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(_LEVELS[config.verbose])

@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -31,6 +32,7 @@ MUTATING = frozenset((b"cancel", b"create", b"drop", b"maxqueue", b"shutdown", b
 _SPACES = re.compile(b" +")
 _OK = b"OK\r\n"
 _END = b".\n"
+log = logging.getLogger("gearoffload.server")
 
 
 def split_words(line: bytes) -> list[bytes]:
@@ -92,6 +94,10 @@ class AdminProtocol:
         elif name in MUTATING and not self.may_change(peer) and not (
                 name == b"shutdown" and not self.config.enable_shutdown):
             # (A disabled shutdown stays an unknown command for everyone, as in gearmand.)
+            log.warning("%s fd=%d: admin %r refused (not loopback or --admin-allow)",
+                        peer.address, peer.fd, name.decode("latin-1"),
+                        extra={"event": "admin.refused", "peer": peer.address,
+                               "fd": peer.fd, "command": name.decode("latin-1")})
             peer.send(b"ERR PERMISSION_DENIED %s+is+only+allowed+from+loopback+or+"
                       b"--admin-allow+addresses\r\n" % name)
         else:

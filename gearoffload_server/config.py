@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 
 from gearoffload import __version__
+from gearoffload.logfmt import LOG_FORMATS
 from gearoffload.protocol import DEFAULT_MAX_PACKET_SIZE
 
 LOG_LEVELS = ("FATAL", "ALERT", "CRITICAL", "ERROR", "WARNING", "NOTICE", "INFO", "DEBUG")
@@ -59,6 +60,8 @@ class ServerConfig:
     max_output_buffer: int = 64 * 1024 * 1024
     verbose: str = "INFO"
     log_file: str | None = None
+    #: ``text`` (the classic line, plus ``key=value`` fields) or ``json`` (one object a line).
+    log_format: str = "text"
     enable_shutdown: bool = False
     #: Where background jobs are kept (``stores``): ``memory``, ``sqlite://PATH``,
     #: ``redis://HOST:PORT/DB``; empty = ``default_queue(port)``.
@@ -111,6 +114,8 @@ class ServerConfig:
             raise ConfigError("--worker-wakeup must be 0 (wake all) or a positive number")
         if self.verbose not in LOG_LEVELS:
             raise ConfigError(f"--verbose must be one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
         if self.queue:
             from .stores import parse_queue_url
 
@@ -186,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", default="INFO", type=str.upper,
                    help=f"log level, one of {' '.join(LOG_LEVELS)} (default INFO)")
     p.add_argument("--log-file", "-l", default=None, help="log to this file instead of stderr")
+    p.add_argument("--log-format", default="text", type=str.lower, metavar="FORMAT",
+                   help="text (default: one line, then key=value fields such as handle, "
+                        "function, peer) or json (one JSON object per line)")
     p.add_argument("--queue", "-q", default="", metavar="URL",
                    help="where background jobs are kept across restarts: sqlite://PATH "
                         "(default sqlite://$XDG_STATE_HOME/gearoffload/queue-PORT.db, i.e. "
@@ -241,6 +249,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             worker_wakeup=ns.worker_wakeup,
             verbose=ns.verbose,
             log_file=ns.log_file,
+            log_format=ns.log_format,
             enable_shutdown=ns.enable_shutdown,
             queue=ns.queue,
             shutdown_timeout=ns.shutdown_timeout,

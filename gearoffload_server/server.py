@@ -227,9 +227,12 @@ class Connection:
             return
         peer = self.peer
         if reason.startswith("protocol error"):
-            log.warning("%s fd=%d %s", peer.address, peer.fd, reason)
-        elif reason:
-            log.debug("%s fd=%d %s", peer.address, peer.fd, reason)
+            log.warning("%s fd=%d %s", peer.address, peer.fd, reason,
+                        extra={"event": "conn.protocol_error", "peer": peer.address,
+                               "fd": peer.fd})
+        elif reason and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s fd=%d %s", peer.address, peer.fd, reason,
+                      extra={"event": "conn.closed", "peer": peer.address, "fd": peer.fd})
         server = self.server
         held = peer.batch is not None  # its output acknowledges jobs not yet durable
         server.unregister(self)
@@ -263,7 +266,9 @@ class Connection:
         if self.closing:
             return
         self.closing = True
-        log.log(level, "%s fd=%d disconnected: %s", self.peer.address, self.peer.fd, reason)
+        log.log(level, "%s fd=%d disconnected: %s", self.peer.address, self.peer.fd, reason,
+                extra={"event": "conn.aborted", "peer": self.peer.address,
+                       "fd": self.peer.fd})
         self.peer.out.clear()
         self.peer.out_bytes = 0
         self.backlog = None
@@ -347,7 +352,8 @@ class GearmanServer(StreamServer):
         if now >= self._refused_log_at:
             log.warning("%d open connections (--max-connections): refused %d new "
                         "connection(s) (logged at most every %gs)", len(self.connections),
-                        self._refused, REFUSED_LOG_INTERVAL)
+                        self._refused, REFUSED_LOG_INTERVAL,
+                        extra={"event": "conn.refused"})
             self._refused = 0
             self._refused_log_at = now + REFUSED_LOG_INTERVAL
 
@@ -417,13 +423,15 @@ class GearmanServer(StreamServer):
                     if events & _READABLE:
                         conn.on_readable()
                 except Exception:  # a bug must cost one connection, not the server
-                    log.exception("%s fd=%d: internal error", conn.peer.address, fd)
+                    log.exception("%s fd=%d: internal error", conn.peer.address, fd,
+                                  extra={"event": "conn.internal_error",
+                                         "peer": conn.peer.address, "fd": fd})
                     conn.abort("internal error")
                     conn.close("")
             try:
                 flush()
             except Exception:  # keep serving everyone else
-                log.exception("flush failed")
+                log.exception("flush failed", extra={"event": "server.flush_failed"})
 
     def flush(self) -> None:
         """Send every peer its output now; drop peers that stopped reading."""
@@ -494,7 +502,8 @@ class GearmanServer(StreamServer):
                         batch, b"Job could not be saved: " + str(exc).encode())
                     log.error("queue store write failed (%s): %d submissions refused with "
                               "QUEUE_ERROR, %d deletes lost (those jobs may run again "
-                              "after a restart)", exc, dropped, len(batch.deletes))
+                              "after a restart)", exc, dropped, len(batch.deletes),
+                              extra={"event": "store.write_failed"})
                 batch.done = True
                 self._release(batch, cuts)
         finally:
@@ -530,7 +539,8 @@ class GearmanServer(StreamServer):
             try:
                 store.write(store.take_batch())
             except Exception as exc:
-                log.error("queue store: final write failed: %s", exc)
+                log.error("queue store: final write failed: %s", exc,
+                          extra={"event": "store.write_failed"})
         store.close()
 
     def stop_graceful(self) -> None:

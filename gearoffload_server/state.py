@@ -93,6 +93,19 @@ def _error(code: bytes, text: bytes) -> bytes:
     return encode(RES, T.ERROR, (code, text))
 
 
+def _job_fields(job: Job, event: str, peer: Peer | None = None) -> dict[str, object]:
+    """The structured log fields of a job event (``gearoffload.logfmt``); only built on
+    the rare paths that log, never per job."""
+    fields: dict[str, object] = {
+        "event": event, "handle": job.handle.decode("latin-1"),
+        "function": job.function.name.decode(errors="replace"),
+        "unique": job.unique.decode(errors="replace") or None}
+    if peer is not None:
+        fields["peer"] = peer.address
+        fields["fd"] = peer.fd
+    return fields
+
+
 def strtoul32(text: bytes) -> int:
     """Parse as gearmand does, C ``strtol`` (saturating at the signed 64-bit range) cast to
     uint32: ``abc``→0, ``12xyz``→12, ``-1``→4294967295, ``2**63``→4294967295,
@@ -344,6 +357,11 @@ class JobServerState:
         was_woken = peer.sleep == WOKEN
         self._set_sleep(peer, AWAKE)
         for job in list(peer.jobs.values()):
+            # Not the per-job hot path: only jobs whose worker vanished while running them.
+            log.info("job %s of %s: its worker %s fd=%d disconnected; requeued unless its "
+                     "retries are used up", job.handle.decode(),
+                     job.function.name.decode(errors="replace"), peer.address, peer.fd,
+                     extra=_job_fields(job, "job.worker_lost", peer))
             self._lose(job)
         for func in peer.functions:
             del func.workers[peer]
@@ -773,7 +791,8 @@ class JobServerState:
     def _timed_out(self, job: Job, worker: Peer) -> None:
         if job.state == RUNNING and job.worker is worker:
             log.warning("job %s of %s timed out on %r; requeued", job.handle.decode(),
-                        job.function.name.decode(errors="replace"), worker)
+                        job.function.name.decode(errors="replace"), worker,
+                        extra=_job_fields(job, "job.timeout", worker))
             job.timer = None
             self._lose(job)
 
@@ -785,7 +804,8 @@ class JobServerState:
         limit = self.config.job_retries
         if limit >= 0 and job.retries >= max(limit, 1):
             log.warning("job %s of %s failed after %d attempts", job.handle.decode(),
-                        func.name.decode(errors="replace"), job.retries)
+                        func.name.decode(errors="replace"), job.retries,
+                        extra=_job_fields(job, "job.retries_exhausted", job.worker))
             self._relay_to_clients(job, encode(RES, T.WORK_FAIL, (job.handle,)))
             self._remove(job)
             return
@@ -981,7 +1001,8 @@ class JobServerState:
         if job.failures <= self.config.retry_failed and not job.abandoned:
             delay = self.config.retry_backoff * (1 << (job.failures - 1))
             log.info("job %s of %s failed (%d of %d retries); again in %gs",
-                     job.handle.decode(), name, job.failures, self.config.retry_failed, delay)
+                     job.handle.decode(), name, job.failures, self.config.retry_failed, delay,
+                     extra=_job_fields(job, "job.retry"))
             job.when = self.scheduler.now() + delay
             self._schedule(job)
             return
@@ -997,7 +1018,8 @@ class JobServerState:
         if job.stored:
             self.store.mark_dead(job, True)
         log.warning("job %s of %s failed %d times: moved to the dead letters",
-                    job.handle.decode(), name, job.failures)
+                    job.handle.decode(), name, job.failures,
+                    extra=_job_fields(job, "job.dead_letter"))
 
     def requeue_dead(self, handle: bytes) -> bool:
         """Admin ``requeue dead job H``: a dead job runs again with its handle, its
