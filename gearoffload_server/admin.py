@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 
 from .state import JobServerState, Peer
@@ -33,6 +34,9 @@ _SPACES = re.compile(b" +")
 _OK = b"OK\r\n"
 _END = b".\n"
 log = logging.getLogger("gearoffload.server")
+#: At most one "admin command refused" log line per this many seconds: a peer on an
+#: untrusted network must not be able to fill the log.
+REFUSED_LOG_INTERVAL = 10.0
 
 
 def split_words(line: bytes) -> list[bytes]:
@@ -64,6 +68,8 @@ class AdminProtocol:
     def __init__(self, state: JobServerState) -> None:
         self.state = state
         self.config = state.config
+        self._refused = 0           # refusals since the last log line
+        self._refused_log_at = 0.0
         self._commands: dict[bytes, Callable[[Peer, list[bytes]], bytes]] = {
             b"status": self._status,
             b"prioritystatus": self._priority_status,
@@ -80,6 +86,18 @@ class AdminProtocol:
             b"requeue": self._requeue,
         }
 
+    def _log_refusal(self, peer: Peer, name: bytes) -> None:
+        self._refused += 1
+        now = time.monotonic()
+        if now >= self._refused_log_at:
+            log.warning("%s fd=%d: admin %r refused (not loopback or --admin-allow); %d "
+                        "refusal(s) (logged at most every %gs)", peer.address, peer.fd,
+                        name.decode("latin-1"), self._refused, REFUSED_LOG_INTERVAL,
+                        extra={"event": "admin.refused", "peer": peer.address,
+                               "fd": peer.fd, "command": name.decode("latin-1")})
+            self._refused = 0
+            self._refused_log_at = now + REFUSED_LOG_INTERVAL
+
     def handle(self, peer: Peer, line: bytes) -> None:
         """Answer one admin line (without its line ending)."""
         words = split_words(line)
@@ -94,10 +112,7 @@ class AdminProtocol:
         elif name in MUTATING and not self.may_change(peer) and not (
                 name == b"shutdown" and not self.config.enable_shutdown):
             # (A disabled shutdown stays an unknown command for everyone, as in gearmand.)
-            log.warning("%s fd=%d: admin %r refused (not loopback or --admin-allow)",
-                        peer.address, peer.fd, name.decode("latin-1"),
-                        extra={"event": "admin.refused", "peer": peer.address,
-                               "fd": peer.fd, "command": name.decode("latin-1")})
+            self._log_refusal(peer, name)
             peer.send(b"ERR PERMISSION_DENIED %s+is+only+allowed+from+loopback+or+"
                       b"--admin-allow+addresses\r\n" % name)
         else:
