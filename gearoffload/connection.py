@@ -24,11 +24,12 @@ import socket as _stdlib_socket
 from collections.abc import Callable
 
 import gevent
-from gevent import socket
+from gevent import socket, ssl
 from gevent.event import Event
 
 from .errors import GearmanError
 from .protocol import DEFAULT_MAX_PACKET_SIZE, RES, Decoder, Packet, encode_request
+from .tls import wrap_client
 
 __all__ = ["DEFAULT_PORT", "Address", "Connection", "parse_address", "parse_servers"]
 
@@ -83,6 +84,9 @@ def format_address(address: Address) -> str:
 class Connection:
     """A packet connection to one server; not reusable after ``close()``.
 
+    With ``tls`` (a context, see ``gearoffload.tls.client_context``) the socket speaks
+    TLS, and the server's certificate must name the host of ``address``.
+
     ``on_packet(packet)`` runs in the reader greenlet for every packet, in stream order;
     it must not block for long (it delays every later packet). ``on_close(reason)`` runs
     once when the connection ends, whoever ended it.
@@ -94,8 +98,10 @@ class Connection:
         on_packet: Callable[[Packet], None],
         on_close: Callable[[BaseException | None], None] | None = None,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.address = address
+        self.tls = tls
         self.max_packet_size = max_packet_size
         self.name = format_address(address)
         self._on_packet = on_packet
@@ -121,6 +127,8 @@ class Connection:
             # A peer that vanished without a FIN (power loss, partition) is noticed
             # eventually instead of never.
             sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_KEEPALIVE, 1)
+            if self.tls is not None:  # the handshake is bounded by the connect timeout
+                sock = wrap_client(self.tls, sock, self.address[0])
             sock.settimeout(None)
         except OSError:
             sock.close()
