@@ -34,7 +34,7 @@ from gevent.lock import RLock
 from .connection import Address, format_address, parse_address
 from .errors import GearmanError, JobTimeout, NoServersAvailable, ProtocolError, ServerError
 from .protocol import Decoder
-from .tls import TlsOption, client_context, wrap_client
+from .tls import TlsOption, client_context, tls_error_text, wrap_client
 
 __all__ = [
     "AdminClient",
@@ -392,10 +392,8 @@ class AdminClient:
                 sock = wrap_client(self.tls, sock, self.address[0])
             except OSError as exc:  # ssl.SSLError, a reset, a timeout
                 sock.close()
-                reason = getattr(exc, "verify_message", None) or getattr(
-                    exc, "reason", None) or str(exc) or exc.__class__.__name__
-                raise NoServersAvailable(
-                    f"cannot connect to {self.name}: TLS handshake failed: {reason}") from None
+                raise NoServersAvailable(f"cannot connect to {self.name}: TLS handshake "
+                                         f"failed: {tls_error_text(exc)}") from None
         self._sock = sock
         return sock
 

@@ -21,7 +21,8 @@ from collections.abc import Mapping
 
 from gevent import socket, ssl
 
-__all__ = ["TlsOption", "client_context", "tls_context", "tls_from_env", "wrap_client"]
+__all__ = ["TlsOption", "client_context", "tls_context", "tls_error_text", "tls_from_env",
+           "wrap_client"]
 
 #: What ``Client``, ``Worker`` and ``AdminClient`` take as ``tls``.
 TlsOption = bool | ssl.SSLContext | Mapping | None
@@ -38,6 +39,10 @@ def tls_context(ca: str | None = None, cert: str | None = None, key: str | None 
     """
     if key and not cert:
         raise ValueError("a TLS key needs its certificate (cert=...)")
+    for path in (ca, cert, key):  # OpenSSL's own error would not say which file
+        if path:
+            with open(path, "rb"):
+                pass
     # gevent's context, so that its sockets cooperate with the event loop without patching.
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -93,3 +98,14 @@ def wrap_client(context: ssl.SSLContext, sock: socket.socket, host: str) -> ssl.
     even for a context made with the stdlib's (unpatched) ``ssl`` module."""
     return ssl.SSLSocket(sock=sock, server_hostname=host,
                          do_handshake_on_connect=True, _context=context)
+
+
+def tls_error_text(exc: BaseException) -> str:
+    """A short, one-line reason for a TLS failure (a bad file, a refused handshake)."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason.replace("_", " ").lower()
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return " ".join(str(exc).split()) or type(exc).__name__

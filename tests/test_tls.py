@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -335,3 +337,84 @@ def test_bad_tls_flags_exit_2_with_one_line(certs, args, message):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# -- the commands ---------------------------------------------------------------------------
+
+POOL_TASKS = '''
+import gearoffload
+
+@gearoffload.task
+def shout(job):
+    return job.data.upper() + b"!"
+'''
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("GEAROFFLOAD_")}
+    environment.update(env or {})
+    return subprocess.run([sys.executable, "-m", "gearoffload.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=20, env=environment)
+
+
+def test_pool_and_command_over_mutual_tls(certs, mtls_srv, tmp_path):
+    (tmp_path / "tlstasks.py").write_text(POOL_TASKS)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("GEAROFFLOAD_")}
+    environment["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(tmp_path)])
+    # The pool takes its TLS files from the command line...
+    pool = subprocess.Popen(
+        [sys.executable, "-m", "gearoffload.pool", "tlstasks", "--servers", mtls_srv.address,
+         "--processes", "1", "--tls-ca", str(certs.ca), "--tls-cert", str(certs.client),
+         "--tls-key", str(certs.client_key)],
+        cwd=tmp_path, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        flags = ["--servers", mtls_srv.address, "--tls-ca", str(certs.ca),
+                 "--tls-cert", str(certs.client), "--tls-key", str(certs.client_key)]
+        deadline = time.monotonic() + 15
+        while True:
+            status = run_cli("status", "--json", *flags)
+            assert status.returncode == 0, status.stderr
+            if '"shout"' in status.stdout:
+                break
+            assert pool.poll() is None, pool.stderr.read().decode()
+            assert time.monotonic() < deadline, "the pool did not register over TLS"
+            time.sleep(0.1)
+        result = run_cli("submit", "shout", "hey", *flags)
+        assert (result.returncode, result.stdout) == (0, "HEY!"), result.stderr
+        # ... the command from the environment as well.
+        env = {"GEAROFFLOAD_SERVERS": mtls_srv.address,
+               "GEAROFFLOAD_TLS_CA": str(certs.ca), "GEAROFFLOAD_TLS_CERT": str(certs.client),
+               "GEAROFFLOAD_TLS_KEY": str(certs.client_key)}
+        result = run_cli("submit", "shout", "env", env=env)
+        assert (result.returncode, result.stdout) == (0, "ENV!"), result.stderr
+        # Without a client certificate the server refuses it: one line, exit 2.
+        refused = run_cli("status", "--servers", mtls_srv.address, "--tls-ca", str(certs.ca))
+        assert refused.returncode == 2
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    finally:
+        pool.send_signal(signal.SIGTERM)
+        try:
+            pool.wait(10)
+        except subprocess.TimeoutExpired:
+            pool.kill()
+            pool.wait()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tls-ca", "/nonexistent/ca.pem"], "/nonexistent/ca.pem: No such file"),
+    (["--tls-key", "{client_key}"], "needs its certificate"),
+])
+def test_command_with_bad_tls_files_exits_2_with_one_line(certs, args, message):
+    paths = {"client_key": str(certs.client_key)}
+    result = run_cli("status", *[arg.format(**paths) for arg in args])
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_pool_with_bad_tls_files_exits_2(certs):
+    result = subprocess.run([sys.executable, "-m", "gearoffload.pool", "x", "--tls-ca",
+                             "/nonexistent/ca.pem"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=20)
+    assert result.returncode == 2
+    assert "/nonexistent/ca.pem: No such file" in result.stderr
