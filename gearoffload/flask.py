@@ -50,7 +50,9 @@ Configuration (validated by ``init_app``, with messages that say what to do):
 enables signed pickle for ``@offload`` functions),
 ``GEAROFFLOAD_FORMAT``, ``GEAROFFLOAD_MAX_BODY`` (bytes, default 4 MiB),
 ``GEAROFFLOAD_RESULT_TTL`` (seconds a background result is kept, default 600),
-``GEAROFFLOAD_URL_PREFIX`` (of the status blueprint, default ``/_offload``).
+``GEAROFFLOAD_URL_PREFIX`` (of the status blueprint, default ``/_offload``),
+``GEAROFFLOAD_TLS_CA``, ``GEAROFFLOAD_TLS_CERT``, ``GEAROFFLOAD_TLS_KEY`` (PEM files: TLS,
+or mutual TLS, to the job servers; see docs/tls.md).
 
 Background results live in the memory of the web process that accepted the request (a
 watcher greenlet follows the job and keeps its response for the TTL). With several web

@@ -418,3 +418,29 @@ def test_pool_with_bad_tls_files_exits_2(certs):
                             timeout=20)
     assert result.returncode == 2
     assert "/nonexistent/ca.pem: No such file" in result.stderr
+
+
+# -- the offload layer ---------------------------------------------------------------------
+
+def test_offload_config_and_flask_keys_reach_the_client(certs, mtls_srv):
+    from gearoffload.offloading import OffloadConfig
+
+    config = OffloadConfig.from_mapping({
+        "GEAROFFLOAD_SERVERS": mtls_srv.address, "GEAROFFLOAD_TLS_CA": str(certs.ca),
+        "GEAROFFLOAD_TLS_CERT": str(certs.client), "GEAROFFLOAD_TLS_KEY": str(certs.client_key)})
+    with working(upper_worker(mtls_srv, certs.tls("client"))):
+        client = config.make_client()
+        try:
+            assert client.submit("upper", b"web").result() == b"WEB"
+        finally:
+            client.close()
+    with pytest.raises(ValueError, match="GEAROFFLOAD_TLS_CA/CERT/KEY: /nonexistent"):
+        OffloadConfig.from_mapping({"GEAROFFLOAD_TLS_CA": "/nonexistent/ca.pem"})
+
+
+def test_wsgi_middleware_takes_tls(certs):
+    from gearoffload.wsgi import OffloadMiddleware
+
+    middleware = OffloadMiddleware(lambda environ, start: [], servers="127.0.0.1:4730",
+                                   tls=certs.tls("client"))
+    assert isinstance(middleware.tls, ssl.SSLContext)
