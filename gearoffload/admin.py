@@ -423,8 +423,12 @@ class AdminClient:
                 # gevent's SSL sockets time out with an SSLError, not a TimeoutError.
                 if not (isinstance(exc, TimeoutError) or "timed out" in str(exc)):
                     self.close()
+                    # Under TLS 1.3 a server refuses our certificate (or its absence)
+                    # only after the handshake: we learn it here, at the first read.
                     raise NoServersAvailable(
-                        f"connection to {self.name} lost: {exc}") from None
+                        f"connection to {self.name} lost: TLS: {tls_error_text(exc)} (a "
+                        "server with --tls-require-client-cert refuses peers without a "
+                        "certificate signed by its CA)") from None
                 self.close()  # the reply may still come: this connection is out of step
                 raise JobTimeout(f"no reply to {command!r} from {self.name} within "
                                  f"{self.timeout}s") from None

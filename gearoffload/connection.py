@@ -28,8 +28,8 @@ from gevent import socket, ssl
 from gevent.event import Event
 
 from .errors import GearmanError
-from .protocol import DEFAULT_MAX_PACKET_SIZE, RES, Decoder, Packet, encode_request
-from .tls import wrap_client
+from .protocol import DEFAULT_MAX_PACKET_SIZE, RES, Decoder, Packet, PacketType, encode_request
+from .tls import tls_error_text, wrap_client
 
 __all__ = ["DEFAULT_PORT", "Address", "Connection", "parse_address", "parse_servers"]
 
@@ -37,6 +37,8 @@ log = logging.getLogger("gearoffload.connection")
 
 DEFAULT_PORT = 4730
 RECV_SIZE = 256 * 1024
+#: The ECHO that proves a TLS server accepted us (``Connection._confirm_tls``).
+_TLS_PROBE = b"gearoffload-tls"
 
 Address = tuple[str, int]
 
@@ -127,8 +129,9 @@ class Connection:
             # A peer that vanished without a FIN (power loss, partition) is noticed
             # eventually instead of never.
             sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_KEEPALIVE, 1)
-            if self.tls is not None:  # the handshake is bounded by the connect timeout
+            if self.tls is not None:  # bounded by the connect timeout, like connecting
                 sock = wrap_client(self.tls, sock, self.address[0])
+                self._confirm_tls(sock)
             sock.settimeout(None)
         except OSError:
             sock.close()
@@ -139,6 +142,30 @@ class Connection:
         self._sock = sock
         self._reader = gevent.spawn(self._read_loop)
         self._writer = gevent.spawn(self._write_loop)
+
+    def _confirm_tls(self, sock: ssl.SSLSocket) -> None:
+        """One ECHO round trip before the connection counts as open.
+
+        Under TLS 1.3 the client's handshake ends before the server has checked our
+        certificate: a server that requires one (``--tls-require-client-cert``) refuses
+        it only at our first read. Without this, a refused client would "connect", send,
+        lose the connection and send again forever; with it, the refusal is a connect
+        error (logged with its reason, retried with back-off like an unreachable server).
+        """
+        try:
+            sock.sendall(encode_request(PacketType.ECHO_REQ, _TLS_PROBE))
+            decoder = Decoder(self.max_packet_size, text=False, magic=RES)
+            while True:
+                data = sock.recv(RECV_SIZE)
+                if not data:
+                    raise ConnectionError("closed during the TLS handshake")
+                for packet in decoder.feed(data):
+                    if packet.type == PacketType.ECHO_RES and packet.args == (_TLS_PROBE,):
+                        return
+                    raise ConnectionError(f"unexpected {packet.name} after the TLS handshake")
+        except (OSError, GearmanError) as exc:  # connect() closes the socket
+            raise ConnectionRefusedError(
+                f"{self.name} refused the TLS connection: {tls_error_text(exc)}") from None
 
     def send(self, ptype: int, *args: bytes) -> None:
         """Queue one request packet; it leaves with everything else queued this turn."""
