@@ -405,7 +405,17 @@ class AdminClient:
             sock.sendall(data)
         except OSError as exc:
             self.close()
-            raise NoServersAvailable(f"connection to {self.name} lost: {exc}") from None
+            raise self._lost(exc) from None
+
+    def _lost(self, exc: OSError) -> NoServersAvailable:
+        if isinstance(exc, ssl.SSLError):
+            # Under TLS 1.3 a server refuses our certificate (or its absence) only after
+            # the handshake: we learn it at our first write or read.
+            return NoServersAvailable(
+                f"connection to {self.name} lost: TLS: {tls_error_text(exc)} (a server "
+                "with --tls-require-client-cert refuses peers without a certificate signed "
+                "by its CA)")
+        return NoServersAvailable(f"connection to {self.name} lost: {exc}")
 
     def _read_line(self, command: str) -> str:
         """The next reply line, framed by the codec; reads from the socket as needed."""
@@ -423,12 +433,7 @@ class AdminClient:
                 # gevent's SSL sockets time out with an SSLError, not a TimeoutError.
                 if not (isinstance(exc, TimeoutError) or "timed out" in str(exc)):
                     self.close()
-                    # Under TLS 1.3 a server refuses our certificate (or its absence)
-                    # only after the handshake: we learn it here, at the first read.
-                    raise NoServersAvailable(
-                        f"connection to {self.name} lost: TLS: {tls_error_text(exc)} (a "
-                        "server with --tls-require-client-cert refuses peers without a "
-                        "certificate signed by its CA)") from None
+                    raise self._lost(exc) from None
                 self.close()  # the reply may still come: this connection is out of step
                 raise JobTimeout(f"no reply to {command!r} from {self.name} within "
                                  f"{self.timeout}s") from None

@@ -450,3 +450,20 @@ def test_wsgi_middleware_takes_tls(certs):
     middleware = OffloadMiddleware(lambda environ, start: [], servers="127.0.0.1:4730",
                                    tls=certs.tls("client"))
     assert isinstance(middleware.tls, ssl.SSLContext)
+
+
+def test_flask_config_keys_configure_offload_with_tls(certs, monkeypatch):
+    flask = pytest.importorskip("flask")
+    from gearoffload import offloading
+    from gearoffload.flask import GearOffload
+    from gearoffload.offloading import get_config
+
+    # GearOffload sets the process-wide @offload defaults: put them back afterwards.
+    monkeypatch.setattr(offloading, "_config", offloading._config)
+    monkeypatch.setattr(offloading, "_generation", offloading._generation)
+
+    app = flask.Flask(__name__)
+    app.config.update(GEAROFFLOAD_TLS_CA=str(certs.ca), GEAROFFLOAD_TLS_CERT=str(certs.client),
+                      GEAROFFLOAD_TLS_KEY=str(certs.client_key))
+    GearOffload(app)
+    assert get_config().tls == certs.tls("client")
