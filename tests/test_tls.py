@@ -467,3 +467,32 @@ def test_flask_config_keys_configure_offload_with_tls(certs, monkeypatch):
                       GEAROFFLOAD_TLS_KEY=str(certs.client_key))
     GearOffload(app)
     assert get_config().tls == certs.tls("client")
+
+
+def test_durable_background_jobs_and_many_clients_over_tls(certs, servers, tmp_path):
+    """Held replies (JOB_CREATED waits for the store's commit) and many peers at once."""
+    server = tls_server(certs, "--queue", f"sqlite://{tmp_path}/q.db")
+    servers.append(server)
+    tls = tls_context(ca=str(certs.ca))
+    seen: list[bytes] = []
+    worker = Worker(server.address, tls=tls, concurrency=20)
+    worker.register("note", lambda job: seen.append(job.data))
+    with working(worker):
+        def one_client(index: int) -> list[bytes]:
+            with Client(server.address, tls=tls, timeout=20) as client:
+                jobs = client.submit_many([("note", b"%d-%d" % (index, n), {"background": True})
+                                           for n in range(50)])
+                results = [client.submit("note", b"fg-%d" % index)
+                           .result()]
+                return [job.handle for job in jobs] + results
+        greenlets = [gevent.spawn(one_client, index) for index in range(20)]
+        gevent.joinall(greenlets, raise_error=True)
+        handles = [h for g in greenlets for h in g.value[:-1]]
+        assert len(set(handles)) == 20 * 50
+        deadline = time.monotonic() + 20
+        while len(seen) < 20 * 51 and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        assert len(seen) == 20 * 51
+    with AdminClient(server.address, tls=tls, timeout=5) as admin:
+        gevent.sleep(0.2)
+        assert len(admin.workers()) == 1  # only this admin connection is left
