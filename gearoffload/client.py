@@ -358,7 +358,10 @@ class _Link:
             raise
         self._connecting = None
         self.conn = conn
-        self.backoff = _BACKOFF_START
+        # The back-off starts over once the server has answered (_on_packet), not here: a
+        # port that accepts and then drops us (a TLS-only server, another service) must
+        # look like a server that is down, with growing back-off, or a submission would
+        # be resent to it forever.
         if self.client.client_id:
             conn.send(T.SET_CLIENT_ID, self.client.client_id)
         if self.client.exceptions:
@@ -385,6 +388,8 @@ class _Link:
             attachment.subs.append(sub)
 
     def _on_packet(self, packet: Packet) -> None:
+        if self.backoff != _BACKOFF_START:
+            self.backoff = _BACKOFF_START  # the server answers: it is up
         ptype = packet.type
         if ptype in _WORK_TYPES:
             handle = packet.args[0]

@@ -229,6 +229,10 @@ def test_plain_client_against_tls_server_fails_and_server_stays_up(certs, tls_sr
     assert b"plain" not in reply  # a TLS alert at most, never a Gearman reply
     with pytest.raises(NoServersAvailable):
         AdminClient(tls_srv.address, timeout=2).status()  # plain admin: no answer
+    # Our plain Client gives up too, instead of resending to a port that drops it.
+    with pytest.raises(NoServersAvailable):
+        with Client(tls_srv.address, timeout=None, connect_timeout=1) as client:
+            client.submit("upper", b"x")
     with working(upper_worker(tls_srv, certs.tls(None))):
         assert round_trip(tls_srv, certs.tls(None)) == b"PING"
     assert tls_srv.proc.poll() is None
