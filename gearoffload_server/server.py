@@ -11,6 +11,10 @@ the neutral load generator; see benchmarks/README.md). Output the kernel does no
 once waits in the connection's backlog for EPOLLOUT, so a client that never reads blocks
 nobody (and is disconnected once ``--max-output-buffer`` bytes pile up for it).
 
+With ``--tls-cert`` every connection is a ``TlsConnection`` instead: TLS cannot be read
+from the raw descriptor, so each has a reader and a writer greenlet of its own and stays
+out of the poll loop (which then never starts); the plain path is untouched.
+
 Example::
 
     from gearoffload_server.config import ServerConfig
