@@ -27,6 +27,7 @@ _LAZY = {
     "progress": "gearoffload.offloading",
     "OffloadMiddleware": "gearoffload.wsgi",
     "AdminClient": "gearoffload.admin",
+    "tls_context": "gearoffload.tls",
 }
 
 __all__ = ["__version__", *_LAZY]

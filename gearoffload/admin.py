@@ -28,12 +28,13 @@ import socket as _stdlib_socket
 import time
 from dataclasses import dataclass
 
-from gevent import socket
+from gevent import socket, ssl
 from gevent.lock import RLock
 
 from .connection import Address, format_address, parse_address
 from .errors import GearmanError, JobTimeout, NoServersAvailable, ProtocolError, ServerError
 from .protocol import Decoder
+from .tls import TlsOption, client_context, tls_error_text, wrap_client
 
 __all__ = [
     "AdminClient",
@@ -161,7 +162,8 @@ class AdminClient:
     ``timeout`` bounds connecting and every reply, in seconds (``None``: wait forever).
     Raises ``NoServersAvailable`` when the server cannot be reached or the connection
     is lost, ``JobTimeout`` when a reply does not come in time, ``AdminError`` on an
-    ``ERR`` reply, ``ProtocolError`` on a reply that is not admin text.
+    ``ERR`` reply, ``ProtocolError`` on a reply that is not admin text. ``tls``: as for
+    ``Client`` (``None``, ``True``, an ``ssl.SSLContext`` or ``tls_context()``'s arguments).
 
     Example::
 
@@ -171,8 +173,9 @@ class AdminClient:
     """
 
     def __init__(self, server: str | Address = "127.0.0.1:4730",
-                 timeout: float | None = 10.0) -> None:
+                 timeout: float | None = 10.0, tls: TlsOption = None) -> None:
         self.address: Address = parse_address(server)
+        self.tls = client_context(tls)
         self.name = format_address(self.address)
         self.timeout = timeout
         self._sock: socket.socket | None = None
@@ -384,6 +387,13 @@ class AdminClient:
             reason = exc.strerror or exc.__class__.__name__
             raise NoServersAvailable(f"cannot connect to {self.name}: {reason}") from None
         sock.setsockopt(_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            try:
+                sock = wrap_client(self.tls, sock, self.address[0])
+            except OSError as exc:  # ssl.SSLError, a reset, a timeout
+                sock.close()
+                raise NoServersAvailable(f"cannot connect to {self.name}: TLS handshake "
+                                         f"failed: {tls_error_text(exc)}") from None
         self._sock = sock
         return sock
 
@@ -395,7 +405,17 @@ class AdminClient:
             sock.sendall(data)
         except OSError as exc:
             self.close()
-            raise NoServersAvailable(f"connection to {self.name} lost: {exc}") from None
+            raise self._lost(exc) from None
+
+    def _lost(self, exc: OSError) -> NoServersAvailable:
+        if isinstance(exc, ssl.SSLError):
+            # Under TLS 1.3 a server refuses our certificate (or its absence) only after
+            # the handshake: we learn it at our first write or read.
+            return NoServersAvailable(
+                f"connection to {self.name} lost: TLS: {tls_error_text(exc)} (a server "
+                "with --tls-require-client-cert refuses peers without a certificate signed "
+                "by its CA)")
+        return NoServersAvailable(f"connection to {self.name} lost: {exc}")
 
     def _read_line(self, command: str) -> str:
         """The next reply line, framed by the codec; reads from the socket as needed."""
@@ -409,7 +429,11 @@ class AdminClient:
             try:
                 sock.settimeout(remaining)
                 data = sock.recv(RECV_SIZE)
-            except TimeoutError:
+            except (TimeoutError, ssl.SSLError) as exc:
+                # gevent's SSL sockets time out with an SSLError, not a TimeoutError.
+                if not (isinstance(exc, TimeoutError) or "timed out" in str(exc)):
+                    self.close()
+                    raise self._lost(exc) from None
                 self.close()  # the reply may still come: this connection is out of step
                 raise JobTimeout(f"no reply to {command!r} from {self.name} within "
                                  f"{self.timeout}s") from None

@@ -145,7 +145,7 @@ def _admin_each(args: argparse.Namespace,
     timeout = args.timeout if args.timeout is not None else ADMIN_TIMEOUT
     for server in _servers(args):
         try:
-            with AdminClient(server, timeout=timeout) as admin:
+            with AdminClient(server, timeout=timeout, tls=args.tls) as admin:
                 results.extend((server, row) for row in query(admin))
             answered += 1
         except ServerError as exc:
@@ -210,7 +210,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     connect = CONNECT_WINDOW if args.timeout is None else min(args.timeout, CONNECT_WINDOW)
     progress = Progress(sys.stderr)
     out = sys.stdout.buffer
-    client = Client(servers, timeout=args.timeout, connect_timeout=connect)
+    client = Client(servers, timeout=args.timeout, connect_timeout=connect, tls=args.tls)
     try:
         job = client.submit(args.function, data, unique=args.unique, priority=args.priority,
                             background=args.background)
@@ -306,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--servers", default=argparse.SUPPRESS, metavar="HOST:PORT[,...]",
                         help="job servers (default: $GEAROFFLOAD_SERVERS or "
                              f"{DEFAULT_SERVERS})")
+    for name, what in (("ca", "CA certificates that sign the servers' certificates"),
+                       ("cert", "our certificate, for mutual TLS"),
+                       ("key", "the private key of --tls-cert")):
+        common.add_argument(f"--tls-{name}", default=argparse.SUPPRESS, metavar="PEM",
+                            help=f"connect with TLS: {what} (default: "
+                                 f"$GEAROFFLOAD_TLS_{name.upper()})")
     common.add_argument("--timeout", type=_timeout, default=argparse.SUPPRESS,
                         metavar="SECONDS",
                         help="give up after this long (default: admin commands "
@@ -369,6 +375,16 @@ def main(argv: list[str] | None = None) -> int:
         args.servers = os.environ.get("GEAROFFLOAD_SERVERS") or DEFAULT_SERVERS
     if not hasattr(args, "timeout"):
         args.timeout = None
+    from .tls import client_context, tls_error_text, tls_from_env
+
+    try:  # once, so that a bad file is one line before anything is sent
+        args.tls = client_context(tls_from_env(
+            getattr(args, "tls_ca", None), getattr(args, "tls_cert", None),
+            getattr(args, "tls_key", None)))
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        sys.stderr.write(f"{PROG}: error: cannot use the TLS files: {tls_error_text(exc)} "
+                         "(see --help)\n")
+        return 2
     logger = logging.getLogger("gearoffload")
     if getattr(args, "verbose", False):
         logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(name)s: %(message)s")

@@ -48,6 +48,7 @@ from .errors import (
 )
 from .protocol import Packet, encode_request
 from .protocol import PacketType as T
+from .tls import TlsOption, client_context
 
 __all__ = ["Client", "Job", "JobStatus", "JobUpdate", "Data"]
 
@@ -343,7 +344,8 @@ class _Link:
         if self._connecting is not None:  # another greenlet is connecting: share its result
             return self._connecting.get()
         connecting = self._connecting = AsyncResult()
-        conn = Connection(self.address, self._on_packet, max_packet_size=MAX_RESULT_SIZE)
+        conn = Connection(self.address, self._on_packet, max_packet_size=MAX_RESULT_SIZE,
+                          tls=self.client.tls)
         conn._on_close = lambda reason: self._on_close(conn, reason)
         try:
             conn.connect(timeout=self.client.connect_timeout)
@@ -356,7 +358,10 @@ class _Link:
             raise
         self._connecting = None
         self.conn = conn
-        self.backoff = _BACKOFF_START
+        # The back-off starts over once the server has answered (_on_packet), not here: a
+        # port that accepts and then drops us (a TLS-only server, another service) must
+        # look like a server that is down, with growing back-off, or a submission would
+        # be resent to it forever.
         if self.client.client_id:
             conn.send(T.SET_CLIENT_ID, self.client.client_id)
         if self.client.exceptions:
@@ -383,6 +388,8 @@ class _Link:
             attachment.subs.append(sub)
 
     def _on_packet(self, packet: Packet) -> None:
+        if self.backoff != _BACKOFF_START:
+            self.backoff = _BACKOFF_START  # the server answers: it is up
         ptype = packet.type
         if ptype in _WORK_TYPES:
             handle = packet.args[0]
@@ -557,7 +564,9 @@ class Client:
     wait forever); ``connect_timeout`` bounds how long a submission waits for some server
     to accept it before ``NoServersAvailable``. With ``exceptions=True`` the client asks
     servers for WORK_EXCEPTION, so a worker's exception text reaches ``JobException``;
-    otherwise it arrives as ``JobFailed``.
+    otherwise it arrives as ``JobFailed``. ``tls``: ``None`` (plain TCP), ``True`` (TLS,
+    system CA certificates), an ``ssl.SSLContext``, or ``gearoffload.tls_context()``'s
+    arguments as a dict, e.g. ``{"ca": "ca.pem", "cert": "me.pem", "key": "me.key"}``.
 
     Example::
 
@@ -573,7 +582,9 @@ class Client:
         exceptions: bool = True,
         connect_timeout: float = 10.0,
         client_id: str | None = None,
+        tls: TlsOption = None,
     ) -> None:
+        self.tls = client_context(tls)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.exceptions = exceptions

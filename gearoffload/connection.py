@@ -24,11 +24,12 @@ import socket as _stdlib_socket
 from collections.abc import Callable
 
 import gevent
-from gevent import socket
+from gevent import socket, ssl
 from gevent.event import Event
 
 from .errors import GearmanError
-from .protocol import DEFAULT_MAX_PACKET_SIZE, RES, Decoder, Packet, encode_request
+from .protocol import DEFAULT_MAX_PACKET_SIZE, RES, Decoder, Packet, PacketType, encode_request
+from .tls import tls_error_text, wrap_client
 
 __all__ = ["DEFAULT_PORT", "Address", "Connection", "parse_address", "parse_servers"]
 
@@ -36,6 +37,8 @@ log = logging.getLogger("gearoffload.connection")
 
 DEFAULT_PORT = 4730
 RECV_SIZE = 256 * 1024
+#: The ECHO that proves a TLS server accepted us (``Connection._confirm_tls``).
+_TLS_PROBE = b"gearoffload-tls"
 
 Address = tuple[str, int]
 
@@ -83,6 +86,9 @@ def format_address(address: Address) -> str:
 class Connection:
     """A packet connection to one server; not reusable after ``close()``.
 
+    With ``tls`` (a context, see ``gearoffload.tls.client_context``) the socket speaks
+    TLS, and the server's certificate must name the host of ``address``.
+
     ``on_packet(packet)`` runs in the reader greenlet for every packet, in stream order;
     it must not block for long (it delays every later packet). ``on_close(reason)`` runs
     once when the connection ends, whoever ended it.
@@ -94,8 +100,10 @@ class Connection:
         on_packet: Callable[[Packet], None],
         on_close: Callable[[BaseException | None], None] | None = None,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.address = address
+        self.tls = tls
         self.max_packet_size = max_packet_size
         self.name = format_address(address)
         self._on_packet = on_packet
@@ -121,6 +129,9 @@ class Connection:
             # A peer that vanished without a FIN (power loss, partition) is noticed
             # eventually instead of never.
             sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_KEEPALIVE, 1)
+            if self.tls is not None:  # bounded by the connect timeout, like connecting
+                sock = wrap_client(self.tls, sock, self.address[0])
+                self._confirm_tls(sock)
             sock.settimeout(None)
         except OSError:
             sock.close()
@@ -131,6 +142,30 @@ class Connection:
         self._sock = sock
         self._reader = gevent.spawn(self._read_loop)
         self._writer = gevent.spawn(self._write_loop)
+
+    def _confirm_tls(self, sock: ssl.SSLSocket) -> None:
+        """One ECHO round trip before the connection counts as open.
+
+        Under TLS 1.3 the client's handshake ends before the server has checked our
+        certificate: a server that requires one (``--tls-require-client-cert``) refuses
+        it only at our first read. Without this, a refused client would "connect", send,
+        lose the connection and send again forever; with it, the refusal is a connect
+        error (logged with its reason, retried with back-off like an unreachable server).
+        """
+        try:
+            sock.sendall(encode_request(PacketType.ECHO_REQ, _TLS_PROBE))
+            decoder = Decoder(self.max_packet_size, text=False, magic=RES)
+            while True:
+                data = sock.recv(RECV_SIZE)
+                if not data:
+                    raise ConnectionError("closed during the TLS handshake")
+                for packet in decoder.feed(data):
+                    if packet.type == PacketType.ECHO_RES and packet.args == (_TLS_PROBE,):
+                        return
+                    raise ConnectionError(f"unexpected {packet.name} after the TLS handshake")
+        except (OSError, GearmanError) as exc:  # connect() closes the socket
+            raise ConnectionRefusedError(
+                f"{self.name} refused the TLS connection: {tls_error_text(exc)}") from None
 
     def send(self, ptype: int, *args: bytes) -> None:
         """Queue one request packet; it leaves with everything else queued this turn."""

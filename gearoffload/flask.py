@@ -50,7 +50,9 @@ Configuration (validated by ``init_app``, with messages that say what to do):
 enables signed pickle for ``@offload`` functions),
 ``GEAROFFLOAD_FORMAT``, ``GEAROFFLOAD_MAX_BODY`` (bytes, default 4 MiB),
 ``GEAROFFLOAD_RESULT_TTL`` (seconds a background result is kept, default 600),
-``GEAROFFLOAD_URL_PREFIX`` (of the status blueprint, default ``/_offload``).
+``GEAROFFLOAD_URL_PREFIX`` (of the status blueprint, default ``/_offload``),
+``GEAROFFLOAD_TLS_CA``, ``GEAROFFLOAD_TLS_CERT``, ``GEAROFFLOAD_TLS_KEY`` (PEM files: TLS,
+or mutual TLS, to the job servers; see docs/tls.md).
 
 Background results live in the memory of the web process that accepted the request (a
 watcher greenlet follows the job and keeps its response for the TTL). With several web
@@ -565,7 +567,9 @@ class GearOffload:
                               fallback=offload_config.fallback,
                               secret_key=offload_config.secret_key,
                               format=offload_config.format,
-                              connect_timeout=offload_config.connect_timeout)
+                              connect_timeout=offload_config.connect_timeout,
+                              tls_ca=offload_config.tls_ca, tls_cert=offload_config.tls_cert,
+                              tls_key=offload_config.tls_key)
 
     def offload(self, view: Callable[..., Any] | None = None, *, name: str | None = None,
                 unique: bool = False, background: bool = False, timeout: float | None = None,
@@ -621,6 +625,11 @@ def _cli_group() -> Any:
         args = [sys.executable, "-m", "gearoffload.pool", f"{app.import_name}:{names[0]}"]
         if not any(a.startswith("--servers") for a in pool_args):
             args += ["--servers", servers]
+        offload_config = _state().config.offload
+        for name in ("ca", "cert", "key"):  # the app's GEAROFFLOAD_TLS_* unless given
+            value = getattr(offload_config, f"tls_{name}")
+            if value and not any(a.startswith(f"--tls-{name}") for a in pool_args):
+                args += [f"--tls-{name}", value]
         os.execv(sys.executable, [*args, *pool_args])
 
     return group

@@ -92,6 +92,16 @@ class OffloadConfig:
     secret_key: str | None = field(default=None, repr=False)
     format: str = "json"
     connect_timeout: float = 2.0
+    #: PEM files for TLS to the servers (``gearoffload.tls_context``); all None: plain TCP.
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def tls(self) -> dict | None:
+        """``Client(tls=...)`` for these settings."""
+        options = {"ca": self.tls_ca, "cert": self.tls_cert, "key": self.tls_key}
+        return {name: value for name, value in options.items() if value} or None
 
     def __post_init__(self) -> None:
         servers = self.servers
@@ -122,6 +132,14 @@ class OffloadConfig:
             raise ValueError(f"GEAROFFLOAD_FORMAT must be one of {', '.join(FORMATS)}, "
                              f"not {self.format!r}")
         self.codec  # noqa: B018 - validates format/secret-key combinations now
+        if self.tls is not None:
+            from .tls import client_context, tls_error_text
+
+            try:  # now, not at the first request
+                client_context(self.tls)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"GEAROFFLOAD_TLS_CA/CERT/KEY: {tls_error_text(exc)}") \
+                    from None
 
     @functools.cached_property
     def codec(self) -> Codec:
@@ -151,12 +169,15 @@ class OffloadConfig:
             kwargs["secret_key"] = mapping["GEAROFFLOAD_SECRET_KEY"]
         if mapping.get("GEAROFFLOAD_FORMAT"):
             kwargs["format"] = str(mapping["GEAROFFLOAD_FORMAT"]).lower()
+        for name in ("ca", "cert", "key"):
+            if mapping.get(f"GEAROFFLOAD_TLS_{name.upper()}"):
+                kwargs[f"tls_{name}"] = str(mapping[f"GEAROFFLOAD_TLS_{name.upper()}"])
         return cls(**kwargs)
 
     def make_client(self) -> Any:
         from .client import Client
         return Client(list(self.servers), timeout=self.timeout,
-                      connect_timeout=self.connect_timeout)
+                      connect_timeout=self.connect_timeout, tls=self.tls)
 
 
 # -- the module-level default -----------------------------------------------------------
@@ -174,7 +195,8 @@ def configure(**settings: Any) -> OffloadConfig:
     Keys: ``servers`` (``"host:port,..."`` or a list), ``timeout`` (seconds a call waits
     for its result, ``None`` = forever), ``fallback`` (``"raise"`` or ``"local"``),
     ``secret_key`` (enables signed pickle), ``format`` (``"json"``, ``"msgpack"``,
-    ``"pickle"``), ``connect_timeout``. Keys not given keep their current value.
+    ``"pickle"``), ``connect_timeout``, ``tls_ca``/``tls_cert``/``tls_key`` (PEM files:
+    TLS to the servers, docs/tls.md). Keys not given keep their current value.
 
     Example::
 
@@ -185,7 +207,8 @@ def configure(**settings: Any) -> OffloadConfig:
     base = get_config()
     values = {name: getattr(base, name) for name in ("servers", "timeout", "fallback",
                                                       "secret_key", "format",
-                                                      "connect_timeout")}
+                                                      "connect_timeout", "tls_ca",
+                                                      "tls_cert", "tls_key")}
     unknown = set(settings) - set(values)
     if unknown:
         raise TypeError(f"configure() got unknown settings {sorted(unknown)}; "

@@ -5,6 +5,9 @@
     gearoffload-worker myapp.tasks --servers 127.0.0.1:4730,127.0.0.1:4731 \\
         --processes 4 --concurrency 20
 
+With ``--tls-ca`` (and ``--tls-cert``/``--tls-key`` for mutual TLS), or the variables
+``GEAROFFLOAD_TLS_CA/CERT/KEY``, the workers connect with TLS (docs/tls.md).
+
 The module (or ``module:attr``) is imported once in the parent, then N children are forked,
 each running a ``Worker`` with M greenlets. A child that dies is restarted with back-off
 (and logged). On SIGTERM (or SIGINT) the pool drains: every child stops grabbing, finishes
@@ -65,6 +68,16 @@ class PoolConfig:
     log_level: str = "INFO"
     log_format: str = "text"  # gearoffload.logfmt: text or json
     wsgi_function: str | None = None  # --wsgi: serve the target for OffloadMiddleware
+    #: PEM files for TLS to the servers (``gearoffload.tls_context``); all None: plain TCP.
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def tls(self) -> dict | None:
+        """The workers' ``tls`` argument."""
+        options = {"ca": self.tls_ca, "cert": self.tls_cert, "key": self.tls_key}
+        return {name: value for name, value in options.items() if value} or None
 
     def __post_init__(self) -> None:
         if self.processes < 1:
@@ -77,6 +90,15 @@ class PoolConfig:
             raise ValueError("--drain-timeout must be positive")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("--tls-key needs --tls-cert")
+        if self.tls is not None:
+            from .tls import client_context, tls_error_text
+
+            try:  # once here, so that a bad file is one line at start, not N restarts
+                client_context(self.tls)
+            except OSError as exc:  # ssl.SSLError too
+                raise ValueError(f"cannot load the TLS files: {tls_error_text(exc)}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> PoolConfig:
@@ -108,6 +130,12 @@ def parse_args(argv: list[str] | None = None) -> PoolConfig:
                              "OffloadMiddleware sends")
     parser.add_argument("--wsgi-function", default="gearoffload.wsgi",
                         help="function name the middleware uses (default: %(default)s)")
+    for name, what in (("ca", "CA certificates that sign the servers' certificates"),
+                       ("cert", "this worker's certificate, for mutual TLS"),
+                       ("key", "the private key of --tls-cert")):
+        env = f"GEAROFFLOAD_TLS_{name.upper()}"
+        parser.add_argument(f"--tls-{name}", default=os.environ.get(env), metavar="PEM",
+                            help=f"connect with TLS: {what} (default: ${env})")
     args = parser.parse_args(argv)
     try:
         return PoolConfig(
@@ -116,7 +144,8 @@ def parse_args(argv: list[str] | None = None) -> PoolConfig:
             processes=args.processes, concurrency=args.concurrency,
             drain_timeout=args.drain_timeout, client_id=args.client_id,
             log_level=args.log_level, log_format=args.log_format,
-            wsgi_function=args.wsgi_function if args.wsgi else None)
+            wsgi_function=args.wsgi_function if args.wsgi else None,
+            tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
@@ -170,7 +199,7 @@ def _child(config: PoolConfig, registry: TaskRegistry, index: int) -> int:
     parent = os.getppid()
     prefix = config.client_id or socket.gethostname()
     worker = Worker(list(config.servers), client_id=f"{prefix}-{index}-{os.getpid()}",
-                    concurrency=config.concurrency, registry=registry)
+                    concurrency=config.concurrency, registry=registry, tls=config.tls)
 
     def drain() -> None:
         log.info("draining (%d jobs running)", worker.active_jobs)

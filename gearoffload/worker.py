@@ -45,6 +45,7 @@ from .errors import JobFailed
 from .protocol import Packet
 from .protocol import PacketType as T
 from .registry import Task, TaskFunction, TaskRegistry
+from .tls import TlsOption, client_context
 
 __all__ = ["Worker", "WorkerJob"]
 
@@ -145,7 +146,8 @@ class Worker:
 
     ``servers``: ``"host:port"``, comma-separated, or a list. ``concurrency``: jobs run at
     once (greenlets), across all servers. ``registry``: a shared ``TaskRegistry`` (default:
-    a fresh one). ``client_id`` is shown by the admin ``workers`` command.
+    a fresh one). ``client_id`` is shown by the admin ``workers`` command. ``tls``: as for
+    ``Client`` (``None``, ``True``, an ``ssl.SSLContext`` or ``tls_context()``'s arguments).
 
     Example::
 
@@ -163,8 +165,10 @@ class Worker:
         concurrency: int = 1,
         registry: TaskRegistry | None = None,
         connect_timeout: float = 5.0,
+        tls: TlsOption = None,
     ) -> None:
         self.addresses: list[Address] = parse_servers(servers)
+        self.tls = client_context(tls)
         self.client_id = "".join((client_id or "").split()) or None
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -304,7 +308,8 @@ class Worker:
         while not self._stop_event.is_set():
             inbox: Queue = Queue()
             conn = Connection(address, self._packet_handler(inbox),
-                              lambda reason, inbox=inbox: inbox.put(_Closed(reason)))
+                              lambda reason, inbox=inbox: inbox.put(_Closed(reason)),
+                              tls=self.tls)
             try:
                 conn.connect(timeout=self.connect_timeout)
             except OSError as exc:

@@ -183,7 +183,8 @@ class OffloadMiddleware:
     ``fallback="local"`` runs the app here when no server is reachable; ``client``: a
     ``Client`` to use instead of one made from ``servers``; ``secret_key``: sign every
     request (HMAC-SHA256) — give the workers the same ``GEAROFFLOAD_SECRET_KEY`` — so
-    that they run only requests from a web process that has the key.
+    that they run only requests from a web process that has the key; ``tls``: as for
+    ``Client`` (e.g. ``{"ca": "ca.pem", "cert": "web.pem", "key": "web.key"}``).
 
     Example::
 
@@ -206,8 +207,13 @@ class OffloadMiddleware:
         fallback: str = "raise",
         client: Any = None,
         secret_key: str | bytes | None = None,
+        tls: Any = None,
     ) -> None:
+        from .tls import client_context
+
         self.app = app
+        #: ``Client(tls=...)`` for the clients made here (see ``gearoffload.tls``).
+        self.tls = client_context(tls)
         self.servers = [servers] if isinstance(servers, str) else list(servers)
         self.routes = tuple(routes)
         for route in self.routes:
@@ -241,7 +247,8 @@ class OffloadMiddleware:
         if client is None:
             from .client import Client
             client = self._local.client = Client(self.servers, timeout=self.timeout,
-                                                 connect_timeout=self.connect_timeout)
+                                                 connect_timeout=self.connect_timeout,
+                                                 tls=self.tls)
         return client
 
     def matches(self, environ: dict[str, Any]) -> bool:

@@ -83,7 +83,19 @@ class ServerConfig:
     max_queue: int = 0
     #: Foreground submissions one connection may wait on at once; 0 = unlimited.
     max_client_jobs: int = 10000
+    #: PEM certificate chain: with it the Gearman port speaks TLS only.
+    tls_cert: str | None = None
+    #: PEM private key (default: the key is in ``tls_cert``).
+    tls_key: str | None = None
+    #: PEM CA bundle that client certificates are checked against.
+    tls_ca: str | None = None
+    #: Refuse connections without a client certificate signed by ``tls_ca``.
+    tls_require_client_cert: bool = False
     version: str = __version__
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
     @property
     def queue_url(self) -> str:
@@ -137,6 +149,37 @@ class ServerConfig:
             raise ConfigError("--max-queue must be 0 (unlimited) or a positive number")
         if self.max_client_jobs < 0:
             raise ConfigError("--max-client-jobs must be 0 (unlimited) or a positive number")
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        if not self.tls_cert:
+            for value, flag in ((self.tls_key, "--tls-key"), (self.tls_ca, "--tls-ca"),
+                                (self.tls_require_client_cert, "--tls-require-client-cert")):
+                if value:
+                    raise ConfigError(f"{flag} needs --tls-cert (the server's certificate)")
+            return
+        if self.tls_require_client_cert and not self.tls_ca:
+            raise ConfigError("--tls-require-client-cert needs --tls-ca (the CA that signs "
+                              "client certificates)")
+        for path, flag in ((self.tls_cert, "--tls-cert"), (self.tls_key, "--tls-key"),
+                           (self.tls_ca, "--tls-ca")):
+            if path:
+                try:
+                    with open(path, "rb"):
+                        pass
+                except OSError as exc:
+                    raise ConfigError(f"{flag}: cannot read {path}: "
+                                      f"{exc.strerror or exc}") from None
+        # Load them once here so that a wrong file (not PEM, key not matching the
+        # certificate) is one line at start, not an error at the first connection.
+        from .tls import server_context
+
+        try:
+            server_context(self.tls_cert, self.tls_key, self.tls_ca,
+                           self.tls_require_client_cert)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(f"--tls-cert/--tls-key/--tls-ca: cannot load them: "
+                              f"{getattr(exc, 'reason', None) or exc}") from None
 
 
 def _size(text: str) -> int:
@@ -230,6 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-client-jobs", type=int, default=10000, metavar="N",
                    help="foreground jobs one connection may wait on at once; more get "
                         "ERROR QUEUE_ERROR (default 10000; 0 = unlimited)")
+    p.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="certificate chain (PEM): the Gearman port then speaks TLS only")
+    p.add_argument("--tls-key", default=None, metavar="PEM",
+                   help="private key (PEM) of --tls-cert (default: in the --tls-cert file)")
+    p.add_argument("--tls-ca", default=None, metavar="PEM",
+                   help="CA certificates (PEM) that client certificates are checked "
+                        "against; without --tls-require-client-cert they are optional")
+    p.add_argument("--tls-require-client-cert", action="store_true",
+                   help="mutual TLS: refuse connections without a client certificate "
+                        "signed by --tls-ca")
     p.add_argument("--version", "-V", action="version", version=f"gearoffload-server {__version__}")
     return p
 
@@ -260,6 +313,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             idle_timeout=ns.idle_timeout,
             max_queue=ns.max_queue,
             max_client_jobs=ns.max_client_jobs,
+            tls_cert=ns.tls_cert,
+            tls_key=ns.tls_key,
+            tls_ca=ns.tls_ca,
+            tls_require_client_cert=ns.tls_require_client_cert,
         )
     except ConfigError as exc:
         parser.error(str(exc))

@@ -11,6 +11,10 @@ the neutral load generator; see benchmarks/README.md). Output the kernel does no
 once waits in the connection's backlog for EPOLLOUT, so a client that never reads blocks
 nobody (and is disconnected once ``--max-output-buffer`` bytes pile up for it).
 
+With ``--tls-cert`` every connection is a ``TlsConnection`` instead: TLS cannot be read
+from the raw descriptor, so each has a reader and a writer greenlet of its own and stays
+out of the poll loop (which then never starts); the plain path is untouched.
+
 Example::
 
     from gearoffload_server.config import ServerConfig
@@ -33,7 +37,7 @@ from collections import deque
 from collections.abc import Callable
 
 import gevent
-from gevent import monkey
+from gevent import monkey, ssl
 from gevent.event import Event
 from gevent.server import StreamServer
 
@@ -44,6 +48,7 @@ from .admin import AdminProtocol
 from .config import ServerConfig
 from .state import JobServerState, Peer
 from .stores import open_store
+from .tls import server_context
 
 log = logging.getLogger("gearoffload.server")
 
@@ -54,6 +59,8 @@ EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 #: How long a closing connection may take to deliver what was queued for it.
 CLOSE_FLUSH_TIMEOUT = 5.0
+#: How long a TLS peer may take to handshake when ``--idle-timeout`` is 0.
+HANDSHAKE_TIMEOUT = 10.0
 #: At most one "refused (--max-connections)" log line per this many seconds.
 REFUSED_LOG_INTERVAL = 10.0
 #: A batch that acknowledges no submission (only deletes of ended jobs, dead-letter marks)
@@ -278,6 +285,190 @@ class Connection:
             pass
 
 
+class TlsConnection(Connection):
+    """One accepted TLS socket (``--tls-cert``): a greenlet of its own reads it, another
+    writes it.
+
+    TLS cannot be read with ``os.read`` on the descriptor, so these connections stay out of
+    the poll loop: ``serve()`` does the handshake (bounded by ``--idle-timeout``, or
+    ``HANDSHAKE_TIMEOUT``), then reads with the SSL socket's ``recv`` and hands the data to
+    the same decoder and state, flushing after each read. Writes never block the caller:
+    ``wake()``/``release()`` append to ``backlog`` and the writer greenlet drains it with
+    ``sendall``; while it is busy, new output stays in ``peer.out``, so
+    ``--max-output-buffer`` and held (group-commit) output work as for plain connections.
+    """
+
+    __slots__ = ("_reader", "_writer", "_wakeup", "_joined", "_reaper")
+
+    def __init__(self, server: GearmanServer, sock, address: tuple) -> None:
+        super().__init__(server, sock, address)
+        self._reader: gevent.Greenlet | None = None
+        self._writer: gevent.Greenlet | None = None
+        self._wakeup = Event()
+        self._joined = False  # in the state (the handshake succeeded)
+        self._reaper: gevent.Greenlet | None = None
+
+    def serve(self) -> None:
+        """The connection's greenlet: handshake, then read until the end."""
+        self._reader = gevent.getcurrent()
+        try:
+            if self._handshake():
+                self.server.state.connect(self.peer)
+                self._joined = True
+                self._writer = gevent.spawn(self._write_loop)
+                self._read_loop()
+        except gevent.GreenletExit:
+            pass  # abort() from another greenlet
+        finally:
+            self.close("")
+            self.done.wait()
+            self.sock.close()
+
+    def _handshake(self) -> bool:
+        config = self.server.config
+        timeout = config.idle_timeout or HANDSHAKE_TIMEOUT
+        try:
+            with gevent.Timeout(timeout, TimeoutError(f"no TLS handshake within {timeout:g}s")):
+                self.sock.do_handshake()
+        except (OSError, ValueError) as exc:  # ssl.SSLError, a reset, our TimeoutError
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            # A peer gone before a word (port probes, health checks) is not worth a warning.
+            gone = isinstance(exc, (ssl.SSLEOFError, ConnectionResetError))
+            log.log(logging.INFO if gone else logging.WARNING,
+                    "%s fd=%d TLS handshake failed: %s", self.peer.address, self.fd, reason)
+            return False
+        return not self.closing
+
+    def _read_loop(self) -> None:
+        recv = self.sock.recv
+        dispatch = self.decoder.dispatch
+        flush = self.server.flush
+        while not self.closing:
+            try:
+                data = recv(RECV_SIZE)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                self.close(f"socket error: {exc}")
+                return
+            if not data:
+                self.close("closed by peer")
+                return
+            self.silent = False
+            try:
+                dispatch(data, self._on_packet, self._on_line)
+            except ProtocolError as exc:
+                if exc.in_sync and exc.code:
+                    self.peer.send(_error_reply(exc, binary=exc.code != "LINE_TOO_LONG"))
+                self.close(f"protocol error: {exc}")
+                return
+            except Exception:  # a bug must cost one connection, not the server
+                log.exception("%s fd=%d: internal error", self.peer.address, self.fd)
+                self.abort("internal error")
+                return
+            try:
+                flush()
+            except Exception:
+                log.exception("flush failed")
+
+    def _write_loop(self) -> None:
+        """Drain ``backlog`` (then ``peer.out``) until the connection is closed and the
+        last output delivered; sets ``done``."""
+        try:
+            while True:
+                self._wakeup.wait()
+                self._wakeup.clear()
+                self._drain()
+                if self.closed:
+                    return
+        except gevent.GreenletExit:
+            pass
+        except (OSError, ValueError) as exc:
+            if not self.closed:
+                self.abort(f"write failed: {exc}", logging.INFO)
+        finally:
+            if self._reaper is not None:
+                self._reaper.kill(block=False)
+            self.done.set()
+
+    def _drain(self) -> None:
+        sendall = self.sock.sendall
+        peer = self.peer
+        while True:
+            backlog = self.backlog
+            if backlog is None:
+                return
+            # Held peers wait: see GearmanServer._release.
+            if not self.closed and peer.out and peer.batch is None:
+                backlog += peer.take_output()
+            if not backlog:
+                self.backlog = None
+                return
+            data = bytes(backlog)
+            del backlog[:]
+            sendall(data)  # only this greenlet blocks; release() appends meanwhile
+
+    def on_readable(self) -> None:  # never in the poll loop
+        raise AssertionError("TLS connections are read by their own greenlet")
+
+    def on_writable(self) -> None:
+        if self.backlog is not None:
+            self._wakeup.set()
+
+    def _send_now(self, data: bytes) -> None:
+        if self.closing or not data:
+            return
+        self.backlog = bytearray(data)
+        self._wakeup.set()
+
+    def close(self, reason: str) -> None:
+        """Leave the state; let the writer deliver what is queued (bounded), then end."""
+        if self.closed:
+            return
+        peer = self.peer
+        if reason.startswith("protocol error"):
+            log.warning("%s fd=%d %s", peer.address, peer.fd, reason)
+        elif reason:
+            log.debug("%s fd=%d %s", peer.address, peer.fd, reason)
+        server = self.server
+        held = peer.batch is not None  # its output acknowledges jobs not yet durable
+        if self._joined:
+            server.state.disconnect(peer)
+            server.flush()  # a last ERROR for this peer; requeues may have woken workers
+        self.closing = True
+        self.closed = True
+        server.connections.discard(self)
+        if peer.out and not held:
+            if self.backlog is None:
+                self.backlog = bytearray()
+            self.backlog += peer.take_output()
+        writer = self._writer
+        if writer is None or writer.dead:
+            self.done.set()
+        else:
+            if self.backlog is not None:  # busy, or output left to deliver
+                # Bounded, so a peer that never reads holds nothing for long.
+                self._reaper = gevent.spawn_later(CLOSE_FLUSH_TIMEOUT, writer.kill,
+                                                  block=False)
+            self._wakeup.set()
+        reader = self._reader
+        if reader is not None and reader is not gevent.getcurrent():
+            reader.kill(block=False)
+
+    def abort(self, reason: str, level: int = logging.WARNING) -> None:
+        """Disconnect this peer at once, dropping its unsent output; never blocks."""
+        if self.closing:
+            return
+        self.closing = True
+        log.log(level, "%s fd=%d disconnected: %s", self.peer.address, self.peer.fd, reason)
+        self.peer.out.clear()
+        self.peer.out_bytes = 0
+        self.backlog = None
+        current = gevent.getcurrent()
+        for greenlet in (self._writer, self._reader):
+            if greenlet is not None and greenlet is not current:
+                greenlet.kill(block=False)
+        # The reader's ``finally`` (or its loop, when it is the caller) closes us.
+
+
 def _error_reply(exc: ProtocolError, binary: bool) -> bytes:
     text = str(exc).encode()
     if binary:
@@ -317,6 +508,10 @@ class GearmanServer(StreamServer):
         self._sweeper: gevent.Greenlet | None = None
         self._refused = 0          # connections refused since the last log line
         self._refused_log_at = 0.0
+        #: Built once: every accepted socket is wrapped with it (``TlsConnection``).
+        self.tls_context = server_context(
+            config.tls_cert, config.tls_key, config.tls_ca,
+            config.tls_require_client_cert) if config.tls else None
 
     def init_socket(self) -> None:
         super().init_socket()
@@ -337,7 +532,17 @@ class GearmanServer(StreamServer):
             sock.close()
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Connection(self, sock, address)
+        if self.tls_context is None:
+            conn = Connection(self, sock, address)
+        else:
+            try:
+                tls_sock = self.tls_context.wrap_socket(
+                    sock, server_side=True, do_handshake_on_connect=False)
+            except (OSError, ValueError) as exc:  # e.g. reset before we got to it
+                log.info("%s: cannot start TLS: %s", address[0], exc)
+                sock.close()
+                return
+            conn = TlsConnection(self, tls_sock, address)
         self.connections.add(conn)
         if self.config.idle_timeout:
             self._silent.append((time.monotonic() + self.config.idle_timeout, conn))
