@@ -233,13 +233,7 @@ class Connection:
         if self.closed:
             return
         peer = self.peer
-        if reason.startswith("protocol error"):
-            log.warning("%s fd=%d %s", peer.address, peer.fd, reason,
-                        extra={"event": "conn.protocol_error", "peer": peer.address,
-                               "fd": peer.fd})
-        elif reason and log.isEnabledFor(logging.DEBUG):
-            log.debug("%s fd=%d %s", peer.address, peer.fd, reason,
-                      extra={"event": "conn.closed", "peer": peer.address, "fd": peer.fd})
+        self._log_close(reason)
         server = self.server
         held = peer.batch is not None  # its output acknowledges jobs not yet durable
         server.unregister(self)
@@ -273,9 +267,7 @@ class Connection:
         if self.closing:
             return
         self.closing = True
-        log.log(level, "%s fd=%d disconnected: %s", self.peer.address, self.peer.fd, reason,
-                extra={"event": "conn.aborted", "peer": self.peer.address,
-                       "fd": self.peer.fd})
+        self._log_abort(reason, level)
         self.peer.out.clear()
         self.peer.out_bytes = 0
         self.backlog = None
@@ -283,6 +275,26 @@ class Connection:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def _log_close(self, reason: str) -> None:
+        peer = self.peer
+        if reason.startswith("protocol error"):
+            log.warning("%s fd=%d %s", peer.address, peer.fd, reason,
+                        extra={"event": "conn.protocol_error", "peer": peer.address,
+                               "fd": peer.fd})
+        elif reason and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s fd=%d %s", peer.address, peer.fd, reason,
+                      extra={"event": "conn.closed", "peer": peer.address, "fd": peer.fd})
+
+    def _log_abort(self, reason: str, level: int) -> None:
+        log.log(level, "%s fd=%d disconnected: %s", self.peer.address, self.peer.fd, reason,
+                extra={"event": "conn.aborted", "peer": self.peer.address,
+                       "fd": self.peer.fd})
+
+    def _log_internal_error(self) -> None:
+        log.exception("%s fd=%d: internal error", self.peer.address, self.fd,
+                      extra={"event": "conn.internal_error", "peer": self.peer.address,
+                             "fd": self.fd})
 
 
 class TlsConnection(Connection):
@@ -335,7 +347,9 @@ class TlsConnection(Connection):
             # A peer gone before a word (port probes, health checks) is not worth a warning.
             gone = isinstance(exc, (ssl.SSLEOFError, ConnectionResetError))
             log.log(logging.INFO if gone else logging.WARNING,
-                    "%s fd=%d TLS handshake failed: %s", self.peer.address, self.fd, reason)
+                    "%s fd=%d TLS handshake failed: %s", self.peer.address, self.fd, reason,
+                    extra={"event": "tls.handshake_failed", "peer": self.peer.address,
+                           "fd": self.fd})
             return False
         return not self.closing
 
@@ -361,13 +375,13 @@ class TlsConnection(Connection):
                 self.close(f"protocol error: {exc}")
                 return
             except Exception:  # a bug must cost one connection, not the server
-                log.exception("%s fd=%d: internal error", self.peer.address, self.fd)
+                self._log_internal_error()
                 self.abort("internal error")
                 return
             try:
                 flush()
             except Exception:
-                log.exception("flush failed")
+                log.exception("flush failed", extra={"event": "server.flush_failed"})
 
     def _write_loop(self) -> None:
         """Drain ``backlog`` (then ``peer.out``) until the connection is closed and the
@@ -424,10 +438,7 @@ class TlsConnection(Connection):
         if self.closed:
             return
         peer = self.peer
-        if reason.startswith("protocol error"):
-            log.warning("%s fd=%d %s", peer.address, peer.fd, reason)
-        elif reason:
-            log.debug("%s fd=%d %s", peer.address, peer.fd, reason)
+        self._log_close(reason)
         server = self.server
         held = peer.batch is not None  # its output acknowledges jobs not yet durable
         if self._joined:
@@ -458,7 +469,7 @@ class TlsConnection(Connection):
         if self.closing:
             return
         self.closing = True
-        log.log(level, "%s fd=%d disconnected: %s", self.peer.address, self.peer.fd, reason)
+        self._log_abort(reason, level)
         self.peer.out.clear()
         self.peer.out_bytes = 0
         self.backlog = None
@@ -539,7 +550,8 @@ class GearmanServer(StreamServer):
                 tls_sock = self.tls_context.wrap_socket(
                     sock, server_side=True, do_handshake_on_connect=False)
             except (OSError, ValueError) as exc:  # e.g. reset before we got to it
-                log.info("%s: cannot start TLS: %s", address[0], exc)
+                log.info("%s: cannot start TLS: %s", address[0], exc,
+                         extra={"event": "tls.handshake_failed", "peer": address[0]})
                 sock.close()
                 return
             conn = TlsConnection(self, tls_sock, address)
@@ -628,9 +640,7 @@ class GearmanServer(StreamServer):
                     if events & _READABLE:
                         conn.on_readable()
                 except Exception:  # a bug must cost one connection, not the server
-                    log.exception("%s fd=%d: internal error", conn.peer.address, fd,
-                                  extra={"event": "conn.internal_error",
-                                         "peer": conn.peer.address, "fd": fd})
+                    conn._log_internal_error()
                     conn.abort("internal error")
                     conn.close("")
             try:
