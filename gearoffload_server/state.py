@@ -32,6 +32,7 @@ from typing import Protocol
 from gearoffload.protocol import REQ, RES, Packet, PacketType, encode
 
 from .config import ServerConfig
+from .stats import DETAIL_CHARS, RECENT_FAILURES, Failure, LatencyHistogram
 from .stores import QueueStore, StoredJob
 
 log = logging.getLogger("gearoffload.server")
@@ -227,7 +228,8 @@ class Function:
     """A function name with its three priority queues, its workers and its sleepers."""
 
     __slots__ = ("name", "queues", "queued", "ready", "scheduled", "running", "total",
-                 "dead", "workers", "sleepers", "woken", "limits", "wake_timer")
+                 "dead", "workers", "sleepers", "woken", "limits", "wake_timer",
+                 "submitted", "coalesced", "completed", "failed", "exceptions", "latency")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
@@ -243,6 +245,15 @@ class Function:
         self.woken = 0                # registered workers sent a NOOP that have not grabbed
         self.limits = [0, 0, 0]       # maxqueue per priority, 0 = unlimited
         self.wake_timer: Timer | None = None  # see JobServerState._wake_overdue
+        # Monotonic counters for /metrics (plain ints: a Prometheus Counter takes a lock).
+        self.submitted = 0            # jobs created (not coalesced, restored or retried)
+        self.coalesced = 0            # submissions attached to a queued or running job
+        self.completed = 0            # WORK_COMPLETE
+        self.failed = 0               # WORK_FAIL, WORK_EXCEPTION, failed after lost workers
+        self.exceptions = 0           # of which WORK_EXCEPTION
+        # Runnable -> completed or failed. (A queue-wait histogram, runnable -> assigned,
+        # would cost a clock read and an observe() per job more: ~0.5 µs, left out.)
+        self.latency = LatencyHistogram()
 
     def __repr__(self) -> str:
         return f"<Function {self.name!r} total={self.total} running={self.running}>"
@@ -252,7 +263,7 @@ class Job:
     __slots__ = ("handle", "function", "unique", "data", "priority", "background",
                  "reducer", "when", "clients", "worker", "numerator", "denominator",
                  "retries", "abandoned", "timer", "state", "coalesce", "stored", "batch",
-                 "failures")
+                 "failures", "since")
 
     def __init__(self, handle: bytes, function: Function, unique: bytes, data: bytes,
                  priority: int, background: bool, reducer: bytes | None, when: int) -> None:
@@ -276,6 +287,9 @@ class Job:
         self.coalesce = False  # indexed for coalescing (cleared when the window closes)
         self.stored = 0        # the store's id for this job's row, 0 when not stored
         self.batch = None      # the store batch that saves it (see ``stores.Batch``)
+        #: When it became runnable: submitted, restored, requeued from the dead letters, or
+        #: (epoch jobs, retries) fell due. Start of its latency (``Function.latency``).
+        self.since = 0.0
 
     def __repr__(self) -> str:
         return f"<Job {self.handle!r} {self.function.name!r} state={self.state}>"
@@ -306,6 +320,9 @@ class JobServerState:
         self.dead: dict[bytes, Job] = {}
         #: Shutting down (SIGTERM): grabs get NO_JOB, running jobs may finish.
         self.draining = False
+        #: The last jobs that failed, newest last (the status page's "recent failures").
+        self.failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
+        self._now = scheduler.now  # bound once: read on every submit, grab and result
         #: Called by admin ``shutdown [graceful]`` when enabled; set by the I/O shell.
         self.on_shutdown: Callable[[bool], None] | None = None
         self._handlers: list[Callable[[Peer, Packet], None]] = [self._invalid_command] * 43
@@ -431,6 +448,7 @@ class JobServerState:
             peer.send(created)
             if not background:
                 self._attach(job, peer)
+            func.coalesced += 1
             return
         limit = func.limits[priority]
         if limit and func.total >= limit:
@@ -440,6 +458,8 @@ class JobServerState:
         job = Job(handle, func, unique, data, priority, background, reducer, when)
         self.jobs[handle] = job
         func.total += 1
+        func.submitted += 1
+        job.since = now = self._now()
         if unique:
             self._index(job)
         created = encode(RES, T.JOB_CREATED, (handle,))
@@ -448,7 +468,7 @@ class JobServerState:
         peer.send(created)
         if not background:
             self._attach(job, peer)
-        if when and when > self.scheduler.now():
+        if when and when > now:
             self._schedule(job)
         else:
             self._enqueue(job)
@@ -562,6 +582,7 @@ class JobServerState:
             _, _, job = heapq.heappop(self._epochs)
             if job.state == SCHEDULED:
                 job.function.scheduled -= 1
+                job.since = now
                 self._enqueue(job)
         self._arm_epoch_timer()
 
@@ -775,6 +796,9 @@ class JobServerState:
             log.warning("job %s of %s timed out on %r; requeued", job.handle.decode(),
                         job.function.name.decode(errors="replace"), worker)
             job.timer = None
+            # Recorded, not counted: _lose() requeues it or counts it as failed.
+            self._failed(job, "timeout", f"no result from worker {worker.address} "
+                         f"fd={worker.fd} within CAN_DO_TIMEOUT", count=False)
             self._lose(job)
 
     def _lose(self, job: Job) -> None:
@@ -787,6 +811,8 @@ class JobServerState:
             log.warning("job %s of %s failed after %d attempts", job.handle.decode(),
                         func.name.decode(errors="replace"), job.retries)
             self._relay_to_clients(job, encode(RES, T.WORK_FAIL, (job.handle,)))
+            self._failed(job, "lost worker", f"failed after {job.retries} attempts "
+                         "(--job-retries)")
             self._remove(job)
             return
         if job.abandoned or (not job.clients and not job.background):
@@ -836,10 +862,30 @@ class JobServerState:
                 self._relay_to_clients(job, encode(RES, ptype, packet.args))
         if ptype == T.WORK_COMPLETE or ptype == T.WORK_FAIL or ptype == T.WORK_EXCEPTION:
             peer.last_exception = handle if ptype == T.WORK_EXCEPTION else None
+            if ptype == T.WORK_COMPLETE:
+                func = job.function
+                func.completed += 1
+                func.latency.observe(self._now() - job.since)
+            elif ptype == T.WORK_FAIL:
+                self._failed(job, "fail", "")
+            else:
+                job.function.exceptions += 1
+                self._failed(job, "exception", packet.args[1].decode(errors="replace"))
             if ptype != T.WORK_COMPLETE and job.background and self.config.retry_failed:
                 self._retry_or_bury(job)
             else:
                 self._remove(job)
+
+    def _failed(self, job: Job, what: str, detail: str, count: bool = True) -> None:
+        """Count a failed job (unless ``count`` is false: a timeout that requeues it) and
+        keep a record of it for the status page. Off the hot path."""
+        now = self._now()
+        if count:
+            func = job.function
+            func.failed += 1
+            func.latency.observe(now - job.since)
+        self.failures.append(Failure(now, job.function.name, job.handle, job.unique, what,
+                                     detail[:DETAIL_CHARS]))
 
     @staticmethod
     def _relay_to_clients(job: Job, data: bytes) -> None:
@@ -920,6 +966,7 @@ class JobServerState:
             job = Job(handle, func, row.unique, row.data, row.priority, True, row.reducer,
                       row.when)
             job.stored = row.id
+            job.since = now
             if row.dead:
                 job.state = DEAD
                 self.dead[handle] = job
@@ -996,6 +1043,9 @@ class JobServerState:
         self.dead[job.handle] = job
         if job.stored:
             self.store.mark_dead(job, True)
+        self.failures.append(Failure(self._now(), func.name, job.handle, job.unique,
+                                     "dead letter", f"failed {job.failures} times "
+                                     "(--retry-failed)"))
         log.warning("job %s of %s failed %d times: moved to the dead letters",
                     job.handle.decode(), name, job.failures)
 
@@ -1009,6 +1059,7 @@ class JobServerState:
         job.failures = job.retries = 0
         job.abandoned = False
         job.when = 0
+        job.since = self._now()
         self.jobs[handle] = job
         func.total += 1
         if job.unique and self._find_coalesced(func, job.unique, job.data) is None:
