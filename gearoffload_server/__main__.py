@@ -13,6 +13,7 @@ import sys  # noqa: E402
 import gevent  # noqa: E402
 
 from .config import ServerConfig, parse_args  # noqa: E402
+from .http import HttpEndpoint  # noqa: E402
 from .server import GearmanServer  # noqa: E402
 from .stores import StoreError  # noqa: E402
 
@@ -65,6 +66,17 @@ def main(argv: list[str] | None = None) -> int:
             f"gearoffload-server: cannot listen on {config.host}:{config.port}: "
             f"{exc.strerror or exc}\n")
         return 2
+    http = None
+    if config.http_port:
+        http = HttpEndpoint(server.state, config.http_address)
+        try:
+            http.start()
+        except OSError as exc:
+            server.stop()
+            host, port = config.http_address
+            sys.stderr.write(f"gearoffload-server: cannot listen on {host}:{port} "
+                             f"(--http-port): {exc.strerror or exc}\n")
+            return 2
     gevent.signal_handler(signal.SIGTERM, server.shutdown)
     gevent.signal_handler(signal.SIGINT, server.stop)
     gevent.signal_handler(signal.SIGUSR1, server.stop_graceful)
@@ -75,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     if server.store is not None:
         logging.getLogger("gearoffload.server").info(
             "queue %s: %d background jobs restored", server.store.describe(), server.restored)
+    if http is not None:
+        logging.getLogger("gearoffload.server").info(
+            "HTTP on http://%s:%d/ (status page, /metrics, /healthz)", *http.address)
     server.serve_forever()
+    if http is not None:
+        http.stop()
     return 0
 
 

@@ -80,6 +80,10 @@ class ServerConfig:
     max_queue: int = 0
     #: Foreground submissions one connection may wait on at once; 0 = unlimited.
     max_client_jobs: int = 10000
+    #: Port of the read-only HTTP endpoint (/metrics, /healthz, status page); 0 = off.
+    http_port: int = 0
+    #: Address of the HTTP endpoint; empty = the same as ``host``.
+    http_host: str = ""
     version: str = __version__
 
     @property
@@ -132,6 +136,17 @@ class ServerConfig:
             raise ConfigError("--max-queue must be 0 (unlimited) or a positive number")
         if self.max_client_jobs < 0:
             raise ConfigError("--max-client-jobs must be 0 (unlimited) or a positive number")
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError(
+                f"--http-port must be between 1 and 65535 (0 = off), not {self.http_port}")
+        if self.http_port and self.http_port == self.port and \
+                self.http_address[0] == self.host:
+            raise ConfigError("--http-port must differ from --port")
+
+    @property
+    def http_address(self) -> tuple[str, int]:
+        """Where the HTTP endpoint listens: ``(--http-host or --host, --http-port)``."""
+        return (self.http_host or self.host, self.http_port)
 
 
 def _size(text: str) -> int:
@@ -222,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-client-jobs", type=int, default=10000, metavar="N",
                    help="foreground jobs one connection may wait on at once; more get "
                         "ERROR QUEUE_ERROR (default 10000; 0 = unlimited)")
+    p.add_argument("--http-port", type=int, default=0, metavar="PORT",
+                   help="also serve read-only HTTP on this port: Prometheus /metrics, "
+                        "/healthz and a live status page at / (default 0: off)")
+    p.add_argument("--http-host", default="", metavar="ADDRESS",
+                   help="address of the HTTP endpoint (default: the same as --host); do "
+                        "not expose it publicly: it shows function names, unique keys and "
+                        "exception texts")
     p.add_argument("--version", "-V", action="version", version=f"gearoffload-server {__version__}")
     return p
 
@@ -251,6 +273,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             idle_timeout=ns.idle_timeout,
             max_queue=ns.max_queue,
             max_client_jobs=ns.max_client_jobs,
+            http_port=ns.http_port,
+            http_host=ns.http_host,
         )
     except ConfigError as exc:
         parser.error(str(exc))
