@@ -7,12 +7,13 @@ import doctest
 from test_state import Harness
 
 from gearoffload.protocol import PacketType as T
-from gearoffload_server import stats
+from gearoffload_server import metrics, stats, status, status_page
 from gearoffload_server.stats import BUCKETS, LatencyHistogram
 
 
 def test_doctests():
-    assert doctest.testmod(stats).failed == 0
+    for module in (stats, metrics, status, status_page):
+        assert doctest.testmod(module).failed == 0, module.__name__
 
 
 def test_histogram_buckets_are_le_and_cumulative():
