@@ -860,18 +860,22 @@ class JobServerState:
                     client.send(exception if client.exceptions else fail)
             else:
                 self._relay_to_clients(job, encode(RES, ptype, packet.args))
-        if ptype == T.WORK_COMPLETE or ptype == T.WORK_FAIL or ptype == T.WORK_EXCEPTION:
-            peer.last_exception = handle if ptype == T.WORK_EXCEPTION else None
-            if ptype == T.WORK_COMPLETE:
-                func = job.function
-                func.completed += 1
-                func.latency.observe(self._now() - job.since)
-            elif ptype == T.WORK_FAIL:
+        if ptype == T.WORK_COMPLETE:
+            # The common ending first, on its own: one comparison on the hot path.
+            peer.last_exception = None
+            func = job.function
+            func.completed += 1
+            func.latency.observe(self._now() - job.since)
+            self._remove(job)
+        elif ptype == T.WORK_FAIL or ptype == T.WORK_EXCEPTION:
+            if ptype == T.WORK_FAIL:
+                peer.last_exception = None
                 self._failed(job, "fail", "")
             else:
+                peer.last_exception = handle
                 job.function.exceptions += 1
                 self._failed(job, "exception", packet.args[1].decode(errors="replace"))
-            if ptype != T.WORK_COMPLETE and job.background and self.config.retry_failed:
+            if job.background and self.config.retry_failed:
                 self._retry_or_bury(job)
             else:
                 self._remove(job)
