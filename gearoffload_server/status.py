@@ -49,25 +49,24 @@ def snapshot(state: JobServerState, started: float | None = None) -> dict[str, A
             totals[key] += row[key]
         functions.append(row)
 
-    running = []
-    running_total = 0
+    held = []
     workers = 0
     for peer in state.peers:
         if peer.functions:
             workers += 1
-        running_total += len(peer.jobs)
-        for job in peer.jobs.values():
-            if len(running) < MAX_RUNNING:
-                running.append({
-                    "handle": label(job.handle),
-                    "function": label(job.function.name),
-                    "unique": label(job.unique),
-                    "worker": f"{peer.address} fd={peer.fd} {label(peer.client_id)}",
-                    "numerator": job.numerator,
-                    "denominator": job.denominator,
-                    "seconds": round(max(0.0, now - job.since), 3),
-                })
-    running.sort(key=lambda r: -r["seconds"])
+        held.extend((job.since, job.handle, peer, job) for job in peer.jobs.values())
+    held.sort(key=lambda item: item[:2])  # the oldest first; the handle breaks ties
+    running = [{
+        "handle": label(job.handle),
+        "function": label(job.function.name),
+        "unique": label(job.unique),
+        "worker": f"{peer.address} fd={peer.fd} {label(peer.client_id)}",
+        "numerator": job.numerator,
+        "denominator": job.denominator,
+        # Since it was submitted (or fell due), not since this worker took it: the
+        # state does not spend a clock read per assignment.
+        "age": round(max(0.0, now - since), 3),
+    } for since, _, peer, job in held[:MAX_RUNNING]]
 
     failures = [{
         "time": f.time,
@@ -90,6 +89,6 @@ def snapshot(state: JobServerState, started: float | None = None) -> dict[str, A
         "totals": totals,
         "functions": functions,
         "running": running,
-        "running_total": running_total,
+        "running_total": len(held),
         "failures": failures,
     }

@@ -99,7 +99,7 @@ function render(s) {
     tr.dataset.handle = j.handle;
     tr.append(cell(el("code", j.handle)), cell(j.function), cell(j.unique),
       cell(progress(j.numerator, j.denominator), "progress"),
-      cell(j.seconds.toFixed(1) + " s", "n"), cell(j.worker));
+      cell(j.age.toFixed(1) + " s", "n"), cell(j.worker));
     return tr;
   }), "no job running");
   fill("failures", s.failures.map((f) => {
@@ -159,7 +159,7 @@ _BODY = """<!doctype html>
 <h2>Running jobs <span id="running-total"></span></h2>
 <table>
 <thead><tr><th>handle</th><th>function</th><th>unique</th><th>progress</th>
-<th class="n">for</th><th>worker</th></tr></thead>
+<th class="n">age</th><th>worker</th></tr></thead>
 <tbody id="running"></tbody>
 </table>
 <h2>Recent failures</h2>

@@ -182,6 +182,7 @@ def test_status_json_shows_functions_running_jobs_and_failures(http_server):
     assert running["handle"] == work.slow_handle.decode()
     assert (running["function"], running["unique"]) == ("slow", "report-7")
     assert (running["numerator"], running["denominator"]) == (3, 10)
+    assert 0 <= running["age"] < 30
     assert [f["what"] for f in data["failures"]] == ["exception", "fail"]  # newest first
     assert data["failures"][0]["detail"] == "boom <b>&"
     assert data["failures"][0]["handle"] == work.exception_handle.decode()
@@ -235,6 +236,15 @@ def test_bad_http_port_is_one_line_and_exit_2(value):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--http-port" in lines[0], result.stderr
+
+
+def test_http_port_equal_to_the_gearman_port_is_refused():
+    port = str(free_port())
+    result = subprocess.run(
+        [sys.executable, "-m", "gearoffload_server", "--port", port, "--http-port", port,
+         "--queue", "memory"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "--http-port must differ from --port" in result.stderr
 
 
 def test_busy_http_port_is_one_line_and_exit_2():

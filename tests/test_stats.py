@@ -93,3 +93,21 @@ def test_recent_failures_are_bounded():
     assert len(h.state.failures) == stats.RECENT_FAILURES
     assert h.state.failures[-1].handle == b"H:t:%d" % (stats.RECENT_FAILURES + 10)
     assert h.state.functions[b"f"].failed == stats.RECENT_FAILURES + 10
+
+
+def test_status_lists_the_oldest_running_jobs_first_and_caps_them(monkeypatch):
+    monkeypatch.setattr(status, "MAX_RUNNING", 2)
+    h = Harness()
+    client = h.peer()
+    for n in range(3):
+        h.send(client, T.SUBMIT_JOB_BG, b"f", b"u%d" % n, b"x")
+        h.clock.advance(1.0)
+    workers = [h.worker(b"f") for _ in range(3)]
+    for worker in reversed(workers):      # the newest worker takes the oldest job
+        h.send(worker, T.GRAB_JOB)
+    h.send(workers[0], T.WORK_STATUS, b"H:t:3", b"1", b"4")
+    snap = status.snapshot(h.state)
+    assert snap["running_total"] == 3 and snap["workers"] == 3
+    assert [(r["handle"], r["age"]) for r in snap["running"]] == [("H:t:1", 3.0),
+                                                                   ("H:t:2", 2.0)]
+    assert snap["functions"][0]["running"] == 3
