@@ -13,7 +13,6 @@ import sys  # noqa: E402
 import gevent  # noqa: E402
 
 from .config import ServerConfig, parse_args  # noqa: E402
-from .http import HttpEndpoint  # noqa: E402
 from .server import GearmanServer  # noqa: E402
 from .stores import StoreError  # noqa: E402
 
@@ -68,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     http = None
     if config.http_port:
+        # Imported only when asked for: prometheus_client costs start-up time.
+        from .http import HttpEndpoint
+
         http = HttpEndpoint(server.state, config.http_address)
         try:
             http.start()

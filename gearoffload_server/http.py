@@ -102,8 +102,12 @@ class HttpEndpoint:
 
     def __init__(self, state: JobServerState, address: tuple[str, int]) -> None:
         self.app = ObservabilityApp(state)
+        # SERVER_NAME given: else pywsgi's start() resolves the address with getfqdn(),
+        # which yields to the hub (a DNS lookup, possibly slow) while the Gearman port is
+        # already serving and before __main__ has installed its signal handlers.
         self.server = WSGIServer(address, self.app, log=None, error_log=_ErrorLog(),
-                                 spawn=Pool(MAX_REQUESTS))
+                                 spawn=Pool(MAX_REQUESTS),
+                                 environ={"SERVER_NAME": address[0] or "localhost"})
 
     @property
     def address(self) -> tuple[str, int]:
