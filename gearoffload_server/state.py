@@ -252,7 +252,8 @@ class Function:
         self.failed = 0               # WORK_FAIL, WORK_EXCEPTION, failed after lost workers
         self.exceptions = 0           # of which WORK_EXCEPTION
         # Runnable -> completed or failed. (A queue-wait histogram, runnable -> assigned,
-        # would cost a clock read and an observe() per job more: ~0.5 µs, left out.)
+        # would cost a clock read and an observe() more per job, about as much again as
+        # this one: left out.)
         self.latency = LatencyHistogram()
 
     def __repr__(self) -> str:
@@ -322,7 +323,7 @@ class JobServerState:
         self.draining = False
         #: The last jobs that failed, newest last (the status page's "recent failures").
         self.failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
-        self._now = scheduler.now  # bound once: read on every submit, grab and result
+        self._now = scheduler.now  # bound once: read on every submission and result
         #: Called by admin ``shutdown [graceful]`` when enabled; set by the I/O shell.
         self.on_shutdown: Callable[[bool], None] | None = None
         self._handlers: list[Callable[[Peer, Packet], None]] = [self._invalid_command] * 43
@@ -881,8 +882,9 @@ class JobServerState:
                 self._remove(job)
 
     def _failed(self, job: Job, what: str, detail: str, count: bool = True) -> None:
-        """Count a failed job (unless ``count`` is false: a timeout that requeues it) and
-        keep a record of it for the status page. Off the hot path."""
+        """Count a failed job (unless ``count`` is false: a timeout, which ``_lose()``
+        requeues or counts) and keep a record of it for the status page. Off the hot
+        path."""
         now = self._now()
         if count:
             func = job.function
