@@ -67,6 +67,20 @@ def main(argv: list[str] | None = None) -> int:
             f"gearoffload-server: cannot listen on {config.host}:{config.port}: "
             f"{exc.strerror or exc}\n")
         return 2
+    http = None
+    if config.http_port:
+        # Imported only when asked for: prometheus_client costs start-up time.
+        from .http import HttpEndpoint
+
+        http = HttpEndpoint(server.state, config.http_address)
+        try:
+            http.start()
+        except OSError as exc:
+            server.stop()
+            host, port = config.http_address
+            sys.stderr.write(f"gearoffload-server: cannot listen on {host}:{port} "
+                             f"(--http-port): {exc.strerror or exc}\n")
+            return 2
     gevent.signal_handler(signal.SIGTERM, server.shutdown)
     gevent.signal_handler(signal.SIGINT, server.stop)
     gevent.signal_handler(signal.SIGUSR1, server.stop_graceful)
@@ -77,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     if server.store is not None:
         logging.getLogger("gearoffload.server").info(
             "queue %s: %d background jobs restored", server.store.describe(), server.restored)
+    if http is not None:
+        logging.getLogger("gearoffload.server").info(
+            "HTTP on http://%s:%d/ (status page, /metrics, /healthz)", *http.address)
     server.serve_forever()
+    if http is not None:
+        http.stop()
     return 0
 
 

@@ -91,6 +91,10 @@ class ServerConfig:
     tls_ca: str | None = None
     #: Refuse connections without a client certificate signed by ``tls_ca``.
     tls_require_client_cert: bool = False
+    #: Port of the read-only HTTP endpoint (/metrics, /healthz, status page); 0 = off.
+    http_port: int = 0
+    #: Address of the HTTP endpoint; empty = the same as ``host``.
+    http_host: str = ""
     version: str = __version__
 
     @property
@@ -149,7 +153,18 @@ class ServerConfig:
             raise ConfigError("--max-queue must be 0 (unlimited) or a positive number")
         if self.max_client_jobs < 0:
             raise ConfigError("--max-client-jobs must be 0 (unlimited) or a positive number")
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError(
+                f"--http-port must be between 1 and 65535 (0 = off), not {self.http_port}")
+        if self.http_port and self.http_port == self.port and \
+                self.http_address[0] == self.host:
+            raise ConfigError("--http-port must differ from --port")
         self._check_tls()
+
+    @property
+    def http_address(self) -> tuple[str, int]:
+        """Where the HTTP endpoint listens: ``(--http-host or --host, --http-port)``."""
+        return (self.http_host or self.host, self.http_port)
 
     def _check_tls(self) -> None:
         if not self.tls_cert:
@@ -283,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-require-client-cert", action="store_true",
                    help="mutual TLS: refuse connections without a client certificate "
                         "signed by --tls-ca")
+    p.add_argument("--http-port", type=int, default=0, metavar="PORT",
+                   help="also serve read-only HTTP on this port: Prometheus /metrics, "
+                        "/healthz and a live status page at / (default 0: off)")
+    p.add_argument("--http-host", default="", metavar="ADDRESS",
+                   help="address of the HTTP endpoint (default: the same as --host); do "
+                        "not expose it publicly: it shows function names, unique keys and "
+                        "exception texts")
     p.add_argument("--version", "-V", action="version", version=f"gearoffload-server {__version__}")
     return p
 
@@ -317,6 +339,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             tls_key=ns.tls_key,
             tls_ca=ns.tls_ca,
             tls_require_client_cert=ns.tls_require_client_cert,
+            http_port=ns.http_port,
+            http_host=ns.http_host,
         )
     except ConfigError as exc:
         parser.error(str(exc))

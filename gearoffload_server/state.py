@@ -32,6 +32,7 @@ from typing import Protocol
 from gearoffload.protocol import REQ, RES, Packet, PacketType, encode
 
 from .config import ServerConfig
+from .stats import DETAIL_CHARS, RECENT_FAILURES, Failure, LatencyHistogram
 from .stores import QueueStore, StoredJob
 
 log = logging.getLogger("gearoffload.server")
@@ -240,7 +241,8 @@ class Function:
     """A function name with its three priority queues, its workers and its sleepers."""
 
     __slots__ = ("name", "queues", "queued", "ready", "scheduled", "running", "total",
-                 "dead", "workers", "sleepers", "woken", "limits", "wake_timer")
+                 "dead", "workers", "sleepers", "woken", "limits", "wake_timer",
+                 "submitted", "coalesced", "completed", "failed", "exceptions", "latency")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
@@ -256,6 +258,16 @@ class Function:
         self.woken = 0                # registered workers sent a NOOP that have not grabbed
         self.limits = [0, 0, 0]       # maxqueue per priority, 0 = unlimited
         self.wake_timer: Timer | None = None  # see JobServerState._wake_overdue
+        # Monotonic counters for /metrics (plain ints: a Prometheus Counter takes a lock).
+        self.submitted = 0            # jobs created (not coalesced, restored or retried)
+        self.coalesced = 0            # submissions attached to a queued or running job
+        self.completed = 0            # WORK_COMPLETE
+        self.failed = 0               # WORK_FAIL, WORK_EXCEPTION, failed after lost workers
+        self.exceptions = 0           # of which WORK_EXCEPTION
+        # Runnable -> completed or failed. (A queue-wait histogram, runnable -> assigned,
+        # would cost a clock read and an observe() more per job, about as much again as
+        # this one: left out.)
+        self.latency = LatencyHistogram()
 
     def __repr__(self) -> str:
         return f"<Function {self.name!r} total={self.total} running={self.running}>"
@@ -265,7 +277,7 @@ class Job:
     __slots__ = ("handle", "function", "unique", "data", "priority", "background",
                  "reducer", "when", "clients", "worker", "numerator", "denominator",
                  "retries", "abandoned", "timer", "state", "coalesce", "stored", "batch",
-                 "failures")
+                 "failures", "since")
 
     def __init__(self, handle: bytes, function: Function, unique: bytes, data: bytes,
                  priority: int, background: bool, reducer: bytes | None, when: int) -> None:
@@ -289,6 +301,9 @@ class Job:
         self.coalesce = False  # indexed for coalescing (cleared when the window closes)
         self.stored = 0        # the store's id for this job's row, 0 when not stored
         self.batch = None      # the store batch that saves it (see ``stores.Batch``)
+        #: When it became runnable: submitted, restored, requeued from the dead letters, or
+        #: (epoch jobs, retries) fell due. Start of its latency (``Function.latency``).
+        self.since = 0.0
 
     def __repr__(self) -> str:
         return f"<Job {self.handle!r} {self.function.name!r} state={self.state}>"
@@ -319,6 +334,9 @@ class JobServerState:
         self.dead: dict[bytes, Job] = {}
         #: Shutting down (SIGTERM): grabs get NO_JOB, running jobs may finish.
         self.draining = False
+        #: The last jobs that failed, newest last (the status page's "recent failures").
+        self.failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
+        self._now = scheduler.now  # bound once: read on every submission and result
         #: Called by admin ``shutdown [graceful]`` when enabled; set by the I/O shell.
         self.on_shutdown: Callable[[bool], None] | None = None
         self._handlers: list[Callable[[Peer, Packet], None]] = [self._invalid_command] * 43
@@ -449,6 +467,7 @@ class JobServerState:
             peer.send(created)
             if not background:
                 self._attach(job, peer)
+            func.coalesced += 1
             return
         limit = func.limits[priority]
         if limit and func.total >= limit:
@@ -458,6 +477,8 @@ class JobServerState:
         job = Job(handle, func, unique, data, priority, background, reducer, when)
         self.jobs[handle] = job
         func.total += 1
+        func.submitted += 1
+        job.since = now = self._now()
         if unique:
             self._index(job)
         created = encode(RES, T.JOB_CREATED, (handle,))
@@ -466,7 +487,7 @@ class JobServerState:
         peer.send(created)
         if not background:
             self._attach(job, peer)
-        if when and when > self.scheduler.now():
+        if when and when > now:
             self._schedule(job)
         else:
             self._enqueue(job)
@@ -580,6 +601,7 @@ class JobServerState:
             _, _, job = heapq.heappop(self._epochs)
             if job.state == SCHEDULED:
                 job.function.scheduled -= 1
+                job.since = now
                 self._enqueue(job)
         self._arm_epoch_timer()
 
@@ -794,6 +816,9 @@ class JobServerState:
                         job.function.name.decode(errors="replace"), worker,
                         extra=_job_fields(job, "job.timeout", worker))
             job.timer = None
+            # Recorded, not counted: _lose() requeues it or counts it as failed.
+            self._failed(job, "timeout", f"no result from worker {worker.address} "
+                         f"fd={worker.fd} within CAN_DO_TIMEOUT", count=False)
             self._lose(job)
 
     def _lose(self, job: Job) -> None:
@@ -807,6 +832,8 @@ class JobServerState:
                         func.name.decode(errors="replace"), job.retries,
                         extra=_job_fields(job, "job.retries_exhausted", job.worker))
             self._relay_to_clients(job, encode(RES, T.WORK_FAIL, (job.handle,)))
+            self._failed(job, "lost worker", f"failed after {job.retries} attempts "
+                         "(--job-retries)")
             self._remove(job)
             return
         if job.abandoned or (not job.clients and not job.background):
@@ -854,12 +881,37 @@ class JobServerState:
                     client.send(exception if client.exceptions else fail)
             else:
                 self._relay_to_clients(job, encode(RES, ptype, packet.args))
-        if ptype == T.WORK_COMPLETE or ptype == T.WORK_FAIL or ptype == T.WORK_EXCEPTION:
-            peer.last_exception = handle if ptype == T.WORK_EXCEPTION else None
-            if ptype != T.WORK_COMPLETE and job.background and self.config.retry_failed:
+        if ptype == T.WORK_COMPLETE:
+            # The common ending first, on its own: one comparison on the hot path.
+            peer.last_exception = None
+            func = job.function
+            func.completed += 1
+            func.latency.observe(self._now() - job.since)
+            self._remove(job)
+        elif ptype == T.WORK_FAIL or ptype == T.WORK_EXCEPTION:
+            if ptype == T.WORK_FAIL:
+                peer.last_exception = None
+                self._failed(job, "fail", "")
+            else:
+                peer.last_exception = handle
+                job.function.exceptions += 1
+                self._failed(job, "exception", packet.args[1].decode(errors="replace"))
+            if job.background and self.config.retry_failed:
                 self._retry_or_bury(job)
             else:
                 self._remove(job)
+
+    def _failed(self, job: Job, what: str, detail: str, count: bool = True) -> None:
+        """Count a failed job (unless ``count`` is false: a timeout, which ``_lose()``
+        requeues or counts) and keep a record of it for the status page. Off the hot
+        path."""
+        now = self._now()
+        if count:
+            func = job.function
+            func.failed += 1
+            func.latency.observe(now - job.since)
+        self.failures.append(Failure(now, job.function.name, job.handle, job.unique, what,
+                                     detail[:DETAIL_CHARS]))
 
     @staticmethod
     def _relay_to_clients(job: Job, data: bytes) -> None:
@@ -940,6 +992,7 @@ class JobServerState:
             job = Job(handle, func, row.unique, row.data, row.priority, True, row.reducer,
                       row.when)
             job.stored = row.id
+            job.since = now
             if row.dead:
                 job.state = DEAD
                 self.dead[handle] = job
@@ -1017,6 +1070,9 @@ class JobServerState:
         self.dead[job.handle] = job
         if job.stored:
             self.store.mark_dead(job, True)
+        self.failures.append(Failure(self._now(), func.name, job.handle, job.unique,
+                                     "dead letter", f"failed {job.failures} times "
+                                     "(--retry-failed)"))
         log.warning("job %s of %s failed %d times: moved to the dead letters",
                     job.handle.decode(), name, job.failures,
                     extra=_job_fields(job, "job.dead_letter"))
@@ -1031,6 +1087,7 @@ class JobServerState:
         job.failures = job.retries = 0
         job.abandoned = False
         job.when = 0
+        job.since = self._now()
         self.jobs[handle] = job
         func.total += 1
         if job.unique and self._find_coalesced(func, job.unique, job.data) is None:

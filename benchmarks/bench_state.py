@@ -1,0 +1,59 @@
+"""The state's own cost per job, without sockets: submit, grab, complete through
+``JobServerState.handle`` on a manual clock (no I/O, no gevent).
+
+    .venv/bin/python benchmarks/bench_state.py            # 200,000 jobs, best of 5
+    PYTHONPATH=/path/to/other/checkout python benchmarks/bench_state.py   # compare
+
+Used to price bookkeeping added to the hot path (e.g. the metrics counters of issue #6):
+run it on two checkouts and compare the µs per job. Packets are built once, so what is
+measured is the state's work alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from gearoffload.protocol import REQ, Packet
+from gearoffload.protocol import PacketType as T
+from gearoffload_server.config import ServerConfig
+from gearoffload_server.state import JobServerState, ManualScheduler, Peer
+
+
+def run(jobs: int) -> float:
+    """Seconds of CPU for ``jobs`` foreground jobs: submit, grab, complete."""
+    state = JobServerState(ServerConfig(handle_prefix="H:b", queue="memory"),
+                           ManualScheduler())
+    client = state.connect(Peer(fd=1))
+    worker = state.connect(Peer(fd=2))
+    handle = state.handle
+    handle(worker, Packet(REQ, T.CAN_DO, (b"echo",)))
+    submit = Packet(REQ, T.SUBMIT_JOB, (b"echo", b"", b"x" * 64))
+    grab = Packet(REQ, T.GRAB_JOB_UNIQ, ())
+    prefix = b"H:b:"
+    started = time.process_time()
+    for n in range(1, jobs + 1):
+        handle(client, submit)
+        handle(worker, grab)
+        handle(worker, Packet(REQ, T.WORK_COMPLETE, (prefix + b"%d" % n, b"x")))
+        if not n & 1023:
+            client.out.clear()
+            worker.out.clear()
+            state.take_dirty()
+    elapsed = time.process_time() - started
+    assert not state.jobs, "jobs left over: the loop did not complete them"
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=200_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    best = min(run(args.jobs) for _ in range(args.repeat))
+    print(f"{best / args.jobs * 1e6:.3f} µs of state CPU per job "
+          f"(submit + grab + complete, best of {args.repeat} × {args.jobs:,})")
+
+
+if __name__ == "__main__":
+    main()
