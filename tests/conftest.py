@@ -113,8 +113,14 @@ class ServerProcess:
         """The server's log so far (complete after stop())."""
         if self._log is None:
             return ""
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")
+        # pread: the server writes through the same open file, so seeking would move
+        # its write position too (its next lines could overwrite the start).
+        fd = self._log.fileno()
+        chunks, offset = [], 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks).decode(errors="replace")
 
     def connect(self, timeout: float = 5.0) -> RawConn:
         return RawConn(self.port, timeout)
