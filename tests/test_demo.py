@@ -3,6 +3,7 @@ HTTP; then SIGINT stops everything it started."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -21,8 +22,8 @@ def get(url: str) -> tuple[int, str]:
 
 
 def test_demo_serves_every_piece_and_stops_its_children_on_sigint(tmp_path):
-    port, web_port = free_port(), free_port()
-    env = dict(os.environ, PORT=str(port), WEB_PORT=str(web_port),
+    port, web_port, status_port = free_port(), free_port(), free_port()
+    env = dict(os.environ, PORT=str(port), WEB_PORT=str(web_port), STATUS_PORT=str(status_port),
                GEAROFFLOAD_DEMO_STATE=str(tmp_path), PYTHONPATH=str(ROOT),
                XDG_STATE_HOME=str(tmp_path))  # the server's default queue file goes here
     env.pop("GEAROFFLOAD_SERVERS", None)
@@ -47,11 +48,15 @@ def test_demo_serves_every_piece_and_stops_its_children_on_sigint(tmp_path):
         assert "run by a worker" in body
         status, body = get(f"{base}/offloaded-function/20")
         assert "fib(20) = 6765, computed by worker" in body
+        # The job server's status endpoint counts what the views just offloaded.
+        assert f"http://127.0.0.1:{status_port}/" in (tmp_path / "demo.log").read_text()
+        status, body = get(f"http://127.0.0.1:{status_port}/status.json")
+        assert status == 200 and json.loads(body)["functions"], body
     finally:
         demo.send_signal(signal.SIGINT)
         code = demo.wait(20)
     assert code == 0
     assert "gearoffload demo: stopped" in (tmp_path / "demo.log").read_text()
-    for p in (port, web_port):  # the children are gone with their sockets
+    for p in (port, web_port, status_port):  # the children are gone with their sockets
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", p)) != 0

@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--web-port", type=int,
                         default=int(os.environ.get("WEB_PORT", 5000)),
                         help="web app port (default: $WEB_PORT or 5000)")
+    parser.add_argument("--status-port", type=int,
+                        default=int(os.environ.get("STATUS_PORT", 9120)),
+                        help="job server's status page and /metrics (default: $STATUS_PORT "
+                             "or 9120; 0: off)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes")
     parser.add_argument("--no-children", action="store_true",
                         help="serve the app only; server and workers run elsewhere")
@@ -76,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.no_children:
             server = subprocess.Popen([sys.executable, "-m", "gearoffload_server", "--port",
-                                       str(args.port), "--verbose", "WARNING"],
-                                      cwd=ROOT, env=env)
+                                       str(args.port), "--http-port", str(args.status_port),
+                                       "--verbose", "WARNING"], cwd=ROOT, env=env)
             children.append(server)
             wait_for_port(args.port, server)
             children.append(subprocess.Popen(
@@ -101,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
                            ("/legacy/hello?name=you", "legacy WSGI app via the middleware"),
                            ("/offloaded-function/30", "an @offload function")):
             print(f"  {base}{path:<28} {what}", flush=True)
+        if args.status_port and not args.no_children:
+            status = f"http://127.0.0.1:{args.status_port}"
+            print(f"  {status}/{'':<27} job server status page (/metrics, /healthz)",
+                  flush=True)
         print("Ctrl-C stops everything.", flush=True)
         http.serve_forever()
     finally:
