@@ -117,6 +117,7 @@ async function poll() {
     render(await response.json());
     $("state").textContent = "updated " + clock(Date.now() / 1000);
     $("state").className = "";
+    $("state").dataset.polls = (+$("state").dataset.polls || 0) + 1;  // seen by tests
   } catch (err) {
     $("state").textContent = "cannot reach the server (" + err.message + "); retrying";
     $("state").className = "stale";

@@ -9,6 +9,7 @@ skips locally and fails under CI=true (``.ci/run`` installs it).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -109,6 +110,9 @@ def test_status_page_renders_the_server_state_and_follows_it():
         dom, page = dump_dom(server.url + "/")
 
         assert page.texts["state"].startswith("updated "), page.texts.get("state")
+        # It refreshes by itself: in Chromium's 5 s of virtual time it polled again and again.
+        polls = re.search(r'<span[^>]*\bdata-polls="(\d+)"', dom)
+        assert polls and int(polls.group(1)) >= 3, dom[:500]
         idle = page.row("functions", "data-function", "idle")
         # function, high, normal, low, scheduled, running, workers, completed, failed
         assert idle == ["idle", "1", "3", "2", "0", "0", "0", "0", "0"]
