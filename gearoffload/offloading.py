@@ -100,8 +100,9 @@ class OffloadConfig:
     @property
     def tls(self) -> dict | None:
         """``Client(tls=...)`` for these settings."""
-        options = {"ca": self.tls_ca, "cert": self.tls_cert, "key": self.tls_key}
-        return {name: value for name, value in options.items() if value} or None
+        from .tls import tls_files
+
+        return tls_files(self.tls_ca, self.tls_cert, self.tls_key)
 
     def __post_init__(self) -> None:
         servers = self.servers

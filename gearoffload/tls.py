@@ -21,8 +21,8 @@ from collections.abc import Mapping
 
 from gevent import socket, ssl
 
-__all__ = ["TlsOption", "client_context", "tls_context", "tls_error_text", "tls_from_env",
-           "wrap_client"]
+__all__ = ["TlsOption", "client_context", "tls_context", "tls_error_text", "tls_files",
+           "tls_from_env", "wrap_client"]
 
 #: What ``Client``, ``Worker`` and ``AdminClient`` take as ``tls``.
 TlsOption = bool | ssl.SSLContext | Mapping | None
@@ -79,17 +79,20 @@ def client_context(tls: TlsOption) -> ssl.SSLContext | None:
                     f"{type(tls).__name__}")
 
 
+def tls_files(ca: str | None = None, cert: str | None = None,
+              key: str | None = None) -> dict | None:
+    """``tls=`` for the PEM files given (empty ones left out); ``None`` when none is."""
+    options = {"ca": ca, "cert": cert, "key": key}
+    return {name: value for name, value in options.items() if value} or None
+
+
 def tls_from_env(ca: str | None = None, cert: str | None = None,
                  key: str | None = None) -> dict | None:
     """The ``tls`` of a command: its ``--tls-*`` values, else ``$GEAROFFLOAD_TLS_CA``,
     ``$GEAROFFLOAD_TLS_CERT``, ``$GEAROFFLOAD_TLS_KEY``; ``None`` when none is set."""
-    options = {
-        "ca": ca or os.environ.get("GEAROFFLOAD_TLS_CA") or None,
-        "cert": cert or os.environ.get("GEAROFFLOAD_TLS_CERT") or None,
-        "key": key or os.environ.get("GEAROFFLOAD_TLS_KEY") or None,
-    }
-    options = {name: value for name, value in options.items() if value}
-    return options or None
+    env = os.environ.get
+    return tls_files(ca or env("GEAROFFLOAD_TLS_CA"), cert or env("GEAROFFLOAD_TLS_CERT"),
+                     key or env("GEAROFFLOAD_TLS_KEY"))
 
 
 def wrap_client(context: ssl.SSLContext, sock: socket.socket, host: str) -> ssl.SSLSocket:

@@ -118,7 +118,7 @@ class Connection:
     """
 
     __slots__ = ("server", "sock", "fd", "peer", "decoder", "backlog", "events", "closing",
-                 "closed", "done", "silent", "_on_packet", "_on_line")
+                 "closed", "done", "silent", "joined", "_on_packet", "_on_line")
 
     def __init__(self, server: GearmanServer, sock: socket.socket, address: tuple) -> None:
         self.server = server
@@ -140,10 +140,12 @@ class Connection:
         self.closed = False   # gone from the state and the poll loop
         self.done = Event()   # set once the last output is delivered (or given up)
         self.silent = True    # nothing read yet (--idle-timeout)
+        self.joined = False   # known to the state (TLS: once the handshake succeeded)
 
     def serve(self) -> None:
         """The connection's greenlet: register with the poll loop, wait for the end."""
         self.server.state.connect(self.peer)
+        self.joined = True
         self.server.register(self)
         try:
             self.done.wait()
@@ -234,15 +236,7 @@ class Connection:
         if self.closed:
             return
         peer = self.peer
-        self._log_close(reason)
-        server = self.server
-        held = peer.batch is not None  # its output acknowledges jobs not yet durable
-        server.unregister(self)
-        server.state.disconnect(peer)
-        server.flush()  # a last ERROR for this peer; requeues may have woken workers
-        self.closing = True
-        self.closed = True
-        server.connections.discard(self)
+        held = self._leave(reason)
         rest = bytes(self.backlog or b"")
         if peer.out and not held:
             rest += peer.take_output()
@@ -252,6 +246,21 @@ class Connection:
             gevent.spawn(self._deliver_then_done, rest)
         else:
             self.done.set()
+
+    def _leave(self, reason: str) -> bool:
+        """Log why, leave the poll loop and the state, mark closed. Returns whether the
+        peer's remaining output is held (it acknowledges jobs not yet durable)."""
+        self._log_close(reason)
+        server = self.server
+        held = self.peer.batch is not None
+        server.unregister(self)  # a no-op for TLS connections, which never registered
+        if self.joined:
+            server.state.disconnect(self.peer)
+            server.flush()  # a last ERROR for this peer; requeues may have woken workers
+        self.closing = True
+        self.closed = True
+        server.connections.discard(self)
+        return held
 
     def _deliver_then_done(self, data: bytes) -> None:
         try:
@@ -311,14 +320,13 @@ class TlsConnection(Connection):
     ``--max-output-buffer`` and held (group-commit) output work as for plain connections.
     """
 
-    __slots__ = ("_reader", "_writer", "_wakeup", "_joined", "_reaper")
+    __slots__ = ("_reader", "_writer", "_wakeup", "_reaper")
 
     def __init__(self, server: GearmanServer, sock, address: tuple) -> None:
         super().__init__(server, sock, address)
         self._reader: gevent.Greenlet | None = None
         self._writer: gevent.Greenlet | None = None
         self._wakeup = Event()
-        self._joined = False  # in the state (the handshake succeeded)
         self._reaper: gevent.Greenlet | None = None
 
     def serve(self) -> None:
@@ -327,7 +335,7 @@ class TlsConnection(Connection):
         try:
             if self._handshake():
                 self.server.state.connect(self.peer)
-                self._joined = True
+                self.joined = True
                 self._writer = gevent.spawn(self._write_loop)
                 self._read_loop()
         except gevent.GreenletExit:
@@ -439,15 +447,7 @@ class TlsConnection(Connection):
         if self.closed:
             return
         peer = self.peer
-        self._log_close(reason)
-        server = self.server
-        held = peer.batch is not None  # its output acknowledges jobs not yet durable
-        if self._joined:
-            server.state.disconnect(peer)
-            server.flush()  # a last ERROR for this peer; requeues may have woken workers
-        self.closing = True
-        self.closed = True
-        server.connections.discard(self)
+        held = self._leave(reason)
         if peer.out and not held:
             if self.backlog is None:
                 self.backlog = bytearray()

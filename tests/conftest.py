@@ -64,6 +64,19 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> N
     raise RuntimeError(f"nothing listening on port {port} after {timeout}s")
 
 
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM,
+                 timeout: float = 10.0) -> int:
+    """Stop a child we started (by its PID): ``sig``, then SIGKILL after ``timeout``."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 class ServerProcess:
     """A job server started as a subprocess; stopped by its PID only."""
 
@@ -100,14 +113,9 @@ class ServerProcess:
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        if self.proc is None:
+            return 0
+        return stop_process(self.proc, sig, timeout)
 
     def stderr_text(self) -> str:
         """The server's log so far (complete after stop())."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import ROOT, ServerProcess, free_port
+from conftest import ROOT, ServerProcess, free_port, stop_process
 from gearoffload.admin import AdminClient
 from gearoffload.cli import Progress, format_table
 
@@ -73,12 +72,7 @@ def served() -> Iterator[ServerProcess]:
                 time.sleep(0.05)
         yield server
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(5)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_process(worker, timeout=5)
         server.stop()
 
 

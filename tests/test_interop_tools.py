@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from wire_helpers import status_table, wait_until
 
-from conftest import need_tool
+from conftest import need_tool, stop_process
 from gearoffload.protocol import PacketType as T
 
 pytestmark = pytest.mark.interop
@@ -62,13 +62,7 @@ def gearman_worker(server, func: str, *command: str, count: int | None = None,
             assert proc.poll() is None, proc.stderr.read()
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc, timeout=5)
         proc.stderr.close()
 
 

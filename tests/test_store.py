@@ -20,7 +20,16 @@ import time
 
 import pytest
 
-from conftest import IN_CI, ROOT, RawConn, ServerProcess, free_port, need_tool, wait_for_port
+from conftest import (
+    IN_CI,
+    ROOT,
+    RawConn,
+    ServerProcess,
+    free_port,
+    need_tool,
+    stop_process,
+    wait_for_port,
+)
 from gearoffload.protocol import Decoder, encode_request
 from gearoffload.protocol import PacketType as T
 
@@ -54,13 +63,8 @@ class RedisServer:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # our own child, by PID
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc, timeout=5)
 
     def url(self, prefix: str) -> str:
         return f"redis://127.0.0.1:{self.port}/0?prefix={prefix}"

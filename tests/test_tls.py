@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -29,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 
-from conftest import ROOT, ServerProcess, gevent_time_limit, working  # noqa: E402
+from conftest import ROOT, ServerProcess, gevent_time_limit, stop_process, working  # noqa: E402
 from gearoffload import AdminClient, Client, Worker, tls_context  # noqa: E402
 from gearoffload.errors import NoServersAvailable  # noqa: E402
 from gearoffload.protocol import PacketType as T  # noqa: E402
@@ -402,12 +401,7 @@ def test_pool_and_command_over_mutual_tls(certs, mtls_srv, tmp_path):
         assert refused.returncode == 2
         assert "no job server reachable" in refused.stderr
     finally:
-        pool.send_signal(signal.SIGTERM)
-        try:
-            pool.wait(10)
-        except subprocess.TimeoutExpired:
-            pool.kill()
-            pool.wait()
+        stop_process(pool)
 
 
 @pytest.mark.parametrize("args, message", [
