@@ -263,7 +263,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     from .top import run_top
 
     return run_top(_servers(args), interval=args.interval, once=args.once,
-                   iterations=args.iterations, timeout=args.timeout)
+                   iterations=args.iterations, timeout=args.timeout, tls=args.tls)
 
 
 def _poll_until_done(job: Any, timeout: float | None, progress: Progress,

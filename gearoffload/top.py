@@ -31,6 +31,7 @@ import gevent
 
 from .admin import AdminClient, FunctionStatus, WorkerInfo
 from .errors import GearmanError
+from .tls import TlsOption
 
 __all__ = ["Sample", "Poller", "FunctionRow", "function_rows", "render", "run_top"]
 
@@ -76,9 +77,9 @@ class Poller:
         print(sample.up, [f.name for f in sample.functions])
     """
 
-    def __init__(self, server: str, timeout: float) -> None:
+    def __init__(self, server: str, timeout: float, tls: TlsOption = None) -> None:
         self.server = server
-        self.admin = AdminClient(server, timeout=timeout)
+        self.admin = AdminClient(server, timeout=timeout, tls=tls)
         self._version = ""  # asked once per connection: it does not change
 
     def poll(self) -> Sample:
@@ -280,7 +281,7 @@ def _poll_all(pollers: Sequence[Poller]) -> list[Sample]:
 
 def run_top(servers: Sequence[str], interval: float = 1.0, once: bool = False,
             iterations: int | None = None, timeout: float | None = None,
-            out: IO[str] = sys.stdout, err: IO[str] = sys.stderr,
+            tls: TlsOption = None, out: IO[str] = sys.stdout, err: IO[str] = sys.stderr,
             keys: IO[str] | None = None) -> int:
     """Show the servers until ``q``/Ctrl-C (or ``iterations`` frames); return the exit
     code: 0, or 1 when ``once`` found no server reachable.
@@ -290,7 +291,7 @@ def run_top(servers: Sequence[str], interval: float = 1.0, once: bool = False,
         run_top(["127.0.0.1:4730"], once=True)   # prints one plain frame
     """
     timeout = timeout if timeout is not None else max(1.0, min(interval, 5.0))
-    pollers = [Poller(s, timeout) for s in servers]
+    pollers = [Poller(s, timeout, tls) for s in servers]
     previous: dict[str, Sample] = {}
     try:
         if once:

@@ -386,6 +386,9 @@ def test_pool_and_command_over_mutual_tls(certs, mtls_srv, tmp_path):
             time.sleep(0.1)
         result = run_cli("submit", "shout", "hey", *flags)
         assert (result.returncode, result.stdout) == (0, "HEY!"), result.stderr
+        frame = run_cli("top", "--once", *flags)  # top watches a TLS server too
+        assert frame.returncode == 0, frame.stderr
+        assert "shout" in frame.stdout and "DOWN" not in frame.stdout, frame.stdout
         # ... the command from the environment as well.
         env = {"GEAROFFLOAD_SERVERS": mtls_srv.address,
                "GEAROFFLOAD_TLS_CA": str(certs.ca), "GEAROFFLOAD_TLS_CERT": str(certs.client),
