@@ -7,6 +7,7 @@ fix, limits, admin extensions). Tools that are missing skip locally and fail und
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import signal
@@ -43,6 +44,15 @@ def need_tool(name: str, package: str) -> str:
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
+
+
+def need_module(name: str):
+    """Import a module of the ``test``/``flask`` extras, or skip (a failure under CI=true,
+    where ``make test`` installs them)."""
+    if IN_CI:
+        return importlib.import_module(name)
+    return pytest.importorskip(
+        name, reason=f"{name} not installed (pip install -e '.[test,flask]')")
 
 
 def free_port() -> int:

@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 
+from conftest import need_module
 from gearoffload.codec import Codec, PayloadError, sign_payload, stable_hash, verify_payload
 
 VALUES = [
@@ -34,7 +35,7 @@ def test_json_tuples_become_lists_and_bad_types_are_refused_with_advice():
 
 
 def test_msgpack_round_trip():
-    pytest.importorskip("msgpack")
+    need_module("msgpack")
     codec = Codec("msgpack")
     for value in VALUES:
         data = codec.dumps(value) if not isinstance(value, int) or value < 2**64 else None

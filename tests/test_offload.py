@@ -16,7 +16,7 @@ import gevent.subprocess
 import pytest
 
 import gearoffload
-from conftest import ROOT, free_port, gevent_time_limit
+from conftest import ROOT, free_port, gevent_time_limit, need_module
 from gearoffload import Worker, offloading
 from gearoffload.errors import JobException, NoServersAvailable
 from gearoffload.registry import TaskRegistry
@@ -179,7 +179,7 @@ def test_signed_pickle_carries_python_objects(our_server):
 
 
 def test_msgpack_format_when_installed(our_server):
-    pytest.importorskip("msgpack")
+    need_module("msgpack")
     gearoffload.configure(servers=our_server.address, format="msgpack")
     with serving(our_server.address):
         assert add(b"\x00", b"\xff") == b"\x00\xff"

@@ -21,7 +21,9 @@ from pathlib import Path
 import gevent
 import pytest
 
-pytest.importorskip("cryptography")  # the test extra: generating certificates
+from conftest import need_module
+
+need_module("cryptography")  # the test extra: generating certificates
 
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -454,7 +456,7 @@ def test_wsgi_middleware_takes_tls(certs):
 
 
 def test_flask_config_keys_configure_offload_with_tls(certs, monkeypatch):
-    flask = pytest.importorskip("flask")
+    flask = need_module("flask")
     from gearoffload import offloading
     from gearoffload.flask import GearOffload
     from gearoffload.offloading import get_config
