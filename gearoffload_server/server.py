@@ -67,7 +67,7 @@ REFUSED_LOG_INTERVAL = 10.0
 #: waits up to this long, or until a submission or DELETE_BATCH rows arrive, before it is
 #: written: a drain then commits hundreds of deletes at once instead of a few. It widens
 #: the at-least-once window (a job that ended this long before a crash may run again).
-DELETE_LINGER = 0.1
+DELETE_LINGER = 0.02
 DELETE_BATCH = 4096
 
 
