@@ -38,7 +38,7 @@ import gevent
 from gevent.event import Event
 from gevent.lock import BoundedSemaphore
 from gevent.pool import Group
-from gevent.queue import Queue
+from gevent.queue import Queue, SimpleQueue
 
 from .connection import Address, Connection, format_address, parse_servers
 from .errors import JobFailed
@@ -84,6 +84,69 @@ def _as_bytes(value: Any) -> bytes:
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
     raise TypeError(f"a task must return bytes, str or None, not {type(value).__name__}")
+
+
+
+class _Runners:
+    """The greenlets that run a worker's jobs: long-lived, handed one job at a time.
+
+    A greenlet per job costs about 22 µs to spawn, start and finish, a third of what a
+    job costs the worker; handing a job to a runner that waits for one costs a queue put
+    and a switch. There are never more runners than jobs running at once (the worker's
+    slots bound those): a job goes to an idle runner, or to a new one when none is idle.
+    """
+
+    def __init__(self, run: Any) -> None:
+        self._run = run
+        self._queue: SimpleQueue = SimpleQueue()
+        self._greenlets: set[gevent.Greenlet] = set()
+        self._idle = 0       # runners waiting for a job and not yet promised one
+        self.active = 0      # jobs handed over and not finished
+        self._finished = Event()
+        self._finished.set()
+
+    def __len__(self) -> int:
+        return self.active
+
+    def __contains__(self, greenlet: object) -> bool:
+        return greenlet in self._greenlets
+
+    def spawn(self, *args: Any) -> None:
+        """Run ``run(*args)`` in a runner, now or as soon as the hub switches."""
+        self.active += 1
+        self._finished.clear()
+        if self._idle:
+            self._idle -= 1  # promised to this job (whichever runner takes it)
+        else:
+            self._greenlets.add(gevent.spawn(self._loop))
+        self._queue.put(args)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until no job runs; False if ``timeout`` passed first."""
+        return self._finished.wait(timeout)
+
+    def kill(self) -> None:
+        """Kill every runner (their jobs are abandoned) and start afresh."""
+        gevent.killall(list(self._greenlets))
+        self._greenlets.clear()
+        self._queue = SimpleQueue()
+        self._idle = self.active = 0
+        self._finished.set()
+
+    def _loop(self) -> None:
+        get = self._queue.get
+        try:
+            while True:
+                args = get()
+                try:
+                    self._run(*args)
+                finally:
+                    self.active -= 1
+                    if not self.active:
+                        self._finished.set()
+                self._idle += 1
+        finally:
+            self._greenlets.discard(gevent.getcurrent())
 
 
 class WorkerJob:
@@ -182,7 +245,7 @@ class Worker:
         self._drain_timeout: float | None = None
         self._working = False
         self._slots: BoundedSemaphore | None = None
-        self._jobs = Group()
+        self._jobs = _Runners(self._run)
         #: Live connections and the handles of the jobs running on each (a draining worker
         #: closes a connection once its jobs are done: closing earlier would requeue them).
         self._conns: dict[Connection, dict[bytes, int]] = {}
@@ -436,7 +499,7 @@ class Worker:
                         slots.release()
                     exhausted = True
                 else:
-                    self._jobs.spawn(self._run, conn, packet, holds_slot)
+                    self._jobs.spawn(conn, packet, holds_slot)
         finally:
             for holds_slot in grabs:  # GRABs that will never be answered here
                 if holds_slot:

@@ -378,3 +378,44 @@ def test_interop_serves_jobs_from_the_gearman_cli(server):
             capture_output=True, timeout=10)
         assert background.returncode == 0
     assert outputs == [b"HELLO!", b"GEAR MAN!"]
+
+
+def test_runners_are_reused_and_never_make_a_job_wait_for_another():
+    """The worker's job greenlets (``_Runners``): a job goes to an idle runner or a new
+    one, never behind a job that blocks; runners are reused; a runner that dies of an
+    escaping exception is replaced."""
+    from gearoffload.worker import _Runners
+
+    started, release, order = [], Event(), []
+
+    class Escape(BaseException):
+        """Not an Exception: the worker's own handlers let it through."""
+
+    def run(name, blocks):
+        started.append(name)
+        if blocks:
+            release.wait()
+        if name == "dies":
+            raise Escape("kills its runner")
+        order.append(name)
+
+    runners = _Runners(run)
+    with gevent.Timeout(5):
+        runners.spawn("slow", True)
+        runners.spawn("fast-1", False)  # a second runner: does not wait behind slow
+        while len(started) < 2:
+            gevent.sleep(0.01)
+        runners.spawn("fast-2", False)  # fast-1's runner is idle again: reused
+        while len(started) < 3:
+            gevent.sleep(0.01)
+        assert order == ["fast-1", "fast-2"] and len(runners) == 1
+        assert len(runners._greenlets) == 2
+        assert not runners.join(0.05)
+        release.set()
+        assert runners.join(1) and order == ["fast-1", "fast-2", "slow"]
+        runners.spawn("dies", False)
+        gevent.sleep(0.05)
+        runners.spawn("after", False)
+        assert runners.join(1) and order[-1] == "after" and len(runners) == 0
+        runners.kill()
+        assert not runners._greenlets
