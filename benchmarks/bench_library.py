@@ -3,7 +3,8 @@
 For each server: start it, start one worker process (``gearoffload.Worker`` with
 ``--worker-concurrency`` greenlets, task ``echo``), then drive it from this process with
 ``--concurrency`` greenlets sharing one ``gearoffload.Client`` (closed loop: each greenlet
-submits a job and waits for its result, then the next). Reports jobs/s, latency p50/p99,
+runs a job with ``client.call()``, i.e. submits and waits for its result, then the next;
+the web layer calls this way). Reports jobs/s, latency p50/p99,
 and the CPU seconds per 1000 jobs spent by the client, the worker and the server, so one
 can see which side is the bottleneck; then the ratio ours / gearmand.
 
@@ -119,7 +120,7 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
                 while remaining[0] > 0 and time.monotonic() < deadline:
                     remaining[0] -= 1
                     started = time.perf_counter()
-                    result = client.submit("echo", payload).result()
+                    result = client.call("echo", payload)
                     latencies.append(time.perf_counter() - started)
                     assert result == payload
 

@@ -268,17 +268,12 @@ class OffloadedView:
             payload = sign_payload(settings.offload.secret_key, payload)
         fallback = self.fallback or settings.offload.fallback
         try:
+            # A view that waits for its answer waits once (Client.call): not for
+            # JOB_CREATED first. Background views need the handle for their status URL.
             job = state.client.submit(self.name, payload, unique=self.unique_for(view_args),
-                                      priority=self.priority)
+                                      priority=self.priority, wait=self.background)
         except NoServersAvailable as exc:
-            if fallback == "local" and not self.background:
-                log.warning("%s %s: no job server reachable (%s); running %s here",
-                            request.method, request.path, exc, self.name)
-                return self.view(**view_args)
-            log.error("%s %s: no job server reachable for %s: %s", request.method,
-                      request.path, self.name, exc)
-            raise ServiceUnavailable("No job server is reachable; try again shortly.",
-                                     retry_after=5) from None
+            return self._unreachable(exc, fallback, view_args)
         if self.background:
             return state.follow(self, job)
         timeout = self.timeout if self.timeout is not None else settings.offload.timeout
@@ -294,10 +289,24 @@ class OffloadedView:
                       exc.text)
             raise
         except (JobFailed, NoServersAvailable) as exc:
+            if isinstance(exc, NoServersAvailable) and job.handle is None:
+                return self._unreachable(exc, fallback, view_args)  # never accepted
             log.error("%s %s: job %s on %s (%s) failed: %s", request.method, request.path,
                       job.handle, job.server, self.name, exc)
             raise BadGateway("The worker failed.") from None
         return _to_response(CODEC.loads(raw))
+
+    def _unreachable(self, exc: NoServersAvailable, fallback: str,
+                     view_args: Mapping[str, Any]) -> Any:
+        """No server accepted the job: run the view here (``fallback="local"``) or 503."""
+        if fallback == "local" and not self.background:
+            log.warning("%s %s: no job server reachable (%s); running %s here",
+                        request.method, request.path, exc, self.name)
+            return self.view(**view_args)
+        log.error("%s %s: no job server reachable for %s: %s", request.method,
+                  request.path, self.name, exc)
+        raise ServiceUnavailable("No job server is reachable; try again shortly.",
+                                 retry_after=5) from None
 
     # worker side
 

@@ -356,22 +356,29 @@ class OffloadedFunction:
 
     def background(self, *args: Any, **kwargs: Any) -> OffloadedJob:
         """Submit the call and return an ``OffloadedJob`` at once (no local fallback)."""
+        return self._submit(args, kwargs, wait=True)
+
+    def _submit(self, args: tuple, kwargs: dict, wait: bool) -> OffloadedJob:
         config = get_config()
         payload = config.codec.dumps([list(args), kwargs])
         job = get_client().submit(self.name, payload, unique=self.unique_for(args, kwargs),
-                                  priority=self.priority)
+                                  priority=self.priority, wait=wait)
         return OffloadedJob(job, config.codec)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        timeout = self.timeout if self.timeout is not None else get_config().timeout
+        job = None
         try:
-            job = self.background(*args, **kwargs)
+            # wait=False: one wait, for the result (Client.call), not one per reply.
+            job = self._submit(args, kwargs, wait=False)
+            return job.result(timeout=timeout)
         except NoServersAvailable as exc:
-            if (self.fallback or get_config().fallback) == "local":
+            # Only a call no server accepted may run here: an accepted one may have run.
+            accepted = job is not None and job.job.handle is not None
+            if not accepted and (self.fallback or get_config().fallback) == "local":
                 log.warning("%s: no job server reachable (%s); running locally", self.name, exc)
                 return self.fn(*args, **kwargs)
             raise
-        timeout = self.timeout if self.timeout is not None else get_config().timeout
-        return job.result(timeout=timeout)
 
     def local(self, *args: Any, **kwargs: Any) -> Any:
         """Call the function in this process."""

@@ -287,18 +287,11 @@ class OffloadMiddleware:
             payload = sign_payload(self.secret_key, payload)
         path = environ.get("PATH_INFO", "")
         try:
-            job = self.client.submit(self.function, payload, unique=self.unique_for(environ))
+            # One wait, for the answer (Client.call), not one for JOB_CREATED first.
+            job = self.client.submit(self.function, payload, unique=self.unique_for(environ),
+                                     wait=False)
         except NoServersAvailable as exc:
-            if self.fallback == "local":
-                log.warning("%s %s: no job server (%s); running locally",
-                            environ.get("REQUEST_METHOD"), path, exc)
-                environ["wsgi.input"] = io.BytesIO(body)
-                environ["CONTENT_LENGTH"] = str(len(body))
-                return self.app(environ, start_response)
-            log.error("%s %s: no job server reachable: %s", environ.get("REQUEST_METHOD"),
-                      path, exc)
-            return _plain(start_response, "503 Service Unavailable",
-                          "No job server is reachable.", (("Retry-After", "5"),))
+            return self._unreachable(exc, environ, start_response, body)
         try:
             answer = CODEC.loads(job.result(timeout=self.timeout))
         except JobTimeout:
@@ -312,8 +305,25 @@ class OffloadMiddleware:
             return _plain(start_response, "500 Internal Server Error",
                           "Internal Server Error")
         except (JobFailed, NoServersAvailable) as exc:
+            if isinstance(exc, NoServersAvailable) and job.handle is None:
+                return self._unreachable(exc, environ, start_response, body)  # not accepted
             log.error("%s %s: job %s on %s failed: %s", environ.get("REQUEST_METHOD"), path,
                       job.handle, job.server, exc)
             return _plain(start_response, "502 Bad Gateway", "The worker failed.")
         start_response(answer["status"], [tuple(h) for h in answer["headers"]])
         return [answer["body"]]
+
+    def _unreachable(self, exc: NoServersAvailable, environ: dict,
+                     start_response: Callable, body: bytes) -> Iterable[bytes]:
+        """No server accepted the job: serve it here (``fallback="local"``) or 503."""
+        path = environ.get("PATH_INFO", "")
+        if self.fallback == "local":
+            log.warning("%s %s: no job server (%s); running locally",
+                        environ.get("REQUEST_METHOD"), path, exc)
+            environ["wsgi.input"] = io.BytesIO(body)
+            environ["CONTENT_LENGTH"] = str(len(body))
+            return self.app(environ, start_response)
+        log.error("%s %s: no job server reachable: %s", environ.get("REQUEST_METHOD"),
+                  path, exc)
+        return _plain(start_response, "503 Service Unavailable",
+                      "No job server is reachable.", (("Retry-After", "5"),))

@@ -284,3 +284,19 @@ def server_factory() -> Iterator:
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def dropping_server() -> Iterator[str]:
+    """``host:port`` of a port that accepts connections and drops each at its first bytes:
+    up for TCP, yet no job is ever accepted there (in this process, on gevent)."""
+    from gevent.server import StreamServer
+
+    def drop(sock, address) -> None:
+        sock.recv(65536)
+        sock.close()
+
+    server = StreamServer(("127.0.0.1", 0), drop)
+    server.start()
+    yield f"127.0.0.1:{server.server_port}"
+    server.stop()

@@ -60,6 +60,21 @@ def test_submit_returns_the_workers_result(server):
         assert client.submit("upper", b"").result(5) == b""
 
 
+def test_call_and_submit_without_waiting_for_job_created(server):
+    with running_worker(server.address, upper=upper), Client(server.address) as client:
+        assert client.call("upper", b"one", timeout=5) == b"ONE"
+        job = client.submit("upper", b"two", wait=False)
+        assert job.handle is None  # not accepted yet: the call did not wait for it
+        assert job.result(timeout=5) == b"TWO" and job.handle
+        # Coalescing works the same: three calls, one unique, one shared answer.
+        calls = [gevent.spawn(client.call, "upper", b"same", "u-1", timeout=5)
+                 for _ in range(3)]
+        gevent.joinall(calls, raise_error=True)
+        assert [c.value for c in calls] == [b"SAME"] * 3
+        with pytest.raises(ValueError):  # bad arguments still fail before anything is sent
+            client.call("", b"x")
+
+
 def test_large_payload_roundtrip(server):
     data = bytes(range(256)) * 8192  # 2 MiB, NULs included
     with running_worker(server.address, echo=lambda job: job.data), \

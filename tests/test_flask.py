@@ -391,3 +391,10 @@ def test_memory_result_store_is_bounded_and_expires():
     assert list(store.entries) == ["t2", "t3", "t4"]  # the oldest went first
     store.put("t3", _Entry("H:3", ttl=-1))  # an update of an existing token
     assert store.get("t3") is None and store.get("t4").handle == "H:4"
+
+
+def test_a_server_that_never_accepts_the_job_is_503_or_local_fallback(dropping_server):
+    response = make_app(dropping_server).test_client().get("/text")
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    app = make_app(dropping_server, GEAROFFLOAD_FALLBACK="local")
+    assert app.test_client().get("/text").text == "hello from here"

@@ -243,3 +243,14 @@ def test_gearoffload_worker_finds_decorated_functions_by_import(our_server, tmp_
         proc.wait(10)
         log.close()
     assert "offtasks.whoami" in (tmp_path / "pool.log").read_text()
+
+
+def test_a_call_no_server_accepted_falls_back_even_when_that_is_known_late(dropping_server):
+    """A call waits once, for its result (``submit(wait=False)``), so "no server took it"
+    can arrive while it waits: it must still count as unreachable (local fallback),
+    never as a failed job."""
+    gearoffload.configure(servers=dropping_server, connect_timeout=0.5, fallback="raise")
+    with pytest.raises(NoServersAvailable):
+        add(1, 2)
+    gearoffload.configure(fallback="local")
+    assert add(1, 2) == 3 and CALLS[-1] == ("add", 1, 2)

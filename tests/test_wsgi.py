@@ -142,3 +142,11 @@ def test_signed_middleware_requests(server):
     finally:
         worker.stop(graceful=False)
         greenlet.join(5)
+
+
+def test_a_server_that_never_accepts_the_job_is_503_or_local_fallback(dropping_server):
+    response = WsgiClient(wrap(dropping_server, timeout=5)).get("/reports/1")
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    local = WsgiClient(wrap(dropping_server, fallback="local", timeout=5))
+    assert local.post("/reports/3", data=b"kept").text.startswith(
+        "web POST /reports/3 q= body=kept")
