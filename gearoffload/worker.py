@@ -245,6 +245,7 @@ class Worker:
         self._drain_timeout: float | None = None
         self._working = False
         self._slots: BoundedSemaphore | None = None
+        self._concurrency = concurrency  # work(concurrency=...) may change it
         self._jobs = _Runners(self._run)
         #: Live connections and the handles of the jobs running on each (a draining worker
         #: closes a connection once its jobs are done: closing earlier would requeue them).
@@ -313,7 +314,8 @@ class Worker:
             raise ValueError("no tasks registered: use @worker.task or worker.register()")
         self._working = True
         self._done.clear()
-        self._slots = BoundedSemaphore(concurrency or self.concurrency)
+        self._concurrency = concurrency or self.concurrency
+        self._slots = BoundedSemaphore(self._concurrency)
         sessions = Group()
         try:
             for address in self.addresses:
@@ -446,6 +448,14 @@ class Worker:
         # may hold several jobs (§3.7).
         grabs: deque[bool] = deque()
         exhausted = False  # a NO_JOB came: grab no more until we have slept
+        # GRABs kept in flight at most (and no more than free slots). After a NOOP, as
+        # many as the last waking brought jobs (at least one), doubled by every job a GRAB
+        # brings. A GRAB per free slot after each NOOP would cost the server and us a
+        # NO_JOB for each of them: O(concurrency) packets per job when jobs come one at a
+        # time (a web app's usual case), 100 per job at concurrency 100.
+        concurrency = self._concurrency
+        window = concurrency
+        got = 0  # jobs received since the last NOOP
         stopping = self._stop_event.is_set()
         try:
             while True:
@@ -454,7 +464,7 @@ class Worker:
                         conn.close(flush=True)  # nothing runs here: leave the server now
                         return
                 elif not exhausted:
-                    while slots.acquire(blocking=False):
+                    while len(grabs) < window and slots.acquire(blocking=False):
                         conn.send(T.GRAB_JOB_UNIQ)
                         grabs.append(True)
                 if not grabs and not stopping:
@@ -473,6 +483,7 @@ class Worker:
                             # may come, and is answered below.
                         else:
                             exhausted = False  # always grab after a NOOP (§3.6 rule 4)
+                            window, got = max(1, min(got, concurrency)), 0
                         continue
                     # Every slot is busy: wait for a job to finish (or for stop()).
                     while not slots.acquire(timeout=0.5):
@@ -499,6 +510,8 @@ class Worker:
                         slots.release()
                     exhausted = True
                 else:
+                    got += 1
+                    window = min(window * 2, concurrency)  # jobs are there: grab more
                     self._jobs.spawn(conn, packet, holds_slot)
         finally:
             for holds_slot in grabs:  # GRABs that will never be answered here

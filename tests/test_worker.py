@@ -12,6 +12,7 @@ import sys
 import time
 
 import gevent
+import gevent.socket
 import gevent.subprocess
 import pytest
 from gevent.event import Event
@@ -419,3 +420,57 @@ def test_runners_are_reused_and_never_make_a_job_wait_for_another():
         assert runners.join(1) and order[-1] == "after" and len(runners) == 0
         runners.kill()
         assert not runners._greenlets
+
+
+def test_jobs_one_at_a_time_cost_a_few_grabs_each_not_one_per_slot(server):
+    """A worker with many slots, woken for one job at a time (a web app's usual load),
+    sends a handful of GRABs per job, not one per free slot (each answered NO_JOB)."""
+    from gevent.server import StreamServer
+
+    from gearoffload.protocol import REQ, Decoder
+    from gearoffload.protocol import PacketType as T
+
+    grabs = [0]
+    host, port = server.address.rsplit(":", 1)
+
+    def relay(downstream, address):
+        upstream = gevent.socket.create_connection((host, int(port)))
+        decoder = Decoder(magic=REQ, text=False)
+
+        def count(packet):
+            if packet.type == T.GRAB_JOB_UNIQ:
+                grabs[0] += 1
+
+        def back():
+            try:
+                while data := upstream.recv(65536):
+                    downstream.sendall(data)
+            except OSError:
+                pass
+            downstream.close()
+
+        reader = gevent.spawn(back)
+        try:
+            while data := downstream.recv(65536):
+                decoder.dispatch(data, count, lambda line: None)
+                upstream.sendall(data)
+        except OSError:
+            pass  # the worker or the server went away: the test is over
+        finally:
+            upstream.close()
+            reader.kill()
+
+    proxy = StreamServer(("127.0.0.1", 0), relay)
+    proxy.start()
+    worker = Worker(f"127.0.0.1:{proxy.server_port}", concurrency=50)
+    worker.register("echo", lambda job: job.data)
+    try:
+        with working(worker), Client(server.address) as client:
+            client.call("echo", b"warm-up", timeout=5)
+            before = grabs[0]
+            for i in range(20):
+                assert client.call("echo", b"%d" % i, timeout=5) == b"%d" % i
+            per_job = (grabs[0] - before) / 20
+    finally:
+        proxy.stop()
+    assert per_job <= 4, f"{per_job} GRABs per job (one per slot would be 50)"
