@@ -276,11 +276,7 @@ class Connection:
         sees the end of its input and closes it."""
         if self.closing:
             return
-        self.closing = True
-        self._log_abort(reason, level)
-        self.peer.out.clear()
-        self.peer.out_bytes = 0
-        self.backlog = None
+        self._drop_output(reason, level)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -296,10 +292,15 @@ class Connection:
             log.debug("%s fd=%d %s", peer.address, peer.fd, reason,
                       extra={"event": "conn.closed", "peer": peer.address, "fd": peer.fd})
 
-    def _log_abort(self, reason: str, level: int) -> None:
+    def _drop_output(self, reason: str, level: int) -> None:
+        """The start of an abort: take no more input, say why, drop what is unsent."""
+        self.closing = True
         log.log(level, "%s fd=%d disconnected: %s", self.peer.address, self.peer.fd, reason,
                 extra={"event": "conn.aborted", "peer": self.peer.address,
                        "fd": self.peer.fd})
+        self.peer.out.clear()
+        self.peer.out_bytes = 0
+        self.backlog = None
 
     def _log_internal_error(self) -> None:
         log.exception("%s fd=%d: internal error", self.peer.address, self.fd,
@@ -469,11 +470,7 @@ class TlsConnection(Connection):
         """Disconnect this peer at once, dropping its unsent output; never blocks."""
         if self.closing:
             return
-        self.closing = True
-        self._log_abort(reason, level)
-        self.peer.out.clear()
-        self.peer.out_bytes = 0
-        self.backlog = None
+        self._drop_output(reason, level)
         current = gevent.getcurrent()
         for greenlet in (self._writer, self._reader):
             if greenlet is not None and greenlet is not current:
