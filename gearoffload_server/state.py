@@ -24,6 +24,7 @@ import heapq
 import itertools
 import logging
 import re
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable
 from types import SimpleNamespace
@@ -32,6 +33,7 @@ from typing import Protocol
 from gearoffload.protocol import REQ, RES, Packet, PacketType, encode
 
 from .config import ServerConfig
+from .stats import BUCKETS as LATENCY_BUCKETS
 from .stats import DETAIL_CHARS, RECENT_FAILURES, Failure, LatencyHistogram
 from .stores import QueueStore, StoredJob
 
@@ -451,9 +453,11 @@ class JobServerState:
         if len(unique) > MAX_UNIQUE:
             peer.send(_error(b"ARGUMENT_TOO_LARGE", b"Unique value too large"))
             return
-        func = self._named_function(peer, name)
+        func = self.functions.get(name)  # known functions have valid names
         if func is None:
-            return
+            func = self._named_function(peer, name)
+            if func is None:
+                return
         if not background and self._max_client_jobs and \
                 peer.waiting >= self._max_client_jobs:
             peer.send(_error(b"QUEUE_ERROR", b"Too many jobs waiting on this connection"))
@@ -636,7 +640,8 @@ class JobServerState:
         job.state = DONE
         func.total -= 1
         del self.jobs[job.handle]
-        self._unindex(job)
+        if job.coalesce:
+            self._unindex(job)
         for client in job.clients:
             client.waiting -= client.attached.pop(job, 0)
         job.clients = []
@@ -886,7 +891,11 @@ class JobServerState:
             peer.last_exception = None
             func = job.function
             func.completed += 1
-            func.latency.observe(self._now() - job.since)
+            # LatencyHistogram.observe(), inlined: this runs once per job.
+            seconds = self._now() - job.since
+            latency = func.latency
+            latency.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            latency.sum += seconds
             self._remove(job)
         elif ptype == T.WORK_FAIL or ptype == T.WORK_EXCEPTION:
             if ptype == T.WORK_FAIL:
