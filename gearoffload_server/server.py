@@ -478,6 +478,12 @@ class TlsConnection(Connection):
         # The reader's ``finally`` (or its loop, when it is the caller) closes us.
 
 
+def _write_now(batch) -> bool:
+    """Whether a store batch must be written without DELETE_LINGER: a submission waits
+    for its JOB_CREATED, or DELETE_BATCH rows have piled up."""
+    return bool(batch.saves) or len(batch.deletes) + len(batch.marks) >= DELETE_BATCH
+
+
 def _error_reply(exc: ProtocolError, binary: bool) -> bytes:
     text = str(exc).encode()
     if binary:
@@ -661,8 +667,8 @@ class GearmanServer(StreamServer):
         if self._committer is None:
             if store.batch.pending:
                 self._committer = gevent.spawn(self._commit_loop)
-        elif self._lingering is not None and store.batch.saves:
-            self._lingering.set()  # a submission waits for its JOB_CREATED: write now
+        elif self._lingering is not None and _write_now(store.batch):
+            self._lingering.set()
         for peer in self.state.take_dirty():
             if peer.batch is not None:
                 continue  # held until its batch is durable: _release() sends it
@@ -695,8 +701,7 @@ class GearmanServer(StreamServer):
         debug = log.isEnabledFor(logging.DEBUG)
         try:
             while store.batch.pending:
-                batch = store.batch
-                if not batch.saves and len(batch.deletes) + len(batch.marks) < DELETE_BATCH:
+                if not _write_now(store.batch):
                     self._lingering = Event()
                     self._lingering.wait(DELETE_LINGER)
                     self._lingering = None

@@ -181,3 +181,26 @@ def test_lingering_deletes_are_written_after_the_linger(gated, monkeypatch):
     wait_for(lambda: len(store.written) == 2)
     batch = store.written[1]
     assert not batch.saves and len(batch.deletes) == 1
+
+
+def test_lingering_ends_once_delete_batch_rows_are_waiting(gated, monkeypatch):
+    monkeypatch.setattr(server_module, "DELETE_LINGER", 30.0)
+    monkeypatch.setattr(server_module, "DELETE_BATCH", 2)
+    srv, store = gated
+    client, worker = Conn(srv.server_port), Conn(srv.server_port)
+    client.sock.sendall(encode_request(T.SUBMIT_JOB_BG, b"f", b"", b"one") +
+                        encode_request(T.SUBMIT_JOB_BG, b"f", b"", b"two"))  # one batch
+    wait_for(lambda: store.written)
+    store.gate(0).set()
+    handles = [p[1][0] for p in client.packets(2)]
+    worker.send(T.CAN_DO, b"f")
+    for handle in handles:
+        worker.send(T.GRAB_JOB)
+        assert worker.packets(1)[0][1][0] == handle
+        if handle == handles[0]:
+            worker.send(T.WORK_COMPLETE, handle, b"")
+            gevent.sleep(0.3)
+            assert len(store.written) == 1  # one delete: it lingers
+    worker.send(T.WORK_COMPLETE, handles[1], b"")
+    wait_for(lambda: len(store.written) == 2)  # two: DELETE_BATCH, written long before 30 s
+    assert len(store.written[1].deletes) == 2
