@@ -46,7 +46,7 @@ from .errors import (
     ProtocolError,
     ServerError,
 )
-from .protocol import Packet, encode_request
+from .protocol import Packet, encode_request, to_bytes
 from .protocol import PacketType as T
 from .tls import TlsOption, client_context
 
@@ -77,16 +77,6 @@ _END = object()  # end of a job's update stream
 #: Results are as large as the worker makes them (§8: accept any payload size); the
 #: 32-bit size field is the only bound.
 MAX_RESULT_SIZE = 1 << 32
-
-
-def _to_bytes(value: Data, what: str) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    raise TypeError(f"{what} must be bytes or str, not {type(value).__name__}")
 
 
 def _number(text: bytes) -> int:
@@ -759,10 +749,10 @@ class Client:
     def _prepare(self, function: str | bytes, data: Data, unique: str | bytes | None = None,
                  priority: str = "normal", background: bool = False,
                  run_at: float | datetime | None = None) -> _Submission:
-        func = _to_bytes(function, "function")
+        func = to_bytes(function, "function")
         if not func or b"\0" in func:
             raise ValueError(f"bad function name {function!r}")
-        payload = _to_bytes(data, "data")
+        payload = to_bytes(data, "data")
         if priority not in _SUBMIT_TYPES:
             raise ValueError(f"priority must be 'normal', 'high' or 'low', not {priority!r}")
         epoch = None
@@ -776,7 +766,7 @@ class Client:
             # collide (§8); foreground ones go without, so they never coalesce by accident.
             uniq = uuid.uuid4().hex.encode() if background else b""
         else:
-            uniq = _to_bytes(unique, "unique")
+            uniq = to_bytes(unique, "unique")
             if len(uniq) > 64 or b"\0" in uniq:
                 raise ValueError("unique must be at most 64 bytes, without NUL")
         key = None
@@ -906,7 +896,7 @@ class Client:
             print(client.status(job.handle, job.server))
             # JobStatus(known=True, running=True, numerator=3, denominator=10, ...)
         """
-        handle_bytes = _to_bytes(handle, "handle")
+        handle_bytes = to_bytes(handle, "handle")
         if len(handle_bytes) > 63:
             raise ValueError("job handles are at most 63 bytes")
         if server is None:
@@ -927,7 +917,7 @@ class Client:
             if status.known and not status.running:
                 print("queued,", status.waiting, "clients waiting")
         """
-        uniq = _to_bytes(unique, "unique")
+        uniq = to_bytes(unique, "unique")
         if len(uniq) > 64:
             raise ValueError("unique must be at most 64 bytes")
 

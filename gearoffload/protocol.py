@@ -34,6 +34,7 @@ __all__ = [
     "encode",
     "encode_request",
     "encode_response",
+    "to_bytes",
     "ProtocolError",
 ]
 
@@ -122,6 +123,21 @@ class Packet(NamedTuple):
     @property
     def name(self) -> str:
         return PacketType(self.type).name
+
+
+def to_bytes(value: bytes | str | bytearray | memoryview, what: str) -> bytes:
+    """``value`` as a packet field: bytes as they are, ``str`` as UTF-8.
+
+    >>> to_bytes("grüß", "data")
+    b'gr\\xc3\\xbc\\xc3\\x9f'
+    """
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"{what} must be bytes or str, not {type(value).__name__}")
 
 
 def encode(magic: bytes, ptype: int, args: tuple[bytes, ...] | list[bytes] = ()) -> bytes:

@@ -42,7 +42,7 @@ from gevent.queue import Queue, SimpleQueue
 
 from .connection import Address, Connection, format_address, parse_servers
 from .errors import JobFailed
-from .protocol import Packet
+from .protocol import Packet, to_bytes
 from .protocol import PacketType as T
 from .registry import Task, TaskFunction, TaskRegistry
 from .tls import TlsOption, client_context
@@ -75,16 +75,8 @@ def _job_fields(job: WorkerJob, event: str) -> dict[str, object]:
 
 
 def _as_bytes(value: Any) -> bytes:
-    if value is None:
-        return b""
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    raise TypeError(f"a task must return bytes, str or None, not {type(value).__name__}")
-
+    """A task's result (or data it sends): bytes, str (UTF-8) or None (empty)."""
+    return b"" if value is None else to_bytes(value, "a task's result")
 
 
 class _Runners:
