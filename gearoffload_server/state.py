@@ -845,14 +845,19 @@ class JobServerState:
             # Cancelled, or its clients left while it ran: nobody wants a rerun.
             self._remove(job)
             return
+        self._unassign(job)
+        job.numerator = job.denominator = 0
+        self._enqueue(job)
+
+    @staticmethod
+    def _unassign(job: Job) -> None:
+        """Take a running job back from its worker (its timeout timer too)."""
         del job.worker.jobs[job.handle]
         job.worker = None
         if job.timer is not None:
             job.timer.cancel()
             job.timer = None
-        func.running -= 1
-        job.numerator = job.denominator = 0
-        self._enqueue(job)
+        job.function.running -= 1
 
     # -- results (§3.4, §3.10) --------------------------------------------------------------
 
@@ -1048,12 +1053,7 @@ class JobServerState:
         (``--retry-backoff`` seconds, doubled per failure), or once ``--retry-failed``
         retries are used up, move it to the dead letters (``show dead jobs``)."""
         func = job.function
-        del job.worker.jobs[job.handle]
-        job.worker = None
-        if job.timer is not None:
-            job.timer.cancel()
-            job.timer = None
-        func.running -= 1
+        self._unassign(job)
         for client in job.clients:
             client.waiting -= client.attached.pop(job, 0)
         job.clients = []
