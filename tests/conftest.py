@@ -55,6 +55,17 @@ def need_module(name: str):
         name, reason=f"{name} not installed (pip install -e '.[test,flask]')")
 
 
+def poll_until(predicate, timeout: float = 5.0) -> bool:
+    """Poll ``predicate`` on gevent (other greenlets run meanwhile) until it is true;
+    False after ``timeout`` seconds (use it as ``assert poll_until(...)``)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        gevent.sleep(0.02)
+    return True
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

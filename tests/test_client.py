@@ -17,7 +17,7 @@ import gevent.subprocess
 import pytest
 from gevent.event import Event
 
-from conftest import ServerProcess, free_port, gevent_time_limit, need_tool, working
+from conftest import ServerProcess, free_port, gevent_time_limit, need_tool, poll_until, working
 from gearoffload import Client, Worker
 from gearoffload.errors import (
     GearmanError,
@@ -468,21 +468,12 @@ def test_connection_drop_resubmits_into_the_same_server(our_server):
         link = client._links[0]
         old_conn = link.conn
         old_conn._sock.shutdown(socket.SHUT_RDWR)  # simulate a network drop
-        assert wait_for(lambda: link.conn not in (None, old_conn) and job.handle is not None)
+        assert poll_until(lambda: link.conn not in (None, old_conn) and job.handle is not None)
         with running_worker(our_server.address,
                             later=lambda j: executions.append(j.unique) or b"done"):
             assert job.result(10) == b"done"
             gevent.sleep(0.2)
     assert executions == ["dropped"]
-
-
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        gevent.sleep(0.02)
-    return True
 
 
 @pytest.mark.parametrize("kind", ["gearoffload", "gearmand"])

@@ -16,7 +16,7 @@ import gevent.subprocess
 import pytest
 
 import gearoffload
-from conftest import ROOT, free_port, gevent_time_limit, need_module
+from conftest import ROOT, free_port, gevent_time_limit, need_module, working
 from gearoffload import Worker, offloading
 from gearoffload.errors import JobException, NoServersAvailable
 from gearoffload.registry import TaskRegistry
@@ -39,13 +39,8 @@ def reset_config() -> Iterator[None]:
 
 @contextmanager
 def serving(address: str, concurrency: int = 20) -> Iterator[Worker]:
-    worker = Worker(address, concurrency=concurrency, registry=TASKS)
-    greenlet = gevent.spawn(worker.work)
-    try:
+    with working(Worker(address, concurrency=concurrency, registry=TASKS)) as worker:
         yield worker
-    finally:
-        worker.stop(graceful=False)
-        greenlet.join(5)
 
 
 @gearoffload.offload(registry=TASKS)

@@ -27,15 +27,6 @@ TEST_TIME_LIMIT = 40
 time_limit = gevent_time_limit(TEST_TIME_LIMIT)
 
 
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        gevent.sleep(0.02)
-    return True
-
-
 def test_task_sees_the_job(server):
     seen = {}
     worker = Worker(server.address, client_id="test worker")
