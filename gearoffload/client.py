@@ -498,7 +498,8 @@ class Job:
         jobs, which have no result: poll ``status()``).
 
         Raises ``JobFailed``, ``JobException`` (the worker raised), ``JobTimeout`` (after
-        ``timeout`` seconds, default: the client's timeout), or ``NoServersAvailable``.
+        ``timeout`` seconds, default: the client's timeout), or ``NoServersAvailable``
+        (no server accepted the job; one lost after it was accepted is ``JobFailed``).
         """
         if timeout is None:
             timeout = self._client.timeout
@@ -851,6 +852,15 @@ class Client:
                      sub.unique.decode("utf-8", "replace"))
             try:
                 self._route(sub, deadline)
+            except NoServersAvailable as exc:
+                if sub.losses:
+                    # It was accepted (and may have run) before its server went: a failed
+                    # job. NoServersAvailable means no server ever took it, so a caller
+                    # may run it elsewhere (the web layer's local fallback).
+                    sub.finish(exc=JobFailed(f"job lost with its server; no server to "
+                                             f"resubmit it to ({exc})"))
+                else:
+                    sub.finish(exc=exc)
             except GearmanError as exc:
                 sub.finish(exc=exc)
 

@@ -35,7 +35,8 @@ class GearmanError(Exception):
 
 class JobFailed(GearmanError):
     """The job failed: the worker sent WORK_FAIL (or raised ``JobFailed`` itself), or the
-    job was lost with its server more than once.
+    job was lost with its server more than once, or once with no server to resubmit it to
+    (it may have run: unlike ``NoServersAvailable``, it was accepted).
 
     ``handle`` is the job handle when known. A task may ``raise JobFailed("why")`` to fail
     its job without exception text (the client then sees WORK_FAIL).

@@ -288,9 +288,9 @@ class OffloadedView:
                       request.method, request.path, job.handle, job.server, self.name,
                       exc.text)
             raise
-        except (JobFailed, NoServersAvailable) as exc:
-            if isinstance(exc, NoServersAvailable) and job.handle is None:
-                return self._unreachable(exc, fallback, view_args)  # never accepted
+        except NoServersAvailable as exc:  # no server took the job, as at submit()
+            return self._unreachable(exc, fallback, view_args)
+        except JobFailed as exc:
             log.error("%s %s: job %s on %s (%s) failed: %s", request.method, request.path,
                       job.handle, job.server, self.name, exc)
             raise BadGateway("The worker failed.") from None

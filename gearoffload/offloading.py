@@ -367,15 +367,11 @@ class OffloadedFunction:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         timeout = self.timeout if self.timeout is not None else get_config().timeout
-        job = None
         try:
             # wait=False: one wait, for the result (Client.call), not one per reply.
-            job = self._submit(args, kwargs, wait=False)
-            return job.result(timeout=timeout)
-        except NoServersAvailable as exc:
-            # Only a call no server accepted may run here: an accepted one may have run.
-            accepted = job is not None and job.job.handle is not None
-            if not accepted and (self.fallback or get_config().fallback) == "local":
+            return self._submit(args, kwargs, wait=False).result(timeout=timeout)
+        except NoServersAvailable as exc:  # no server took the call (one that did: JobFailed)
+            if (self.fallback or get_config().fallback) == "local":
                 log.warning("%s: no job server reachable (%s); running locally", self.name, exc)
                 return self.fn(*args, **kwargs)
             raise

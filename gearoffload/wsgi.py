@@ -304,9 +304,9 @@ class OffloadMiddleware:
                       environ.get("REQUEST_METHOD"), path, job.handle, job.server, exc.text)
             return _plain(start_response, "500 Internal Server Error",
                           "Internal Server Error")
-        except (JobFailed, NoServersAvailable) as exc:
-            if isinstance(exc, NoServersAvailable) and job.handle is None:
-                return self._unreachable(exc, environ, start_response, body)  # not accepted
+        except NoServersAvailable as exc:  # no server took the job, as at submit()
+            return self._unreachable(exc, environ, start_response, body)
+        except JobFailed as exc:
             log.error("%s %s: job %s on %s failed: %s", environ.get("REQUEST_METHOD"), path,
                       job.handle, job.server, exc)
             return _plain(start_response, "502 Bad Gateway", "The worker failed.")

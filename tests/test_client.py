@@ -27,6 +27,7 @@ from gearoffload.errors import (
     NoServersAvailable,
     ServerError,
 )
+from gearoffload.protocol import PacketType as T
 
 TEST_TIME_LIMIT = 40
 
@@ -512,3 +513,23 @@ def test_interop_results_from_gearman_cli_workers(server):
         for proc in workers:
             proc.kill()
             proc.wait(5)
+
+
+def test_an_accepted_job_lost_with_no_server_left_is_a_failure_not_unreachable(
+        server_factory):
+    """NoServersAvailable means no server accepted the job, so callers may run it
+    elsewhere; a job accepted (and maybe run) before its only server died is JobFailed."""
+    server = server_factory("gearoffload")
+    with Client(server.address, timeout=10, connect_timeout=0.5) as client, \
+            server.connect() as holder:
+        holder.send(T.CAN_DO, b"held")
+        job = client.submit("held", b"x")
+        holder.send(T.GRAB_JOB)
+        holder.expect(T.JOB_ASSIGN)  # running: it may have had effects already
+        server.stop(signal.SIGKILL)
+        with pytest.raises(JobFailed) as failed:
+            job.result(10)
+        assert not isinstance(failed.value, NoServersAvailable)
+        assert "no server to resubmit it to" in str(failed.value)
+        with pytest.raises(NoServersAvailable):  # never accepted anywhere
+            client.call("held", b"y", timeout=5)
