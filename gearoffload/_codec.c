@@ -267,7 +267,8 @@ Decoder_init(DecoderObject *self, PyObject *args, PyObject *kwargs)
 static int
 Decoder_traverse(DecoderObject *self, visitproc visit, void *arg)
 {
-    Py_VISIT(Py_TYPE(self)); /* heap subclasses */
+    /* No Py_VISIT(Py_TYPE(self)): the type is static, and subtype_traverse visits a heap
+     * subclass itself (visiting it here too would undercount its references). */
     Py_VISIT(self->max_packet_size);
     Py_VISIT(self->max_line_size);
     Py_VISIT(self->text);
@@ -278,23 +279,25 @@ Decoder_traverse(DecoderObject *self, visitproc visit, void *arg)
 static int
 Decoder_clear(DecoderObject *self)
 {
-    Py_CLEAR(self->max_packet_size);
-    Py_CLEAR(self->max_line_size);
-    Py_CLEAR(self->text);
-    Py_CLEAR(self->magic);
+    /* None rather than NULL: a finalizer of the same cycle may still read them. */
+    Py_XSETREF(self->max_packet_size, Py_NewRef(Py_None));
+    Py_XSETREF(self->max_line_size, Py_NewRef(Py_None));
+    Py_XSETREF(self->text, Py_NewRef(Py_None));
+    Py_XSETREF(self->magic, Py_NewRef(Py_None));
     return 0;
 }
 
 static void
 Decoder_dealloc(DecoderObject *self)
 {
-    PyTypeObject *tp = Py_TYPE(self);
+    /* A heap subclass's type reference is dropped by subtype_dealloc, not here. */
     PyObject_GC_UnTrack(self);
-    Decoder_clear(self);
+    Py_CLEAR(self->max_packet_size);
+    Py_CLEAR(self->max_line_size);
+    Py_CLEAR(self->text);
+    Py_CLEAR(self->magic);
     PyMem_Free(self->buf);
-    tp->tp_free((PyObject *)self);
-    if (tp->tp_flags & Py_TPFLAGS_HEAPTYPE)
-        Py_DECREF(tp);
+    Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 /* Room for `extra` more pending bytes. */
@@ -812,11 +815,23 @@ codec_encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject
         items = NULL;
     }
     else {
-        seq = PySequence_Fast(a[2], "args must be a tuple or list of bytes");
-        if (seq == NULL)
+        /* A tuple, so that nothing run while taking a field's buffer can resize the
+         * sequence under `items` (a list is copied; the common case is a tuple). */
+        if (PyTuple_CheckExact(a[2])) {
+            seq = Py_NewRef(a[2]);
+        }
+        else if (PyList_Check(a[2]) || PyTuple_Check(a[2]) || PySequence_Check(a[2])) {
+            seq = PySequence_Tuple(a[2]);
+            if (seq == NULL)
+                return NULL;
+        }
+        else {
+            PyErr_Format(PyExc_TypeError, "args must be a tuple or list of bytes, not %.100s",
+                         Py_TYPE(a[2])->tp_name);
             return NULL;
-        nfields = PySequence_Fast_GET_SIZE(seq);
-        items = PySequence_Fast_ITEMS(seq);
+        }
+        nfields = PyTuple_GET_SIZE(seq);
+        items = &PyTuple_GET_ITEM(seq, 0);
     }
     if (nfields > STACK_FIELDS) {
         views = PyMem_New(Py_buffer, nfields);

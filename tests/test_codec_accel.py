@@ -402,3 +402,22 @@ def test_no_leak_over_many_calls():
     finally:
         tracemalloc.stop()
     assert grown < 64 * 1024, f"{grown} bytes retained after 3000 rounds"
+
+
+@needs_c
+def test_subclass_and_cycles_are_collected():
+    """A Python subclass (heap type over the static C type) and a decoder in a reference
+    cycle: created and collected many times without a crash or a leak of the type."""
+
+    class Sub(C.Decoder):
+        def __init__(self, **options) -> None:
+            super().__init__(**options)
+            self.extra = self  # a cycle through the instance dict
+
+    for _ in range(2000):
+        d = Sub(max_line_size=20)
+        d.text = [d]  # a cycle through a decoder attribute (truthy: text stays on)
+        assert list(d.feed(b"abc\n" + py_encode(REQ, 6))) == [b"abc", Packet(REQ, 6, ())]
+    del d
+    gc.collect()
+    assert isinstance(Sub(), C.Decoder) and Sub().buffered == 0
