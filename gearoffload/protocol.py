@@ -4,6 +4,10 @@ Pure: bytes in, packets (and text admin lines) out. No sockets, no gevent, no lo
 so the server, the client and the worker all share it, and it can be tested and fuzzed
 on its own. See ``shared/PROTOCOL.md`` §1–§2.
 
+``Decoder`` and ``encode`` are the C accelerator ``gearoffload._codec`` when it is built
+(``ACCELERATED``), else the pure-Python ``PyDecoder`` and ``py_encode``, which stay the
+reference it must match exactly. ``GEAROFFLOAD_PURE_PYTHON=1`` forces the pure ones.
+
 Example::
 
     >>> from gearoffload.protocol import Decoder, PacketType, encode_request
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 from collections.abc import Callable, Iterator
 from enum import IntEnum
 from typing import NamedTuple
@@ -346,18 +351,23 @@ def _load_accelerator() -> tuple[type, Callable[..., bytes]] | None:
         from . import _codec
     except ImportError:
         return None
-    _codec.bind(
-        packet=Packet,
-        protocol_error=ProtocolError,
-        field_counts=FIELD_COUNTS,
-        names=(None, *(PacketType(t).name for t in range(1, MAX_TYPE + 1))),
-        items_then_raise=_items_then_raise,
-        struct_error=struct.error,
-        req=REQ,
-        res=RES,
-        max_packet_size=DEFAULT_MAX_PACKET_SIZE,
-        max_line_size=MAX_LINE_SIZE,
-    )
+    try:
+        _codec.bind(
+            packet=Packet,
+            protocol_error=ProtocolError,
+            field_counts=FIELD_COUNTS,
+            names=(None, *(PacketType(t).name for t in range(1, MAX_TYPE + 1))),
+            items_then_raise=_items_then_raise,
+            struct_error=struct.error,
+            req=REQ,
+            res=RES,
+            max_packet_size=DEFAULT_MAX_PACKET_SIZE,
+            max_line_size=MAX_LINE_SIZE,
+        )
+    except (TypeError, ValueError) as exc:
+        # A stale build from another version of this module: run, but say why it is slow.
+        warnings.warn(f"gearoffload._codec not used: {exc}", RuntimeWarning, stacklevel=2)
+        return None
     return _codec.Decoder, _codec.encode
 
 
