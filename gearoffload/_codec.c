@@ -769,8 +769,8 @@ codec_encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject
     static const char *const names[] = {"magic", "ptype", "args"};
     PyObject *a[3], *seq = NULL, *result = NULL, **items;
     Py_buffer stack_views[STACK_FIELDS], *views = stack_views;
-    const char *magic;
-    Py_ssize_t magic_len, nfields, i, acquired = 0;
+    char magic[4];
+    Py_ssize_t nfields, i, acquired = 0;
     unsigned long long total = 0;
     long long ptype;
     int overflow = 0;
@@ -779,13 +779,15 @@ codec_encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject
 
     if (fast_args("encode", args, nargs, kwnames, names, 3, 2, a) < 0)
         return NULL;
-    if (PyBytes_Check(a[0])) {
-        magic = PyBytes_AS_STRING(a[0]);
-        magic_len = PyBytes_GET_SIZE(a[0]);
-    }
-    else if (PyByteArray_Check(a[0])) {
-        magic = PyByteArray_AS_STRING(a[0]);
-        magic_len = PyByteArray_GET_SIZE(a[0]);
+    /* Copied at once: taking a field's buffer below may run code that resizes a
+     * bytearray magic. struct's "4s": shorter magic is NUL-padded, longer is cut. */
+    if (PyBytes_Check(a[0]) || PyByteArray_Check(a[0])) {
+        const char *src = PyBytes_Check(a[0]) ? PyBytes_AS_STRING(a[0])
+                                              : PyByteArray_AS_STRING(a[0]);
+        Py_ssize_t len = PyBytes_Check(a[0]) ? PyBytes_GET_SIZE(a[0])
+                                             : PyByteArray_GET_SIZE(a[0]);
+        memset(magic, 0, sizeof magic);
+        memcpy(magic, src, (size_t)(len < 4 ? len : 4));
     }
     else {
         PyErr_Format(PyExc_TypeError, "magic must be bytes, not %.100s",
@@ -865,9 +867,7 @@ codec_encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject
     if (result == NULL)
         goto done;
     out = (unsigned char *)PyBytes_AS_STRING(result);
-    /* struct's "4s": shorter magic is NUL-padded, longer is cut. */
-    memset(out, 0, 4);
-    memcpy(out, magic, (size_t)(magic_len < 4 ? magic_len : 4));
+    memcpy(out, magic, 4);
     out[4] = (unsigned char)(ptype >> 24);
     out[5] = (unsigned char)(ptype >> 16);
     out[6] = (unsigned char)(ptype >> 8);
