@@ -9,7 +9,7 @@ STRESS_SECONDS ?= 30
 
 .PHONY: test demo bench lint clean fuzz stress
 
-$(STAMP): setup.cfg setup.py pyproject.toml
+$(STAMP): setup.cfg setup.py pyproject.toml gearoffload/_codec.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test,flask]'
 	touch $(STAMP)
@@ -37,3 +37,4 @@ stress: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -f gearoffload/_codec.*.so

@@ -4,6 +4,10 @@ The first byte picks the decoder options and split points; the rest is the strea
 stream is decoded whole and in pieces, and both must give the same items, the same
 error (code, in_sync) and stop at the same position. Any other exception is a bug.
 
+When the C codec (``gearoffload._codec``) is active, the pure-Python reference
+(``PyDecoder``) decodes the same chunks too, and both must agree exactly: same items,
+same error message, code and in_sync, same tail left buffered.
+
     .venv/bin/python fuzz/fuzz_decoder.py -max_total_time=60       # atheris if installed
     .venv/bin/python fuzz/fuzz_decoder.py --plain -max_total_time=60
 """
@@ -16,9 +20,27 @@ from _common import atheris, main
 
 if atheris is not None:
     with atheris.instrument_imports():
-        from gearoffload.protocol import REQ, RES, Decoder, PacketType, ProtocolError, encode
+        from gearoffload.protocol import (
+            ACCELERATED,
+            REQ,
+            RES,
+            Decoder,
+            PacketType,
+            ProtocolError,
+            PyDecoder,
+            encode,
+        )
 else:
-    from gearoffload.protocol import REQ, RES, Decoder, PacketType, ProtocolError, encode
+    from gearoffload.protocol import (
+        ACCELERATED,
+        REQ,
+        RES,
+        Decoder,
+        PacketType,
+        ProtocolError,
+        PyDecoder,
+        encode,
+    )
 
 OPTIONS = [
     {},
@@ -29,15 +51,15 @@ OPTIONS = [
 ]
 
 
-def _run(options: dict, chunks: list[bytes]):
-    decoder = Decoder(**options)
+def _run(options: dict, chunks: list[bytes], decoder_class: type = Decoder):
+    decoder = decoder_class(**options)
     out, fed = [], 0
     for chunk in chunks:
         fed += len(chunk)
         try:
             out.extend(decoder.feed(chunk))
         except ProtocolError as exc:
-            return out, (exc.code, exc.in_sync), fed - decoder.buffered
+            return out, (exc.code, exc.in_sync, str(exc)), fed - decoder.buffered
     return out, None, fed - decoder.buffered
 
 
@@ -47,10 +69,18 @@ def test_one_input(data: bytes) -> None:
     control, stream = data[0], data[1:]
     options = OPTIONS[control % len(OPTIONS)]
     step = (control >> 3) + 1  # 1..32
+    chunks = [stream[i:i + step] for i in range(0, len(stream), step)]
     whole = _run(options, [stream])
-    split = _run(options, [stream[i:i + step] for i in range(0, len(stream), step)])
-    if split != whole:
+    split = _run(options, chunks)
+    # Whole against split compares code and in_sync, as before; C against Python all.
+    if (split[0], split[2], split[1] and split[1][:2]) != (
+            whole[0], whole[2], whole[1] and whole[1][:2]):
         raise AssertionError(f"split by {step} differs: {split!r} != {whole!r}")
+    if ACCELERATED:
+        for c_result, py_chunks in ((whole, [stream]), (split, chunks)):
+            py_result = _run(options, py_chunks, PyDecoder)
+            if c_result != py_result:
+                raise AssertionError(f"C != Python: {c_result!r} != {py_result!r}")
 
 
 SEEDS = [

@@ -4,6 +4,10 @@ Pure: bytes in, packets (and text admin lines) out. No sockets, no gevent, no lo
 so the server, the client and the worker all share it, and it can be tested and fuzzed
 on its own. See ``shared/PROTOCOL.md`` §1–§2.
 
+``Decoder`` and ``encode`` are the C accelerator ``gearoffload._codec`` when it is built
+(``ACCELERATED``), else the pure-Python ``PyDecoder`` and ``py_encode``, which stay the
+reference it must match exactly. ``GEAROFFLOAD_PURE_PYTHON=1`` forces the pure ones.
+
 Example::
 
     >>> from gearoffload.protocol import Decoder, PacketType, encode_request
@@ -14,7 +18,9 @@ Example::
 
 from __future__ import annotations
 
+import os
 import struct
+import warnings
 from collections.abc import Callable, Iterator
 from enum import IntEnum
 from typing import NamedTuple
@@ -31,7 +37,10 @@ __all__ = [
     "FIELD_COUNTS",
     "Packet",
     "Decoder",
+    "PyDecoder",
     "encode",
+    "py_encode",
+    "ACCELERATED",
     "encode_request",
     "encode_response",
     "to_bytes",
@@ -140,20 +149,13 @@ def to_bytes(value: bytes | str | bytearray | memoryview, what: str) -> bytes:
     raise TypeError(f"{what} must be bytes or str, not {type(value).__name__}")
 
 
-def encode(magic: bytes, ptype: int, args: tuple[bytes, ...] | list[bytes] = ()) -> bytes:
-    """Encode one packet. Fields are joined by NUL; only the last one may contain NULs."""
+def py_encode(magic: bytes, ptype: int, args: tuple[bytes, ...] | list[bytes] = ()) -> bytes:
+    """Encode one packet. Fields are joined by NUL; only the last one may contain NULs.
+
+    The pure-Python reference of ``encode`` (which is the C one when it is built).
+    """
     payload = b"\0".join(args) if len(args) != 1 else args[0]
     return HEADER.pack(magic, ptype, len(payload)) + payload
-
-
-def encode_request(ptype: int, *args: bytes) -> bytes:
-    """Encode a packet sent to a server (``\\0REQ``)."""
-    return encode(REQ, ptype, args)
-
-
-def encode_response(ptype: int, *args: bytes) -> bytes:
-    """Encode a packet sent by a server (``\\0RES``)."""
-    return encode(RES, ptype, args)
 
 
 def split_payload(ptype: int, payload: bytes) -> tuple[bytes, ...]:
@@ -177,8 +179,11 @@ def split_payload(ptype: int, payload: bytes) -> tuple[bytes, ...]:
     return tuple(args)
 
 
-class Decoder:
+class PyDecoder:
     """Incremental decoder: feed it arbitrary chunks, iterate what is complete.
+
+    The pure-Python reference of ``Decoder`` (which is the C one when it is built): the
+    C decoder must behave exactly like this one, item for item and error for error.
 
     Yields ``Packet`` for binary packets and ``bytes`` (the line without ``\\r\\n``) for
     text admin lines when ``text`` is true. Partial packets and lines are kept until the
@@ -191,7 +196,7 @@ class Decoder:
 
     Example::
 
-        >>> d = Decoder()
+        >>> d = PyDecoder()
         >>> wire = encode_request(PacketType.ECHO_REQ, b"hi")
         >>> list(d.feed(wire[:5])), list(d.feed(wire[5:]))
         ([], [Packet(magic=b'\\x00REQ', type=16, args=(b'hi',))])
@@ -218,7 +223,7 @@ class Decoder:
         """How many bytes are waiting for the rest of a packet or line."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> Iterator[Packet | bytes]:
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Packet | bytes]:
         """Add ``data``; return an iterator over every complete packet or line now available.
 
         The data is decoded at once; a malformed item makes the iterator raise
@@ -232,7 +237,7 @@ class Decoder:
             return _items_then_raise(items, exc)
         return iter(items)
 
-    def dispatch(self, data: bytes, on_packet: Callable[[Packet], object],
+    def dispatch(self, data: bytes | bytearray | memoryview, on_packet: Callable[[Packet], object],
                  on_line: Callable[[bytes], object]) -> None:
         """Add ``data`` and call ``on_packet(packet)`` or ``on_line(line)`` for every
         complete item, in stream order. A malformed item raises ``ProtocolError`` once the
@@ -243,8 +248,9 @@ class Decoder:
             buf: bytes | bytearray = self._buf
         else:
             # Common case: nothing pending, so slice the caller's bytes directly (one copy
-            # per payload instead of two) and keep only an incomplete tail.
-            buf = data
+            # per payload instead of two) and keep only an incomplete tail. Other buffers
+            # (memoryview has no find()) are copied once.
+            buf = data if type(data) is bytes or type(data) is bytearray else bytes(data)
         pos = 0
         end = len(buf)
         is_bytes = type(buf) is bytes
@@ -324,3 +330,53 @@ class Decoder:
 def _items_then_raise(items: list[Packet | bytes], exc: ProtocolError) -> Iterator[Packet | bytes]:
     yield from items
     raise exc
+
+
+def encode_request(ptype: int, *args: bytes) -> bytes:
+    """Encode a packet sent to a server (``\\0REQ``)."""
+    return encode(REQ, ptype, args)
+
+
+def encode_response(ptype: int, *args: bytes) -> bytes:
+    """Encode a packet sent by a server (``\\0RES``)."""
+    return encode(RES, ptype, args)
+
+
+def _load_accelerator() -> tuple[type, Callable[..., bytes]] | None:
+    """The C ``Decoder`` and ``encode`` bound to this module's objects, or None when the
+    extension is not built or ``GEAROFFLOAD_PURE_PYTHON=1`` asks for the reference."""
+    if os.environ.get("GEAROFFLOAD_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from . import _codec
+    except ImportError:
+        return None
+    try:
+        _codec.bind(
+            packet=Packet,
+            protocol_error=ProtocolError,
+            field_counts=FIELD_COUNTS,
+            names=(None, *(PacketType(t).name for t in range(1, MAX_TYPE + 1))),
+            items_then_raise=_items_then_raise,
+            struct_error=struct.error,
+            req=REQ,
+            res=RES,
+            max_packet_size=DEFAULT_MAX_PACKET_SIZE,
+            max_line_size=MAX_LINE_SIZE,
+        )
+    except (TypeError, ValueError) as exc:
+        # A stale build from another version of this module: run, but say why it is slow.
+        warnings.warn(f"gearoffload._codec not used: {exc}", RuntimeWarning, stacklevel=2)
+        return None
+    return _codec.Decoder, _codec.encode
+
+
+_accelerator = _load_accelerator()
+#: Whether ``Decoder`` and ``encode`` are the C accelerator (``gearoffload._codec``).
+ACCELERATED: bool = _accelerator is not None
+Decoder: type[PyDecoder]
+encode: Callable[..., bytes]
+if _accelerator is not None:
+    Decoder, encode = _accelerator  # type: ignore[assignment]
+else:
+    Decoder, encode = PyDecoder, py_encode

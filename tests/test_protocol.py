@@ -1,4 +1,8 @@
-"""The pure codec: field counts, encode, and the incremental decoder's framing rules."""
+"""The codec: field counts, encode, and the incremental decoder's framing rules.
+
+Every codec test runs on both implementations: the pure-Python reference and the C
+accelerator (``codec_impls.IMPLS``).
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,15 @@ import random
 import struct
 
 import pytest
+from codec_impls import IMPLS, Impl
 
 from gearoffload.errors import ProtocolError
 from gearoffload.protocol import (
     FIELD_COUNTS,
     REQ,
     RES,
-    Decoder,
     Packet,
     PacketType,
-    encode,
-    encode_request,
-    encode_response,
 )
 
 T = PacketType
@@ -45,56 +46,62 @@ def test_every_type_1_to_42_has_its_field_count():
     assert [int(t) for t in PacketType] == list(range(1, 43))
 
 
-def test_worked_example_bytes():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_worked_example_bytes(impl: Impl):
     # PROTOCOL.md §9, byte for byte.
-    assert encode_request(T.CAN_DO, b"upper") == bytes.fromhex(
+    assert impl.request(T.CAN_DO, b"upper") == bytes.fromhex(
         "0052455100000001000000057570706572")
-    assert encode_request(T.SUBMIT_JOB, b"upper", b"", b"abc") == bytes.fromhex(
+    assert impl.request(T.SUBMIT_JOB, b"upper", b"", b"abc") == bytes.fromhex(
         "00524551000000070000000a7570706572000061626 3".replace(" ", ""))
-    assert encode_response(T.JOB_ASSIGN, b"H:box:1", b"upper", b"abc") == bytes.fromhex(
+    assert impl.response(T.JOB_ASSIGN, b"H:box:1", b"upper", b"abc") == bytes.fromhex(
         "005245530000000b00000011483a626f783a310075707065720061626 3".replace(" ", ""))
-    assert encode_response(T.NOOP) == bytes.fromhex("005245530000000600000000")
+    assert impl.response(T.NOOP) == bytes.fromhex("005245530000000600000000")
 
 
 @pytest.mark.parametrize("ptype", range(1, 43))
-def test_roundtrip_every_type(ptype):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_roundtrip_every_type(impl: Impl, ptype):
     count = FIELD_COUNTS[ptype]
     args = tuple(b"f%d" % i for i in range(count - 1)) + ((b"last\0with\0nuls",) if count else ())
-    wire = encode(REQ, ptype, args)
-    assert list(Decoder().feed(wire)) == [Packet(REQ, ptype, args)]
+    wire = impl.encode(REQ, ptype, args)
+    assert list(impl.Decoder().feed(wire)) == [Packet(REQ, ptype, args)]
 
 
-def test_last_field_keeps_nuls_and_may_be_empty():
-    wire = encode_request(T.WORK_COMPLETE, b"H:x:1", b"a\0b\0\0")
-    assert list(Decoder().feed(wire))[0].args == (b"H:x:1", b"a\0b\0\0")
-    wire = encode_request(T.SUBMIT_JOB, b"f", b"", b"")
-    assert list(Decoder().feed(wire))[0].args == (b"f", b"", b"")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_last_field_keeps_nuls_and_may_be_empty(impl: Impl):
+    wire = impl.request(T.WORK_COMPLETE, b"H:x:1", b"a\0b\0\0")
+    assert list(impl.Decoder().feed(wire))[0].args == (b"H:x:1", b"a\0b\0\0")
+    wire = impl.request(T.SUBMIT_JOB, b"f", b"", b"")
+    assert list(impl.Decoder().feed(wire))[0].args == (b"f", b"", b"")
 
 
-def test_one_field_packet_is_whole_payload_with_nuls():
-    wire = encode_request(T.CAN_DO, b"fu\0nc")
-    assert list(Decoder().feed(wire))[0].args == (b"fu\0nc",)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_one_field_packet_is_whole_payload_with_nuls(impl: Impl):
+    wire = impl.request(T.CAN_DO, b"fu\0nc")
+    assert list(impl.Decoder().feed(wire))[0].args == (b"fu\0nc",)
 
 
-def test_zero_field_packet_with_stray_payload_stays_in_sync():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_field_packet_with_stray_payload_stays_in_sync(impl: Impl):
     stray = REQ + struct.pack(">II", T.GRAB_JOB, 3) + b"xyz"
-    wire = stray + encode_request(T.ECHO_REQ, b"next")
-    assert list(Decoder().feed(wire)) == [
+    wire = stray + impl.request(T.ECHO_REQ, b"next")
+    assert list(impl.Decoder().feed(wire)) == [
         Packet(REQ, T.GRAB_JOB, ()), Packet(REQ, T.ECHO_REQ, (b"next",))]
 
 
-def test_any_split_of_a_stream_gives_the_same_items():
-    wire = (encode_request(T.SUBMIT_JOB, b"f", b"u", b"x" * 300)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_any_split_of_a_stream_gives_the_same_items(impl: Impl):
+    wire = (impl.request(T.SUBMIT_JOB, b"f", b"u", b"x" * 300)
             + b"status\r\n"
-            + encode_request(T.GRAB_JOB_UNIQ)
+            + impl.request(T.GRAB_JOB_UNIQ)
             + b"workers\n"
-            + encode_request(T.WORK_COMPLETE, b"H:1", b"\0" * 10))
-    expected = list(Decoder().feed(wire))
+            + impl.request(T.WORK_COMPLETE, b"H:1", b"\0" * 10))
+    expected = list(impl.Decoder().feed(wire))
     assert len(expected) == 5 and expected[1] == b"status" and expected[3] == b"workers"
     rng = random.Random(7)
     for _ in range(200):
         cuts = sorted(rng.sample(range(1, len(wire)), rng.randint(1, 12)))
-        decoder = Decoder()
+        decoder = impl.Decoder()
         items = []
         for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True):
             items.extend(decoder.feed(wire[a:b]))
@@ -102,26 +109,29 @@ def test_any_split_of_a_stream_gives_the_same_items():
         assert decoder.buffered == 0
 
 
-def test_byte_by_byte_partial_packet_is_buffered():
-    wire = encode_request(T.ECHO_REQ, b"hello")
-    decoder = Decoder()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_byte_by_byte_partial_packet_is_buffered(impl: Impl):
+    wire = impl.request(T.ECHO_REQ, b"hello")
+    decoder = impl.Decoder()
     for i in range(len(wire) - 1):
         assert list(decoder.feed(wire[i:i + 1])) == []
     assert list(decoder.feed(wire[-1:])) == [Packet(REQ, T.ECHO_REQ, (b"hello",))]
 
 
-def test_feed_takes_data_even_if_not_iterated():
-    decoder = Decoder()
-    decoder.feed(encode_request(T.ECHO_REQ, b"a")[:7])
-    assert list(decoder.feed(encode_request(T.ECHO_REQ, b"a")[7:])) == [
+@pytest.mark.parametrize("impl", IMPLS)
+def test_feed_takes_data_even_if_not_iterated(impl: Impl):
+    decoder = impl.Decoder()
+    decoder.feed(impl.request(T.ECHO_REQ, b"a")[:7])
+    assert list(decoder.feed(impl.request(T.ECHO_REQ, b"a")[7:])) == [
         Packet(REQ, T.ECHO_REQ, (b"a",))]
 
 
-def test_text_line_endings():
-    assert list(Decoder().feed(b"status\r\nversion\nshow jobs\r\n")) == [
+@pytest.mark.parametrize("impl", IMPLS)
+def test_text_line_endings(impl: Impl):
+    assert list(impl.Decoder().feed(b"status\r\nversion\nshow jobs\r\n")) == [
         b"status", b"version", b"show jobs"]
     # A line without its newline waits for it.
-    decoder = Decoder()
+    decoder = impl.Decoder()
     assert list(decoder.feed(b"stat")) == []
     assert list(decoder.feed(b"us\n")) == [b"status"]
 
@@ -130,8 +140,9 @@ def test_text_line_endings():
     b"\0XYZ" + b"\0" * 8,
     b"\0RE",  # not yet decidable: no error, no packet
 ])
-def test_bad_magic(garbage):
-    decoder = Decoder()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_magic(impl: Impl, garbage):
+    decoder = impl.Decoder()
     if len(garbage) < 4:
         assert list(decoder.feed(garbage)) == []
         with pytest.raises(ProtocolError, match="bad magic"):
@@ -143,15 +154,17 @@ def test_bad_magic(garbage):
 
 
 @pytest.mark.parametrize("ptype", [0, 43, 0xFFFFFFFF])
-def test_unknown_type_is_an_error(ptype):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unknown_type_is_an_error(impl: Impl, ptype):
     with pytest.raises(ProtocolError, match="unknown packet type") as info:
-        list(Decoder().feed(REQ + struct.pack(">II", ptype, 0)))
+        list(impl.Decoder().feed(REQ + struct.pack(">II", ptype, 0)))
     assert info.value.code is None
 
 
-def test_missing_nuls_is_an_error_in_sync():
-    wire = REQ + struct.pack(">II", T.SUBMIT_JOB, 3) + b"abc" + encode_request(T.ECHO_REQ, b"x")
-    decoder = Decoder()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_missing_nuls_is_an_error_in_sync(impl: Impl):
+    wire = REQ + struct.pack(">II", T.SUBMIT_JOB, 3) + b"abc" + impl.request(T.ECHO_REQ, b"x")
+    decoder = impl.Decoder()
     items = decoder.feed(wire)
     with pytest.raises(ProtocolError, match="SUBMIT_JOB needs 3 fields") as info:
         next(items)
@@ -160,36 +173,40 @@ def test_missing_nuls_is_an_error_in_sync():
     assert list(decoder.feed(b"")) == [Packet(REQ, T.ECHO_REQ, (b"x",))]
 
 
-def test_packet_over_the_size_limit_is_rejected_from_its_header():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_packet_over_the_size_limit_is_rejected_from_its_header(impl: Impl):
     header = REQ + struct.pack(">II", T.SUBMIT_JOB, 0xFFFFFFFF)
     with pytest.raises(ProtocolError, match="exceeds the limit") as info:
-        list(Decoder(max_packet_size=1 << 20).feed(header))
+        list(impl.Decoder(max_packet_size=1 << 20).feed(header))
     assert info.value.code == "ARGUMENT_TOO_LARGE"
 
 
-def test_long_text_line_is_rejected_without_buffering_it_all():
-    decoder = Decoder()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_long_text_line_is_rejected_without_buffering_it_all(impl: Impl):
+    decoder = impl.Decoder()
     with pytest.raises(ProtocolError, match="text line longer") as info:
         list(decoder.feed(b"x" * 10000))
     assert info.value.code == "LINE_TOO_LONG"
-    assert list(Decoder().feed(b"x" * 8191 + b"\n")) == [b"x" * 8191]
+    assert list(impl.Decoder().feed(b"x" * 8191 + b"\n")) == [b"x" * 8191]
 
 
-def test_magic_restriction_and_binary_only():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_magic_restriction_and_binary_only(impl: Impl):
     with pytest.raises(ProtocolError, match="unexpected magic"):
-        list(Decoder(magic=RES).feed(encode_request(T.NOOP)))
+        list(impl.Decoder(magic=RES).feed(impl.request(T.NOOP)))
     with pytest.raises(ProtocolError, match="expected a binary packet"):
-        list(Decoder(text=False).feed(b"status\n"))
-    assert list(Decoder(magic=RES).feed(encode_response(T.NOOP))) == [Packet(RES, T.NOOP, ())]
+        list(impl.Decoder(text=False).feed(b"status\n"))
+    assert list(impl.Decoder(magic=RES).feed(impl.response(T.NOOP))) == [Packet(RES, T.NOOP, ())]
 
 
-def test_random_bytes_raise_only_protocol_error():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_random_bytes_raise_only_protocol_error(impl: Impl):
     rng = random.Random(1234)
     for _ in range(2000):
         data = bytes(rng.randrange(256) for _ in range(rng.randint(0, 64)))
         if rng.random() < 0.5:
             data = REQ + data
-        decoder = Decoder(max_packet_size=4096, max_line_size=64)
+        decoder = impl.Decoder(max_packet_size=4096, max_line_size=64)
         try:
             for item in decoder.feed(data):
                 assert isinstance(item, (Packet, bytes))

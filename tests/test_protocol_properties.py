@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis) of the wire codec and the admin-line parser.
 
 - every packet type round-trips through ``encode`` and ``Decoder``;
+- the codec properties hold for both implementations (pure Python and the C accelerator);
 - any byte stream, split at any points, gives packets/lines or a ``ProtocolError`` (never
   another exception), and the split never changes the result: same items, same error
   position, same tail left buffered;
@@ -9,6 +10,8 @@
 
 from __future__ import annotations
 
+import pytest
+from codec_impls import IMPLS, Impl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,11 +19,11 @@ from gearoffload.protocol import (
     FIELD_COUNTS,
     REQ,
     RES,
-    Decoder,
     Packet,
     PacketType,
     ProtocolError,
-    encode,
+    PyDecoder,
+    py_encode,
 )
 from gearoffload_server.admin import AdminProtocol, split_words
 from gearoffload_server.config import ServerConfig
@@ -59,7 +62,7 @@ def items(draw) -> tuple[Packet | bytes, bytes]:
     """One decodable item and its wire form."""
     if draw(st.booleans()):
         p = draw(packets())
-        return p, encode(p.magic, p.type, p.args)
+        return p, py_encode(p.magic, p.type, p.args)
     line = draw(LINES)
     return line, line + draw(st.sampled_from([b"\n", b"\r\n"]))
 
@@ -70,7 +73,7 @@ def cut(data: bytes, points: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
-def run(decoder: Decoder, chunks: list[bytes]):
+def run(decoder: PyDecoder, chunks: list[bytes]):
     """Feed ``chunks``; return (items, error or None, stream position reached).
 
     The position is where decoding stopped: the start of the bad packet after an error,
@@ -91,23 +94,25 @@ def run(decoder: Decoder, chunks: list[bytes]):
 
 @settings(max_examples=40, deadline=None)
 @given(st.data())
-def test_round_trip_every_type(data):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_round_trip_every_type(impl: Impl, data):
     for ptype in PacketType:  # each example covers all 42 types
         magic = data.draw(MAGICS)
         args = data.draw(packet_args(ptype))
-        wire = encode(magic, ptype, args)
+        wire = impl.encode(magic, ptype, args)
         assert len(wire) == 12 + sum(map(len, args)) + max(len(args) - 1, 0)
-        assert list(Decoder().feed(wire)) == [Packet(magic, int(ptype), args)]
-        assert list(Decoder(magic=magic, text=False).feed(wire)) == [
+        assert list(impl.Decoder().feed(wire)) == [Packet(magic, int(ptype), args)]
+        assert list(impl.Decoder(magic=magic, text=False).feed(wire)) == [
             Packet(magic, int(ptype), args)]
 
 
 @FAST
 @given(st.lists(items(), max_size=12), st.lists(st.integers(0, 10_000), max_size=12))
-def test_round_trip_stream_split_anywhere(seq, points):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_round_trip_stream_split_anywhere(impl: Impl, seq, points):
     wire = b"".join(w for _, w in seq)
     expected = [item for item, _ in seq]
-    got, error, pos = run(Decoder(), cut(wire, points))
+    got, error, pos = run(impl.Decoder(), cut(wire, points))
     assert error is None
     assert got == expected
     assert pos == len(wire)
@@ -115,9 +120,10 @@ def test_round_trip_stream_split_anywhere(seq, points):
 
 @FAST
 @given(st.lists(items(), max_size=6))
-def test_round_trip_byte_by_byte(seq):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_round_trip_byte_by_byte(impl: Impl, seq):
     wire = b"".join(w for _, w in seq)
-    got, error, _ = run(Decoder(), [wire[i:i + 1] for i in range(len(wire))])
+    got, error, _ = run(impl.Decoder(), [wire[i:i + 1] for i in range(len(wire))])
     assert error is None
     assert got == [item for item, _ in seq]
 
@@ -150,9 +156,10 @@ DECODERS = st.sampled_from([
 
 @MANY
 @given(STREAMS, st.lists(st.integers(0, 10_000), max_size=20), DECODERS)
-def test_any_stream_split_anywhere_same_result(stream, points, options):
-    whole = run(Decoder(**options), [stream])
-    split = run(Decoder(**options), cut(stream, points))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_any_stream_split_anywhere_same_result(impl: Impl, stream, points, options):
+    whole = run(impl.Decoder(**options), [stream])
+    split = run(impl.Decoder(**options), cut(stream, points))
     assert split[0] == whole[0]  # same items
     assert split[2] == whole[2]  # same error position (or same incomplete tail)
     assert (split[1] is None) == (whole[1] is None)
@@ -167,9 +174,10 @@ def test_any_stream_split_anywhere_same_result(stream, points, options):
 
 @FAST
 @given(STREAMS, DECODERS)
-def test_any_stream_byte_by_byte_same_result(stream, options):
-    whole = run(Decoder(**options), [stream])
-    single = run(Decoder(**options), [stream[i:i + 1] for i in range(len(stream))])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_any_stream_byte_by_byte_same_result(impl: Impl, stream, options):
+    whole = run(impl.Decoder(**options), [stream])
+    single = run(impl.Decoder(**options), [stream[i:i + 1] for i in range(len(stream))])
     assert single[0] == whole[0] and single[2] == whole[2]
     assert (single[1] is None) == (whole[1] is None)
 

@@ -1,0 +1,423 @@
+"""The C codec (``gearoffload._codec``) against the pure-Python reference.
+
+Differential: for any stream (valid packets of every type, text lines, garbage, bad
+magics, huge sizes, short headers), any decoder options, any chunking and any input type
+(bytes, bytearray, memoryview), both decoders give identical items, identical errors
+(type, message, code, in_sync) and leave identical tails buffered, also after an error
+or a callback raising, and ``encode`` gives identical bytes. Plus what only the C side
+has to get right: re-entrant calls, reference counting, the build itself.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import struct
+import tracemalloc
+
+import pytest
+from codec_impls import PY, C
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import IN_CI
+from gearoffload import protocol
+from gearoffload.protocol import (
+    DEFAULT_MAX_PACKET_SIZE,
+    FIELD_COUNTS,
+    MAX_LINE_SIZE,
+    REQ,
+    RES,
+    Packet,
+    PacketType,
+    ProtocolError,
+    py_encode,
+)
+
+needs_c = pytest.mark.skipif(C is None, reason="C codec not active")
+MANY = settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+
+# --- the build ------------------------------------------------------------------------
+
+
+def test_c_codec_is_built():
+    """CI must never run the suite on the pure codec alone without noticing."""
+    try:
+        importlib.import_module("gearoffload._codec")
+    except ImportError as exc:
+        if IN_CI:
+            pytest.fail(f"gearoffload._codec is not importable under CI: {exc}")
+        pytest.skip(f"gearoffload._codec not built: {exc}")
+    pure = os.environ.get("GEAROFFLOAD_PURE_PYTHON", "") not in ("", "0")
+    assert protocol.ACCELERATED is not pure
+
+
+def test_public_names_use_the_active_codec():
+    assert protocol.Decoder is (C or PY).Decoder
+    assert protocol.encode is (C or PY).encode
+    # encode_request/encode_response look ``encode`` up at call time: the fast one.
+    assert protocol.encode_request.__globals__["encode"] is protocol.encode
+    wire = protocol.encode_request(PacketType.SUBMIT_JOB, b"f", b"", b"x")
+    assert wire == py_encode(REQ, PacketType.SUBMIT_JOB, (b"f", b"", b"x"))
+    assert protocol.encode_response(PacketType.NOOP) == py_encode(RES, PacketType.NOOP)
+
+
+# --- streams --------------------------------------------------------------------------
+
+def _header(magic: bytes, ptype: int, size: int) -> bytes:
+    return magic + struct.pack(">II", ptype, size)
+
+
+@st.composite
+def packets(draw) -> bytes:
+    ptype = draw(st.integers(1, 42))
+    count = FIELD_COUNTS[ptype]
+    field = st.binary(max_size=12).map(lambda b: b.replace(b"\0", b""))
+    args = [draw(field) for _ in range(max(count - 1, 0))]
+    if count:
+        args.append(draw(st.binary(max_size=20)))
+    if count > 1 and draw(st.integers(0, 9)) == 0:
+        args = [b"".join(args)]  # too few NULs: INVALID_PACKET
+    if count == 0 and draw(st.booleans()):
+        args = [draw(st.binary(min_size=1, max_size=5))]  # a stray payload
+    return py_encode(draw(st.sampled_from([REQ, RES])), ptype, args)
+
+
+MAGICS = st.sampled_from([REQ, RES, b"\0REX", b"\0\0\0\0", b"REQ\0", b"\0RE\n", b"\0RESX"])
+FRAGMENTS = st.one_of(
+    packets(),
+    packets(),
+    st.binary(max_size=30),
+    st.builds(_header, MAGICS, st.sampled_from([0, 1, 7, 13, 42, 43, 0xFFFFFFFF]),
+              st.one_of(st.integers(0, 40), st.sampled_from([0x7FFFFFFF, 0xFFFFFFFF]))),
+    st.builds(lambda h, n: h[:n], packets(), st.integers(0, 11)),  # a short header
+    st.builds(lambda n, end: b"x" * n + end, st.integers(0, 40),
+              st.sampled_from([b"\n", b"\r\n", b"\r", b"\r\r\n", b""])),
+    st.sampled_from([b"\0", b"\r\n", b"\n", b"\r", b"\0R", b"\0RE", b"\0REQ", b"\0RES\0"]),
+)
+STREAMS = st.one_of(st.binary(max_size=200), st.lists(FRAGMENTS, max_size=12).map(b"".join))
+#: fuzz/fuzz_decoder.py's OPTIONS, and odd values the Python code also accepts.
+OPTIONS = st.sampled_from([
+    {},
+    {"max_packet_size": 32, "max_line_size": 16},
+    {"text": False},
+    {"magic": REQ, "max_line_size": 8},
+    {"magic": RES, "text": False, "max_packet_size": 0},
+    {"max_line_size": 0},
+    {"max_line_size": 1, "max_packet_size": 1},
+    {"max_line_size": -1},
+    {"max_line_size": -7},
+    {"max_packet_size": -1},
+    {"max_packet_size": 2**80, "max_line_size": 2**80},
+    {"magic": bytearray(RES)},
+    {"magic": b"nope"},
+    {"text": 0, "magic": memoryview(REQ)},
+])
+KINDS = st.sampled_from([bytes, bytearray, memoryview])
+
+
+def chunked(stream: bytes, points: list[int], kinds: list[type]) -> list:
+    bounds = sorted({p % (len(stream) + 1) for p in points} | {0, len(stream)})
+    pieces = [stream[a:b] for a, b in zip(bounds, bounds[1:], strict=False)] or [b""]
+    return [kinds[i % len(kinds)](piece) if kinds else piece for i, piece in enumerate(pieces)]
+
+
+def describe(item):
+    """An item with its exact type, so that a bytes subclass or tuple would show."""
+    if isinstance(item, tuple):
+        return (type(item), tuple(item), type(item.args))
+    return (type(item), item)
+
+
+def run(impl, options: dict, chunks: list, mode: str) -> list:
+    """Everything observable: items, errors, ``buffered`` after each chunk. Decoding
+    goes on after an error, so the tail left after it is compared too."""
+    decoder = impl.Decoder(**options)
+    log: list = []
+    for chunk in chunks:
+        try:
+            if mode == "feed":
+                log.extend(describe(item) for item in decoder.feed(chunk))
+            else:
+                decoder.dispatch(chunk, lambda p: log.append(("packet", describe(p))),
+                                 lambda line: log.append(("line", describe(line))))
+        except ProtocolError as exc:
+            log.append(("error", type(exc), str(exc), exc.code, exc.in_sync))
+        log.append(("buffered", decoder.buffered))
+    return log
+
+
+@needs_c
+@MANY
+@given(STREAMS, st.lists(st.integers(0, 10_000), max_size=20), OPTIONS,
+       st.lists(KINDS, max_size=4), st.sampled_from(["feed", "dispatch"]))
+def test_differential_any_stream_any_split(stream, points, options, kinds, mode):
+    chunks = chunked(stream, points, kinds)
+    assert run(C, options, chunks, mode) == run(PY, options, chunks, mode)
+
+
+@needs_c
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(STREAMS, OPTIONS)
+def test_differential_byte_by_byte(stream, options):
+    chunks = [stream[i:i + 1] for i in range(len(stream))]
+    assert run(C, options, chunks, "feed") == run(PY, options, chunks, "feed")
+
+
+def _long_lines() -> list[bytes]:
+    near = [MAX_LINE_SIZE - 1, MAX_LINE_SIZE, MAX_LINE_SIZE + 1, MAX_LINE_SIZE + 2]
+    return ([b"y" * n + b"\n" for n in near] + [b"y" * n + b"\r\n" for n in near]
+            + [b"z" * (MAX_LINE_SIZE + 3)])
+
+
+@needs_c
+@pytest.mark.parametrize("stream", _long_lines(), ids=lambda s: f"{len(s)}B")
+@pytest.mark.parametrize("step", [1000, 4096, 9000])
+def test_differential_line_length_limit(stream, step):
+    chunks = [stream[i:i + step] for i in range(0, len(stream), step)]
+    assert run(C, {}, chunks, "dispatch") == run(PY, {}, chunks, "dispatch")
+
+
+class Boom(Exception):
+    pass
+
+
+@needs_c
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(STREAMS, st.lists(st.integers(0, 10_000), max_size=6), st.integers(0, 6), OPTIONS)
+def test_callback_raising_leaves_the_same_tail(stream, points, raise_at, options):
+    def drive(impl) -> list:
+        decoder = impl.Decoder(**options)
+        log: list = []
+        calls = [0]
+
+        def callback(item) -> None:
+            calls[0] += 1
+            log.append(describe(item))
+            if calls[0] == raise_at:
+                raise Boom(calls[0])
+
+        for chunk in chunked(stream, points, []):
+            try:
+                decoder.dispatch(chunk, callback, callback)
+            except (Boom, ProtocolError) as exc:
+                log.append((type(exc), str(exc)))
+            log.append(decoder.buffered)
+        return log
+
+    assert drive(C) == drive(PY)
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+@pytest.mark.parametrize("impl", [PY, pytest.param(C, marks=needs_c)], ids=["py", "c"])
+def test_bytearray_and_memoryview_input(impl, kind):
+    wire = (py_encode(REQ, PacketType.SUBMIT_JOB, (b"f", b"u", b"data")) + b"status\r\n"
+            + py_encode(REQ, PacketType.ECHO_REQ, (b"x",)))
+    expected = [Packet(REQ, 7, (b"f", b"u", b"data")), b"status", Packet(REQ, 16, (b"x",))]
+    assert list(impl.Decoder().feed(kind(wire))) == expected
+    decoder = impl.Decoder()
+    got = [item for i in range(0, len(wire), 5) for item in decoder.feed(kind(wire[i:i + 5]))]
+    assert got == expected and decoder.buffered == 0
+    # A memoryview slice of a larger buffer, as a recv_into() loop would pass.
+    big = bytearray(b"JUNK" + wire + b"JUNK")
+    assert list(impl.Decoder().feed(memoryview(big)[4:-4])) == expected
+    assert all(type(x) in (Packet, bytes) for x in impl.Decoder().feed(kind(wire)))
+
+
+@needs_c
+def test_wrong_input_types_raise_type_error():
+    decoder = C.Decoder()
+    for bad in ["text\n", 12, None, [b"x"]]:
+        with pytest.raises(TypeError):
+            decoder.dispatch(bad, print, print)
+        with pytest.raises(TypeError):
+            decoder.feed(bad)
+    assert decoder.buffered == 0
+    decoder.feed(b"\0RE")
+    with pytest.raises(TypeError):
+        decoder.feed("Q")
+    assert decoder.buffered == 3
+
+
+# --- re-entrancy ----------------------------------------------------------------------
+
+@needs_c
+@pytest.mark.parametrize("pending", [b"", b"stat"])
+@pytest.mark.parametrize("how", ["dispatch", "feed", "init"])
+def test_reentrant_call_raises_runtime_error(pending, how):
+    decoder = C.Decoder()
+    decoder.feed(pending)
+    wire = b"us\n" + py_encode(REQ, PacketType.ECHO_REQ, (b"x" * 5000,)) + b"more\n"
+    seen: list = []
+
+    def on_line(line: bytes) -> None:
+        seen.append(line)
+        if how == "dispatch":
+            decoder.dispatch(wire * 3, seen.append, seen.append)
+        elif how == "feed":
+            decoder.feed(wire)
+        else:
+            decoder.__init__()
+
+    with pytest.raises(RuntimeError):
+        decoder.dispatch(wire, print, on_line)
+    # The first line was consumed before its callback ran; the rest is intact.
+    assert seen == [pending + b"us"]
+    assert decoder.buffered == len(wire) - 3
+    assert list(decoder.feed(b"")) == [Packet(REQ, 16, (b"x" * 5000,)), b"more"]
+
+
+@needs_c
+def test_attributes_can_change_from_a_callback():
+    # Like the Python code, text and max_line_size are read per item.
+    decoder = C.Decoder()
+
+    def on_line(line: bytes) -> None:
+        decoder.text = False
+        decoder.max_packet_size = 0
+        decoder.magic = RES
+
+    wire = b"a\nb\n"
+    with pytest.raises(ProtocolError, match="expected a binary packet"):
+        decoder.dispatch(wire, print, on_line)
+    assert decoder.buffered == 2
+
+
+# --- attributes -----------------------------------------------------------------------
+
+@needs_c
+def test_attributes_and_defaults_match():
+    for impl in (PY, C):
+        d = impl.Decoder()
+        assert (d.max_packet_size, d.text, d.magic, d.max_line_size, d.buffered) == (
+            DEFAULT_MAX_PACKET_SIZE, True, None, MAX_LINE_SIZE, 0)
+        d = impl.Decoder(5, text=False, magic=RES, max_line_size=3)
+        assert (d.max_packet_size, d.text, d.magic, d.max_line_size) == (5, False, RES, 3)
+        d.max_packet_size, d.text, d.magic, d.max_line_size = 7, 1, REQ, 9
+        assert (d.max_packet_size, d.text, d.magic, d.max_line_size) == (7, 1, REQ, 9)
+        with pytest.raises(TypeError):
+            impl.Decoder(1, False)  # the options are keyword-only
+        with pytest.raises(AttributeError):
+            d.other = 1  # no __dict__, like the __slots__ class
+        with pytest.raises(AttributeError):
+            d.buffered = 1
+    with pytest.raises(TypeError):
+        C.Decoder(max_packet_size="big")
+    with pytest.raises(TypeError):
+        C.Decoder().max_line_size = 1.5
+
+
+# --- encode ---------------------------------------------------------------------------
+
+FIELDS = st.lists(st.binary(max_size=30), max_size=9)
+
+
+@needs_c
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from([REQ, RES, b"", b"\0R", b"\0REQX", bytearray(RES)]),
+       st.integers(0, 2**32 - 1), FIELDS, st.sampled_from([tuple, list]),
+       st.lists(KINDS, max_size=3))
+def test_encode_same_bytes(magic, ptype, fields, container, kinds):
+    fields = [kinds[i % len(kinds)](f) if kinds else f for i, f in enumerate(fields)]
+    args = container(fields)
+    assert C.encode(magic, ptype, args) == py_encode(magic, ptype, args)
+    assert C.encode(magic=magic, ptype=ptype, args=args) == py_encode(magic, ptype, args)
+
+
+@needs_c
+def test_encode_errors():
+    assert C.encode(REQ, 6) == py_encode(REQ, 6) == REQ + struct.pack(">II", 6, 0)
+    assert C.encode(REQ, True, ()) == py_encode(REQ, True, ())
+    for bad in [
+        ("REQ", 1, ()),        # magic not bytes
+        (REQ, "1", ()),        # ptype not an int
+        (REQ, 1.0, ()),
+        (REQ, 1, None),        # args not a sequence
+        (REQ, 1, [1]),         # a field not bytes
+        (REQ, 1, ["text"]),
+        (REQ, 1, [b"a", "text"]),
+        (REQ, 1, (b"a", None)),
+    ]:
+        with pytest.raises(TypeError):
+            C.encode(*bad)
+        with pytest.raises((TypeError, struct.error)):
+            py_encode(*bad)
+    for ptype in (-1, 2**32, 2**100):
+        with pytest.raises(struct.error):
+            C.encode(REQ, ptype, ())
+        with pytest.raises(struct.error):
+            py_encode(REQ, ptype, ())
+    with pytest.raises(TypeError):
+        C.encode(REQ)
+    with pytest.raises(TypeError):
+        C.encode(REQ, 1, (), 4)
+    with pytest.raises(TypeError):
+        C.encode(REQ, 1, bogus=())
+    many = [b"x"] * 100  # more fields than the C code keeps on its stack
+    assert C.encode(REQ, 1, many) == py_encode(REQ, 1, many)
+
+
+# --- reference counting ---------------------------------------------------------------
+
+@needs_c
+def test_no_leak_over_many_calls():
+    """Every path (items, errors, feed's error iterator, callbacks raising, encode)
+    returns every object it creates: memory does not grow with the number of calls."""
+    sub = py_encode(REQ, PacketType.SUBMIT_JOB, (b"f", b"u", b"x" * 64))
+    bad_fields = REQ + struct.pack(">II", PacketType.SUBMIT_JOB, 1) + b"x"
+    streams = [sub * 3 + b"status\r\n" + sub[:20], sub[20:], bad_fields, b"\0BAD" + sub,
+               bytearray(sub), memoryview(sub + b"li"), b"ne\n", b"x" * 9000]
+
+    def boom(item) -> None:
+        raise Boom()
+
+    def work(rounds: int) -> None:
+        for _ in range(rounds):
+            d = C.Decoder(max_line_size=100)
+            for s in streams:
+                try:
+                    list(d.feed(s))
+                except ProtocolError:
+                    pass
+                try:
+                    d.dispatch(s, len, len)
+                except ProtocolError:
+                    pass
+                try:
+                    d.dispatch(s, boom, boom)
+                except (Boom, ProtocolError):
+                    pass
+            C.encode(REQ, 7, (b"f", bytearray(b"u"), memoryview(b"x" * 64)))
+            C.encode(RES, 8, [b"H:1"])
+
+    work(200)  # warm up caches and free lists
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        work(3000)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 64 * 1024, f"{grown} bytes retained after 3000 rounds"
+
+
+@needs_c
+def test_subclass_and_cycles_are_collected():
+    """A Python subclass (heap type over the static C type) and a decoder in a reference
+    cycle: created and collected many times without a crash or a leak of the type."""
+
+    class Sub(C.Decoder):
+        def __init__(self, **options) -> None:
+            super().__init__(**options)
+            self.extra = self  # a cycle through the instance dict
+
+    for _ in range(2000):
+        d = Sub(max_line_size=20)
+        d.text = [d]  # a cycle through a decoder attribute (truthy: text stays on)
+        assert list(d.feed(b"abc\n" + py_encode(REQ, 6))) == [b"abc", Packet(REQ, 6, ())]
+    del d
+    gc.collect()
+    assert isinstance(Sub(), C.Decoder) and Sub().buffered == 0
