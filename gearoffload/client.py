@@ -46,8 +46,8 @@ from .errors import (
     ProtocolError,
     ServerError,
 )
-from .protocol import Packet, encode_request, to_bytes
-from .protocol import PacketType as T
+from .protocol import PT as T
+from .protocol import Packet, PacketType, encode_request, to_bytes
 from .tls import TlsOption, client_context
 
 __all__ = ["Client", "Job", "JobStatus", "JobUpdate", "Data"]
@@ -409,7 +409,7 @@ class _Link:
                                                  text.decode("utf-8", "replace")))
             elif ptype != entry.expect:
                 raise ProtocolError(f"{packet.name} from {self.name}, expected "
-                                    f"{T(entry.expect).name}")
+                                    f"{PacketType(entry.expect).name}")
             else:
                 entry.on_reply(self, packet)
         elif ptype != T.NOOP:
@@ -888,7 +888,7 @@ class Client:
         try:
             return entry.result.get(timeout=timeout)
         except gevent.Timeout:
-            raise JobTimeout(f"no {T(expect).name} from {link.name} within {timeout}s") \
+            raise JobTimeout(f"no {PacketType(expect).name} from {link.name} within {timeout}s") \
                 from None
 
     def _get_status(self, link: _Link, handle: bytes, timeout: float | None) -> JobStatus:

@@ -43,6 +43,10 @@ _TLS_PROBE = b"gearoffload-tls"
 Address = tuple[str, int]
 
 
+def _no_lines(line: bytes) -> None:
+    """Never called: the decoder of a connection to a server takes no text lines."""
+
+
 def parse_address(server: str | tuple[str, int]) -> Address:
     """``"host:port"``, ``"host"`` (port 4730), ``"[::1]:4730"`` or ``(host, port)``."""
     if isinstance(server, tuple):
@@ -222,8 +226,7 @@ class Connection:
                 if not data:
                     reason = ConnectionError(f"{self.name} closed the connection")
                     break
-                for packet in decoder.feed(data):
-                    on_packet(packet)
+                decoder.dispatch(data, on_packet, _no_lines)
         except gevent.GreenletExit:
             return
         except (OSError, GearmanError) as exc:

@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_MAX_PACKET_SIZE",
     "MAX_LINE_SIZE",
     "PacketType",
+    "PT",
     "FIELD_COUNTS",
     "Packet",
     "Decoder",
@@ -120,6 +121,11 @@ FIELD_COUNTS: tuple[int, ...] = tuple(
     next((n for n, types in _FIELDS_BY_COUNT.items() if t in types), 0) for t in range(43)
 )
 MAX_TYPE = 42
+
+#: ``PacketType``'s members as plain ints (``PT.SUBMIT_JOB == 7``), for code that runs per
+#: packet: on Python 3.11 reading an ``IntEnum`` member costs about 0.19 µs, a plain class
+#: attribute about 0.035 µs, and the server, the client and the worker read several per job.
+PT = type("PT", (), {member.name: int(member) for member in PacketType})
 
 
 class Packet(NamedTuple):

@@ -42,8 +42,8 @@ from gevent.queue import Queue, SimpleQueue
 
 from .connection import Address, Connection, format_address, parse_servers
 from .errors import JobFailed
-from .protocol import Packet, to_bytes
-from .protocol import PacketType as T
+from .protocol import PT as T
+from .protocol import Packet, PacketType, to_bytes
 from .registry import Task, TaskFunction, TaskRegistry
 from .tls import TlsOption, client_context
 
@@ -181,7 +181,7 @@ class WorkerJob:
         except ConnectionError:
             # The connection is gone, so the server has requeued the job already; the
             # result can only be dropped.
-            log.debug("connection lost; dropping %s for %s", T(ptype).name, self.handle)
+            log.debug("connection lost; dropping %s for %s", PacketType(ptype).name, self.handle)
 
     def send_status(self, numerator: int, denominator: int) -> None:
         """Report progress (WORK_STATUS): ``numerator`` of ``denominator`` done."""
