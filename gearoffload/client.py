@@ -213,9 +213,9 @@ class _Attachment:
 
     __slots__ = ("subs", "copies", "skip")
 
-    def __init__(self) -> None:
-        self.subs: list[_Submission] = []
-        self.copies = 0
+    def __init__(self, sub: _Submission | None) -> None:
+        self.subs: list[_Submission] = [sub] if sub is not None else []
+        self.copies = 1
         self.skip = 0
 
 
@@ -225,7 +225,7 @@ class _Submission:
     expect = T.JOB_CREATED
 
     __slots__ = ("client", "function", "unique", "data", "ptype", "epoch", "background",
-                 "key", "link", "handle", "created", "done", "jobs", "losses")
+                 "key", "link", "handle", "replied", "_created", "done", "jobs", "losses")
 
     def __init__(self, client: Client, function: bytes, unique: bytes, data: bytes,
                  ptype: int, background: bool, epoch: int | None, key: tuple | None) -> None:
@@ -239,7 +239,8 @@ class _Submission:
         self.key = key
         self.link: _Link | None = None
         self.handle: bytes | None = None
-        self.created = Event()
+        self.replied = False  # JOB_CREATED came, or the submission ended before it
+        self._created: Event | None = None  # made only for a submitter that waits for it
         self.done = AsyncResult()
         self.jobs: list[Job] = []
         self.losses = 0
@@ -265,7 +266,19 @@ class _Submission:
             self.finish(None)
         else:
             link.attach(self.handle, self)
-        self.created.set()
+        self._replied()
+
+    def _replied(self) -> None:
+        self.replied = True
+        if self._created is not None:
+            self._created.set()  # wake submitters waiting for JOB_CREATED
+
+    def wait_replied(self) -> None:
+        """Block until JOB_CREATED came or the submission ended (``replied``)."""
+        if not self.replied:
+            if self._created is None:
+                self._created = Event()
+            self._created.wait()
 
     def on_error(self, link: _Link, exc: GearmanError) -> None:
         self.finish(exc=exc)
@@ -299,7 +312,8 @@ class _Submission:
             self.done.set_exception(exc)
         else:
             self.done.set(value)
-        self.created.set()  # wake a submitter still waiting for JOB_CREATED
+        if not self.replied:
+            self._replied()
         for job in self.jobs:
             job._push(_END)
         if self.key is not None and self.client._inflight.get(self.key) is self:
@@ -372,7 +386,8 @@ class _Link:
     def attach(self, handle: bytes, sub: _Submission | None) -> None:
         attachment = self.jobs.get(handle)
         if attachment is None:
-            attachment = self.jobs[handle] = _Attachment()
+            self.jobs[handle] = _Attachment(sub)
+            return
         attachment.copies += 1
         if sub is not None and sub not in attachment.subs:
             attachment.subs.append(sub)
@@ -655,7 +670,7 @@ class Client:
                 self._route(sub, time.monotonic() + self.connect_timeout)
             except GearmanError as exc:
                 sub.finish(exc=exc)
-        if wait and not sub.created.is_set():
+        if wait and not sub.replied:
             self._wait_created([sub])
         self._raise_if_refused(sub)
         return job
@@ -690,14 +705,14 @@ class Client:
 
         def wait_all() -> None:
             for sub in subs:
-                sub.created.wait()
+                sub.wait_replied()
 
         try:
             self._deadlines.run(timeout, wait_all)
         except _Expired:
             pass
         for sub in subs:
-            if not sub.created.is_set():
+            if not sub.replied:
                 sub.finish(exc=JobTimeout(f"{sub.function!r} was not accepted within "
                                           f"{timeout}s"))
 
@@ -750,11 +765,12 @@ class Client:
     def _prepare(self, function: str | bytes, data: Data, unique: str | bytes | None = None,
                  priority: str = "normal", background: bool = False,
                  run_at: float | datetime | None = None) -> _Submission:
-        func = to_bytes(function, "function")
+        func = function.encode() if type(function) is str else to_bytes(function, "function")
         if not func or b"\0" in func:
             raise ValueError(f"bad function name {function!r}")
-        payload = to_bytes(data, "data")
-        if priority not in _SUBMIT_TYPES:
+        payload = data if type(data) is bytes else to_bytes(data, "data")
+        types = _SUBMIT_TYPES.get(priority)
+        if types is None:
             raise ValueError(f"priority must be 'normal', 'high' or 'low', not {priority!r}")
         epoch = None
         if run_at is not None:
@@ -773,7 +789,7 @@ class Client:
         key = None
         if not background and uniq and uniq != b"-":
             key = (func, uniq)
-        ptype = _SUBMIT_TYPES[priority][1 if background else 0]
+        ptype = types[1] if background else types[0]
         return _Submission(self, func, uniq, payload, ptype, background, epoch, key)
 
     def _candidates(self, sub: _Submission) -> list[_Link]:
@@ -797,6 +813,14 @@ class Client:
 
     def _route(self, sub: _Submission, deadline: float) -> None:
         """Send ``sub`` to the first available server, waiting for one until ``deadline``."""
+        links = self._links
+        if len(links) == 1 and not self._closed:
+            link = links[0]
+            conn = link.conn
+            if conn is not None and not conn.closed:  # the usual case, without the loop
+                conn.send_raw(sub.packet())
+                link.pending.append(sub)
+                return
         while True:
             if self._closed:
                 raise NoServersAvailable("client closed")

@@ -43,7 +43,7 @@ from gevent.queue import Queue, SimpleQueue
 from .connection import Address, Connection, format_address, parse_servers
 from .errors import JobFailed
 from .protocol import PT as T
-from .protocol import Packet, PacketType, to_bytes
+from .protocol import Packet, PacketType, encode_request, to_bytes
 from .registry import Task, TaskFunction, TaskRegistry
 from .tls import TlsOption, client_context
 
@@ -54,6 +54,7 @@ log = logging.getLogger("gearoffload.worker")
 _BACKOFF_START = 0.1
 _BACKOFF_MAX = 10.0
 _ASSIGN_TYPES = frozenset((T.JOB_ASSIGN, T.JOB_ASSIGN_UNIQ, T.JOB_ASSIGN_ALL))
+_GRAB_JOB_UNIQ = encode_request(T.GRAB_JOB_UNIQ)  # sent about once per job: encoded once
 #: How long a stopping worker waits for the answers to GRABs it already sent.
 _GRAB_ANSWER_TIMEOUT = 5.0
 _STOP = object()  # put in a session's inbox: stop grabbing
@@ -457,7 +458,7 @@ class Worker:
                         return
                 elif not exhausted:
                     while len(grabs) < window and slots.acquire(blocking=False):
-                        conn.send(T.GRAB_JOB_UNIQ)
+                        conn.send_raw(_GRAB_JOB_UNIQ)
                         grabs.append(True)
                 if not grabs and not stopping:
                     if exhausted:
@@ -481,7 +482,7 @@ class Worker:
                     while not slots.acquire(timeout=0.5):
                         if self._stop_event.is_set():
                             return
-                    conn.send(T.GRAB_JOB_UNIQ)
+                    conn.send_raw(_GRAB_JOB_UNIQ)
                     grabs.append(True)
                 packet = self._next(inbox)
                 if packet is _STOP:
@@ -493,7 +494,7 @@ class Worker:
                         # server chose it to run a job, and a server that wakes one
                         # sleeper per job would let that job wait until we disconnect.
                         # It never sleeps again, so this happens at most once.
-                        conn.send(T.GRAB_JOB_UNIQ)
+                        conn.send_raw(_GRAB_JOB_UNIQ)
                         grabs.append(slots.acquire(blocking=False))
                     continue  # otherwise a late wake-up: our GRABs are answered anyway
                 holds_slot = grabs.popleft()
