@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
@@ -21,6 +22,11 @@ try:
     import atheris
 except ImportError:  # the plain loop below
     atheris = None
+
+
+def instrumented() -> contextlib.AbstractContextManager:
+    """Wrap the imports of the code under test: atheris instruments them for coverage."""
+    return atheris.instrument_imports() if atheris is not None else contextlib.nullcontext()
 
 
 def _flag(argv: Sequence[str], name: str, default: int) -> int:

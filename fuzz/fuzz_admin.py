@@ -11,15 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from _common import atheris, main
+from _common import instrumented, main
 
-if atheris is not None:
-    with atheris.instrument_imports():
-        from gearoffload.protocol import REQ, Packet, PacketType
-        from gearoffload_server.admin import AdminProtocol
-        from gearoffload_server.config import ServerConfig
-        from gearoffload_server.state import JobServerState, ManualScheduler, Peer
-else:
+with instrumented():
     from gearoffload.protocol import REQ, Packet, PacketType
     from gearoffload_server.admin import AdminProtocol
     from gearoffload_server.config import ServerConfig

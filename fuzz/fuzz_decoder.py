@@ -16,21 +16,9 @@ from __future__ import annotations
 
 import sys
 
-from _common import atheris, main
+from _common import instrumented, main
 
-if atheris is not None:
-    with atheris.instrument_imports():
-        from gearoffload.protocol import (
-            ACCELERATED,
-            REQ,
-            RES,
-            Decoder,
-            PacketType,
-            ProtocolError,
-            PyDecoder,
-            encode,
-        )
-else:
+with instrumented():
     from gearoffload.protocol import (
         ACCELERATED,
         REQ,
