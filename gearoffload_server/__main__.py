@@ -13,6 +13,7 @@ import sys  # noqa: E402
 import gevent  # noqa: E402
 
 from gearoffload.logfmt import make_formatter  # noqa: E402
+from gearoffload.protocol import ACCELERATED  # noqa: E402
 
 from .config import ServerConfig, parse_args  # noqa: E402
 from .server import GearmanServer  # noqa: E402
@@ -86,8 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     gevent.signal_handler(signal.SIGUSR1, server.stop_graceful)
     host, port = server.address[:2]
     logging.getLogger("gearoffload.server").info(
-        "gearoffload-server %s listening on %s:%d (pid %d)",
-        config.version, host, port, os.getpid())
+        "gearoffload-server %s listening on %s:%d (pid %d, %s codec)",
+        config.version, host, port, os.getpid(),
+        # Without a C compiler at install time the server runs about a quarter slower:
+        # say so where an operator looks first.
+        "C" if ACCELERATED else "pure-Python")
     if server.store is not None:
         logging.getLogger("gearoffload.server").info(
             "queue %s: %d background jobs restored", server.store.describe(), server.restored)

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT, ServerProcess, free_port
+from gearoffload.protocol import ACCELERATED
 from gearoffload.protocol import PacketType as T
 
 
@@ -92,3 +93,5 @@ def test_log_file_gets_the_log(tmp_path):
     server.stop()
     text = log.read_text()
     assert "listening on 127.0.0.1" in text and "protocol error: bad magic" in text
+    # The codec in use is named (C wherever the extension was built, as in CI).
+    assert f"{'C' if ACCELERATED else 'pure-Python'} codec)" in text
