@@ -365,7 +365,8 @@ decode(DecoderObject *self, const unsigned char *p, Py_ssize_t end, PyObject *on
     *failed = 1;
     while (pos < end) {
         if (p[pos] != 0) {
-            Py_ssize_t ml, wend, nl, line_end;
+            Py_ssize_t ml, nl, line_end;
+            long long wend;
             const unsigned char *found = NULL;
             if (!self->text_c) {
                 PyOS_snprintf(msg, sizeof msg, "expected a binary packet, got byte 0x%02x",
@@ -375,7 +376,7 @@ decode(DecoderObject *self, const unsigned char *p, Py_ssize_t end, PyObject *on
             }
             /* buf.find(b"\n", pos, pos + max_line_size + 2), negative end included. */
             ml = self->max_line_c;
-            wend = pos + ml + 2;
+            wend = (long long)pos + ml + 2;
             if (wend < 0) {
                 wend += end;
                 if (wend < 0)
@@ -452,7 +453,9 @@ decode(DecoderObject *self, const unsigned char *p, Py_ssize_t end, PyObject *on
                 return pos;
             }
             start = pos + HEADER_SIZE;
-            if ((Py_ssize_t)size > end - start)
+            /* Unsigned: with a 32-bit Py_ssize_t, (Py_ssize_t)size is negative from 2**31
+             * on and would pass this check and move pos backwards (end - start >= 0). */
+            if ((unsigned long long)size > (unsigned long long)(end - start))
                 break;
             pos = start + (Py_ssize_t)size;
             count = S.counts[ptype];
@@ -863,6 +866,12 @@ codec_encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject
         PyErr_SetString(S.struct_error, "'I' format requires 0 <= number <= 4294967295");
         goto done;
     }
+    /* With a 32-bit Py_ssize_t a total just under 2**32 would wrap HEADER_SIZE + total to
+     * a small size and the copies below would overflow the result (bytes.join raises). */
+    if (total > (unsigned long long)(PY_SSIZE_T_MAX - HEADER_SIZE)) {
+        PyErr_SetString(PyExc_OverflowError, "join() result is too long for a Python string");
+        goto done;
+    }
     result = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + (Py_ssize_t)total);
     if (result == NULL)
         goto done;
@@ -907,6 +916,7 @@ codec_bind(PyObject *module, PyObject *args, PyObject *kwargs)
     PyObject *packet, *protocol_error, *field_counts, *names, *items_then_raise,
         *struct_error, *req, *res, *max_packet_size, *max_line_size;
     Py_ssize_t i;
+    unsigned char counts[MAX_TYPE + 1] = {0};
     (void)module;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOSSOO:bind", kwlist, &packet,
                                      &protocol_error, &field_counts, &names,
@@ -949,8 +959,10 @@ codec_bind(PyObject *module, PyObject *args, PyObject *kwargs)
             PyErr_SetString(PyExc_ValueError, "bad field count or name");
             return NULL;
         }
-        S.counts[i] = (unsigned char)c;
+        counts[i] = (unsigned char)c;
     }
+    /* Only now, when nothing can fail: a rejected bind() leaves the tables as they were. */
+    memcpy(S.counts, counts, sizeof counts);
     Py_XSETREF(S.packet_type, Py_NewRef(packet));
     Py_XSETREF(S.protocol_error, Py_NewRef(protocol_error));
     Py_XSETREF(S.names, Py_NewRef(names));

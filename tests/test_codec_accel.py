@@ -421,3 +421,129 @@ def test_subclass_and_cycles_are_collected():
     del d
     gc.collect()
     assert isinstance(Sub(), C.Decoder) and Sub().buffered == 0
+
+
+# --- review: adversarial cases --------------------------------------------------------
+
+@needs_c
+@pytest.mark.parametrize("size", [2**31 - 1, 2**31, 2**31 + 1, 2**32 - 13, 2**32 - 1])
+@pytest.mark.parametrize("ptype", [PacketType.NOOP, PacketType.ECHO_REQ, PacketType.SUBMIT_JOB])
+def test_sizes_near_2_32_wait_for_the_payload(size, ptype):
+    # With the limit raised past them, sizes from 2**31 on must wait for their payload
+    # like any other (a 32-bit Py_ssize_t cast made them negative: pos went backwards).
+    wire = b"ok\n" + _header(REQ, ptype, size) + b"p" * 40
+    for step in (1, 7, len(wire)):
+        chunks = [wire[i:i + step] for i in range(0, len(wire), step)]
+        for mode in ("feed", "dispatch"):
+            got = run(C, {"max_packet_size": 2**32}, chunks, mode)
+            assert got == run(PY, {"max_packet_size": 2**32}, chunks, mode)
+            assert got[-1] == ("buffered", len(wire) - 3)
+
+
+@needs_c
+def test_encode_total_over_4_gib_raises_without_copying():
+    big = b"x" * 2**30  # the same object four times: 4 GiB + 3 of fields, nothing copied
+    with pytest.raises(struct.error):
+        C.encode(REQ, PacketType.SUBMIT_JOB, (big, big, big, big))
+    with pytest.raises(struct.error):
+        C.encode(REQ, PacketType.ECHO_REQ, [big] * 4 + [b""])
+
+
+@needs_c
+def test_failed_bind_leaves_the_tables_unchanged():
+    from gearoffload import _codec
+
+    names = (None, *(PacketType(t).name for t in range(1, 43)))
+    counts = list(FIELD_COUNTS)
+    counts[PacketType.SUBMIT_JOB] = 1  # valid, but must not be applied ...
+    counts[PacketType.GRAB_JOB_UNIQ] = 99  # ... since this one is rejected
+    sub = py_encode(REQ, PacketType.SUBMIT_JOB, (b"f", b"u", b"d"))
+    try:
+        with pytest.raises(ValueError):
+            _codec.bind(packet=Packet, protocol_error=ProtocolError, field_counts=tuple(counts),
+                        names=names, items_then_raise=protocol._items_then_raise,
+                        struct_error=struct.error, req=REQ, res=RES,
+                        max_packet_size=DEFAULT_MAX_PACKET_SIZE, max_line_size=MAX_LINE_SIZE)
+        assert list(C.Decoder().feed(sub)) == list(PY.Decoder().feed(sub))
+    finally:
+        assert protocol._load_accelerator() is not None  # bind() again, as at import
+
+
+def _set_from_callback(plan: list):
+    """A callback factory: the n-th callback sets attribute ``plan[n][0]`` to ``plan[n][1]``."""
+    def make(decoder, log):
+        def callback(item) -> None:
+            log.append(describe(item))
+            if len(log) <= len(plan) and plan[len(log) - 1] is not None:
+                setattr(decoder, *plan[len(log) - 1])
+        return callback
+    return make
+
+
+_ECHO = py_encode(REQ, PacketType.ECHO_REQ, (b"x" * 30,))
+_MIXED = b"ab\n" + _ECHO + b"c" * 40 + b"\n" + _ECHO + b"dd\n" + b"e" * 100 + b"\n" + _ECHO
+
+
+@needs_c
+@pytest.mark.parametrize("plan", [
+    [("max_line_size", 5), ("max_line_size", -3), ("max_line_size", 2**70),
+     ("max_line_size", 0), ("max_line_size", -2**70), ("max_line_size", 1)],
+    [("max_line_size", 3)],
+    [("magic", RES), ("magic", REQ), ("magic", None)],
+    [("max_packet_size", 0), ("max_packet_size", 1), ("max_packet_size", 2**64)],
+    [None, ("text", False)],
+], ids=["line-sizes", "line-3", "magic", "packet-sizes", "text-off"])
+@pytest.mark.parametrize("step", [1, 7, 50, 1000])
+@pytest.mark.parametrize("pending", [b"", b"q"])
+def test_attributes_set_from_a_callback_match_python(plan, step, pending):
+    # max_line_size and text are read per item, magic and max_packet_size per call, in
+    # both; the buffered and the direct path must give the same items, errors and tails.
+    chunks = [pending] + [_MIXED[i:i + step] for i in range(0, len(_MIXED), step)]
+
+    def drive(impl) -> list:
+        decoder, log = impl.Decoder(), []
+        callback = _set_from_callback(plan)(decoder, log)
+        for chunk in chunks:
+            try:
+                decoder.dispatch(chunk, callback, callback)
+            except ProtocolError as exc:
+                log.append((str(exc), exc.code, exc.in_sync))
+            log.append(decoder.buffered)
+        return log
+
+    assert drive(C) == drive(PY)
+
+
+@needs_c
+@pytest.mark.parametrize("reenter", [False, True])
+def test_limit_formatting_touching_the_decoder(reenter):
+    # The LINE_TOO_LONG/ARGUMENT_TOO_LARGE messages format the limit: an int subclass's
+    # __format__ runs Python code inside feed() (no callback at all) and may change the
+    # limits; same items, errors and tails as the reference. Re-entering is refused by C
+    # (the reference has no guard: there it is undefined), without losing any bytes.
+    def drive(impl) -> list:
+        log: list = []
+
+        class Limit(int):
+            def __format__(self, spec: str) -> str:
+                if reenter:
+                    with pytest.raises(RuntimeError):
+                        decoder.feed(b"zz")
+                decoder.max_line_size = 3
+                decoder.max_packet_size = 5
+                gc.collect()
+                return "L" + int.__format__(self, spec)
+
+        decoder = impl.Decoder(max_line_size=Limit(2), max_packet_size=Limit(3))
+        for chunk in (b"abcdefgh", b"q" + _ECHO, _ECHO, b"ab\n"):
+            try:
+                log.extend(decoder.feed(chunk))
+            except ProtocolError as exc:
+                log.append((str(exc), exc.code, exc.in_sync))
+            log.append(decoder.buffered)
+        return log
+
+    c_log = drive(C)
+    if not reenter:
+        assert c_log == drive(PY)
+    assert c_log[:2] == [("text line longer than L2 bytes", "LINE_TOO_LONG", True), 8]
