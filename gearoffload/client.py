@@ -818,6 +818,8 @@ class Client:
             link = links[0]
             conn = link.conn
             if conn is not None and not conn.closed:  # the usual case, without the loop
+                # _Link.enqueue() inlined: calling it (and ensure_connected()) costs about
+                # 0.5 µs per job, measured.
                 conn.send_raw(sub.packet())
                 link.pending.append(sub)
                 return

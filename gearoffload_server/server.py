@@ -169,12 +169,17 @@ class Connection:
         try:
             self.decoder.dispatch(data, self._on_packet, self._on_line)
         except ProtocolError as exc:
-            if exc.in_sync and exc.code:
-                self.peer.send(_error_reply(exc, binary=exc.code != "LINE_TOO_LONG"))
-            self.close(f"protocol error: {exc}")
+            self._refuse(exc)
             return
         if self.closing:
             self.close("")  # abort() has said why
+
+    def _refuse(self, exc: ProtocolError) -> None:
+        """Close after malformed input, with an ERROR first where the stream is still in
+        sync (the packet could be framed)."""
+        if exc.in_sync and exc.code:
+            self.peer.send(_error_reply(exc, binary=exc.code != "LINE_TOO_LONG"))
+        self.close(f"protocol error: {exc}")
 
     def on_writable(self) -> None:
         backlog = self.backlog
@@ -380,9 +385,7 @@ class TlsConnection(Connection):
             try:
                 dispatch(data, self._on_packet, self._on_line)
             except ProtocolError as exc:
-                if exc.in_sync and exc.code:
-                    self.peer.send(_error_reply(exc, binary=exc.code != "LINE_TOO_LONG"))
-                self.close(f"protocol error: {exc}")
+                self._refuse(exc)
                 return
             except Exception:  # a bug must cost one connection, not the server
                 self._log_internal_error()

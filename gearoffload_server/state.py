@@ -913,8 +913,8 @@ class JobServerState:
 
     def _failed(self, job: Job, what: str, detail: str, count: bool = True) -> None:
         """Count a failed job (unless ``count`` is false: a timeout, which ``_lose()``
-        requeues or counts) and keep a record of it for the status page. Off the hot
-        path."""
+        requeues or counts, or a dead letter, counted at its last failure) and keep a
+        record of it for the status page. Off the hot path."""
         now = self._now()
         if count:
             func = job.function
@@ -1075,9 +1075,8 @@ class JobServerState:
         self.dead[job.handle] = job
         if job.stored:
             self.store.mark_dead(job, True)
-        self.failures.append(Failure(self._now(), func.name, job.handle, job.unique,
-                                     "dead letter", f"failed {job.failures} times "
-                                     "(--retry-failed)"))
+        self._failed(job, "dead letter", f"failed {job.failures} times (--retry-failed)",
+                     count=False)  # counted as failed when its last attempt failed
         log.warning("job %s of %s failed %d times: moved to the dead letters",
                     job.handle.decode(), name, job.failures,
                     extra=_job_fields(job, "job.dead_letter"))
