@@ -1,4 +1,4 @@
-/* Optional C accelerator of gearoffload.protocol: Decoder and encode.
+/* Optional C accelerator of gearoffload.protocol: Decoder, encode and Router.
  *
  * The pure-Python code in protocol.py (PyDecoder, py_encode) is the reference: this file
  * must give the same items, the same ProtocolError (message, code, in_sync) and leave the
@@ -8,6 +8,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stddef.h>
 #include <string.h>
 
 #define HEADER_SIZE 12
@@ -905,6 +906,161 @@ done:
 }
 
 /* ------------------------------------------------------------------------------------ */
+/* Router: what a decoder hands packets to, without a Python frame in between */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *handlers;  /* indexed by packet type */
+    PyObject *context;   /* first argument of every handler */
+    PyObject *magic;     /* packets with this magic go to handlers[type] */
+    PyObject *otherwise; /* the others go to otherwise(context, packet) */
+    vectorcallfunc vectorcall;
+} RouterObject;
+
+static PyObject *
+Router_vectorcall(RouterObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    PyObject *packet, *magic, *handler, *result, *call[3];
+    int same;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "Router takes exactly one argument (a packet)");
+        return NULL;
+    }
+    packet = args[0];
+    if (!PyTuple_Check(packet) || PyTuple_GET_SIZE(packet) < 2) {
+        PyErr_SetString(PyExc_TypeError, "Router expects a Packet (magic, type, args)");
+        return NULL;
+    }
+    magic = PyTuple_GET_ITEM(packet, 0);
+    if (magic == self->magic)
+        same = 1;
+    else if (PyBytes_CheckExact(magic) && PyBytes_CheckExact(self->magic))
+        same = PyBytes_GET_SIZE(magic) == PyBytes_GET_SIZE(self->magic)
+               && memcmp(PyBytes_AS_STRING(magic), PyBytes_AS_STRING(self->magic),
+                         (size_t)PyBytes_GET_SIZE(magic)) == 0;
+    else if ((same = PyObject_RichCompareBool(magic, self->magic, Py_EQ)) < 0)
+        return NULL;
+    if (same) {
+        PyObject *ptype = PyTuple_GET_ITEM(packet, 1);
+        if (PyList_CheckExact(self->handlers) && PyLong_CheckExact(ptype)) {
+            Py_ssize_t index = PyLong_AsSsize_t(ptype);
+            if (index >= 0 && index < PyList_GET_SIZE(self->handlers))
+                handler = Py_NewRef(PyList_GET_ITEM(self->handlers, index));
+            else {
+                if (index == -1 && PyErr_Occurred())
+                    PyErr_Clear();
+                handler = PyObject_GetItem(self->handlers, ptype);  /* the same IndexError */
+            }
+        }
+        else
+            handler = PyObject_GetItem(self->handlers, ptype);
+        if (handler == NULL)
+            return NULL;
+    }
+    else
+        handler = Py_NewRef(self->otherwise);
+    /* Held while it runs: the handler may change the table or the router. */
+    call[0] = NULL;
+    call[1] = Py_NewRef(self->context);
+    call[2] = packet;
+    result = PyObject_Vectorcall(handler, call + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(call[1]);
+    Py_DECREF(handler);
+    return result;
+}
+
+static PyObject *
+Router_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"handlers", "context", "magic", "otherwise", NULL};
+    PyObject *handlers, *context, *magic, *otherwise;
+    RouterObject *self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO:Router", kwlist, &handlers,
+                                     &context, &magic, &otherwise))
+        return NULL;
+    self = (RouterObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->handlers = Py_NewRef(handlers);
+    self->context = Py_NewRef(context);
+    self->magic = Py_NewRef(magic);
+    self->otherwise = Py_NewRef(otherwise);
+    self->vectorcall = (vectorcallfunc)Router_vectorcall;
+    return (PyObject *)self;
+}
+
+static int
+Router_traverse(RouterObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->handlers);
+    Py_VISIT(self->context);
+    Py_VISIT(self->magic);
+    Py_VISIT(self->otherwise);
+    return 0;
+}
+
+static int
+Router_clear(RouterObject *self)
+{
+    Py_CLEAR(self->handlers);
+    Py_CLEAR(self->context);
+    Py_CLEAR(self->magic);
+    Py_CLEAR(self->otherwise);
+    return 0;
+}
+
+static void
+Router_dealloc(RouterObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Router_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Cleared only by the garbage collector: a getter must not hand out NULL. */
+static PyObject *
+router_field(PyObject *field)
+{
+    if (field == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "Router was cleared");
+        return NULL;
+    }
+    return Py_NewRef(field);
+}
+
+static PyObject *get_handlers(RouterObject *self, void *c) { (void)c; return router_field(self->handlers); }
+static PyObject *get_context(RouterObject *self, void *c) { (void)c; return router_field(self->context); }
+static PyObject *get_router_magic(RouterObject *self, void *c) { (void)c; return router_field(self->magic); }
+static PyObject *get_otherwise(RouterObject *self, void *c) { (void)c; return router_field(self->otherwise); }
+
+static PyGetSetDef Router_getset[] = {
+    {"handlers", (getter)get_handlers, NULL, NULL, NULL},
+    {"context", (getter)get_context, NULL, NULL, NULL},
+    {"magic", (getter)get_router_magic, NULL, NULL, NULL},
+    {"otherwise", (getter)get_otherwise, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RouterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "gearoffload._codec.Router",
+    .tp_basicsize = sizeof(RouterObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = PyDoc_STR(
+        "Router(handlers, context, magic, otherwise)\n"
+        "--\n\n"
+        "C accelerator of gearoffload.protocol.PyRouter."),
+    .tp_vectorcall_offset = offsetof(RouterObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_new = Router_new,
+    .tp_dealloc = (destructor)Router_dealloc,
+    .tp_traverse = (traverseproc)Router_traverse,
+    .tp_clear = (inquiry)Router_clear,
+    .tp_getset = Router_getset,
+};
+
+/* ------------------------------------------------------------------------------------ */
 /* bind */
 
 static PyObject *
@@ -989,7 +1145,7 @@ static PyMethodDef codec_methods[] = {
 static struct PyModuleDef codec_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "gearoffload._codec",
-    .m_doc = PyDoc_STR("C accelerator of gearoffload.protocol's Decoder and encode."),
+    .m_doc = PyDoc_STR("C accelerator of gearoffload.protocol's Decoder, encode and Router."),
     .m_size = -1,
     .m_methods = codec_methods,
 };
@@ -998,7 +1154,7 @@ PyMODINIT_FUNC
 PyInit__codec(void)
 {
     PyObject *m;
-    if (PyType_Ready(&DecoderType) < 0)
+    if (PyType_Ready(&DecoderType) < 0 || PyType_Ready(&RouterType) < 0)
         return NULL;
     if ((S.str_code = PyUnicode_InternFromString("code")) == NULL
         || (S.str_in_sync = PyUnicode_InternFromString("in_sync")) == NULL
@@ -1013,6 +1169,12 @@ PyInit__codec(void)
     Py_INCREF(&DecoderType);
     if (PyModule_AddObject(m, "Decoder", (PyObject *)&DecoderType) < 0) {
         Py_DECREF(&DecoderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&RouterType);
+    if (PyModule_AddObject(m, "Router", (PyObject *)&RouterType) < 0) {
+        Py_DECREF(&RouterType);
         Py_DECREF(m);
         return NULL;
     }

@@ -4,9 +4,10 @@ Pure: bytes in, packets (and text admin lines) out. No sockets, no gevent, no lo
 so the server, the client and the worker all share it, and it can be tested and fuzzed
 on its own. See ``shared/PROTOCOL.md`` §1–§2.
 
-``Decoder`` and ``encode`` are the C accelerator ``gearoffload._codec`` when it is built
-(``ACCELERATED``), else the pure-Python ``PyDecoder`` and ``py_encode``, which stay the
-reference it must match exactly. ``GEAROFFLOAD_PURE_PYTHON=1`` forces the pure ones.
+``Decoder``, ``encode`` and ``Router`` are the C accelerator ``gearoffload._codec`` when it
+is built (``ACCELERATED``), else the pure-Python ``PyDecoder``, ``py_encode`` and
+``PyRouter``, which stay the reference it must match exactly. ``GEAROFFLOAD_PURE_PYTHON=1``
+forces the pure ones.
 
 Example::
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import os
 import struct
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -39,6 +40,8 @@ __all__ = [
     "Packet",
     "Decoder",
     "PyDecoder",
+    "Router",
+    "PyRouter",
     "encode",
     "py_encode",
     "ACCELERATED",
@@ -183,6 +186,40 @@ def split_payload(ptype: int, payload: bytes) -> tuple[bytes, ...]:
             in_sync=True,
         )
     return tuple(args)
+
+
+class PyRouter:
+    """A packet callback that sends each packet to the handler for its type:
+    ``handlers[packet.type](context, packet)`` when ``packet.magic`` is ``magic``, else
+    ``otherwise(context, packet)``. Handed to ``Decoder.dispatch()`` as ``on_packet``.
+
+    The pure-Python reference of ``Router``. The C one calls the handler straight from
+    the decoder, without a Python frame in between (the server's path, once per packet).
+
+    Example::
+
+        >>> seen = []
+        >>> handlers = [None] * (MAX_TYPE + 1)
+        >>> handlers[PacketType.ECHO_REQ] = lambda peer, p: seen.append((peer, p.args))
+        >>> route = Router(handlers, "peer-1", REQ, lambda peer, p: seen.append("magic"))
+        >>> Decoder().dispatch(encode_request(PacketType.ECHO_REQ, b"hi"), route, print)
+        >>> seen
+        [('peer-1', (b'hi',))]
+    """
+
+    __slots__ = ("handlers", "context", "magic", "otherwise")
+
+    def __init__(self, handlers: Sequence[Callable[[object, Packet], object]], context: object,
+                 magic: bytes, otherwise: Callable[[object, Packet], object]) -> None:
+        self.handlers = handlers
+        self.context = context
+        self.magic = magic
+        self.otherwise = otherwise
+
+    def __call__(self, packet: Packet) -> object:
+        if packet[0] == self.magic:
+            return self.handlers[packet[1]](self.context, packet)
+        return self.otherwise(self.context, packet)
 
 
 class PyDecoder:
@@ -348,9 +385,10 @@ def encode_response(ptype: int, *args: bytes) -> bytes:
     return encode(RES, ptype, args)
 
 
-def _load_accelerator() -> tuple[type, Callable[..., bytes]] | None:
-    """The C ``Decoder`` and ``encode`` bound to this module's objects, or None when the
-    extension is not built or ``GEAROFFLOAD_PURE_PYTHON=1`` asks for the reference."""
+def _load_accelerator() -> tuple[type, Callable[..., bytes], type] | None:
+    """The C ``Decoder``, ``encode`` and ``Router`` bound to this module's objects, or
+    None when the extension is not built or ``GEAROFFLOAD_PURE_PYTHON=1`` asks for the
+    reference."""
     if os.environ.get("GEAROFFLOAD_PURE_PYTHON", "") not in ("", "0"):
         return None
     try:
@@ -374,15 +412,16 @@ def _load_accelerator() -> tuple[type, Callable[..., bytes]] | None:
         # A stale build from another version of this module: run, but say why it is slow.
         warnings.warn(f"gearoffload._codec not used: {exc}", RuntimeWarning, stacklevel=2)
         return None
-    return _codec.Decoder, _codec.encode
+    return _codec.Decoder, _codec.encode, _codec.Router
 
 
 _accelerator = _load_accelerator()
-#: Whether ``Decoder`` and ``encode`` are the C accelerator (``gearoffload._codec``).
+#: Whether ``Decoder``, ``encode`` and ``Router`` are the C accelerator (``gearoffload._codec``).
 ACCELERATED: bool = _accelerator is not None
 Decoder: type[PyDecoder]
 encode: Callable[..., bytes]
+Router: type[PyRouter]
 if _accelerator is not None:
-    Decoder, encode = _accelerator  # type: ignore[assignment]
+    Decoder, encode, Router = _accelerator  # type: ignore[assignment]
 else:
-    Decoder, encode = PyDecoder, py_encode
+    Decoder, encode, Router = PyDecoder, py_encode, PyRouter

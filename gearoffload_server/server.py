@@ -132,7 +132,7 @@ class Connection:
         self.peer = Peer(fd=self.fd, address=host, loopback=loopback, transport=self)
         self.decoder = Decoder(server.config.max_packet_size)
         # Bound once: the decoder hands every packet and admin line straight to these.
-        self._on_packet = functools.partial(server.state.handle, self.peer)
+        self._on_packet = server.state.router(self.peer)
         self._on_line = functools.partial(server.admin.handle, self.peer)
         self.backlog: bytearray | None = None
         self.events = 0       # what the poll loop watches this socket for
@@ -202,9 +202,26 @@ class Connection:
 
     def wake(self) -> None:
         """Send what the state queued for this peer, without ever blocking the caller."""
-        if self.backlog is None:
-            self._send_now(self.peer.take_output())
-        # else: on_writable() sends ``peer.out`` after the backlog
+        if self.backlog is not None or self.closed:
+            return  # on_writable() sends ``peer.out`` after the backlog
+        # Peer.take_output() and _send_now(), inlined: this runs once per write.
+        peer = self.peer
+        out = peer.out
+        if not out:
+            return  # on_writable() already took it
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        peer.out_bytes = 0
+        try:
+            sent = os.write(self.fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.abort(f"write failed: {exc}", logging.INFO)
+            return
+        if sent < len(data):
+            self.backlog = bytearray(memoryview(data)[sent:])
+            self.server.want_write(self, True)
 
     def release(self, count: int) -> None:
         """Send the first ``count`` entries of a held peer's output (their jobs are
@@ -432,6 +449,11 @@ class TlsConnection(Connection):
             data = bytes(backlog)
             del backlog[:]
             sendall(data)  # only this greenlet blocks; release() appends meanwhile
+
+    def wake(self) -> None:
+        if self.backlog is None:
+            self._send_now(self.peer.take_output())
+        # else: the writer greenlet sends ``peer.out`` after the backlog
 
     def on_readable(self) -> None:  # never in the poll loop
         raise AssertionError("TLS connections are read by their own greenlet")

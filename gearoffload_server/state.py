@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from gearoffload.protocol import PT as T
-from gearoffload.protocol import REQ, RES, Packet, encode
+from gearoffload.protocol import REQ, RES, Packet, Router, encode
 
 from .config import ServerConfig
 from .stats import BUCKETS as LATENCY_BUCKETS
@@ -402,9 +402,17 @@ class JobServerState:
     def handle(self, peer: Peer, packet: Packet) -> None:
         """Apply one packet from ``peer``. Replies go to the ``out`` lists of the peers."""
         if packet.magic != REQ:
-            peer.send(_error(b"INVALID_MAGIC", b"Request magic expected"))
+            self._wrong_magic(peer, packet)
             return
         self._handlers[packet.type](peer, packet)
+
+    def router(self, peer: Peer) -> Router:
+        """``handle`` bound to ``peer``, for ``Decoder.dispatch()``: the C ``Router`` calls
+        the packet's handler without a Python frame in between (three packets a job)."""
+        return Router(self._handlers, peer, REQ, self._wrong_magic)
+
+    def _wrong_magic(self, peer: Peer, packet: Packet) -> None:
+        peer.send(_error(b"INVALID_MAGIC", b"Request magic expected"))
 
     def _invalid_command(self, peer: Peer, packet: Packet) -> None:
         peer.send(_error(b"INVALID_COMMAND", b"Command not expected"))
