@@ -917,32 +917,66 @@ typedef struct {
     vectorcallfunc vectorcall;
 } RouterObject;
 
+/* packet[i] as PyRouter's `packet[i]` gets it: straight from a tuple (Packet is one) whose
+ * subscript is tuple's, else through the packet's own __getitem__. New reference. */
+static PyObject *
+router_item(PyObject *packet, Py_ssize_t i)
+{
+    PyObject *index, *item;
+    if (PyTuple_Check(packet) && i < PyTuple_GET_SIZE(packet)
+        && Py_TYPE(packet)->tp_as_mapping != NULL
+        && Py_TYPE(packet)->tp_as_mapping->mp_subscript
+               == PyTuple_Type.tp_as_mapping->mp_subscript)
+        return Py_NewRef(PyTuple_GET_ITEM(packet, i));
+    if ((index = PyLong_FromSsize_t(i)) == NULL)
+        return NULL;
+    item = PyObject_GetItem(packet, index);  /* its IndexError, TypeError, ... */
+    Py_DECREF(index);
+    return item;
+}
+
 static PyObject *
 Router_vectorcall(RouterObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     PyObject *packet, *magic, *handler, *result, *call[3];
     int same;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (nargs != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    /* PyRouter.__call__(self, packet): one packet, by position or as packet=. */
+    if (nargs + nkw != 1
+        || (nkw == 1
+            && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "packet") != 0)) {
         PyErr_SetString(PyExc_TypeError, "Router takes exactly one argument (a packet)");
         return NULL;
     }
     packet = args[0];
-    if (!PyTuple_Check(packet) || PyTuple_GET_SIZE(packet) < 2) {
-        PyErr_SetString(PyExc_TypeError, "Router expects a Packet (magic, type, args)");
+    if ((magic = router_item(packet, 0)) == NULL)
         return NULL;
+    /* `packet[0] == self.magic` as Python does it: no identity shortcut (a NaN, an __eq__
+     * that raises or says False), except for exact bytes, where it cannot differ. */
+    if (PyBytes_CheckExact(magic) && PyBytes_CheckExact(self->magic))
+        same = magic == self->magic
+               || (PyBytes_GET_SIZE(magic) == PyBytes_GET_SIZE(self->magic)
+                   && memcmp(PyBytes_AS_STRING(magic), PyBytes_AS_STRING(self->magic),
+                             (size_t)PyBytes_GET_SIZE(magic)) == 0);
+    else {
+        PyObject *eq = PyObject_RichCompare(magic, self->magic, Py_EQ);
+        if (eq == NULL) {
+            Py_DECREF(magic);
+            return NULL;
+        }
+        same = PyObject_IsTrue(eq);
+        Py_DECREF(eq);
+        if (same < 0) {
+            Py_DECREF(magic);
+            return NULL;
+        }
     }
-    magic = PyTuple_GET_ITEM(packet, 0);
-    if (magic == self->magic)
-        same = 1;
-    else if (PyBytes_CheckExact(magic) && PyBytes_CheckExact(self->magic))
-        same = PyBytes_GET_SIZE(magic) == PyBytes_GET_SIZE(self->magic)
-               && memcmp(PyBytes_AS_STRING(magic), PyBytes_AS_STRING(self->magic),
-                         (size_t)PyBytes_GET_SIZE(magic)) == 0;
-    else if ((same = PyObject_RichCompareBool(magic, self->magic, Py_EQ)) < 0)
-        return NULL;
+    Py_DECREF(magic);
     if (same) {
-        PyObject *ptype = PyTuple_GET_ITEM(packet, 1);
+        PyObject *ptype = router_item(packet, 1);
+        if (ptype == NULL)
+            return NULL;
         if (PyList_CheckExact(self->handlers) && PyLong_CheckExact(ptype)) {
             Py_ssize_t index = PyLong_AsSsize_t(ptype);
             if (index >= 0 && index < PyList_GET_SIZE(self->handlers))
@@ -955,6 +989,7 @@ Router_vectorcall(RouterObject *self, PyObject *const *args, size_t nargsf, PyOb
         }
         else
             handler = PyObject_GetItem(self->handlers, ptype);
+        Py_DECREF(ptype);
         if (handler == NULL)
             return NULL;
     }
@@ -1014,8 +1049,11 @@ static void
 Router_dealloc(RouterObject *self)
 {
     PyObject_GC_UnTrack(self);
+    /* A chain of routers (one the context of the next) freed at once: not one C frame each. */
+    Py_TRASHCAN_BEGIN(self, Router_dealloc)
     Router_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
+    Py_TRASHCAN_END
 }
 
 /* Cleared only by the garbage collector: a getter must not hand out NULL. */

@@ -437,6 +437,72 @@ def test_router_handler_may_change_the_table(router):
     assert route(Packet(REQ, 1, ())) == "second"
 
 
+@pytest.mark.parametrize("router", ROUTERS)
+def test_router_reads_the_packet_as_python_does(router):
+    """``packet[0]``/``packet[1]`` through the packet's own subscript: any sequence, a
+    tuple subclass overriding ``__getitem__``, short packets (``packet[1]`` only read when
+    the magic matches), a packet passed as ``packet=``."""
+    route = router([None, lambda c, p: "one"], None, REQ, lambda c, p: "otherwise")
+    assert route([REQ, 1]) == "one"
+    assert route((RES,)) == "otherwise"
+    assert route(packet=Packet(REQ, 1, ())) == "one"
+
+    class Lying(tuple):
+        def __getitem__(self, i):
+            return (RES, 0)[i]
+
+    assert route(Lying((REQ, 1, ()))) == "otherwise"
+    with pytest.raises(IndexError):
+        route((REQ,))
+    with pytest.raises(IndexError):
+        route(())
+    with pytest.raises(TypeError):
+        route(5)
+    with pytest.raises(TypeError):
+        route(packet=Packet(REQ, 1, ()), other=1)
+    with pytest.raises(TypeError):
+        route(pkt=Packet(REQ, 1, ()))
+    assert route(Packet(REQ, -1, ())) is not None  # a negative index, as a list takes it
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_router_compares_the_magic_with_eq_only(router):
+    """``packet[0] == magic`` has no identity shortcut: a NaN is not its own magic, an
+    ``__eq__`` that raises or says False is called even on the very same object."""
+    table = [None, lambda c, p: "handler"]
+    nan = float("nan")
+    assert router(table, None, nan, lambda c, p: "otherwise")((nan, 1)) == "otherwise"
+
+    class Raising:
+        def __eq__(self, other):
+            raise Boom("eq")
+
+        __hash__ = object.__hash__
+
+    magic = Raising()
+    with pytest.raises(Boom):
+        router(table, None, magic, lambda c, p: None)((magic, 1))
+
+    class Unequal(bytes):
+        def __eq__(self, other):
+            return False
+
+        __hash__ = bytes.__hash__
+
+    magic = Unequal(REQ)
+    assert router(table, None, magic, lambda c, p: "otherwise")((magic, 1)) == "otherwise"
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_router_long_chain_is_freed_without_recursion(router):
+    """A million routers, each the context of the next, freed at once (the C one through
+    the trashcan, as a Python object is): no C stack overflow."""
+    route = None
+    for _ in range(1_000_000):
+        route = router([], route, REQ, None)
+    del route
+
+
 @needs_c
 def test_router_no_leak_and_cycles_are_collected():
     Router = C_ROUTER
