@@ -408,11 +408,12 @@ def _load_accelerator() -> tuple[type, Callable[..., bytes], type] | None:
             max_packet_size=DEFAULT_MAX_PACKET_SIZE,
             max_line_size=MAX_LINE_SIZE,
         )
-    except (TypeError, ValueError) as exc:
+        router = _codec.Router  # not in a build from before Router
+    except (TypeError, ValueError, AttributeError) as exc:
         # A stale build from another version of this module: run, but say why it is slow.
         warnings.warn(f"gearoffload._codec not used: {exc}", RuntimeWarning, stacklevel=2)
         return None
-    return _codec.Decoder, _codec.encode, _codec.Router
+    return _codec.Decoder, _codec.encode, router
 
 
 _accelerator = _load_accelerator()

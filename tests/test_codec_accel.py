@@ -645,6 +645,17 @@ def test_failed_bind_leaves_the_tables_unchanged():
         assert protocol._load_accelerator() is not None  # bind() again, as at import
 
 
+@needs_c
+def test_stale_build_without_router_falls_back(monkeypatch):
+    """A ``_codec`` built before ``Router`` existed (its ``bind()`` is the same): the pure
+    implementations with a warning, not an AttributeError at import."""
+    from gearoffload import _codec
+
+    monkeypatch.delattr(_codec, "Router")
+    with pytest.warns(RuntimeWarning, match="Router"):
+        assert protocol._load_accelerator() is None
+
+
 def _set_from_callback(plan: list):
     """A callback factory: the n-th callback sets attribute ``plan[n][0]`` to ``plan[n][1]``."""
     def make(decoder, log):
