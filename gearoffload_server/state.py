@@ -340,6 +340,9 @@ class JobServerState:
         self._handlers: list[Callable[[Peer, Packet], None]] = [self._invalid_command] * 43
         for ptype in _SUBMISSIONS:
             self._handlers[ptype] = self._submit
+        self._handlers[T.SUBMIT_JOB_EPOCH] = self._submit_epoch
+        self._handlers[T.SUBMIT_REDUCE_JOB] = self._submit_reduce
+        self._handlers[T.SUBMIT_REDUCE_JOB_BACKGROUND] = self._submit_reduce
         for ptype in (T.WORK_STATUS, T.WORK_COMPLETE, T.WORK_FAIL, T.WORK_EXCEPTION,
                       T.WORK_DATA, T.WORK_WARNING):
             self._handlers[ptype] = self._work
@@ -435,24 +438,26 @@ class JobServerState:
 
     # -- submission and coalescing (§3.3) -----------------------------------------------
 
-    def _submit(self, peer: Peer, packet: Packet) -> None:
-        ptype = packet.type
+    def _submit_epoch(self, peer: Peer, packet: Packet) -> None:
+        when = strtoll(packet.args[2])
+        if when is None:
+            peer.send(_error(b"INVALID_ARGUMENT", b"Epoch time out of range"))
+            return
+        self._submit(peer, packet, when=when)
+
+    def _submit_reduce(self, peer: Peer, packet: Packet) -> None:
+        reducer = packet.args[2]
+        if len(reducer) > MAX_UNIQUE:
+            peer.send(_error(b"ARGUMENT_TOO_LARGE", b"Unique value too large"))
+            return
+        self._submit(peer, packet, reducer=reducer)
+
+    def _submit(self, peer: Peer, packet: Packet, reducer: bytes | None = None,
+                when: int = 0) -> None:
+        """Every SUBMIT_*: the epoch and reduce variants come through the two above."""
         args = packet.args
-        priority, background = _SUBMISSIONS[ptype]
+        priority, background = _SUBMISSIONS[packet.type]
         name, unique = args[0], args[1]
-        reducer = None
-        when = 0
-        if ptype == T.SUBMIT_JOB_EPOCH:
-            parsed = strtoll(args[2])
-            if parsed is None:
-                peer.send(_error(b"INVALID_ARGUMENT", b"Epoch time out of range"))
-                return
-            when = parsed
-        elif ptype == T.SUBMIT_REDUCE_JOB or ptype == T.SUBMIT_REDUCE_JOB_BACKGROUND:
-            reducer = args[2]
-            if len(reducer) > MAX_UNIQUE:
-                peer.send(_error(b"ARGUMENT_TOO_LARGE", b"Unique value too large"))
-                return
         data = args[-1]
         if len(unique) > MAX_UNIQUE:
             peer.send(_error(b"ARGUMENT_TOO_LARGE", b"Unique value too large"))
@@ -494,7 +499,10 @@ class JobServerState:
             self.store.save(job, peer, created)
         peer.send(created)
         if not background:
-            self._attach(job, peer)
+            # _attach() for a new job, whose first client this is.
+            job.clients.append(peer)
+            peer.attached[job] = 1
+            peer.waiting += 1
         if when and when > now:
             self._schedule(job)
         else:
