@@ -9,7 +9,8 @@ STRESS_SECONDS ?= 30
 
 .PHONY: test demo bench lint clean fuzz stress
 
-$(STAMP): setup.cfg setup.py pyproject.toml gearoffload/_codec.c
+$(STAMP): setup.cfg setup.py pyproject.toml gearoffload/_codec.c \
+		gearoffload_server/state.py gearoffload_server/state.pxd
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test,flask]'
 	touch $(STAMP)
@@ -37,4 +38,5 @@ stress: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
-	rm -f gearoffload/_codec.*.so
+	rm -f gearoffload/_codec.*.so gearoffload_server/state.*.so gearoffload_server/state.c \
+		gearoffload_server/_state_build.py

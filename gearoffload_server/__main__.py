@@ -15,6 +15,7 @@ import gevent  # noqa: E402
 from gearoffload.logfmt import make_formatter  # noqa: E402
 from gearoffload.protocol import ACCELERATED  # noqa: E402
 
+from . import STATE_COMPILED  # noqa: E402
 from .config import ServerConfig, parse_args  # noqa: E402
 from .server import GearmanServer  # noqa: E402
 from .stores import StoreError  # noqa: E402
@@ -87,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     gevent.signal_handler(signal.SIGUSR1, server.stop_graceful)
     host, port = server.address[:2]
     logging.getLogger("gearoffload.server").info(
-        "gearoffload-server %s listening on %s:%d (pid %d, %s codec)",
+        "gearoffload-server %s listening on %s:%d (pid %d, %s codec, %s state)",
         config.version, host, port, os.getpid(),
-        # Without a C compiler at install time the server runs about a quarter slower:
-        # say so where an operator looks first.
-        "C" if ACCELERATED else "pure-Python")
+        # Without a C compiler (or Cython) at install time the server runs slower, up to
+        # about twice: say so where an operator looks first.
+        "C" if ACCELERATED else "pure-Python", "compiled" if STATE_COMPILED else "pure-Python")
     if server.store is not None:
         logging.getLogger("gearoffload.server").info(
             "queue %s: %d background jobs restored", server.store.describe(), server.restored)

@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -635,7 +636,7 @@ class JobServerState:
             func.ready -= 1
             func.dead[p] += 1
             if func.dead[p] > COMPACT_THRESHOLD and func.dead[p] > func.queued[p]:
-                live = deque(j for j in func.queues[p] if j.state == QUEUED and j is not job)
+                live = deque([j for j in func.queues[p] if j.state == QUEUED and j is not job])
                 func.queues[p].clear()
                 func.queues[p].extend(live)
                 func.dead[p] = 0
@@ -825,7 +826,8 @@ class JobServerState:
                              (job.handle, func.name, job.unique, job.data)))
         timeout = peer.timeouts.get(func) if peer.timeouts else None
         if timeout:
-            job.timer = self.scheduler.call_later(timeout, lambda: self._timed_out(job, peer))
+            job.timer = self.scheduler.call_later(
+                timeout, functools.partial(self._timed_out, job, peer))
 
     def _timed_out(self, job: Job, worker: Peer) -> None:
         if job.state == RUNNING and job.worker is worker:

@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, ServerProcess, free_port
 from gearoffload.protocol import ACCELERATED
 from gearoffload.protocol import PacketType as T
+from gearoffload_server import STATE_COMPILED
 
 
 def run_server(*args: str, timeout: float = 10) -> subprocess.CompletedProcess:
@@ -93,5 +94,7 @@ def test_log_file_gets_the_log(tmp_path):
     server.stop()
     text = log.read_text()
     assert "listening on 127.0.0.1" in text and "protocol error: bad magic" in text
-    # The codec in use is named (C wherever the extension was built, as in CI).
-    assert f"{'C' if ACCELERATED else 'pure-Python'} codec)" in text
+    # The codec and state in use are named (C and compiled wherever they were built, as
+    # in CI).
+    assert (f"{'C' if ACCELERATED else 'pure-Python'} codec, "
+            f"{'compiled' if STATE_COMPILED else 'pure-Python'} state)") in text
