@@ -26,7 +26,11 @@ if cythonize is not None:
     extensions += cythonize(
         [Extension("gearoffload_server.state", ["gearoffload_server/state.py"],
                    optional=True)],
-        compiler_directives={"language_level": 3, "annotation_typing": False},
+        # nonecheck: None where a typed object is expected raises AttributeError, as in
+        # state.py, instead of reading a struct that is not there (a crash).
+        compiler_directives={"language_level": 3, "annotation_typing": False,
+                             "nonecheck": True},
+        force=True,  # state.c is regenerated with these directives, not kept from before
         quiet=True,
     )
 

@@ -84,3 +84,25 @@ def test_a_build_of_other_sources_is_not_used(tmp_path):
     assert result["compiled"] is False
     assert result["file"] == str(state_py)
     assert any("built from other sources" in w for w in result["warnings"])
+
+
+def test_none_where_a_typed_object_is_expected_raises_instead_of_crashing():
+    """The compiled methods type their arguments (``Job job``); a None that slips
+    through must be an AttributeError, as in state.py (a bug costs one connection, see
+    the poll loop), not a read of a struct that is not there. In a subprocess, so that a
+    crash fails this test instead of the suite."""
+    code = """
+from gearoffload_server.config import ServerConfig
+from gearoffload_server.state import JobServerState, ManualScheduler
+state = JobServerState(ServerConfig(handle_prefix="H:t"), ManualScheduler())
+for call in (lambda: state._remove(None), lambda: state._assign(None, None, 9),
+             lambda: state._enqueue(None), lambda: state._work(None, None)):
+    try:
+        call()
+    except AttributeError as exc:
+        print("AttributeError", exc)
+"""
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, f"rc={run.returncode}: {run.stderr[-2000:]}"
+    assert run.stdout.count("AttributeError 'NoneType' object has no attribute") == 4
