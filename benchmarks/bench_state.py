@@ -2,6 +2,7 @@
 ``JobServerState.handle`` on a manual clock (no I/O, no gevent).
 
     .venv/bin/python benchmarks/bench_state.py            # 200,000 jobs, best of 5
+    GEAROFFLOAD_PURE_PYTHON=1 .venv/bin/python benchmarks/bench_state.py   # pure Python
     PYTHONPATH=/path/to/other/checkout python benchmarks/bench_state.py   # compare
 
 Used to price bookkeeping added to the hot path (e.g. the metrics counters of issue #6):
