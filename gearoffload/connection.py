@@ -165,10 +165,9 @@ class Connection:
             # A callback, not a greenlet: it runs after every greenlet that is ready in
             # this turn of the loop, so their packets still leave in one write.
             self._kick = functools.partial(loop.run_callback, self._flush)
-            self._reader = gevent.spawn(self._read_fd_loop)
         else:
-            self._reader = gevent.spawn(self._read_loop)
             self._writer = gevent.spawn(self._write_loop)
+        self._reader = gevent.spawn(self._read_loop)
         if self._out:  # queued before we were connected
             self._kicked = True
             self._kick()
@@ -247,17 +246,11 @@ class Connection:
                 log.exception("on_close callback of %s failed", self.name)
 
     def _read_loop(self) -> None:
+        """The reader greenlet: hand every packet to ``on_packet``; close when the
+        connection ends, with the reason."""
         decoder = Decoder(self.max_packet_size, text=False, magic=RES)
-        recv = self._sock.recv
-        on_packet = self._on_packet
-        reason: BaseException | None
         try:
-            while True:
-                data = recv(RECV_SIZE)
-                if not data:
-                    reason = ConnectionError(f"{self.name} closed the connection")
-                    break
-                decoder.dispatch(data, on_packet, _no_lines)
+            reason = self._read_fd(decoder) if self._fd >= 0 else self._read_tls(decoder)
         except gevent.GreenletExit:
             return
         except (OSError, GearmanError) as exc:
@@ -265,37 +258,36 @@ class Connection:
         except Exception as exc:  # a bug in on_packet: log it, but do not hang the peer
             log.exception("handling a packet from %s failed", self.name)
             reason = exc
-        self.close(reason)
+        if reason is not None:
+            self.close(reason)
 
-    def _read_fd_loop(self) -> None:
-        """``_read_loop`` for plain TCP: the descriptor directly."""
-        decoder = Decoder(self.max_packet_size, text=False, magic=RES)
+    def _read_fd(self, decoder: Decoder) -> BaseException | None:
+        """Plain TCP: read the descriptor until the server closes (the reason) or we do
+        (None: on_packet may have closed us, and then the descriptor is not ours)."""
         fd = self._fd
         readable = self._watchers[0]
         wait = gevent.get_hub().wait
         on_packet = self._on_packet
-        reason: BaseException | None
-        try:
-            while not self.closed:  # on_packet may have closed us: the fd is not ours
-                try:
-                    data = os.read(fd, RECV_SIZE)
-                except BlockingIOError:
-                    wait(readable)
-                    continue
-                if not data:
-                    reason = ConnectionError(f"{self.name} closed the connection")
-                    break
-                decoder.dispatch(data, on_packet, _no_lines)
-            else:
-                return
-        except gevent.GreenletExit:
-            return
-        except (OSError, GearmanError) as exc:
-            reason = exc
-        except Exception as exc:  # a bug in on_packet: log it, but do not hang the peer
-            log.exception("handling a packet from %s failed", self.name)
-            reason = exc
-        self.close(reason)
+        while not self.closed:
+            try:
+                data = os.read(fd, RECV_SIZE)
+            except BlockingIOError:
+                wait(readable)
+                continue
+            if not data:
+                return ConnectionError(f"{self.name} closed the connection")
+            decoder.dispatch(data, on_packet, _no_lines)
+        return None
+
+    def _read_tls(self, decoder: Decoder) -> BaseException | None:
+        """TLS: read the SSL socket until the server closes."""
+        recv = self._sock.recv
+        on_packet = self._on_packet
+        while True:
+            data = recv(RECV_SIZE)
+            if not data:
+                return ConnectionError(f"{self.name} closed the connection")
+            decoder.dispatch(data, on_packet, _no_lines)
 
     def _output_on_its_way(self) -> bool:
         """Whether queued output will still be written (``close(flush=True)`` waits)."""

@@ -202,9 +202,9 @@ class Connection:
 
     def wake(self) -> None:
         """Send what the state queued for this peer, without ever blocking the caller."""
-        if self.backlog is not None or self.closed:
+        if self.backlog is not None:
             return  # on_writable() sends ``peer.out`` after the backlog
-        # Peer.take_output() and _send_now(), inlined: this runs once per write.
+        # Peer.take_output(), inlined: this runs once per write.
         peer = self.peer
         out = peer.out
         if not out:
@@ -212,16 +212,7 @@ class Connection:
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         peer.out_bytes = 0
-        try:
-            sent = os.write(self.fd, data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self.abort(f"write failed: {exc}", logging.INFO)
-            return
-        if sent < len(data):
-            self.backlog = bytearray(memoryview(data)[sent:])
-            self.server.want_write(self, True)
+        self._send_now(data)
 
     def release(self, count: int) -> None:
         """Send the first ``count`` entries of a held peer's output (their jobs are
