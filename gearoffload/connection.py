@@ -2,16 +2,17 @@
 
 Used by ``Client`` and ``Worker``; it knows sockets and framing, not jobs. A reader
 greenlet decodes every complete packet with the shared codec and hands it to
-``on_packet``; writes are queued and flushed by a writer greenlet, so that everything the
-application sends within one turn of the event loop leaves in one write (many
+``on_packet``; writes are queued and flushed once the greenlets that are ready in this
+turn of the event loop have run, so that everything they send leaves in one write (many
 greenlets submitting at once cost one syscall, not one each). ``on_close`` is called once,
 with the reason, however the connection ends.
 
 A plain TCP connection is read and written with ``os.read``/``os.write`` on its
 (non-blocking) descriptor, waiting on one libev watcher per direction only when the
-kernel has nothing to give or takes no more: gevent's socket methods cost about 25 µs of
-Python per wake-up on top of that, which for one request at a time was most of a job's
-CPU. TLS connections use gevent's SSL socket.
+kernel has nothing to give or takes no more, and flushed from a loop callback: gevent's
+socket methods and a writer greenlet cost about 25 µs of Python per wake-up on top of the
+system call, which for one request at a time was most of a job's CPU. TLS connections use
+gevent's SSL socket, read by the reader greenlet and written by a writer greenlet.
 
 Example::
 

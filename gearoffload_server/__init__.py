@@ -4,10 +4,11 @@ Layers: ``state`` (jobs, queues, workers; no I/O), ``admin`` (text protocol over
 state), ``server`` (the gevent I/O shell), ``config`` (the CLI's frozen settings).
 
 ``state`` is compiled by ``setup.py`` (Cython, from ``state.py`` and ``state.pxd``) when
-Cython is there: about half the CPU per job. ``STATE_COMPILED`` tells which one runs.
-``state.py`` is loaded instead when the compiled module is not built, was built from
-other sources (an edit since the last ``pip install -e .``: with a warning), or
-``GEAROFFLOAD_PURE_PYTHON=1`` asks for the pure-Python code, as it does for the codec.
+Cython is there: the state's work per job then takes about half the CPU.
+``STATE_COMPILED`` tells which one runs. ``state.py`` is loaded instead when the compiled
+module is not built, was built from other sources (an edit since the last
+``pip install -e .``: with a warning), or ``GEAROFFLOAD_PURE_PYTHON=1`` asks for the
+pure-Python code, as it does for the codec.
 """
 
 from __future__ import annotations

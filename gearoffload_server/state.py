@@ -6,6 +6,10 @@ concerned; the I/O shell (``server.py``) writes those lists out, one write per p
 batch. Time enters only through the injected ``Scheduler`` (``now()`` and
 ``call_later()``), so every rule can be unit-tested without I/O or real waiting.
 
+Where Cython was there at install, this module runs compiled from this very file, with
+the types declared in ``state.pxd`` (``gearoffload_server.STATE_COMPILED``). Methods that
+``state.pxd`` declares ``cpdef`` may not create closures (no lambdas or generators).
+
 Example::
 
     >>> from gearoffload_server.state import JobServerState, ManualScheduler, Peer
@@ -636,6 +640,7 @@ class JobServerState:
             func.ready -= 1
             func.dead[p] += 1
             if func.dead[p] > COMPACT_THRESHOLD and func.dead[p] > func.queued[p]:
+                # A list, not a generator: no closures in a cpdef method (state.pxd).
                 live = deque([j for j in func.queues[p] if j.state == QUEUED and j is not job])
                 func.queues[p].clear()
                 func.queues[p].extend(live)
@@ -826,7 +831,7 @@ class JobServerState:
                              (job.handle, func.name, job.unique, job.data)))
         timeout = peer.timeouts.get(func) if peer.timeouts else None
         if timeout:
-            job.timer = self.scheduler.call_later(
+            job.timer = self.scheduler.call_later(  # partial: no lambda here (state.pxd)
                 timeout, functools.partial(self._timed_out, job, peer))
 
     def _timed_out(self, job: Job, worker: Peer) -> None:

@@ -10,6 +10,7 @@ has to get right: re-entrant calls, reference counting, the build itself.
 
 from __future__ import annotations
 
+import doctest
 import gc
 import importlib
 import os
@@ -51,6 +52,12 @@ def test_c_codec_is_built():
         pytest.skip(f"gearoffload._codec not built: {exc}")
     pure = os.environ.get("GEAROFFLOAD_PURE_PYTHON", "") not in ("", "0")
     assert protocol.ACCELERATED is not pure
+
+
+def test_doctests():
+    """The module's examples (Decoder, Router) on the active codec."""
+    result = doctest.testmod(protocol)
+    assert result.attempted >= 5 and result.failed == 0
 
 
 def test_public_names_use_the_active_codec():
