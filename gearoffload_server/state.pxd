@@ -38,6 +38,8 @@ cdef class JobServerState:
     cpdef _enqueue(self, Job job)
     @cython.locals(func=Function, client=Peer)
     cpdef _remove(self, Job job)
+    @cython.locals(worker=Peer, func=Function)
+    cpdef _unassign(self, Job job)
     @cython.locals(job=Job)
     cpdef _pop_runnable(self, Function func, priority)
     cpdef _grab(self, Peer peer, packet)

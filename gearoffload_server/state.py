@@ -504,10 +504,7 @@ class JobServerState:
             self.store.save(job, peer, created)
         peer.send(created)
         if not background:
-            # _attach() for a new job, whose first client this is.
-            job.clients.append(peer)
-            peer.attached[job] = 1
-            peer.waiting += 1
+            self._attach(job, peer)
         if when and when > now:
             self._schedule(job)
         else:
@@ -648,13 +645,7 @@ class JobServerState:
         elif state == SCHEDULED:
             func.scheduled -= 1
         elif state == RUNNING:
-            func.running -= 1
-            worker = job.worker
-            del worker.jobs[job.handle]
-            job.worker = None
-            if job.timer is not None:
-                job.timer.cancel()
-                job.timer = None
+            self._unassign(job)
         job.state = DONE
         func.total -= 1
         del self.jobs[job.handle]
@@ -868,15 +859,16 @@ class JobServerState:
         job.numerator = job.denominator = 0
         self._enqueue(job)
 
-    @staticmethod
-    def _unassign(job: Job) -> None:
+    def _unassign(self, job: Job) -> None:
         """Take a running job back from its worker (its timeout timer too)."""
-        del job.worker.jobs[job.handle]
+        worker = job.worker
+        del worker.jobs[job.handle]
         job.worker = None
         if job.timer is not None:
             job.timer.cancel()
             job.timer = None
-        job.function.running -= 1
+        func = job.function
+        func.running -= 1
 
     # -- results (§3.4, §3.10) --------------------------------------------------------------
 

@@ -367,6 +367,21 @@ def test_encode_errors():
     assert C.encode(REQ, 1, many) == py_encode(REQ, 1, many)
 
 
+def retained_bytes(work, rounds: int) -> int:
+    """Bytes still allocated after ``work(rounds)`` (and a collection), once ``work(200)``
+    has warmed up caches and free lists: what a leak per call would grow."""
+    work(200)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        work(rounds)
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
 # --- Router ---------------------------------------------------------------------------
 
 C_ROUTER = protocol.Router if C else None
@@ -528,16 +543,7 @@ def test_router_no_leak_and_cycles_are_collected():
             except IndexError:
                 pass
 
-    work(200)
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        work(5000)
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    grown = retained_bytes(work, 5000)
     assert grown < 64 * 1024, f"{grown} bytes retained after 5000 routers in cycles"
 
 
@@ -574,16 +580,7 @@ def test_no_leak_over_many_calls():
             C.encode(REQ, 7, (b"f", bytearray(b"u"), memoryview(b"x" * 64)))
             C.encode(RES, 8, [b"H:1"])
 
-    work(200)  # warm up caches and free lists
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        work(3000)
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    grown = retained_bytes(work, 3000)
     assert grown < 64 * 1024, f"{grown} bytes retained after 3000 rounds"
 
 
