@@ -9,8 +9,11 @@ STRESS_SECONDS ?= 30
 
 .PHONY: test demo bench lint clean fuzz stress
 
-$(STAMP): setup.cfg setup.py pyproject.toml gearoffload/_codec.c \
-		gearoffload_server/state.py gearoffload_server/state.pxd
+# The compiled modules' sources (setup.py's COMPILED): an edit rebuilds them.
+COMPILED_SOURCES := $(foreach m,gearoffload/client gearoffload/worker gearoffload_server/state,\
+		$(m).py $(m).pxd)
+
+$(STAMP): setup.cfg setup.py pyproject.toml gearoffload/_codec.c $(COMPILED_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test,flask]'
 	touch $(STAMP)
@@ -38,5 +41,5 @@ stress: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
-	rm -f gearoffload/_codec.*.so gearoffload_server/state.*.so gearoffload_server/state.c \
-		gearoffload_server/_state_build.py
+	rm -f gearoffload/*.so gearoffload_server/*.so gearoffload/client.c gearoffload/worker.c \
+		gearoffload_server/state.c gearoffload/_build.py gearoffload_server/_build.py

@@ -9,28 +9,37 @@ HERE = Path(__file__).resolve().parent
 # codec (gearoffload.protocol.ACCELERATED tells which one is in use).
 extensions = [Extension("gearoffload._codec", ["gearoffload/_codec.c"], optional=True)]
 
-# The server's job state is compiled from its own source, state.py, with the declarations
-# in state.pxd (Cython's pure-Python mode), when Cython is there (pyproject.toml asks for
-# it). _state_build.py records which sources the build is of: gearoffload_server loads
-# state.py instead of a compiled module that no longer matches it (see its __init__).
+# Modules compiled from their own source by Cython (pure-Python mode: the declarations
+# are in the .pxd beside each .py) when Cython is there (pyproject.toml asks for it): the
+# server's job state, and the client's and worker's per-job paths. Each package's
+# _build.py records which sources its build is of: gearoffload._compiled imports the .py
+# instead of a compiled module that no longer matches it.
+COMPILED = {"gearoffload": ("client", "worker"), "gearoffload_server": ("state",)}
 try:
     from Cython.Build import cythonize
 except ImportError:
     cythonize = None
 if cythonize is not None:
-    sources = [HERE / "gearoffload_server" / name for name in ("state.py", "state.pxd")]
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
-    (HERE / "gearoffload_server" / "_state_build.py").write_text(
-        '"""Written by setup.py: the sources the compiled state module was built from."""\n'
-        f'SOURCE_SHA256 = "{digest}"\n')
+    modules = []
+    for package, stems in COMPILED.items():
+        digests = {}
+        for stem in stems:
+            # The same digest as gearoffload._compiled.source_digest (not imported here:
+            # the package is not importable during an isolated build).
+            sources = [HERE / package / f"{stem}{suffix}" for suffix in (".py", ".pxd")]
+            digests[stem] = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
+            modules.append(Extension(f"{package}.{stem}", [f"{package}/{stem}.py"],
+                                     optional=True))
+        (HERE / package / "_build.py").write_text(
+            '"""Written by setup.py: the sources its compiled modules were built from."""\n'
+            f"SOURCE_SHA256 = {digests!r}\n")
     extensions += cythonize(
-        [Extension("gearoffload_server.state", ["gearoffload_server/state.py"],
-                   optional=True)],
+        modules,
         # nonecheck: None where a typed object is expected raises AttributeError, as in
-        # state.py, instead of reading a struct that is not there (a crash).
+        # the .py, instead of reading a struct that is not there (a crash).
         compiler_directives={"language_level": 3, "annotation_typing": False,
                              "nonecheck": True},
-        force=True,  # state.c is regenerated with these directives, not kept from before
+        force=True,  # the .c files are regenerated with these directives, not kept
         quiet=True,
     )
 

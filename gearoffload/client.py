@@ -869,11 +869,11 @@ class Client:
                 except OSError:  # includes ConnectionError: that server is down
                     continue
                 return
-            next_try = min(link.retry_at for link in candidates)
+            next_try = min([link.retry_at for link in candidates])
             now = time.monotonic()
             if next_try >= deadline or now >= deadline:
                 raise NoServersAvailable(
-                    "no job server reachable: " + ", ".join(link.name for link in candidates))
+                    "no job server reachable: " + ", ".join([link.name for link in candidates]))
             gevent.sleep(max(0.0, next_try - now))
 
     def _connection_lost(self, link: _Link, pending: list, attachments: list[_Attachment],
