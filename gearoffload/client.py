@@ -350,6 +350,10 @@ class _Submission:
             self._replied()
         for job in self.jobs:
             job._push(_END)
+        # Job._sub points back here: without this, every job would be a reference cycle
+        # that only the cyclic GC frees (gen-0 collections took about 7% of the client's
+        # CPU). No update comes after the end.
+        self.jobs.clear()
         if self.key is not None and self.client._inflight.get(self.key) is self:
             del self.client._inflight[self.key]
 
