@@ -10,8 +10,8 @@ STRESS_SECONDS ?= 30
 .PHONY: test demo bench lint clean fuzz stress
 
 # The compiled modules' sources (setup.py's COMPILED): an edit rebuilds them.
-COMPILED_SOURCES := $(foreach m,gearoffload/client gearoffload/worker gearoffload_server/state,\
-		$(m).py $(m).pxd)
+COMPILED_SOURCES := $(foreach m,gearoffload/client gearoffload/connection gearoffload/worker \
+		gearoffload_server/state,$(m).py $(m).pxd)
 
 $(STAMP): setup.cfg setup.py pyproject.toml gearoffload/_codec.c $(COMPILED_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,5 +41,6 @@ stress: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
-	rm -f gearoffload/*.so gearoffload_server/*.so gearoffload/client.c gearoffload/worker.c \
-		gearoffload_server/state.c gearoffload/_build.py gearoffload_server/_build.py
+	rm -f gearoffload/*.so gearoffload_server/*.so gearoffload/_build.py \
+		gearoffload_server/_build.py gearoffload/client.c gearoffload/connection.c \
+		gearoffload/worker.c gearoffload_server/state.c

@@ -14,7 +14,7 @@ extensions = [Extension("gearoffload._codec", ["gearoffload/_codec.c"], optional
 # server's job state, and the client's and worker's per-job paths. Each package's
 # _build.py records which sources its build is of: gearoffload._compiled imports the .py
 # instead of a compiled module that no longer matches it.
-COMPILED = {"gearoffload": ("client", "worker"), "gearoffload_server": ("state",)}
+COMPILED = {"gearoffload": ("client", "connection", "worker"), "gearoffload_server": ("state",)}
 try:
     from Cython.Build import cythonize
 except ImportError:

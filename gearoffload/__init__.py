@@ -5,9 +5,9 @@ does) does not pull in the client side::
 
     from gearoffload import Client, Worker, task
 
-``client`` and ``worker`` are compiled by ``setup.py`` (Cython, from their own ``.py``
-and the declarations in ``.pxd`` beside it) when Cython is there: a job then costs them
-about a third less CPU. ``COMPILED`` tells which ones run compiled; see
+``client``, ``connection`` and ``worker`` are compiled by ``setup.py`` (Cython, from
+their own ``.py`` and the declarations in the ``.pxd`` beside each) when Cython is there:
+a job then costs them about a third less CPU. ``COMPILED`` tells which ones run compiled; see
 ``gearoffload._compiled`` for when the ``.py`` runs instead.
 """
 
@@ -21,9 +21,9 @@ from ._compiled import use_sources
 
 __version__ = "0.1.0"
 
-#: ``{"client": bool, "worker": bool}``: which modules run compiled.
+#: ``{"client": bool, "connection": bool, "worker": bool}``: which modules run compiled.
 COMPILED: dict[str, bool] = use_sources(__name__, Path(__file__).resolve().parent,
-                                        ("client", "worker"))
+                                        ("client", "connection", "worker"))
 
 _LAZY = {
     "Client": "gearoffload.client",

@@ -1,7 +1,7 @@
 """Modules compiled by Cython from their own ``.py`` source, and which of the two runs.
 
-``setup.py`` compiles ``gearoffload/client.py``, ``gearoffload/worker.py`` and
-``gearoffload_server/state.py`` with the declarations in the ``.pxd`` beside each
+``setup.py`` compiles ``gearoffload/client.py``, ``connection.py`` and ``worker.py``, and
+``gearoffload_server/state.py``, with the declarations in the ``.pxd`` beside each
 (Cython's pure-Python mode) when Cython is there, and records a SHA-256 of each
 ``.py`` + ``.pxd`` pair in the package's ``_build.py``. Each package calls
 ``use_sources()`` when it is imported: a module whose sources changed since that build
@@ -12,7 +12,7 @@ warning, so that stale compiled code never runs; every one of them is when
 Example::
 
     import gearoffload
-    print(gearoffload.COMPILED)          # {'client': True, 'worker': True}
+    print(gearoffload.COMPILED)   # {'client': True, 'connection': True, 'worker': True}
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The modules compiled by Cython from their own source, and their fallbacks.
 
-``gearoffload_server.state``, ``gearoffload.client`` and ``gearoffload.worker`` are
-compiled from their ``.py`` and ``.pxd`` (``gearoffload._compiled``). The rest of the
-suite runs on whichever is active, the compiled modules wherever they were built (as in
-CI). Here: CI never runs without them unnoticed, the pure-Python sources still pass their
-own tests, and a compiled module built from other sources than the ``.py`` beside it is
-never used.
+``gearoffload_server.state``, ``gearoffload.client``, ``gearoffload.connection`` and
+``gearoffload.worker`` are compiled from their ``.py`` and ``.pxd``
+(``gearoffload._compiled``). The rest of the suite runs on whichever is active, the
+compiled modules wherever they were built (as in CI). Here: CI never runs without them
+unnoticed, the pure-Python sources still pass their own tests, and a compiled module
+built from other sources than the ``.py`` beside it is never used.
 """
 
 from __future__ import annotations
@@ -28,14 +28,16 @@ import json, warnings
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import gearoffload, gearoffload_server
-    from gearoffload import client, worker
+    from gearoffload import client, connection, worker
     from gearoffload_server import state
 print(json.dumps({
     "compiled": {"state": gearoffload_server.STATE_COMPILED, **gearoffload.COMPILED},
-    "file": {"state": state.__file__, "client": client.__file__, "worker": worker.__file__},
+    "file": {"state": state.__file__, "client": client.__file__,
+             "connection": connection.__file__, "worker": worker.__file__},
     "warnings": [str(w.message) for w in caught]}))
 """
-MODULES = {"state": "gearoffload_server", "client": "gearoffload", "worker": "gearoffload"}
+MODULES = {"state": "gearoffload_server", "client": "gearoffload",
+           "connection": "gearoffload", "worker": "gearoffload"}
 
 
 def probe(pythonpath: Path | str, **env: str) -> dict:
@@ -62,21 +64,23 @@ def test_the_compiled_modules_are_built():
     pure = os.environ.get("GEAROFFLOAD_PURE_PYTHON", "") not in ("", "0")
     # This process, the one the suite runs on.
     assert STATE_COMPILED is not pure
-    assert gearoffload.COMPILED == {"client": not pure, "worker": not pure}
+    assert gearoffload.COMPILED == {"client": not pure, "connection": not pure,
+                                    "worker": not pure}
 
 
 def test_pure_python_env_runs_the_sources():
     result = probe(ROOT, GEAROFFLOAD_PURE_PYTHON="1")
-    assert result["compiled"] == {"state": False, "client": False, "worker": False}
+    assert not any(result["compiled"].values()), result
     assert result["file"] == {name: str(ROOT / package / f"{name}.py")
                               for name, package in MODULES.items()}
 
 
 def test_the_pure_python_sources_pass_their_tests():
     """The same code as .py (the source of the compiled modules): the state's tests, and
-    the client's and worker's against both servers."""
+    the connection's, client's and worker's against both servers."""
     files = ["tests/test_state.py", "tests/test_store_state.py", "tests/test_stats.py",
-             "tests/test_logfmt.py", "tests/test_client.py", "tests/test_worker.py"]
+             "tests/test_logfmt.py", "tests/test_connection.py", "tests/test_client.py",
+             "tests/test_worker.py"]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p",
                           "no:cacheprovider", *files], cwd=ROOT, capture_output=True,
                          text=True, timeout=600,
