@@ -804,7 +804,9 @@ class Client:
                  priority: str = "normal", background: bool = False,
                  run_at: float | datetime | None = None) -> _Submission:
         func = function.encode() if type(function) is str else to_bytes(function, "function")
-        if not func or b"\0" in func:
+        # find(), not ``in``: bytes.__contains__ tries the argument as an int first and
+        # builds (and drops) a TypeError with its message each time, 0.3 µs a call.
+        if not func or func.find(b"\0") >= 0:
             raise ValueError(f"bad function name {function!r}")
         payload = data if type(data) is bytes else to_bytes(data, "data")
         types = _SUBMIT_TYPES.get(priority)
@@ -822,7 +824,7 @@ class Client:
             uniq = uuid.uuid4().hex.encode() if background else b""
         else:
             uniq = to_bytes(unique, "unique")
-            if len(uniq) > 64 or b"\0" in uniq:
+            if len(uniq) > 64 or uniq.find(b"\0") >= 0:
                 raise ValueError("unique must be at most 64 bytes, without NUL")
         key = None
         if not background and uniq and uniq != b"-":
