@@ -37,7 +37,16 @@ from gevent import socket, ssl
 from gevent.event import Event
 
 from .errors import GearmanError
-from .protocol import DEFAULT_MAX_PACKET_SIZE, RES, Decoder, Packet, PacketType, encode_request
+from .protocol import (
+    DEFAULT_MAX_PACKET_SIZE,
+    REQ,
+    RES,
+    Decoder,
+    Packet,
+    PacketType,
+    encode,
+    encode_request,
+)
 from .tls import tls_error_text, wrap_client
 
 __all__ = ["DEFAULT_PORT", "Address", "Connection", "parse_address", "parse_servers"]
@@ -199,7 +208,7 @@ class Connection:
 
     def send(self, ptype: int, *args: bytes) -> None:
         """Queue one request packet; it leaves with everything else queued this turn."""
-        self.send_raw(encode_request(ptype, *args))
+        self.send_raw(encode(REQ, ptype, args))  # encode_request() is a frame more
 
     def send_raw(self, data: bytes) -> None:
         """Queue already-encoded packets."""

@@ -8,6 +8,11 @@ cdef class _Mailbox:
     cpdef put(self, item)
     cpdef get(self)
 
+cdef class _Slots:
+    cdef public object free, _waiters
+    cpdef take(self)
+    cpdef release(self)
+
 cdef class _Runners:
     cdef public object _run, _greenlets, _pending, _idle, _waking, active, _finished
     cpdef _wake(self)
@@ -21,6 +26,7 @@ cdef class Worker:
     cdef public object _stop_event, _done, _graceful, _drain_timeout, _working, _slots
     cdef public object _concurrency, _jobs, _conns, _sleeping, _inboxes, jobs_done
     cdef object __weakref__
+    @cython.locals(slots=_Slots)
     cpdef _session(self, conn, _Mailbox inbox)
     @cython.locals(job=WorkerJob)
     cpdef _run(self, conn, packet, holds_slot=*)

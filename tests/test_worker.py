@@ -413,6 +413,36 @@ def test_runners_are_reused_and_never_make_a_job_wait_for_another():
         assert not runners._greenlets
 
 
+def test_jobs_handed_over_at_once_all_run_even_with_one_runner_idle():
+    """Several jobs handed over with no switch in between (one read's JOB_ASSIGNs) while
+    a single runner is idle: each gets a runner of its own. A version that woke the idle
+    runner for the first and started no others ran the rest one after another."""
+    from gearoffload.worker import _Runners
+
+    running, release = [0], Event()
+
+    def run(blocks):
+        running[0] += 1
+        if blocks:
+            release.wait()
+        running[0] -= 1
+
+    runners = _Runners(run)
+    with gevent.Timeout(5):
+        runners.spawn(False)
+        assert runners.join(1) and len(runners._greenlets) == 1  # one runner, idle
+        for _ in range(3):
+            runners.spawn(True)
+        for _ in range(100):
+            if running[0] == 3:
+                break
+            gevent.sleep(0.01)
+        assert running[0] == 3 and len(runners._greenlets) == 3
+        release.set()
+        assert runners.join(1) and len(runners._greenlets) == 3  # kept for later jobs
+        runners.kill()
+
+
 def test_jobs_one_at_a_time_cost_a_few_grabs_each_not_one_per_slot(server):
     """A worker with many slots, woken for one job at a time (a web app's usual load),
     sends a handful of GRABs per job, not one per free slot (each answered NO_JOB)."""
