@@ -54,6 +54,7 @@ cdef class Client:
     cdef public object tls, timeout, connect_timeout, exceptions, client_id, _links
     cdef public object _extra_links, _ring_points, _ring_links, _round_robin, _inflight
     cdef public object _deadlines, _closed
+    cdef dict __dict__  # other attributes may be set, as on the .py class
     cdef object __weakref__
     @cython.locals(sub=_Submission, job=Job)
     cpdef submit(self, function, data=*, unique=*, priority=*, background=*, run_at=*,

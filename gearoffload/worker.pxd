@@ -25,6 +25,7 @@ cdef class Worker:
     cdef public object addresses, tls, client_id, concurrency, registry, connect_timeout
     cdef public object _stop_event, _done, _graceful, _drain_timeout, _working, _slots
     cdef public object _concurrency, _jobs, _conns, _sleeping, _inboxes, jobs_done
+    cdef dict __dict__  # other attributes may be set, as on the .py class
     cdef object __weakref__
     @cython.locals(slots=_Slots)
     cpdef _session(self, conn, _Mailbox inbox)

@@ -127,3 +127,18 @@ for call in (lambda: state._remove(None), lambda: state._assign(None, None, 9),
                          text=True, timeout=60)
     assert run.returncode == 0, f"rc={run.returncode}: {run.stderr[-2000:]}"
     assert run.stdout.count("AttributeError 'NoneType' object has no attribute") == 4
+
+
+def test_public_classes_take_other_attributes_as_the_py_classes_do():
+    """Compiled classes refuse attributes they do not declare; Client, Worker and
+    Connection declare a ``__dict__``, so code that tags them (as one may a plain Python
+    object) runs the same compiled or not."""
+    from gearoffload.connection import Connection
+
+    client = gearoffload.Client("127.0.0.1:1")
+    worker = gearoffload.Worker("127.0.0.1:1")
+    conn = Connection(("127.0.0.1", 1), lambda packet: None)
+    for thing in (client, worker, conn):
+        thing.tag = "mine"
+        assert thing.tag == "mine"
+
