@@ -11,9 +11,9 @@ extensions = [Extension("gearoffload._codec", ["gearoffload/_codec.c"], optional
 
 # Modules compiled from their own source by Cython (pure-Python mode: the declarations
 # are in the .pxd beside each .py) when Cython is there (pyproject.toml asks for it): the
-# server's job state, and the client's and worker's per-job paths. Each package's
-# _build.py records which sources its build is of: gearoffload._compiled imports the .py
-# instead of a compiled module that no longer matches it.
+# server's job state, and the client's, its connection's and the worker's per-job paths.
+# Each package's _build.py records which sources its build is of: gearoffload._compiled
+# imports the .py instead of a compiled module that no longer matches it.
 COMPILED = {"gearoffload": ("client", "connection", "worker"), "gearoffload_server": ("state",)}
 try:
     from Cython.Build import cythonize

@@ -103,8 +103,8 @@ class _Deadline:
 class _Deadlines:
     """Timeouts for many concurrent waits on one periodic timer.
 
-    A ``gevent.Timeout`` costs about 10 µs to arm and cancel, i.e. a sixth of what a job
-    costs the client; a set entry in a bucket per tick costs about 1 µs. The price is
+    A ``gevent.Timeout`` costs about 10 µs to arm and cancel, i.e. half of what a job
+    costs the client (compiled); a set entry in a bucket per tick costs about 1 µs. The price is
     resolution: a wait may overrun its deadline by up to two ticks.
     """
 
