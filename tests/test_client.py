@@ -427,6 +427,7 @@ def test_failover_when_a_server_dies_while_jobs_flow(two_servers, caplog):
     errors: list[BaseException] = []
     results = []
     stop = Event()
+    current = {}  # each submitter's job in flight
 
     def submitter(index: int, client: Client) -> None:
         n = 0
@@ -435,7 +436,8 @@ def test_failover_when_a_server_dies_while_jobs_flow(two_servers, caplog):
             data = b"%d-%d" % (index, n)
             unique = data.decode() if n % 2 else None  # hashed and round-robin jobs
             try:
-                assert client.submit("work", data, unique=unique).result(15) == data
+                job = current[index] = client.submit("work", data, unique=unique)
+                assert job.result(15) == data
                 results.append(data)
             except BaseException as exc:  # noqa: B036 - the test reports every failure
                 errors.append(exc)
@@ -446,6 +448,10 @@ def test_failover_when_a_server_dies_while_jobs_flow(two_servers, caplog):
         greenlets = [gevent.spawn(submitter, i, client) for i in range(20)]
         gevent.sleep(0.5)
         before = len(results)
+        # Jobs on the server that dies, or there would be nothing to fail over (about
+        # half of the 20 in flight are there; this makes sure, instead of trusting it).
+        assert poll_until(lambda: any(job.server == first.address and not job.done
+                                      for job in current.values()))
         first.stop(signal.SIGKILL)
         gevent.sleep(1.0)
         stop.set()
