@@ -69,7 +69,11 @@ def use_sources(package: str, directory: Path, stems: Iterable[str]) -> dict[str
         runs = (not pure and stem in built and any(
             (directory / f"{stem}{suffix}").exists()
             for suffix in importlib.machinery.EXTENSION_SUFFIXES))
-        if runs and source_digest(directory, stem) != built[stem]:
+        try:
+            stale = runs and source_digest(directory, stem) != built[stem]
+        except OSError:  # an install without the sources: there is nothing newer to run
+            stale = False
+        if stale:
             warnings.warn(f"{name}: the compiled module was built from other sources than "
                           f"{stem}.py and {stem}.pxd now; running {stem}.py (rebuild: "
                           "pip install -e .)", RuntimeWarning, stacklevel=3)

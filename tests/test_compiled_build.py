@@ -129,6 +129,27 @@ for call in (lambda: state._remove(None), lambda: state._assign(None, None, 9),
     assert run.stdout.count("AttributeError 'NoneType' object has no attribute") == 4
 
 
+def test_an_install_without_the_pxd_files_runs_the_compiled_modules(tmp_path):
+    """A wheel built before setup.cfg listed the .pxd files as package data had none, and
+    ``import gearoffload`` failed reading them. Without them nothing can be stale."""
+    require_compiled(probe(ROOT, GEAROFFLOAD_PURE_PYTHON="0"))
+    for package in ("gearoffload", "gearoffload_server"):
+        shutil.copytree(ROOT / package, tmp_path / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pxd"))
+    result = probe(tmp_path, GEAROFFLOAD_PURE_PYTHON="0")
+    assert all(result["compiled"].values()) and not result["warnings"], result
+
+
+def test_the_pxd_files_are_package_data():
+    """So that an installed package can check its build against its sources."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    for package in set(MODULES.values()):
+        assert config["options.package_data"][package].split() == ["*.pxd"]
+
+
 def test_public_classes_take_other_attributes_as_the_py_classes_do():
     """Compiled classes refuse attributes they do not declare; Client, Worker and
     Connection declare a ``__dict__``, so code that tags them (as one may a plain Python
