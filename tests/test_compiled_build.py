@@ -47,6 +47,13 @@ def probe(pythonpath: Path | str, **env: str) -> dict:
     return json.loads(out)
 
 
+def copy_packages(destination: Path, *leave_out: str) -> None:
+    """Both packages, as built (compiled modules included), without ``leave_out``."""
+    for package in ("gearoffload", "gearoffload_server"):
+        shutil.copytree(ROOT / package, destination / package,
+                        ignore=shutil.ignore_patterns("__pycache__", *leave_out))
+
+
 def require_compiled(result: dict) -> None:
     missing = [name for name, compiled in result["compiled"].items() if not compiled]
     if missing:
@@ -93,9 +100,7 @@ def test_the_pure_python_sources_pass_their_tests():
 def test_a_build_of_other_sources_is_not_used(tmp_path, name):
     """A .py edited since the build: its compiled module would run the old code."""
     require_compiled(probe(ROOT, GEAROFFLOAD_PURE_PYTHON="0"))
-    for package in ("gearoffload", "gearoffload_server"):
-        shutil.copytree(ROOT / package, tmp_path / package,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+    copy_packages(tmp_path)
     assert all(probe(tmp_path, GEAROFFLOAD_PURE_PYTHON="0")["compiled"].values())  # as built
     source = tmp_path / MODULES[name] / f"{name}.py"
     source.write_text(source.read_text() + "\n# edited after the build\n")
@@ -133,9 +138,7 @@ def test_an_install_without_the_pxd_files_runs_the_compiled_modules(tmp_path):
     """A wheel built before setup.cfg listed the .pxd files as package data had none, and
     ``import gearoffload`` failed reading them. Without them nothing can be stale."""
     require_compiled(probe(ROOT, GEAROFFLOAD_PURE_PYTHON="0"))
-    for package in ("gearoffload", "gearoffload_server"):
-        shutil.copytree(ROOT / package, tmp_path / package,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pxd"))
+    copy_packages(tmp_path, "*.pxd")
     result = probe(tmp_path, GEAROFFLOAD_PURE_PYTHON="0")
     assert all(result["compiled"].values()) and not result["warnings"], result
 

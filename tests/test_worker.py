@@ -443,6 +443,45 @@ def test_jobs_handed_over_at_once_all_run_even_with_one_runner_idle():
         runners.kill()
 
 
+def test_slots_count_and_wake_a_waiting_session():
+    """The worker's job slots (``_Slots``): take() until none is free; wait() returns
+    True when a slot is released, False when its timeout passes first."""
+    from gearoffload.worker import _Slots
+
+    slots = _Slots(2)
+    assert slots.take() and slots.take() and not slots.take()
+    with gevent.Timeout(5):
+        started = time.monotonic()
+        assert slots.wait(0.05) is False and time.monotonic() - started >= 0.04
+        gevent.spawn_later(0.05, slots.release)
+        assert slots.wait(2) is True
+        assert slots.take() and not slots.take()
+        # Two waiters, two releases: each is woken once, none is left registered.
+        woken = []
+        waiters = [gevent.spawn(lambda: woken.append(slots.wait(2))) for _ in range(2)]
+        gevent.sleep(0.01)
+        slots.release()
+        slots.release()
+        gevent.joinall(waiters)
+        assert woken == [True, True] and not slots._waiters and slots.free == 2
+
+
+def test_a_session_mailbox_hands_over_in_order_and_wakes_its_reader_once():
+    from gearoffload.worker import _Mailbox
+
+    inbox = _Mailbox()
+    inbox.put("a")
+    assert inbox.get() == "a"  # no wait when something is there
+    got = []
+    reader = gevent.spawn(lambda: got.extend(inbox.get() for _ in range(3)))
+    gevent.sleep(0.01)
+    for item in ("b", "c", "d"):
+        inbox.put(item)  # the first wakes the reader; the others wait in the deque
+    with gevent.Timeout(5):
+        reader.join()
+    assert got == ["b", "c", "d"] and inbox._waiter is None
+
+
 def test_jobs_one_at_a_time_cost_a_few_grabs_each_not_one_per_slot(server):
     """A worker with many slots, woken for one job at a time (a web app's usual load),
     sends a handful of GRABs per job, not one per free slot (each answered NO_JOB)."""
