@@ -2,12 +2,13 @@
 
 Example (``myapp.py``)::
 
-    from flask import Flask, abort
+    from flask import Flask, abort, g, session
     from gearoffload.flask import GearOffload, progress
 
     app = Flask(__name__)
+    app.config["SECRET_KEY"] = "..."                # signs jobs and job ids
     app.config["GEAROFFLOAD_SERVERS"] = "127.0.0.1:4730"
-    ext = GearOffload(app)
+    ext = GearOffload(app, job_owner=lambda request: session.get("user_id"))
 
     @app.get("/report/<month>")
     @ext.offload(unique=True)               # a stampede of identical requests runs it once
@@ -25,194 +26,87 @@ Example (``myapp.py``)::
             progress(i, len(rows))
         return {"imported": len(rows)}
 
-Workers: ``gearoffload-worker myapp:app --servers 127.0.0.1:4730`` (or ``flask gearoffload
-worker``). The decorator goes *below* ``@app.route``.
+Workers: ``gearoffload-worker myapp:app`` (or ``flask gearoffload worker``); both read the
+app's ``GEAROFFLOAD_*`` config. The decorator goes *below* ``@app.route`` (above it, the
+route would register the plain view: ``GearOffload`` refuses that at start-up).
 
 How a request travels: the web side encodes the WSGI environ (method, path, query,
-headers — so cookies —, remote address) and the raw body (form, JSON, uploaded files; up to
-``GEAROFFLOAD_MAX_BODY`` bytes, else 413) into one job. The worker rebuilds the environ,
-pushes an app and a request context, calls the view body with the URL's arguments, turns
-what it returns into a response with ``app.make_response`` (str, bytes, dict, list,
-tuples with status/headers, ``Response``, ``redirect``) and sends status, headers and body
-back; ``abort(404)`` and other HTTP exceptions are raised again on the web side, so the
-app's error handlers render them. ``before_request``/``after_request`` hooks run on the web
-side only; changes to ``session`` made on the worker are sent back as ``Set-Cookie``.
+headers — so cookies —, remote address), the raw body (up to ``GEAROFFLOAD_MAX_BODY``
+bytes, else 413) and the ``g`` values the view declares (``carry_g``) into one job, signed
+and sealed with the request's deadline (``gearoffload.core``). The worker checks the seal,
+rebuilds the request, runs the view body in app and request contexts, and sends the
+response back; ``abort(404)`` and other HTTP exceptions are raised again on the web side, so
+the app's error handlers render them. ``before_request``/``after_request`` hooks run on the
+web side only; changes to ``session`` made on the worker come back as ``Set-Cookie``.
+
+Coalescing (``unique=True``): requests share one run only when they would get the same
+answer — same method, path, query (less ``ignore_query``), body, view arguments, ``vary``
+headers and, unless ``public=True``, the same credentials (cookies, ``Authorization``).
+``unique=`` may also be a callable of the view arguments that returns the key.
+
+Background views (``background=True``) submit a Gearman background job and answer 202 with
+a status URL. The job then belongs to the job server (durable with a persistent queue); its
+state, progress and result are read from the result backend (``GEAROFFLOAD_RESULTS``:
+``server`` by default, or ``redis://...``) by whichever web process serves the poll. Ids are
+signed: they cannot be guessed or forged. ``job_owner(request)`` records who submitted a
+job, and only that owner may read it (or decide with ``can_read(job, request)``).
 
 Errors: no job server → ``503`` (or the view runs here with ``GEAROFFLOAD_FALLBACK =
-"local"``); no answer within the timeout → ``504``; the job failed or was lost → ``502``;
-the view raised on the worker → the ``JobException`` is raised on the web side, so the app's
-normal 500 handling applies. Each is logged with the job handle.
+"local"``, one run per coalescing key); no worker serves the view → ``503`` at once; no
+answer within the timeout → ``504`` (and the job is not started after that); the job failed
+→ ``502``; the view raised on the worker → the ``JobException`` (chained to the worker's
+traceback) is raised here, so the app's 500 handling and error trackers see it.
 
-Configuration (validated by ``init_app``, with messages that say what to do):
-``GEAROFFLOAD_SERVERS`` (``"host:port,..."``, default ``127.0.0.1:4730``),
-``GEAROFFLOAD_TIMEOUT`` (seconds, default 60), ``GEAROFFLOAD_FALLBACK`` (``"raise"`` or
-``"local"``), ``GEAROFFLOAD_SECRET_KEY`` (requests to workers are HMAC-signed and checked;
-enables signed pickle for ``@offload`` functions),
-``GEAROFFLOAD_FORMAT``, ``GEAROFFLOAD_MAX_BODY`` (bytes, default 4 MiB),
-``GEAROFFLOAD_RESULT_TTL`` (seconds a background result is kept, default 600),
-``GEAROFFLOAD_URL_PREFIX`` (of the status blueprint, default ``/_offload``),
-``GEAROFFLOAD_TLS_CA``, ``GEAROFFLOAD_TLS_CERT``, ``GEAROFFLOAD_TLS_KEY`` (PEM files: TLS,
-or mutual TLS, to the job servers; see docs/tls.md).
+Eager mode (``GEAROFFLOAD_EAGER = True``, or ``TESTING`` unless ``GEAROFFLOAD_EAGER`` says
+otherwise): views, functions and background jobs run in this process, synchronously,
+through the same encoding; the status endpoint works. Tests need no job server.
 
-Background results live in the memory of the web process that accepted the request (a
-watcher greenlet follows the job and keeps its response for the TTL). With several web
-processes, the status URL must reach the same process (sticky sessions), or pass a shared
-``result_store`` — see ``ResultStore``.
+Configuration (validated by ``init_app``, with messages that say what to do): see
+``gearoffload.core.OffloadConfig``, plus ``GEAROFFLOAD_URL_PREFIX`` (of the status
+blueprint, default ``/_offload``).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
-import secrets
-import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
-import gevent
-from flask import Blueprint, Flask, current_app, jsonify, request, session, url_for
+from flask import Blueprint, Flask, current_app, g, jsonify, request, session, url_for
 from flask.wrappers import Response
-from gevent import monkey
 from werkzeug.datastructures import MultiDict
-from werkzeug.exceptions import (
-    BadGateway,
-    GatewayTimeout,
-    HTTPException,
-    NotFound,
-    RequestEntityTooLarge,
-    ServiceUnavailable,
-    default_exceptions,
-)
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, default_exceptions
 from werkzeug.test import stream_encode_multipart
 
-from .codec import sign_payload, stable_hash, verify_payload
-from .errors import JobException, JobFailed, JobTimeout, NoServersAvailable
-from .offloading import OffloadConfig, check_call_options, progress, run_as_task
-from .offloading import configure as configure_default
+from .core import (
+    CODEC,
+    BodyTooLarge,
+    JobNotFound,
+    JobRef,
+    OffloadConfig,
+    Offloader,
+    SingleFlight,
+    check_runtime,
+    coalescing_key,
+    http_error,
+    progress,
+    request_from_payload,
+    request_payload,
+    run_task,
+    unique_key,
+    with_remote_traceback,
+)
+from .core import outcome_fields as _outcome_fields
+from .errors import GearmanError, JobException, NoServersAvailable
+from .offloading import check_call_options, using
 from .registry import TaskRegistry
-from .wsgi import CODEC, BodyTooLarge, build_environ, encode_environ
 
-__all__ = ["GearOffload", "MemoryResultStore", "OffloadedView", "ResultStore",
-           "FlaskOffloadConfig", "offload", "progress"]
+__all__ = ["GearOffload", "OffloadedView", "offload", "progress"]
 
 log = logging.getLogger("gearoffload.flask")
-
-_MB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class FlaskOffloadConfig:
-    """The extension's settings, parsed once from ``app.config`` by ``init_app``.
-
-    Example::
-
-        config = FlaskOffloadConfig.from_mapping({"GEAROFFLOAD_TIMEOUT": 10})
-        assert config.offload.timeout == 10
-    """
-
-    offload: OffloadConfig
-    max_body: int = 4 * _MB
-    result_ttl: float = 600.0
-    url_prefix: str = "/_offload"
-
-    def __post_init__(self) -> None:
-        if self.max_body < 0:
-            raise ValueError("GEAROFFLOAD_MAX_BODY must be a number of bytes >= 0")
-        if not self.result_ttl > 0:
-            raise ValueError("GEAROFFLOAD_RESULT_TTL must be a positive number of seconds")
-        if not self.url_prefix.startswith("/"):
-            raise ValueError(f"GEAROFFLOAD_URL_PREFIX must start with '/', not "
-                             f"{self.url_prefix!r}")
-
-    @classmethod
-    def from_mapping(cls, config: Mapping[str, Any]) -> FlaskOffloadConfig:
-        servers = config.get("GEAROFFLOAD_SERVERS")
-        mapping = dict(config)
-        if servers is not None and not isinstance(servers, str):
-            mapping["GEAROFFLOAD_SERVERS"] = ",".join(servers)
-        kwargs: dict[str, Any] = {}
-        for key, name, kind in (("GEAROFFLOAD_MAX_BODY", "max_body", int),
-                                ("GEAROFFLOAD_RESULT_TTL", "result_ttl", float)):
-            value = config.get(key)
-            if value is None:
-                continue
-            try:
-                kwargs[name] = kind(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{key} must be a number, not {value!r}") from None
-        if config.get("GEAROFFLOAD_URL_PREFIX"):
-            kwargs["url_prefix"] = str(config["GEAROFFLOAD_URL_PREFIX"]).rstrip("/") or "/"
-        return cls(offload=OffloadConfig.from_mapping(mapping), **kwargs)
-
-
-# -- background results -------------------------------------------------------------------
-
-class _Entry:
-    """One background view job as the web side follows it."""
-
-    __slots__ = ("state", "numerator", "denominator", "response", "error", "handle",
-                 "created", "expires")
-
-    def __init__(self, handle: str | None, ttl: float) -> None:
-        self.state = "queued"
-        self.numerator = 0
-        self.denominator = 0
-        self.response: dict[str, Any] | None = None
-        self.error: str | None = None
-        self.handle = handle
-        self.created = time.time()
-        self.expires = time.monotonic() + ttl
-
-
-class ResultStore:
-    """Where background jobs' states and results are kept, by token. Subclass it for a
-    store shared by several web processes (the entries are small dicts of str/bytes)."""
-
-    def put(self, token: str, entry: _Entry) -> None:
-        raise NotImplementedError
-
-    def get(self, token: str) -> _Entry | None:
-        raise NotImplementedError
-
-
-class MemoryResultStore(ResultStore):
-    """The default store: a dict in this process, expired entries dropped as it goes.
-
-    ``max_entries`` bounds memory: past it the oldest entries go first.
-    """
-
-    def __init__(self, max_entries: int = 10_000) -> None:
-        self.entries: dict[str, _Entry] = {}
-        self.max_entries = max_entries
-        self._next_sweep = 0.0
-
-    def put(self, token: str, entry: _Entry) -> None:
-        if token in self.entries:  # a progress update: nothing else to do
-            self.entries[token] = entry
-            return
-        if time.monotonic() >= self._next_sweep:  # at most one sweep a second
-            self._expire()
-            self._next_sweep = time.monotonic() + 1.0
-        self.entries[token] = entry
-        while len(self.entries) > self.max_entries:
-            self.entries.pop(next(iter(self.entries)))
-
-    def get(self, token: str) -> _Entry | None:
-        entry = self.entries.get(token)
-        if entry is not None and entry.expires < time.monotonic():
-            del self.entries[token]
-            return None
-        return entry
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for token in [t for t, e in self.entries.items() if e.expires < now]:
-            del self.entries[token]
-
-
-# -- the view decorator -------------------------------------------------------------------
 
 #: Views decorated with the module-level ``offload`` (bound to whichever app serves them).
 _unbound_views: list[OffloadedView] = []
@@ -226,10 +120,14 @@ class OffloadedView:
     """
 
     def __init__(self, view: Callable[..., Any], name: str | None = None,
-                 unique: bool = False, background: bool = False,
-                 timeout: float | None = None, fallback: str | None = None,
-                 vary: Iterable[str] = (), priority: str = "normal") -> None:
+                 unique: bool | str | Callable[..., str | bytes] = False,
+                 background: bool = False, timeout: float | None = None,
+                 fallback: str | None = None, vary: Iterable[str] = (),
+                 public: bool = False, ignore_query: Iterable[str] = (),
+                 carry_g: Iterable[str] = (), priority: str = "normal") -> None:
         check_call_options(timeout, fallback)
+        if isinstance(view, OffloadedView):
+            raise TypeError(f"{view.name} is offloaded twice")
         self.view = view
         self.name = name or f"{view.__module__}.{view.__qualname__}"
         self.unique = unique
@@ -237,7 +135,11 @@ class OffloadedView:
         self.timeout = timeout
         self.fallback = fallback
         self.vary = tuple(vary)
+        self.public = public
+        self.ignore_query = tuple(ignore_query)
+        self.carry_g = tuple(carry_g)
         self.priority = priority
+        self._flights = SingleFlight()
         functools.update_wrapper(self, view)
 
     def __repr__(self) -> str:
@@ -245,85 +147,83 @@ class OffloadedView:
 
     # web side
 
-    def unique_for(self, view_args: Mapping[str, Any]) -> str | None:
-        """The coalescing key of the current request (``None`` unless ``unique=True``):
-        method, path, query string, the view's arguments and the ``vary`` headers."""
+    def unique_for(self, view_args: Mapping[str, Any], body: bytes = b"") -> str | None:
+        """The coalescing key of the current request (``None`` unless ``unique``); see
+        ``gearoffload.core.coalescing_key``. A callable ``unique`` gets the view
+        arguments and returns the key (it then decides alone what makes requests equal);
+        a string is the key itself."""
         if not self.unique:
             return None
-        return stable_hash(request.method, request.script_root + request.path,
-                           request.query_string, sorted((k, repr(v))
-                                                        for k, v in view_args.items()),
-                           [request.headers.get(h, "") for h in self.vary])
+        if callable(self.unique):
+            return str(unique_key(self.unique(**view_args)))
+        if isinstance(self.unique, str):
+            return str(unique_key(self.unique))
+        return coalescing_key(request.environ, body, vary=self.vary, public=self.public,
+                              ignore_query=self.ignore_query,
+                              extra=[self.name, sorted((k, repr(v))
+                                                       for k, v in view_args.items())])
 
     def __call__(self, **view_args: Any) -> Any:
         state = _state()
-        settings = state.config
+        config = state.offloader.config
         try:
-            body = _request_body(settings.max_body)  # first: it may fix CONTENT_TYPE/LENGTH
+            body = _request_body(config.max_body)  # first: it may fix CONTENT_TYPE/LENGTH
         except BodyTooLarge as exc:
             raise RequestEntityTooLarge(str(exc)) from None
-        payload = CODEC.dumps({"environ": encode_environ(request.environ), "body": body,
-                               "background": self.background})
-        if settings.offload.secret_key:
-            payload = sign_payload(settings.offload.secret_key, payload)
-        fallback = self.fallback or settings.offload.fallback
+        carried = {key: getattr(g, key) for key in self.carry_g if key in g}
+        payload = request_payload(request.environ, body, g=carried,
+                                  background=self.background)
+        unique = self.unique_for(view_args, body)
         try:
-            # A view that waits for its answer waits once (Client.call): not for
-            # JOB_CREATED first. Background views need the handle for their status URL.
-            job = state.client.submit(self.name, payload, unique=self.unique_for(view_args),
-                                      priority=self.priority, wait=self.background)
+            if self.background:
+                ref = state.offloader.start(self.name, payload, unique=unique,
+                                            priority=self.priority, owner=state.owner())
+                return state.accepted(self, ref)
+            timeout = self.timeout if self.timeout is not None else config.timeout
+            raw = state.offloader.call(self.name, payload, unique=unique,
+                                       priority=self.priority, timeout=timeout)
         except NoServersAvailable as exc:
-            return self._unreachable(exc, fallback, view_args)
-        if self.background:
-            return state.follow(self, job)
-        timeout = self.timeout if self.timeout is not None else settings.offload.timeout
-        try:
-            raw = job.result(timeout=timeout)
-        except JobTimeout:
-            log.error("%s %s: job %s on %s (%s): no answer within %ss", request.method,
-                      request.path, job.handle, job.server, self.name, timeout)
-            raise GatewayTimeout("The worker did not answer in time.") from None
+            fallback = self.fallback or config.fallback
+            if fallback == "local" and not self.background:
+                log.warning("%s %s: no job server reachable (%s); running %s here",
+                            request.method, request.path, exc, self.name)
+                if unique is None:
+                    return self.view(**view_args)
+                return self._flights.run(unique, lambda: current_app.make_response(
+                    self.view(**view_args)))
+            raise _http_exception(exc, self.name) from None
         except JobException as exc:
-            log.error("%s %s: job %s on %s (%s): the view raised on the worker: %s",
-                      request.method, request.path, job.handle, job.server, self.name,
-                      exc.text)
-            raise
-        except NoServersAvailable as exc:  # no server took the job, as at submit()
-            return self._unreachable(exc, fallback, view_args)
-        except JobFailed as exc:
-            log.error("%s %s: job %s on %s (%s) failed: %s", request.method, request.path,
-                      job.handle, job.server, self.name, exc)
-            raise BadGateway("The worker failed.") from None
+            log.error("%s %s (%s): the view raised on the worker:\n%s", request.method,
+                      request.path, self.name, exc.text)
+            raise with_remote_traceback(exc) from exc.__cause__
+        except GearmanError as exc:
+            raise _http_exception(exc, self.name) from None
         return _to_response(CODEC.loads(raw))
-
-    def _unreachable(self, exc: NoServersAvailable, fallback: str,
-                     view_args: Mapping[str, Any]) -> Any:
-        """No server accepted the job: run the view here (``fallback="local"``) or 503."""
-        if fallback == "local" and not self.background:
-            log.warning("%s %s: no job server reachable (%s); running %s here",
-                        request.method, request.path, exc, self.name)
-            return self.view(**view_args)
-        log.error("%s %s: no job server reachable for %s: %s", request.method,
-                  request.path, self.name, exc)
-        raise ServiceUnavailable("No job server is reachable; try again shortly.",
-                                 retry_after=5) from None
 
     # worker side
 
     def run_job(self, app: Flask, job: Any) -> bytes:
-        """Rebuild the request, run the view body in app and request contexts, and
-        return the encoded response."""
-        secret_key = app.extensions["gearoffload"].config.offload.secret_key
-        data = CODEC.loads(verify_payload(secret_key, job.data))
-        environ = build_environ(data["environ"], data["body"])
+        """Open the seal, rebuild the request, run the view body in app and request
+        contexts, and return the encoded response."""
+        offloader = app.extensions["gearoffload"].offloader
+        return run_task(offloader, job, functools.partial(self._respond, app),
+                        background=job.unique.startswith("bg-"))
+
+    def _respond(self, app: Flask, payload: bytes) -> bytes:
+        environ, extra = request_from_payload(payload)
         with app.request_context(environ):
-            if data.get("background"):
-                job.send_status(0, 0)  # "running" for the status page
+            for key, value in (extra.get("g") or {}).items():
+                setattr(g, key, value)
+            if extra.get("background"):
+                progress(0, 0)  # "running" for the status page
             try:
                 if request.routing_exception is not None:
                     raise request.routing_exception
                 view = app.ensure_sync(self.view)  # async views too
-                rv = run_as_task(job, lambda: view(**(request.view_args or {})))
+                try:
+                    rv = view(**(request.view_args or {}))
+                except AttributeError as exc:
+                    raise _explain_g(exc, self) from exc
                 response = app.make_response(rv)
             except HTTPException as exc:
                 if exc.response is None and exc.code is not None and exc.code >= 400:
@@ -336,6 +236,27 @@ class OffloadedView:
                                 "headers": [[k, v] for k, v in response.headers.items()
                                             if k.lower() != "content-length"],
                                 "body": response.get_data()})
+
+
+def _explain_g(exc: AttributeError, view: OffloadedView) -> BaseException:
+    """An ``AttributeError`` on ``g`` says why the value is missing on the worker."""
+    if getattr(exc, "obj", None) is g._get_current_object() and getattr(exc, "name", None):
+        name = exc.name
+        return AttributeError(
+            f"g.{name} is not set on the worker: before_request hooks run on the web side "
+            f"only. Declare it to travel with the request: @ext.offload(carry_g="
+            f"[{name!r}]) on {view.name}")
+    return exc
+
+
+def _http_exception(exc: GearmanError, function: str) -> HTTPException:
+    answer = http_error(exc)
+    log.error("%s %s (%s): %s: %s", request.method, request.path, function,
+              type(exc).__name__, exc)
+    error = default_exceptions[answer.status](answer.message)
+    if answer.retry_after:
+        error.retry_after = answer.retry_after  # type: ignore[attr-defined]
+    return error
 
 
 def _request_body(limit: int) -> bytes:
@@ -379,10 +300,7 @@ def _to_response(answer: dict[str, Any]) -> Response:
                     headers=[tuple(h) for h in answer["headers"]])
 
 
-def offload(view: Callable[..., Any] | None = None, *, name: str | None = None,
-            unique: bool = False, background: bool = False, timeout: float | None = None,
-            fallback: str | None = None, vary: Iterable[str] = (),
-            priority: str = "normal") -> Any:
+def offload(view: Callable[..., Any] | None = None, **options: Any) -> Any:
     """Offload a view of whichever app serves it (blueprints, app factories): like
     ``GearOffload.offload`` without naming the extension. The app needs ``GearOffload``.
 
@@ -395,9 +313,7 @@ def offload(view: Callable[..., Any] | None = None, *, name: str | None = None,
         def report(month): ...
     """
     def decorate(fn: Callable[..., Any]) -> OffloadedView:
-        offloaded = OffloadedView(fn, name=name, unique=unique, background=background,
-                                  timeout=timeout, fallback=fallback, vary=vary,
-                                  priority=priority)
+        offloaded = OffloadedView(fn, **options)
         _unbound_views.append(offloaded)
         return offloaded
 
@@ -407,22 +323,18 @@ def offload(view: Callable[..., Any] | None = None, *, name: str | None = None,
 # -- the extension --------------------------------------------------------------------------
 
 class _AppState:
-    """What the extension keeps per app: config, clients, background results."""
+    """What the extension keeps per app: its offloader, its views, its access rules."""
 
-    def __init__(self, ext: GearOffload, app: Flask, config: FlaskOffloadConfig,
-                 store: ResultStore) -> None:
+    def __init__(self, ext: GearOffload, app: Flask, offloader: Offloader,
+                 url_prefix: str) -> None:
         self.ext = ext
         self.app = app
-        self.config = config
-        self.store = store
-        self._local = monkey.get_original("threading", "local")()
+        self.offloader = offloader
+        self.url_prefix = url_prefix
 
     @property
-    def client(self) -> Any:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = self.config.offload.make_client()
-        return client
+    def config(self) -> OffloadConfig:
+        return self.offloader.config
 
     @property
     def registry(self) -> TaskRegistry:
@@ -432,49 +344,35 @@ class _AppState:
             registry.register(view.name, functools.partial(view.run_job, self.app))
         return registry
 
-    def follow(self, view: OffloadedView, job: Any) -> Response:
-        """Keep a background job's progress and result; answer 202 with its status URL."""
-        token = secrets.token_urlsafe(18)
-        ttl = self.config.result_ttl
-        entry = _Entry(job.handle, ttl)
-        self.store.put(token, entry)
-        timeout = view.timeout if view.timeout is not None else self.config.offload.timeout
-        gevent.spawn(self._watch, token, entry, job, timeout, view.name)
-        url = url_for("gearoffload.job_status", token=token)
-        response = jsonify({"id": token, "state": "queued", "status_url": url})
+    def owner(self) -> str | None:
+        """Who submits the current request (``job_owner``), recorded in its job id."""
+        job_owner = self.ext.job_owner
+        if job_owner is None:
+            return None
+        value = job_owner(request)
+        return None if value is None else str(value)
+
+    def accepted(self, view: OffloadedView, ref: JobRef) -> Response:
+        """202 with the job's status URL."""
+        job_id = self.offloader.job_id(ref)
+        url = url_for("gearoffload.job_status", job_id=job_id)
+        response = jsonify({"id": job_id, "state": "queued", "status_url": url})
         response.status_code = 202
         response.headers["Location"] = url
         response.headers["Retry-After"] = "1"
-        log.info("background view %s: job %s, status %s", view.name, job.handle, url)
+        log.info("background view %s: job %s accepted", view.name, ref.unique)
         return response
 
-    def _watch(self, token: str, entry: _Entry, job: Any, timeout: float | None,
-               name: str) -> None:
-        try:
-            for update in job.updates(timeout=timeout):
-                if update.kind == "status":
-                    entry.state = "running"
-                    entry.numerator = update.numerator or 0
-                    entry.denominator = update.denominator or 0
-                    self.store.put(token, entry)
-            answer = CODEC.loads(job.result(timeout=1))
-            entry.response = answer
-            entry.state = "done"
-            if "abort" not in answer and entry.denominator:
-                entry.numerator = entry.denominator
-        except JobException as exc:
-            log.error("background view %s: job %s raised on the worker: %s", name,
-                      job.handle, exc.text)
-            entry.state, entry.error = "failed", "the view raised on the worker"
-        except JobTimeout:
-            log.error("background view %s: job %s: no result within %ss", name, job.handle,
-                      timeout)
-            entry.state, entry.error = "failed", "timeout"
-        except Exception as exc:
-            log.error("background view %s: job %s failed: %s", name, job.handle, exc)
-            entry.state, entry.error = "failed", "the worker failed"
-        entry.expires = time.monotonic() + self.config.result_ttl
-        self.store.put(token, entry)
+    def readable(self, job_id: str) -> JobRef:
+        """The job an id names, if the current request may read it (404 otherwise: a
+        job another user owns is not admitted to exist)."""
+        ref = self.offloader.read_id(job_id)
+        can_read = self.ext.can_read
+        allowed = can_read(ref, request) if can_read is not None else (
+            ref.owner is None or ref.owner == self.owner())
+        if not allowed:
+            raise JobNotFound("Unknown job id.")
+        return ref
 
 
 def _state() -> _AppState:
@@ -485,24 +383,27 @@ def _state() -> _AppState:
     return state
 
 
-def _entry_or_404(token: str) -> _Entry:
-    entry = _state().store.get(token)
-    if entry is None:
-        raise NotFound("Unknown or expired job id.")
-    return entry
+def _json_error(exc: GearmanError) -> Response:
+    answer = http_error(exc)
+    response = jsonify({"error": answer.message, "status": answer.status})
+    response.status_code = answer.status
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
-def _job_status(token: str) -> Response:
-    entry = _entry_or_404(token)
-    body: dict[str, Any] = {
-        "id": token, "state": entry.state,
-        "progress": {"numerator": entry.numerator, "denominator": entry.denominator},
-    }
-    if entry.error:
-        body["error"] = entry.error
-    answer = entry.response
-    if answer is not None:
-        body["result_url"] = url_for("gearoffload.job_result", token=token)
+def _job_status(job_id: str) -> Response:
+    state = _state()
+    try:
+        ref = state.readable(job_id)
+        outcome = state.offloader.outcome(ref)
+    except GearmanError as exc:
+        return _json_error(exc)
+    if outcome.state == "unknown":
+        return _json_error(JobNotFound("Unknown job id (never run here, or lost)."))
+    body: dict[str, Any] = {"id": job_id, **_outcome_fields(outcome)}
+    if outcome.state == "done" and outcome.data is not None:
+        answer = CODEC.loads(outcome.data)
+        body["result_url"] = url_for("gearoffload.job_result", job_id=job_id)
         if "abort" in answer:
             body["status_code"] = answer["abort"]
         else:
@@ -510,37 +411,45 @@ def _job_status(token: str) -> Response:
             headers = {k.lower(): v for k, v in answer["headers"]}
             kind = headers.get("content-type", "")
             if kind.startswith("application/json"):
-                import json
                 body["result"] = json.loads(answer["body"])
             elif kind.startswith("text/") and len(answer["body"]) <= 65536:
                 body["result"] = answer["body"].decode("utf-8", "replace")
     response = jsonify(body)
-    if entry.state in ("queued", "running"):
+    if outcome.state in ("queued", "running"):
         response.headers["Retry-After"] = "1"
     response.headers["Cache-Control"] = "no-store"
     return response
 
 
-def _job_result(token: str) -> Response:
-    entry = _entry_or_404(token)
-    if entry.response is None:
-        response = jsonify({"id": token, "state": entry.state, "error": entry.error})
-        response.status_code = 500 if entry.state == "failed" else 409
+def _job_result(job_id: str) -> Response:
+    state = _state()
+    try:
+        outcome = state.offloader.outcome(state.readable(job_id))
+    except GearmanError as exc:
+        return _json_error(exc)
+    if outcome.state == "unknown":
+        return _json_error(JobNotFound("Unknown job id (never run here, or lost)."))
+    if outcome.state != "done" or outcome.data is None:
+        response = jsonify({"id": job_id, **_outcome_fields(outcome)})
+        response.status_code = 500 if outcome.state in ("failed", "dead") else 409
         return response
-    return _to_response(entry.response)
+    return _to_response(CODEC.loads(outcome.data))
 
 
 class GearOffload:
     """The Flask extension: ``GearOffload(app)`` or ``ext = GearOffload();
     ext.init_app(app)``. See the module docstring.
 
-    ``result_store``: where background results are kept (default: this process's memory).
-    ``configure_default``: also make the app's servers and codec the default of
-    ``gearoffload.offload`` functions (default ``True``).
+    ``job_owner(request)``: who submits a background job (e.g. the user id), recorded in
+    its signed id; by default only requests with the same owner may read the job.
+    ``can_read(job, request)``: decide yourself (``job`` is a ``JobRef``: ``function``,
+    ``unique``, ``owner``, ``created``). ``results``: a ``ResultBackend`` instead of
+    ``GEAROFFLOAD_RESULTS``. ``init_app`` changes nothing process-wide: inside the app's
+    contexts, ``@offload`` functions use the app's settings.
 
     Example::
 
-        ext = GearOffload(app)
+        ext = GearOffload(app, job_owner=lambda request: session.get("user_id"))
 
         @app.get("/slow")
         @ext.offload
@@ -548,65 +457,119 @@ class GearOffload:
             return "done on a worker"
     """
 
-    def __init__(self, app: Flask | None = None, result_store: ResultStore | None = None,
-                 configure_default: bool = True) -> None:
+    def __init__(self, app: Flask | None = None, *,
+                 job_owner: Callable[[Any], Any] | None = None,
+                 can_read: Callable[[JobRef, Any], bool] | None = None,
+                 results: Any = None) -> None:
         self.views: list[OffloadedView] = []
-        self.result_store = result_store
-        self.configure_default = configure_default
+        self.job_owner = job_owner
+        self.can_read = can_read
+        self.results = results
+        self._apps: list[Flask] = []
         if app is not None:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
         """Validate the app's ``GEAROFFLOAD_*`` config, register the status blueprint and
         the ``flask gearoffload worker`` command."""
+        check_runtime()
+        mapping = dict(app.config)
+        if "GEAROFFLOAD_EAGER" not in mapping and app.config.get("TESTING"):
+            mapping["GEAROFFLOAD_EAGER"] = True
         try:
-            config = FlaskOffloadConfig.from_mapping(app.config)
+            config = OffloadConfig.from_mapping(mapping, app.config.get("SECRET_KEY"))
         except ValueError as exc:
             raise ValueError(f"gearoffload: bad Flask config: {exc}") from None
-        store = self.result_store if self.result_store is not None else MemoryResultStore()
-        app.extensions["gearoffload"] = _AppState(self, app, config, store)
-        blueprint = Blueprint("gearoffload", __name__, url_prefix=config.url_prefix)
-        blueprint.add_url_rule("/jobs/<token>", "job_status", _job_status)
-        blueprint.add_url_rule("/jobs/<token>/result", "job_result", _job_result)
+        if not config.secret_key and not config.allow_unsigned:
+            raise ValueError(
+                "gearoffload: set GEAROFFLOAD_SECRET_KEY (or the app's SECRET_KEY): jobs "
+                "are signed so that only this web tier can make workers run a view; on a "
+                "closed network, GEAROFFLOAD_ALLOW_UNSIGNED = True opts out")
+        prefix = str(app.config.get("GEAROFFLOAD_URL_PREFIX") or "/_offload").rstrip("/")
+        if not prefix.startswith("/"):
+            raise ValueError(f"gearoffload: bad Flask config: GEAROFFLOAD_URL_PREFIX must "
+                             f"start with '/', not {prefix!r}")
+        state = _AppState(self, app, Offloader(config, results=self.results), prefix)
+        app.extensions["gearoffload"] = state
+        if config.eager:
+            from .registry import registry as default_registry
+
+            state.offloader.registry = _LiveRegistry(state, default_registry)
+        self._apps.append(app)
+        self._check_order(app)
+        blueprint = Blueprint("gearoffload", __name__, url_prefix=prefix)
+        blueprint.add_url_rule("/jobs/<job_id>", "job_status", _job_status)
+        blueprint.add_url_rule("/jobs/<job_id>/result", "job_result", _job_result)
         app.register_blueprint(blueprint)
         app.cli.add_command(_cli_group())
-        if self.configure_default:
-            offload_config = config.offload
-            configure_default(servers=offload_config.servers, timeout=offload_config.timeout,
-                              fallback=offload_config.fallback,
-                              secret_key=offload_config.secret_key,
-                              format=offload_config.format,
-                              connect_timeout=offload_config.connect_timeout,
-                              tls_ca=offload_config.tls_ca, tls_cert=offload_config.tls_cert,
-                              tls_key=offload_config.tls_key)
+
+        from flask import appcontext_popped, appcontext_pushed
+
+        def push(sender: Flask, **_: Any) -> None:
+            using(state.offloader)
+
+        def pop(sender: Flask, **_: Any) -> None:
+            using(None)
+
+        appcontext_pushed.connect(push, app, weak=False)
+        appcontext_popped.connect(pop, app, weak=False)
+
+    def _check_order(self, app: Flask, fn: Callable[..., Any] | None = None) -> None:
+        """``@ext.offload`` above ``@app.route`` registers the plain view: refuse it."""
+        registered = set(app.view_functions.values())
+        for view in ([fn] if fn is not None else [v.view for v in self.views]):
+            if view in registered:
+                raise TypeError(
+                    f"{view.__module__}.{view.__qualname__}: @ext.offload must go below "
+                    "@app.route (above it, the route serves the view here, not on a "
+                    "worker)")
 
     def offload(self, view: Callable[..., Any] | None = None, *, name: str | None = None,
-                unique: bool = False, background: bool = False, timeout: float | None = None,
+                unique: bool | str | Callable[..., str | bytes] = False,
+                background: bool = False, timeout: float | None = None,
                 fallback: str | None = None, vary: Iterable[str] = (),
-                priority: str = "normal") -> Any:
+                public: bool = False, ignore_query: Iterable[str] = (),
+                carry_g: Iterable[str] = (), priority: str = "normal") -> Any:
         """Decorator for a view (below ``@app.route``): its body runs on a worker.
 
-        ``unique=True`` coalesces identical requests (method, path, query, view
-        arguments, and the ``vary`` headers) into one execution — only for views whose
-        response does not depend on who asks; ``background=True`` answers 202 with a
-        status URL; ``timeout`` (seconds) overrides ``GEAROFFLOAD_TIMEOUT``; ``fallback``
-        overrides ``GEAROFFLOAD_FALLBACK``; ``name`` the Gearman function name
-        (default ``module.qualname``).
+        ``unique=True`` coalesces identical requests (see the module docstring: the
+        credentials count unless ``public=True``; ``ignore_query`` lists query parameters,
+        ``fnmatch`` patterns, that do not change the answer), or ``unique=callable`` gets
+        the view arguments and returns the key; ``background=True`` answers 202 with a
+        status URL; ``carry_g`` names ``g`` attributes set by ``before_request`` that the
+        view needs on the worker (JSON values); ``timeout`` (seconds) overrides
+        ``GEAROFFLOAD_TIMEOUT``; ``fallback`` overrides ``GEAROFFLOAD_FALLBACK``; ``name``
+        the Gearman function name (default ``module.qualname``).
 
         Example::
 
             @app.get("/page/<int:n>")
-            @ext.offload(unique=True, timeout=10)
+            @ext.offload(unique=True, ignore_query=["utm_*"], timeout=10)
             def page(n): ...
         """
         def decorate(fn: Callable[..., Any]) -> OffloadedView:
+            for app in self._apps:
+                self._check_order(app, fn)
             offloaded = OffloadedView(fn, name=name, unique=unique, background=background,
                                       timeout=timeout, fallback=fallback, vary=vary,
-                                      priority=priority)
+                                      public=public, ignore_query=ignore_query,
+                                      carry_g=carry_g, priority=priority)
             self.views.append(offloaded)
             return offloaded
 
         return decorate(view) if view is not None else decorate
+
+
+class _LiveRegistry:
+    """Eager mode's tasks: the app's views and the ``@offload`` functions, looked up at
+    call time (views may be declared after ``init_app``)."""
+
+    def __init__(self, state: _AppState, functions: TaskRegistry) -> None:
+        self.state = state
+        self.functions = functions
+
+    def get(self, name: str) -> Any:
+        return self.state.registry.get(name) or self.functions.get(name)
 
 
 def _cli_group() -> Any:
@@ -630,16 +593,7 @@ def _cli_group() -> Any:
             raise click.ClickException(
                 f"cannot find the app object in module {app.import_name!r} (an app "
                 "factory?): run gearoffload-worker module:app yourself")
-        servers = ",".join(_state().config.offload.servers)
         args = [sys.executable, "-m", "gearoffload.pool", f"{app.import_name}:{names[0]}"]
-        if not any(a.startswith("--servers") for a in pool_args):
-            args += ["--servers", servers]
-        offload_config = _state().config.offload
-        for name in ("ca", "cert", "key"):  # the app's GEAROFFLOAD_TLS_* unless given
-            value = getattr(offload_config, f"tls_{name}")
-            if value and not any(a.startswith(f"--tls-{name}") for a in pool_args):
-                args += [f"--tls-{name}", value]
         os.execv(sys.executable, [*args, *pool_args])
 
     return group
-

@@ -68,6 +68,7 @@ class PoolConfig:
     log_level: str = "INFO"
     log_format: str = "text"  # gearoffload.logfmt: text or json
     wsgi_function: str | None = None  # --wsgi: serve the target for OffloadMiddleware
+    servers_given: bool = True  # False: a Flask app's GEAROFFLOAD_SERVERS may replace them
     #: PEM files for TLS to the servers (``gearoffload.tls_context``); all None: plain TCP.
     tls_ca: str | None = None
     tls_cert: str | None = None
@@ -108,10 +109,10 @@ def parse_args(argv: list[str] | None = None) -> PoolConfig:
         description="Serve the tasks of a Python module with N processes x M greenlets.")
     parser.add_argument("target", help="module to import (myapp.tasks) or module:attr, "
                         "attr being a Worker or a TaskRegistry")
-    parser.add_argument("--servers", default=os.environ.get("GEAROFFLOAD_SERVERS",
-                                                            "127.0.0.1:4730"),
-                        help="comma-separated host:port list (default: $GEAROFFLOAD_SERVERS "
-                             "or 127.0.0.1:4730)")
+    parser.add_argument("--servers", default="",
+                        help="comma-separated host:port list (default: a Flask app's "
+                             "GEAROFFLOAD_SERVERS, else $GEAROFFLOAD_SERVERS, else "
+                             "127.0.0.1:4730)")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                         help="worker processes (default: the CPU count, %(default)s)")
     parser.add_argument("--concurrency", type=int, default=1,
@@ -129,8 +130,9 @@ def parse_args(argv: list[str] | None = None) -> PoolConfig:
     parser.add_argument("--wsgi", action="store_true",
                         help="target is a WSGI app (module:app): run the requests that "
                              "OffloadMiddleware sends")
-    parser.add_argument("--wsgi-function", default="gearoffload.wsgi",
-                        help="function name the middleware uses (default: %(default)s)")
+    parser.add_argument("--wsgi-function", default="",
+                        help="function name the middleware uses (default: "
+                             "gearoffload.wsgi:<the app's import name>, as the middleware's)")
     for name, what in (("ca", "CA certificates that sign the servers' certificates"),
                        ("cert", "this worker's certificate, for mutual TLS"),
                        ("key", "the private key of --tls-cert")):
@@ -141,7 +143,9 @@ def parse_args(argv: list[str] | None = None) -> PoolConfig:
     try:
         return PoolConfig(
             target=args.target,
-            servers=tuple(s.strip() for s in args.servers.split(",") if s.strip()),
+            servers=tuple(s.strip() for s in (args.servers or os.environ.get(
+                "GEAROFFLOAD_SERVERS", "127.0.0.1:4730")).split(",") if s.strip()),
+            servers_given=bool(args.servers),
             processes=args.processes, concurrency=args.concurrency,
             drain_timeout=args.drain_timeout, client_id=args.client_id,
             log_level=args.log_level, log_format=args.log_format,
@@ -351,7 +355,23 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"gearoffload-worker: cannot load tasks from {config.target}: "
                          f"{exc}\n")
         return 2
+    if not config.servers_given:
+        config = _app_servers(config)
     return run_pool(config, registry)
+
+
+def _app_servers(config: PoolConfig) -> PoolConfig:
+    """The servers of the app the pool serves (a Flask app's ``GEAROFFLOAD_SERVERS`` and
+    TLS files), when the command line names none."""
+    import dataclasses
+
+    from .offloading import get_config  # a Flask app's settings, once load_registry ran
+
+    app = get_config()
+    return dataclasses.replace(config, servers=app.servers,
+                               tls_ca=config.tls_ca or app.tls_ca,
+                               tls_cert=config.tls_cert or app.tls_cert,
+                               tls_key=config.tls_key or app.tls_key)
 
 
 if __name__ == "__main__":

@@ -646,7 +646,9 @@ class Worker:
         except Exception as exc:
             log.warning("task %s raised on job %s", job.function, job.handle, exc_info=True,
                         extra=_job_fields(job, "task.raised"))
-            text = f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
+            # A task may carry its own text (the web layer sends its traceback).
+            text = (getattr(exc, "job_text", None) or f"{type(exc).__name__}: {exc}").encode(
+                "utf-8", "replace")
             job._send(T.WORK_EXCEPTION, text)
         finally:
             self.jobs_done += 1

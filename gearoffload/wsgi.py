@@ -6,26 +6,31 @@ Web side::
     from gearoffload.wsgi import OffloadMiddleware
 
     app.wsgi_app = OffloadMiddleware(
-        app.wsgi_app, servers=["127.0.0.1:4730"],
+        app.wsgi_app, servers=["127.0.0.1:4730"], secret_key="...",
         routes=["/reports/", re.compile(r"^/export/\\d+$")],
         methods=("GET", "HEAD", "POST"))
 
 Worker side: ``gearoffload-worker --wsgi myapp:app`` imports the same app and runs the
-requests it is sent. A matching request is encoded — the environ's CGI keys and
-``HTTP_*`` headers, and the body up to ``max_body`` bytes — as one job; the worker rebuilds
-the environ, calls the app, and sends back status, headers and body, which this side
-returns unchanged. Everything else passes through untouched. Inside the worker the environ
-has ``"gearoffload.worker": True``, and the middleware passes such requests straight
-through, so wrapping the very app the worker runs is safe.
+requests it is sent (give it the same ``GEAROFFLOAD_SECRET_KEY``). A matching request is
+encoded — the environ's CGI keys and ``HTTP_*`` headers, and the body up to ``max_body``
+bytes — as one signed job that expires when the request's ``timeout`` does; the worker
+rebuilds the environ, calls the app, and sends back status, headers and body, which this
+side returns unchanged. Everything else passes through untouched. Inside the worker the
+environ has ``"gearoffload.worker": True``, and the middleware passes such requests
+straight through, so wrapping the very app the worker runs is safe.
 
-For ``coalesce`` methods (default GET and HEAD) the job's unique key is a hash of the
-method, ``SCRIPT_NAME + PATH_INFO``, the query string and the ``vary`` headers (default
-``Host``): a stampede of identical cache misses runs the app once and every request gets
-that response. Unsafe methods are never coalesced unless listed in ``coalesce``.
+The Gearman function is ``gearoffload.wsgi:<app>`` (``default_wsgi_function``), distinct per
+app, so that two apps on one job server never answer for each other.
 
-Errors: no job server → ``503`` (or the app runs here with ``fallback="local"``), no answer
-within ``timeout`` → ``504``, the job failed or was lost → ``502``, the app raised on the
-worker → ``500``; each logged with the job handle. A body over ``max_body`` → ``413``.
+Coalescing (``coalesce`` methods, default GET and HEAD): identical requests share one run.
+"Identical" covers the method, path, query string, body, the ``vary`` headers (default
+``Host``) and — unless ``public=True`` — the credentials (``Cookie``, ``Authorization``):
+one user never gets another user's page (``gearoffload.core.coalescing_key``).
+
+Errors: no job server → ``503`` (or the app runs here with ``fallback="local"``), no worker
+serves the function → ``503`` at once, no answer within ``timeout`` → ``504``, the job failed
+→ ``502``, the app raised on the worker → ``500``; each logged with the job handle and, for
+``500``, the worker's traceback. A body over ``max_body`` → ``413``.
 """
 
 from __future__ import annotations
@@ -33,111 +38,66 @@ from __future__ import annotations
 import io
 import logging
 import re
-import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from gevent import monkey
+from .core import (
+    CODEC,
+    DEFAULT_MAX_BODY,
+    BodyTooLarge,
+    OffloadConfig,
+    Offloader,
+    SingleFlight,
+    build_environ,
+    coalescing_key,
+    encode_environ,
+    http_error,
+    read_body,
+    request_from_payload,
+    request_payload,
+    response_headers,
+    response_payload,
+    run_task,
+)
+from .errors import GearmanError, JobException, NoServersAvailable
 
-from .codec import Codec, sign_payload, stable_hash, verify_payload
-from .errors import JobException, JobFailed, JobTimeout, NoServersAvailable
-
-__all__ = ["BodyTooLarge", "OffloadMiddleware", "build_environ", "encode_environ",
-           "read_body", "wsgi_runner"]
+__all__ = ["BodyTooLarge", "OffloadMiddleware", "build_environ", "default_wsgi_function",
+           "encode_environ", "read_body", "response_headers", "wsgi_runner"]
 
 log = logging.getLogger("gearoffload.wsgi")
-
-#: The environ keys (besides HTTP_*) that travel with a request.
-CGI_KEYS = frozenset((
-    "REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "CONTENT_TYPE",
-    "CONTENT_LENGTH", "SERVER_NAME", "SERVER_PORT", "SERVER_PROTOCOL", "REMOTE_ADDR",
-    "REMOTE_PORT", "REMOTE_USER", "AUTH_TYPE", "REQUEST_URI", "RAW_URI", "wsgi.url_scheme",
-))
-_HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "te", "trailer",
-                         "upgrade", "proxy-authenticate", "proxy-authorization"))
-#: Requests and responses are str and bytes only: JSON carries them exactly, and the
-#: worker never unpickles anything the job server hands it.
-CODEC = Codec("json")
-DEFAULT_MAX_BODY = 4 * 1024 * 1024
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 
 
-class BodyTooLarge(ValueError):
-    """The request body is larger than the configured limit."""
+def default_wsgi_function(app: Any) -> str:
+    """The Gearman function ``OffloadMiddleware`` uses for ``app`` unless told otherwise:
+    distinct per app. A bound ``wsgi_app`` method names its Flask app.
+
+    Example::
+
+        default_wsgi_function(flask_app)     # 'gearoffload.wsgi:myapp'
+    """
+    owner = getattr(app, "__self__", app)
+    name = getattr(owner, "import_name", None)
+    if not isinstance(name, str):
+        module = getattr(owner, "__module__", None) or type(owner).__module__
+        qualname = getattr(owner, "__qualname__", None) or type(owner).__qualname__
+        name = f"{module}.{qualname}"
+    return f"gearoffload.wsgi:{name}"
 
 
-def encode_environ(environ: dict[str, Any]) -> dict[str, str]:
-    """The part of a WSGI environ that travels: CGI keys and ``HTTP_*`` headers."""
-    return {key: value for key, value in environ.items()
-            if isinstance(value, str) and (key in CGI_KEYS or key.startswith("HTTP_"))}
-
-
-def read_body(environ: dict[str, Any], limit: int = DEFAULT_MAX_BODY) -> bytes:
-    """Read the request body (``BodyTooLarge`` past ``limit`` bytes)."""
-    text = environ.get("CONTENT_LENGTH") or ""
-    stream = environ.get("wsgi.input")
-    if stream is None:
-        return b""
-    if text.strip().isdigit():
-        length = int(text)
-        if length > limit:
-            raise BodyTooLarge(f"request body of {length} bytes is over the {limit}-byte limit")
-        return stream.read(length) if length else b""
-    if environ.get("wsgi.input_terminated") or "chunked" in \
-            environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        data = stream.read(limit + 1)
-        if len(data) > limit:
-            raise BodyTooLarge(f"request body is over the {limit}-byte limit")
-        return data
-    return b""
-
-
-def build_environ(cgi: dict[str, str], body: bytes) -> dict[str, Any]:
-    """A WSGI environ on the worker from ``encode_environ`` output and the body."""
-    environ: dict[str, Any] = dict(cgi)
-    environ.pop("HTTP_TRANSFER_ENCODING", None)  # the body is complete now
-    environ.setdefault("REQUEST_METHOD", "GET")
-    environ.setdefault("SCRIPT_NAME", "")
-    environ.setdefault("PATH_INFO", "/")
-    environ.setdefault("QUERY_STRING", "")
-    environ.setdefault("SERVER_NAME", "localhost")
-    environ.setdefault("SERVER_PORT", "80")
-    environ.setdefault("SERVER_PROTOCOL", "HTTP/1.1")
-    if body or "CONTENT_LENGTH" in cgi:
-        environ["CONTENT_LENGTH"] = str(len(body))
-    environ.update({
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": cgi.get("wsgi.url_scheme", "http"),
-        "wsgi.input": io.BytesIO(body),
-        "wsgi.errors": sys.stderr,
-        "wsgi.multithread": False,
-        "wsgi.multiprocess": True,
-        "wsgi.run_once": False,
-        "gearoffload.worker": True,
-    })
-    return environ
-
-
-def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Headers without the hop-by-hop ones (the web side's server sets its own)."""
-    return [(str(k), str(v)) for k, v in headers if k.lower() not in _HOP_BY_HOP]
-
-
-def wsgi_runner(app: WSGIApp, secret_key: str | bytes | None = None) -> Callable[[Any], bytes]:
-    """The worker-side task for ``OffloadMiddleware``: rebuild the environ, call ``app``,
-    return status, headers and body. ``gearoffload-worker --wsgi module:app`` registers it
-    (with the ``GEAROFFLOAD_SECRET_KEY`` of ``gearoffload.configure``/the environment).
-    With ``secret_key``, only requests signed with it are run.
+def wsgi_runner(app: WSGIApp, offloader: Offloader) -> Callable[[Any], bytes]:
+    """The worker-side task for ``OffloadMiddleware``: open the job's seal, rebuild the
+    environ, call ``app``, return status, headers and body. ``gearoffload-worker --wsgi
+    module:app`` registers it.
 
     Example::
 
         worker = Worker("127.0.0.1:4730")
-        worker.register("gearoffload.wsgi", wsgi_runner(app))
+        worker.register(default_wsgi_function(app), wsgi_runner(app, Offloader(config)))
     """
-    def run(job: Any) -> bytes:
-        data = CODEC.loads(verify_payload(secret_key, job.data))
-        environ = build_environ(data["environ"], data["body"])
+    def body(payload: bytes) -> bytes:
+        environ, _ = request_from_payload(payload)
         started: list[Any] = []
         chunks: list[bytes] = []
 
@@ -158,10 +118,9 @@ def wsgi_runner(app: WSGIApp, secret_key: str | bytes | None = None) -> Callable
                 close()
         if not started:
             raise RuntimeError("the WSGI app returned without calling start_response")
-        return CODEC.dumps({"status": started[0], "headers": response_headers(started[1]),
-                            "body": b"".join(chunks)})
+        return response_payload(started[0], started[1], b"".join(chunks))
 
-    return run
+    return lambda job: run_task(offloader, job, body, background=False)
 
 
 def _plain(start_response: Callable, status: str, text: str,
@@ -177,19 +136,21 @@ class OffloadMiddleware:
 
     ``routes``: path prefixes (str) or compiled regexes, matched against
     ``SCRIPT_NAME + PATH_INFO``; ``methods``: the methods offloaded; ``coalesce``: the
-    methods whose identical requests share one execution; ``vary``: the request headers
-    that make two requests different for coalescing; ``function``: the Gearman function
-    (``--wsgi-function`` on the worker); ``timeout``: seconds to wait for the worker;
-    ``fallback="local"`` runs the app here when no server is reachable; ``client``: a
-    ``Client`` to use instead of one made from ``servers``; ``secret_key``: sign every
-    request (HMAC-SHA256) — give the workers the same ``GEAROFFLOAD_SECRET_KEY`` — so
-    that they run only requests from a web process that has the key; ``tls``: as for
-    ``Client`` (e.g. ``{"ca": "ca.pem", "cert": "web.pem", "key": "web.key"}``).
+    methods whose identical requests share one execution; ``vary``: request headers that
+    make two requests different; ``public``: the responses do not depend on who asks, so
+    requests with different credentials may share one; ``ignore_query``: query parameters
+    (``fnmatch`` patterns such as ``"utm_*"``) that do not change the response;
+    ``function``: the Gearman function (default ``default_wsgi_function(app)``);
+    ``timeout``: seconds to wait for the worker; ``fallback="local"`` runs the app here
+    when no server is reachable; ``secret_key``: signs every job (required unless
+    ``allow_unsigned=True``, for closed networks); ``config``: an ``OffloadConfig``
+    instead of these keyword settings.
 
     Example::
 
         app.wsgi_app = OffloadMiddleware(app.wsgi_app, servers="127.0.0.1:4730",
-                                         routes=["/reports/"], vary=("Host", "Cookie"))
+                                         secret_key=os.environ["GEAROFFLOAD_SECRET_KEY"],
+                                         routes=["/reports/"], ignore_query=["utm_*"])
     """
 
     def __init__(
@@ -200,21 +161,33 @@ class OffloadMiddleware:
         methods: Iterable[str] = ("GET", "HEAD", "POST"),
         coalesce: Iterable[str] = ("GET", "HEAD"),
         vary: Iterable[str] = ("Host",),
-        function: str = "gearoffload.wsgi",
+        public: bool = False,
+        ignore_query: Iterable[str] = (),
+        function: str | None = None,
         timeout: float | None = 60.0,
         connect_timeout: float = 2.0,
         max_body: int = DEFAULT_MAX_BODY,
         fallback: str = "raise",
-        client: Any = None,
-        secret_key: str | bytes | None = None,
-        tls: Any = None,
+        secret_key: str | None = None,
+        allow_unsigned: bool = False,
+        tls: dict | None = None,
+        config: OffloadConfig | None = None,
     ) -> None:
-        from .tls import client_context
-
         self.app = app
-        #: ``Client(tls=...)`` for the clients made here (see ``gearoffload.tls``).
-        self.tls = client_context(tls)
-        self.servers = [servers] if isinstance(servers, str) else list(servers)
+        if config is None:
+            tls = tls or {}
+            config = OffloadConfig(
+                servers=servers if isinstance(servers, str) else tuple(servers),
+                timeout=timeout, connect_timeout=connect_timeout, max_body=max_body,
+                fallback=fallback, secret_key=secret_key, allow_unsigned=allow_unsigned,
+                tls_ca=tls.get("ca"), tls_cert=tls.get("cert"), tls_key=tls.get("key"))
+        if not config.secret_key and not config.allow_unsigned:
+            raise ValueError("OffloadMiddleware needs secret_key= (the workers' "
+                             "GEAROFFLOAD_SECRET_KEY): without it anyone who can reach the "
+                             "job server could make a worker run any request; "
+                             "allow_unsigned=True only on a closed network")
+        self.config = config
+        self.offloader = Offloader(config)
         self.routes = tuple(routes)
         for route in self.routes:
             if not isinstance(route, (str, re.Pattern)):
@@ -222,34 +195,16 @@ class OffloadMiddleware:
                                 f"not {route!r}")
         self.methods = frozenset(m.upper() for m in methods)
         self.coalesce = frozenset(m.upper() for m in coalesce)
-        self.vary = tuple("HTTP_" + h.upper().replace("-", "_") for h in vary)
-        self.function = function
-        if timeout is not None and not timeout > 0:
-            raise ValueError("timeout must be a positive number of seconds or None")
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        if max_body < 0:
-            raise ValueError("max_body must be >= 0 bytes")
-        self.max_body = max_body
-        if fallback not in ("raise", "local"):
-            raise ValueError(f"fallback must be 'raise' (503) or 'local', not {fallback!r}")
-        self.fallback = fallback
-        self._client = client
-        self.secret_key = secret_key
-        self._local = monkey.get_original("threading", "local")()
+        self.vary = tuple(vary)
+        self.public = public
+        self.ignore_query = tuple(ignore_query)
+        self.function = function or default_wsgi_function(app)
+        self._flights = SingleFlight()
 
     @property
     def client(self) -> Any:
-        """The ``Client`` jobs go through (one per OS thread unless one was given)."""
-        if self._client is not None:
-            return self._client
-        client = getattr(self._local, "client", None)
-        if client is None:
-            from .client import Client
-            client = self._local.client = Client(self.servers, timeout=self.timeout,
-                                                 connect_timeout=self.connect_timeout,
-                                                 tls=self.tls)
-        return client
+        """This thread's ``Client``."""
+        return self.offloader.client
 
     def matches(self, environ: dict[str, Any]) -> bool:
         """Whether this request is offloaded."""
@@ -266,64 +221,68 @@ class OffloadMiddleware:
                 return True
         return False
 
-    def unique_for(self, environ: dict[str, Any]) -> str | None:
+    def unique_for(self, environ: dict[str, Any], body: bytes = b"") -> str | None:
         """The coalescing key for this request, or ``None`` (its method does not coalesce)."""
-        method = environ.get("REQUEST_METHOD", "GET").upper()
-        if method not in self.coalesce:
+        if environ.get("REQUEST_METHOD", "GET").upper() not in self.coalesce:
             return None
-        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
-        return stable_hash(method, path, environ.get("QUERY_STRING", ""),
-                           [environ.get(key, "") for key in self.vary])
+        return coalescing_key(environ, body, vary=self.vary, public=self.public,
+                              ignore_query=self.ignore_query, extra=self.function)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         if not self.matches(environ):
             return self.app(environ, start_response)
         try:
-            body = read_body(environ, self.max_body)
+            body = read_body(environ, self.config.max_body)
         except BodyTooLarge as exc:
             return _plain(start_response, "413 Request Entity Too Large", str(exc))
-        payload = CODEC.dumps({"environ": encode_environ(environ), "body": body})
-        if self.secret_key:
-            payload = sign_payload(self.secret_key, payload)
-        path = environ.get("PATH_INFO", "")
+        unique = self.unique_for(environ, body)
+        method, path = environ.get("REQUEST_METHOD"), environ.get("PATH_INFO", "")
         try:
-            # One wait, for the answer (Client.call), not one for JOB_CREATED first.
-            job = self.client.submit(self.function, payload, unique=self.unique_for(environ),
-                                     wait=False)
+            raw = self.offloader.call(self.function, request_payload(environ, body),
+                                      unique=unique, timeout=self.config.timeout)
         except NoServersAvailable as exc:
-            return self._unreachable(exc, environ, start_response, body)
-        try:
-            answer = CODEC.loads(job.result(timeout=self.timeout))
-        except JobTimeout:
-            log.error("%s %s: job %s on %s: no answer within %ss",
-                      environ.get("REQUEST_METHOD"), path, job.handle, job.server, self.timeout)
-            return _plain(start_response, "504 Gateway Timeout", "The worker did not answer "
-                          "in time.")
-        except JobException as exc:
-            log.error("%s %s: job %s on %s: the app raised on the worker: %s",
-                      environ.get("REQUEST_METHOD"), path, job.handle, job.server, exc.text)
-            return _plain(start_response, "500 Internal Server Error",
-                          "Internal Server Error")
-        except NoServersAvailable as exc:  # no server took the job, as at submit()
-            return self._unreachable(exc, environ, start_response, body)
-        except JobFailed as exc:
-            log.error("%s %s: job %s on %s failed: %s", environ.get("REQUEST_METHOD"), path,
-                      job.handle, job.server, exc)
-            return _plain(start_response, "502 Bad Gateway", "The worker failed.")
+            if self.config.fallback == "local":
+                log.warning("%s %s: no job server (%s); running locally", method, path, exc)
+                return self._run_here(environ, start_response, body, unique)
+            return self._error(exc, environ, start_response)
+        except GearmanError as exc:
+            return self._error(exc, environ, start_response)
+        answer = CODEC.loads(raw)
         start_response(answer["status"], [tuple(h) for h in answer["headers"]])
         return [answer["body"]]
 
-    def _unreachable(self, exc: NoServersAvailable, environ: dict,
-                     start_response: Callable, body: bytes) -> Iterable[bytes]:
-        """No server accepted the job: serve it here (``fallback="local"``) or 503."""
-        path = environ.get("PATH_INFO", "")
-        if self.fallback == "local":
-            log.warning("%s %s: no job server (%s); running locally",
-                        environ.get("REQUEST_METHOD"), path, exc)
-            environ["wsgi.input"] = io.BytesIO(body)
-            environ["CONTENT_LENGTH"] = str(len(body))
-            return self.app(environ, start_response)
-        log.error("%s %s: no job server reachable: %s", environ.get("REQUEST_METHOD"),
-                  path, exc)
-        return _plain(start_response, "503 Service Unavailable",
-                      "No job server is reachable.", (("Retry-After", "5"),))
+    def _run_here(self, environ: dict, start_response: Callable, body: bytes,
+                  unique: str | None) -> Iterable[bytes]:
+        """``fallback="local"``: run the app here, once per coalescing key at a time."""
+        def run() -> tuple[list, bytes]:
+            started: list[Any] = []
+            local = dict(environ, **{"wsgi.input": io.BytesIO(body),
+                                     "CONTENT_LENGTH": str(len(body))})
+
+            def collect(status: str, headers: list, exc_info: Any = None) -> Callable:
+                started[:] = [status, headers]
+                return lambda chunk: None
+
+            result = self.app(local, collect)
+            try:
+                data = b"".join(result)
+            finally:
+                getattr(result, "close", lambda: None)()
+            return started, data
+
+        started, data = run() if unique is None else self._flights.run(unique, run)
+        start_response(started[0], started[1])
+        return [data]
+
+    def _error(self, exc: GearmanError, environ: dict,
+               start_response: Callable) -> Iterable[bytes]:
+        answer = http_error(exc)
+        method, path = environ.get("REQUEST_METHOD"), environ.get("PATH_INFO", "")
+        if isinstance(exc, JobException):
+            log.error("%s %s (%s): the app raised on the worker:\n%s", method, path,
+                      self.function, exc.text)
+        else:
+            log.error("%s %s (%s): %s: %s", method, path, self.function,
+                      type(exc).__name__, exc)
+        extra = (("Retry-After", str(answer.retry_after)),) if answer.retry_after else ()
+        return _plain(start_response, f"{answer.status} {answer.title}", answer.message, extra)

@@ -172,7 +172,7 @@ def served() -> Iterator[tuple[Flask, Worker]]:
     worker.stop(graceful=False)
     greenlet.join(5)
     server.stop()
-    gearoffload.offloading._config = None
+    gearoffload.offloading.configure_reset()
 
 
 @pytest.fixture

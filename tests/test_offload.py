@@ -18,7 +18,7 @@ import pytest
 import gearoffload
 from conftest import ROOT, free_port, gevent_time_limit, need_module, working
 from gearoffload import Worker, offloading
-from gearoffload.errors import JobException, NoServersAvailable
+from gearoffload.errors import JobException, JobFailed, NoServersAvailable
 from gearoffload.registry import TaskRegistry
 
 TEST_TIME_LIMIT = 30
@@ -33,8 +33,7 @@ time_limit = gevent_time_limit(TEST_TIME_LIMIT)
 def reset_config() -> Iterator[None]:
     CALLS.clear()
     yield
-    offloading._config = None
-    offloading._generation += 1
+    offloading.configure_reset()
 
 
 @contextmanager
@@ -99,11 +98,13 @@ def test_call_runs_on_a_worker_and_returns_the_value(our_server):
 def test_background_returns_a_job_at_once_and_local_runs_here(our_server):
     gearoffload.configure(servers=our_server.address)
     job = add.background(20, 22)  # no worker yet: the job waits on the server
-    assert job.handle and not job.done
+    assert job.id.startswith("bg-") and job.outcome().state == "queued"
     assert add.local(1, 1) == 2 and CALLS == [("add", 1, 1)]
     with serving(our_server.address):
         assert job.result(timeout=5) == 42
     assert ("add", 20, 22) in CALLS
+    # Any process can read it by its id: here, a fresh handle on the same id.
+    assert add.job(job.id).outcome().state == "done"
 
 
 def test_unique_true_coalesces_identical_concurrent_calls(our_server):
@@ -122,11 +123,9 @@ def test_unique_true_coalesces_identical_concurrent_calls(our_server):
 def test_unique_callable_chooses_the_key(our_server):
     gearoffload.configure(servers=our_server.address)
     with serving(our_server.address):
-        job = report.background("2026-11")
-        assert job.unique == "report:2026-11"
+        assert report.unique_for(("2026-11",), {}) == "report:2026-11"
         calls = [gevent.spawn(report, "2026-11") for _ in range(5)]
         gevent.joinall(calls, raise_error=True)
-        assert job.result(5) == "report 2026-11"
     assert [g.value for g in calls] == ["report 2026-11"] * 5
     assert CALLS == [("report", "2026-11")]
 
@@ -134,14 +133,19 @@ def test_unique_callable_chooses_the_key(our_server):
 def test_worker_exception_is_a_job_exception_and_the_worker_goes_on(our_server):
     gearoffload.configure(servers=our_server.address)
     with serving(our_server.address):
-        with pytest.raises(JobException, match="RuntimeError: exploded on x"):
+        with pytest.raises(JobException, match="RuntimeError: exploded on x") as caught:
             boom("x")
-        # a payload that is not ours: a clean WORK_EXCEPTION, not a dead worker
+        # The worker's traceback travels with the text: where it failed, not only what.
+        assert "Traceback (most recent call last)" in caught.value.text
+        assert 'raise RuntimeError(f"exploded on {text}")' in caught.value.text
+        # A payload that is not ours is refused (WORK_FAIL) without running anything,
+        # and the worker goes on.
         client = offloading.get_client()
-        with pytest.raises(JobException, match="PayloadError"):
-            client.submit(add.name, b"\x00garbage").result(5)
+        for garbage in (b"\x00garbage", b"GO1.forged"):
+            with pytest.raises(JobFailed):
+                client.submit(add.name, garbage).result(5)
         with pytest.raises(JobException, match="PayloadError: refusing a pickle"):
-            client.submit(add.name, b"p" + b"\0" * 40).result(5)
+            client.submit(add.name, b"GO0.0:p" + b"\0" * 40).result(5)
         assert add(1, 2) == 3
 
 
@@ -149,9 +153,13 @@ def test_progress_reaches_the_caller(our_server):
     gearoffload.configure(servers=our_server.address)
     with serving(our_server.address):
         job = steps.background(4)
-        updates = [(u.numerator, u.denominator) for u in job.updates(timeout=5)]
+        seen = set()
+        while (outcome := job.outcome()).state != "done":
+            seen.add((outcome.state, outcome.numerator, outcome.denominator))
+            gevent.sleep(0.005)
         assert job.result() == 4
-    assert updates == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    running = {(n, d) for state, n, d in seen if state == "running"}
+    assert running and running <= {(0, 0), (1, 4), (2, 4), (3, 4), (4, 4)}
 
 
 def test_no_server_raises_or_falls_back_to_local_quickly():
@@ -189,12 +197,12 @@ def test_configuration_errors_say_what_to_do(monkeypatch):
     with pytest.raises(ValueError, match="needs a secret key"):
         gearoffload.configure(format="pickle")
     monkeypatch.setenv("GEAROFFLOAD_TIMEOUT", "soon")
-    offloading._config = None  # read the environment again
+    offloading.configure_reset()  # read the environment again
     with pytest.raises(ValueError, match="GEAROFFLOAD_TIMEOUT must be a number"):
         offloading.get_config()
     monkeypatch.setenv("GEAROFFLOAD_TIMEOUT", "5")
     monkeypatch.setenv("GEAROFFLOAD_SERVERS", "127.0.0.1:1234,127.0.0.1:1235")
-    offloading._config = None
+    offloading.configure_reset()
     config = offloading.get_config()
     assert config.servers == ("127.0.0.1:1234", "127.0.0.1:1235") and config.timeout == 5.0
     with pytest.raises(TypeError, match="plain module-level"):

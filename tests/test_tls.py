@@ -462,8 +462,7 @@ def test_flask_config_keys_configure_offload_with_tls(certs, monkeypatch):
     from gearoffload.offloading import get_config
 
     # GearOffload sets the process-wide @offload defaults: put them back afterwards.
-    monkeypatch.setattr(offloading, "_config", offloading._config)
-    monkeypatch.setattr(offloading, "_generation", offloading._generation)
+    monkeypatch.setattr(offloading, "_default", offloading._default)
 
     app = flask.Flask(__name__)
     app.config.update(GEAROFFLOAD_TLS_CA=str(certs.ca), GEAROFFLOAD_TLS_CERT=str(certs.client),

@@ -49,6 +49,8 @@ def legacy_app(environ, start_response):
 
 def wrap(servers: str, **options) -> OffloadMiddleware:
     options.setdefault("routes", ["/reports/", "/boom", "/slow", re.compile(r"^/item/\d+$")])
+    options.setdefault("secret_key", "test-key")
+    options.setdefault("function", "gearoffload.wsgi")
     return OffloadMiddleware(legacy_app, servers=servers, connect_timeout=0.5, **options)
 
 
@@ -57,7 +59,8 @@ def server() -> Iterator[ServerProcess]:
     server = ServerProcess("gearoffload").start()
     # The worker runs the wrapped app: the middleware must pass requests through there.
     worker = Worker(server.address, concurrency=50)
-    worker.register("gearoffload.wsgi", wsgi_runner(wrap(server.address)))
+    wrapped = wrap(server.address)
+    worker.register("gearoffload.wsgi", wsgi_runner(wrapped, wrapped.offloader))
     greenlet = gevent.spawn(worker.work)
     yield server
     worker.stop(graceful=False)
@@ -116,9 +119,14 @@ def test_errors_map_to_status_codes(server):
 
 def test_options_are_validated():
     with pytest.raises(TypeError, match="re.compile"):
-        OffloadMiddleware(legacy_app, routes=[42])
+        OffloadMiddleware(legacy_app, routes=[42], secret_key="k")
     with pytest.raises(ValueError, match="'local'"):
-        OffloadMiddleware(legacy_app, fallback="yes")
+        OffloadMiddleware(legacy_app, fallback="yes", secret_key="k")
+    # Unsigned jobs are an explicit choice: without a key the middleware refuses to start.
+    with pytest.raises(ValueError, match="needs secret_key"):
+        OffloadMiddleware(legacy_app)
+    assert OffloadMiddleware(legacy_app, allow_unsigned=True).function == \
+        "gearoffload.wsgi:test_wsgi.legacy_app"
 
 
 def test_worker_pool_loads_a_wsgi_app_with_the_wsgi_flag():
@@ -130,15 +138,22 @@ def test_worker_pool_loads_a_wsgi_app_with_the_wsgi_flag():
 
 def test_signed_middleware_requests(server):
     worker = Worker(server.address)
-    worker.register("signed.wsgi", wsgi_runner(legacy_app, secret_key="s3cret"))
+    good = wrap(server.address, function="signed.wsgi", secret_key="s3cret")
+    worker.register("signed.wsgi", wsgi_runner(legacy_app, good.offloader))
     greenlet = gevent.spawn(worker.work)
     try:
-        good = WsgiClient(wrap(server.address, function="signed.wsgi", secret_key="s3cret"))
-        assert good.get("/item/1").text.startswith("worker GET /item/1")
-        unsigned = WsgiClient(wrap(server.address, function="signed.wsgi"))
-        assert unsigned.get("/item/1").status_code == 500  # refused by the worker
+        assert WsgiClient(good).get("/item/1").text.startswith("worker GET /item/1")
+        # Refused by the worker (WORK_FAIL, 502), never run: unsigned, or another key.
+        unsigned = WsgiClient(wrap(server.address, function="signed.wsgi",
+                                   secret_key=None, allow_unsigned=True))
+        assert unsigned.get("/item/1").status_code == 502
         wrong = WsgiClient(wrap(server.address, function="signed.wsgi", secret_key="nope"))
-        assert wrong.get("/item/1").status_code == 500
+        assert wrong.get("/item/1").status_code == 502
+        # An old key still works while it is listed (rotation).
+        from gearoffload.core import OffloadConfig, Offloader
+        rotated = Offloader(OffloadConfig(servers=server.address, secret_key="new",
+                                          old_secret_keys=("s3cret",)))
+        assert rotated.seal.open(good.offloader.seal.close(b"x")) == b"x"
     finally:
         worker.stop(graceful=False)
         greenlet.join(5)
