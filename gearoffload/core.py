@@ -58,8 +58,8 @@ _MB = 1024 * 1024
 #: job cannot be replayed forever.
 DEFAULT_SIGNATURE_MAX_AGE = 86400.0
 #: A job is refused when its caller's deadline passed more than this long ago: the
-#: clocks of web and worker hosts may differ a little.
-CLOCK_SKEW = 1.0
+#: clocks of web and worker hosts may differ a little (NTP keeps them within ms).
+CLOCK_SKEW = 0.25
 
 
 class NoWorkers(GearmanError):
@@ -549,6 +549,8 @@ def coalescing_key(environ: Mapping[str, Any], body: bytes, *, vary: Iterable[st
 class SingleFlight:
     """One run per key at a time in this process: callers of the same key while it runs
     wait for it and get its result (``fallback="local"`` keeps stampede protection).
+    Waiters in the leader's thread wait cooperatively (greenlets); waiters in other OS
+    threads (gthread workers) block their own thread only.
 
     Example::
 
@@ -557,7 +559,7 @@ class SingleFlight:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = _real_lock()
         self._running: dict[Any, _Flight] = {}
 
     def run(self, key: Any, fn: Callable[[], Any]) -> Any:
@@ -567,7 +569,7 @@ class SingleFlight:
             if leader:
                 flight = self._running[key] = _Flight()
         if not leader:
-            flight.done.wait()
+            flight.wait()
             if flight.error is not None:
                 raise flight.error
             return flight.value
@@ -580,16 +582,35 @@ class SingleFlight:
         finally:
             with self._lock:
                 del self._running[key]
-            flight.done.set()
+            flight.finish()
+
+
+_real_lock = monkey.get_original("threading", "Lock")
+_real_event = monkey.get_original("threading", "Event")
+_real_ident = monkey.get_original("threading", "get_ident")
 
 
 class _Flight:
-    __slots__ = ("done", "value", "error")
+    __slots__ = ("thread", "green", "threads", "value", "error")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        from gevent.event import Event
+
+        self.thread = _real_ident()
+        self.green = Event()          # waiters in the leader's thread (its hub)
+        self.threads = _real_event()  # waiters in other OS threads
         self.value: Any = None
         self.error: BaseException | None = None
+
+    def wait(self) -> None:
+        if _real_ident() == self.thread:
+            self.green.wait()
+        else:
+            self.threads.wait()
+
+    def finish(self) -> None:
+        self.green.set()
+        self.threads.set()
 
 
 # -- errors → HTTP --------------------------------------------------------------------------

@@ -193,8 +193,8 @@ class OffloadedView:
                     self.view(**view_args)))
             raise _http_exception(exc, self.name) from None
         except JobException as exc:
-            log.error("%s %s (%s): the view raised on the worker:\n%s", request.method,
-                      request.path, self.name, exc.text)
+            log.error("%s %s (%s): job %s raised on the worker:\n%s", request.method,
+                      request.path, self.name, exc.handle, exc.text)
             raise with_remote_traceback(exc) from exc.__cause__
         except GearmanError as exc:
             raise _http_exception(exc, self.name) from None
@@ -480,15 +480,15 @@ class GearOffload:
             config = OffloadConfig.from_mapping(mapping, app.config.get("SECRET_KEY"))
         except ValueError as exc:
             raise ValueError(f"gearoffload: bad Flask config: {exc}") from None
+        prefix = str(app.config.get("GEAROFFLOAD_URL_PREFIX") or "/_offload").rstrip("/")
+        if not prefix.startswith("/"):
+            raise ValueError(f"gearoffload: bad Flask config: GEAROFFLOAD_URL_PREFIX must "
+                             f"start with '/', not {prefix!r}")
         if not config.secret_key and not config.allow_unsigned:
             raise ValueError(
                 "gearoffload: set GEAROFFLOAD_SECRET_KEY (or the app's SECRET_KEY): jobs "
                 "are signed so that only this web tier can make workers run a view; on a "
                 "closed network, GEAROFFLOAD_ALLOW_UNSIGNED = True opts out")
-        prefix = str(app.config.get("GEAROFFLOAD_URL_PREFIX") or "/_offload").rstrip("/")
-        if not prefix.startswith("/"):
-            raise ValueError(f"gearoffload: bad Flask config: GEAROFFLOAD_URL_PREFIX must "
-                             f"start with '/', not {prefix!r}")
         state = _AppState(self, app, Offloader(config, results=self.results), prefix)
         app.extensions["gearoffload"] = state
         if config.eager:

@@ -218,8 +218,11 @@ def test_redirect_and_aborts_use_the_apps_handlers(client):
 def test_worker_exception_is_a_500_through_the_apps_error_handling(client, caplog):
     response = client.get("/raises")
     assert response.status_code == 500
-    assert response.text == "custom 500: JobException: ValueError: bad value on the worker"
+    assert response.text.startswith(
+        "custom 500: JobException: ValueError: bad value on the worker")
+    # The worker's traceback is chained to the exception (for error trackers) and logged.
     assert any("job H:test:" in r.getMessage() and "raised on the worker" in r.getMessage()
+               and "Traceback (most recent call last)" in r.getMessage()
                for r in caplog.records)
 
 
@@ -280,11 +283,12 @@ def test_with_a_secret_key_workers_run_only_signed_requests(our_server):
     greenlet = gevent.spawn(worker.work)
     try:
         assert app.test_client().get("/text").text == "hello from a worker"
-        client = app.extensions["gearoffload"].client
+        client = app.extensions["gearoffload"].offloader.client
         name = "test_flask.make_app.<locals>.text"
         forged = b'j{"environ":{"PATH_INFO":"/text"},"body":{"\\u0000":["b",""]}}'
-        with pytest.raises(JobException, match="PayloadError: refusing an unsigned"):
-            client.submit(name, forged).result(5)
+        for data in (forged, b"GO0.0:" + forged, b"GO1." + forged + b".AAAA.BBBB"):
+            with pytest.raises(JobFailed):  # refused: never run
+                client.submit(name, data).result(5)
     finally:
         worker.stop(graceful=False)
         greenlet.join(5)
@@ -371,9 +375,19 @@ def test_no_server_is_503_or_local_fallback():
 ])
 def test_bad_config_fails_at_start_up_with_advice(key, value, message):
     app = Flask(__name__)
+    if key != "GEAROFFLOAD_FORMAT":  # pickle is refused only without any key
+        app.config["SECRET_KEY"] = "k"
     app.config[key] = value
     with pytest.raises(ValueError, match=message):
         GearOffload(app)
+
+
+def test_views_need_a_key_to_sign_jobs_unless_told_otherwise():
+    with pytest.raises(ValueError, match="GEAROFFLOAD_SECRET_KEY"):
+        GearOffload(Flask(__name__))
+    app = Flask(__name__)
+    app.config["GEAROFFLOAD_ALLOW_UNSIGNED"] = True
+    GearOffload(app)
 
 
 def test_worker_registry_lists_every_offloaded_view(served):
@@ -382,15 +396,17 @@ def test_worker_registry_lists_every_offloaded_view(served):
     assert "test_flask.make_app.<locals>.job" in names  # the module-level decorator's view
 
 
-def test_memory_result_store_is_bounded_and_expires():
-    from gearoffload.flask import MemoryResultStore, _Entry
+def test_memory_results_are_bounded_and_expire():
+    from gearoffload.results import MemoryResults, Outcome
 
-    store = MemoryResultStore(max_entries=3)
+    results = MemoryResults(ttl=60, max_entries=3)
     for i in range(5):
-        store.put(f"t{i}", _Entry(f"H:{i}", ttl=60))
-    assert list(store.entries) == ["t2", "t3", "t4"]  # the oldest went first
-    store.put("t3", _Entry("H:3", ttl=-1))  # an update of an existing token
-    assert store.get("t3") is None and store.get("t4").handle == "H:4"
+        results.write(f"t{i}", Outcome("done", data=b"%d" % i))
+    assert [results.read(f"t{i}").state for i in range(5)] == \
+        ["unknown", "unknown", "done", "done", "done"]  # the oldest went first
+    results.ttl = -1
+    results.write("t3", Outcome("failed"))  # an update of an existing one, expired
+    assert results.read("t3").state == "unknown" and results.read("t4").data == b"4"
 
 
 def test_a_server_that_never_accepts_the_job_is_503_or_local_fallback(dropping_server):
