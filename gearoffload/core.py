@@ -31,7 +31,6 @@ import hashlib
 import itertools
 import logging
 import secrets
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping

@@ -15,7 +15,7 @@ from gevent.event import Event
 import gearoffload.offloading
 from conftest import ServerProcess, free_port, gevent_time_limit
 from gearoffload import Worker
-from gearoffload.errors import JobException, JobFailed
+from gearoffload.errors import JobFailed
 from gearoffload.flask import GearOffload, offload, progress
 from gearoffload.offloading import current_job, registry_for
 
