@@ -16,6 +16,8 @@ Example::
         print(admin.version())                              # '1.1.20+ds' or ours
         admin.maxqueue("resize", 1000)                      # at most 1000 jobs
         admin.cancel_job("H:host:42")                       # AdminError if unknown
+        kept = admin.result("report-7")                     # a background job's outcome
+        print(kept.state, kept.data)                        # done b'...'
 
 Names and handles are ``str``; bytes that are not UTF-8 are kept as surrogate escapes,
 so a name read from ``status()`` can be passed back to ``drop_function()`` unchanged.
@@ -24,6 +26,9 @@ Closing is optional but polite; a lost connection is reopened by the next call.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 import socket as _stdlib_socket
 import time
 from dataclasses import dataclass
@@ -43,6 +48,8 @@ __all__ = [
     "PriorityStatus",
     "WorkerInfo",
     "JobInfo",
+    "KeptResult",
+    "ResultsUnsupported",
 ]
 
 RECV_SIZE = 64 * 1024
@@ -51,6 +58,11 @@ RECV_SIZE = 64 * 1024
 MAX_REPLY_LINE = 16 * 1024 * 1024
 _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"
+#: What ``result`` refuses to send (the server refuses it too): a unique in an admin line
+#: cannot hold spaces or line ends, and the server takes no control bytes.
+_NOT_IN_UNIQUE = re.compile(rb"[\x00-\x20\x7f]")
+MAX_UNIQUE = 64
+RESULT_STATES = frozenset(("queued", "running", "done", "failed", "dead", "unknown"))
 
 
 def _text(raw: bytes) -> str:
@@ -102,6 +114,97 @@ class AdminError(ServerError):
         if code and code.replace("_", "").isalnum() and code.upper() == code:
             return cls(code, text.replace("+", " "), command)
         return cls("", rest.replace("+", " "), command)  # gearmand's code-less errors
+
+
+class ResultsUnsupported(AdminError):
+    """The job server keeps no results of background jobs: gearmand (or a gearoffload
+    server older than the ``result`` command) answered ``ERR UNKNOWN_COMMAND``, or ours
+    runs with ``--result-ttl 0`` (``ERR RESULTS_DISABLED``). Configure a Redis result
+    backend instead, or start gearoffload-server with a ``--result-ttl``.
+
+    Example::
+
+        try:
+            kept = admin.result("report-7")
+        except ResultsUnsupported as exc:
+            print(exc)   # ... does not keep results of background jobs (gearmand?) ...
+    """
+
+    def __init__(self, code: str, text: str, command: str = "", server: str = "") -> None:
+        super().__init__(code, text, command)
+        where = f"the job server at {server}" if server else "the job server"
+        if code == "RESULTS_DISABLED":
+            why = "keeps no results of background jobs: it runs with --result-ttl 0"
+            fix = ("start gearoffload-server with --result-ttl SECONDS, or configure a "
+                   "Redis result backend")
+        else:
+            why = ("does not keep results of background jobs: it does not know the admin "
+                   "command 'result' (gearmand, or an older gearoffload-server?)")
+            fix = "configure a Redis result backend, or use gearoffload-server"
+        self.args = (f"{where} {why}; {fix} (server said: {code} {text})",)
+
+
+@dataclass(frozen=True)
+class KeptResult:
+    """What the admin command ``result UNIQUE`` tells of a job (docs/protocol.md,
+    "Extension: kept results of background jobs").
+
+    ``state``: ``queued`` (also scheduled, or waiting for a retry), ``running``, ``done``,
+    ``failed``, ``dead`` (a dead letter) or ``unknown`` (never seen, expired or evicted).
+    ``numerator``/``denominator``: the job's last ``WORK_STATUS``. ``expires_in``: seconds
+    until a kept outcome is forgotten (``None`` for a live or unknown job). ``data``: the
+    WORK_COMPLETE data of ``done``, the exception text of ``failed``/``dead`` (``b""``
+    for none), ``None`` for the other states or when the result was too large to keep;
+    ``too_large`` is then its size in bytes (else ``None``).
+
+    Example::
+
+        >>> kept = KeptResult.parse("OK done 3 3 599.500 NDI=")
+        >>> kept.state, kept.numerator, kept.expires_in, kept.data, kept.too_large
+        ('done', 3, 599.5, b'42', None)
+        >>> KeptResult.parse("OK running 4 10 - -").finished
+        False
+    """
+
+    state: str
+    numerator: int
+    denominator: int
+    expires_in: float | None
+    data: bytes | None
+    too_large: int | None
+
+    @property
+    def finished(self) -> bool:
+        """The job has ended: ``done``, ``failed`` or ``dead``."""
+        return self.state in ("done", "failed", "dead")
+
+    @classmethod
+    def parse(cls, line: str) -> KeptResult:
+        """Parse a ``result`` reply line (``ProtocolError`` when it is not one)."""
+        words = line.split(" ")
+        if len(words) != 6 or words[0] != "OK" or words[1] not in RESULT_STATES:
+            raise ProtocolError(f"unexpected reply to 'result': {line!r}")
+        _, state, numerator, denominator, expires, data = words
+        too_large = None
+        if expires == "-":
+            expires_in = None
+        else:
+            try:
+                expires_in = float(expires)
+            except ValueError:
+                raise ProtocolError(f"unexpected expiry in a 'result' reply: {line!r}") from None
+        if data == "-":
+            value = None
+        elif data == "!empty":
+            value = b""
+        elif data.startswith("!toolarge:"):
+            value, too_large = None, _int(data[len("!toolarge:"):])
+        else:
+            try:
+                value = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError):
+                raise ProtocolError(f"bad base64 in a 'result' reply: {line[:200]!r}") from None
+        return cls(state, _int(numerator), _int(denominator), expires_in, value, too_large)
 
 
 @dataclass(frozen=True)
@@ -319,6 +422,39 @@ class AdminClient:
         if any(not isinstance(n, int) or isinstance(n, bool) for n in limits):
             raise TypeError("maxqueue limits must be integers")
         self._ok("maxqueue", function, *(str(n) for n in limits))
+
+    def result(self, unique: str | bytes) -> KeptResult:
+        """``result UNIQUE`` (a gearoffload extension): the state, progress and kept
+        outcome of the background job with this unique, from any process.
+
+        ``unique`` is 1 to 64 bytes without spaces or control characters (``ValueError``
+        otherwise; a ``str`` is sent UTF-8). Raises ``ResultsUnsupported`` when the server
+        keeps no results (gearmand; ours with ``--result-ttl 0``).
+
+        Example::
+
+            kept = admin.result("report-7")
+            if kept.state == "done":
+                report = json.loads(kept.data)     # kept.data is None if too_large
+            elif kept.state == "unknown":
+                ...                                # never submitted, or expired
+        """
+        raw = unique.encode(_ENCODING, _ERRORS) if isinstance(unique, str) else bytes(unique)
+        if not raw or len(raw) > MAX_UNIQUE or _NOT_IN_UNIQUE.search(raw):
+            raise ValueError(f"a unique must be 1 to {MAX_UNIQUE} bytes without spaces or "
+                             f"control characters, not {unique!r}")
+        command = "result " + _text(raw)
+        with self._lock:
+            self._send(b"result " + raw + b"\r\n")
+            line = self._read_line(command)
+        if line.startswith("OK "):
+            return KeptResult.parse(line)
+        if line.startswith("ERR "):
+            error = AdminError.from_line(line, command)
+            if error.code in ("UNKNOWN_COMMAND", "RESULTS_DISABLED"):
+                raise ResultsUnsupported(error.code, error.text, command, self.name)
+            raise error
+        raise self._unexpected(line, command)
 
     # -- plumbing ---------------------------------------------------------------------
 

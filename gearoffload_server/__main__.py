@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         "C" if ACCELERATED else "pure-Python", "compiled" if STATE_COMPILED else "pure-Python")
     if server.store is not None:
         logging.getLogger("gearoffload.server").info(
-            "queue %s: %d background jobs restored", server.store.describe(), server.restored)
+            "queue %s: %d background jobs restored, and %d kept results",
+            server.store.describe(), server.restored, server.restored_results)
     if http is not None:
         logging.getLogger("gearoffload.server").info(
             "HTTP on http://%s:%d/ (status page, /metrics, /healthz)", *http.address)

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import logging
 import os
@@ -25,12 +26,15 @@ import re
 import time
 from collections.abc import Callable
 
-from .state import JobServerState, Peer
+from .state import MAX_UNIQUE, JobServerState, Peer
 
 MAX_WORDS = 5
 #: Commands that change the server: only from loopback or ``--admin-allow`` networks.
 MUTATING = frozenset((b"cancel", b"create", b"drop", b"maxqueue", b"shutdown", b"requeue"))
 _SPACES = re.compile(b" +")
+#: What a unique may not hold in ``result UNIQUE``: a line cannot carry spaces or line
+#: ends, and control bytes would let a reply be forged in a log or a terminal.
+_NOT_IN_UNIQUE = re.compile(rb"[\x00-\x20\x7f]")
 _OK = b"OK\r\n"
 _END = b".\n"
 log = logging.getLogger("gearoffload.server")
@@ -84,6 +88,7 @@ class AdminProtocol:
             b"version": lambda peer, words: b"OK %s\n" % self.config.version.encode(),
             b"shutdown": self._shutdown,
             b"requeue": self._requeue,
+            b"result": self._result,
         }
 
     def _log_refusal(self, peer: Peer, name: bytes) -> None:
@@ -177,6 +182,32 @@ class AdminProtocol:
         if len(words) != 4 or [w.lower() for w in words[1:3]] != [b"dead", b"job"]:
             return _unknown(words[0])
         return _OK if self.state.requeue_dead(words[3]) else b"ERR UNKNOWN_JOB\r\n"
+
+    def _result(self, peer: Peer, words: list[bytes]) -> bytes:
+        """Extension: ``result UNIQUE`` answers ``OK STATE NUMERATOR DENOMINATOR EXPIRES
+        DATA`` about the job with that unique: its live state and progress, or its kept
+        outcome (``results.py``; the format is in docs/protocol.md)."""
+        if len(words) != 2 or not words[1]:
+            return _incomplete(b"result")
+        unique = words[1]
+        if len(unique) > MAX_UNIQUE or _NOT_IN_UNIQUE.search(unique):
+            return (b"ERR INVALID_ARGUMENTS The+unique+must+be+1+to+64+bytes+without+spaces+"
+                    b"or+control+characters\r\n")
+        state = self.state
+        if state.results is None:
+            return (b"ERR RESULTS_DISABLED This+server+keeps+no+results+of+background+jobs+"
+                    b"(--result-ttl+0)\r\n")
+        name, numerator, denominator, kept = state.result_of(unique)
+        if kept is None:
+            return b"OK %s %d %d - -\n" % (name, numerator, denominator)
+        expires_in = max(0.0, kept.expires - state.scheduler.now())
+        if kept.data is None:
+            data = b"!toolarge:%d" % kept.too_large
+        elif not kept.data:
+            data = b"!empty"  # base64 of nothing would be an empty word
+        else:
+            data = base64.b64encode(kept.data)
+        return b"OK %s %d %d %.3f %s\n" % (name, numerator, denominator, expires_in, data)
 
     def _cancel(self, peer: Peer, words: list[bytes]) -> bytes:
         if len(words) < 3:

@@ -38,6 +38,9 @@ def default_queue(port: int) -> str:
     return "sqlite://" + os.path.join(os.path.abspath(base), "gearoffload", f"queue-{port}.db")
 
 
+#: The largest --result-max-size: a result is sent base64 in one admin line.
+MAX_RESULT_SIZE = 8 << 20
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -95,6 +98,13 @@ class ServerConfig:
     http_port: int = 0
     #: Address of the HTTP endpoint; empty = the same as ``host``.
     http_host: str = ""
+    #: Seconds the outcome of a background job with a unique is kept for admin ``result``
+    #: (``results.py``); 0 = keep none.
+    result_ttl: float = 600.0
+    #: A result larger than this is kept as ``done`` without its data (a size marker).
+    result_max_size: int = 1 << 20
+    #: Bytes all kept results may take; past it the oldest go first.
+    result_memory: int = 64 << 20
     version: str = __version__
 
     @property
@@ -156,6 +166,17 @@ class ServerConfig:
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(
                 f"--http-port must be between 1 and 65535 (0 = off), not {self.http_port}")
+        if not 0 <= self.result_ttl <= 30 * 86400:
+            raise ConfigError("--result-ttl must be between 0 (keep no results) and "
+                              "2592000 seconds (30 days)")
+        if not 0 <= self.result_max_size <= MAX_RESULT_SIZE:
+            # Base64 in one admin line: the admin client reads lines of up to 16 MiB.
+            raise ConfigError("--result-max-size must be between 0 and 8M")
+        if self.result_memory < 0:
+            raise ConfigError("--result-memory must be 0 or a positive size")
+        if self.result_ttl and self.result_max_size > self.result_memory:
+            raise ConfigError(f"--result-max-size ({self.result_max_size}) must not exceed "
+                              f"--result-memory ({self.result_memory})")
         if self.http_port and self.http_port == self.port and \
                 self.http_address[0] == self.host:
             raise ConfigError("--http-port must differ from --port")
@@ -305,6 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address of the HTTP endpoint (default: the same as --host); do "
                         "not expose it publicly: it shows function names, unique keys and "
                         "exception texts")
+    p.add_argument("--result-ttl", type=float, default=600.0, metavar="SECONDS",
+                   help="keep the outcome (done, failed, dead) of each background job "
+                        "with a unique for this long, for the admin command 'result "
+                        "UNIQUE' (default 600; 0 = keep none, as gearmand)")
+    p.add_argument("--result-max-size", type=_size, default=1 << 20, metavar="BYTES",
+                   help="a larger result is kept without its data, as a marker with its "
+                        "size (default 1M)")
+    p.add_argument("--result-memory", type=_size, default=64 << 20, metavar="BYTES",
+                   help="memory all kept results may take; past it the oldest are "
+                        "dropped first (default 64M)")
     p.add_argument("--version", "-V", action="version", version=f"gearoffload-server {__version__}")
     return p
 
@@ -341,6 +372,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             tls_require_client_cert=ns.tls_require_client_cert,
             http_port=ns.http_port,
             http_host=ns.http_host,
+            result_ttl=ns.result_ttl,
+            result_max_size=ns.result_max_size,
+            result_memory=ns.result_memory,
         )
     except ConfigError as exc:
         parser.error(str(exc))

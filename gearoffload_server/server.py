@@ -521,6 +521,8 @@ class GearmanServer(StreamServer):
         self._lingering: Event | None = None  # set() ends a committer's DELETE_LINGER
         #: Background jobs replayed from the store at start-up.
         self.restored = 0
+        #: Kept results of background jobs read back from the store at start-up.
+        self.restored_results = 0
         self.state.on_shutdown = self._admin_shutdown
         self.admin = AdminProtocol(self.state)
         self.connections: set[Connection] = set()
@@ -551,6 +553,9 @@ class GearmanServer(StreamServer):
             if store is not None:
                 self.store = self.state.store = store
                 self.restored = self.state.restore(store.load())
+                if self.state.results is not None:
+                    self.restored_results = self.state.restore_results(
+                        store.load_results(time.time()))
 
     def handle(self, sock: socket.socket, address: tuple) -> None:
         if len(self.connections) >= self.config.max_connections:

@@ -1,6 +1,6 @@
 # Cython declarations for compiling state.py (pure-Python mode; setup.py builds it when
 # Cython is there). state.py stays the source and runs as it is without them: this file
-# only makes its four classes C structs (attribute access without a dictionary lookup)
+# only makes its classes C structs (attribute access without a dictionary lookup)
 # and the per-job methods C functions with typed locals. Every attribute assigned in
 # an __init__ must be listed here, or the compiled class refuses it.
 import cython
@@ -23,11 +23,27 @@ cdef class Job:
     cdef public object state, coalesce, stored, batch, failures, since
     cdef object __weakref__
 
+cdef class Kept:
+    cdef public object state, numerator, denominator, expires, data, too_large, size
+
+cdef class KeptResults:
+    cdef public object ttl, max_size, memory, entries, used, kept, expired, evicted
+    cdef public object oversized, _holder, _now, _sweep_at
+
+    # keep() runs once per ended background job with a unique (JobServerState._keep).
+    @cython.locals(entry=Kept)
+    cpdef keep(self, unique, state, numerator, denominator, data)
+    @cython.locals(old=Kept, entry=Kept)
+    cpdef _put(self, unique, state, numerator, denominator, expires, data, too_large=*)
+    @cython.locals(entry=Kept)
+    cpdef _trim(self, now)
+    cpdef _drop(self, unique, Kept entry)
+
 cdef class JobServerState:
     cdef public object config, scheduler, store, functions, jobs, peers, _uniques, _hyphen
     cdef public object _epochs, _epoch_timer, _epoch_timer_due, _prefix, _max_client_jobs
     cdef public object _counter, _dirty, draining, failures, on_shutdown, _handlers, _now
-    cdef public object dead
+    cdef public object dead, results
     cdef object __weakref__
 
     # The methods every job goes through (submit, grab, complete).
@@ -49,6 +65,8 @@ cdef class JobServerState:
     cpdef _assign(self, Peer peer, Job job, grab_type)
     @cython.locals(job=Job, func=Function, client=Peer)
     cpdef _work(self, Peer peer, packet)
+    @cython.locals(results=KeptResults)
+    cpdef _keep(self, Job job, state, data)
     cpdef _index(self, Job job)
     cpdef _unindex(self, Job job)
     @cython.locals(peer=Peer)

@@ -30,7 +30,7 @@ import itertools
 import logging
 import re
 from bisect import bisect_left
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -312,6 +312,181 @@ class Job:
         return f"<Job {self.handle!r} {self.function.name!r} state={self.state}>"
 
 
+# -- kept results of background jobs (an extension: docs/protocol.md) ------------------------
+
+KEPT_DONE, KEPT_FAILED, KEPT_DEAD = b"done", b"failed", b"dead"
+KEPT_STATES = (KEPT_DONE, KEPT_FAILED, KEPT_DEAD)
+#: Bytes counted per kept result besides its unique and its data: the entry object, its
+#: float, the ordered dict's slot and link, and the bytes objects' headers. Measured with
+#: tracemalloc (tests/test_results.py checks the estimate against the real figure).
+ENTRY_OVERHEAD = 280
+#: The sweep of expired results runs at most this often (seconds), on a keep or a read.
+SWEEP_INTERVAL = 1.0
+
+
+class Kept:
+    """One kept outcome. ``data`` is ``None`` when it was too large (``too_large`` then
+    holds its size in bytes)."""
+
+    __slots__ = ("state", "numerator", "denominator", "expires", "data", "too_large",
+                 "size")
+
+    def __init__(self, state: bytes, numerator: int, denominator: int, expires: float,
+                 data: bytes | None, too_large: int, size: int) -> None:
+        self.state = state
+        self.numerator = numerator
+        self.denominator = denominator
+        self.expires = expires
+        self.data = data
+        self.too_large = too_large
+        self.size = size
+
+    def __repr__(self) -> str:
+        return f"<Kept {self.state.decode()} expires={self.expires:.3f}>"
+
+
+class KeptResults:
+    """The outcomes of ended background jobs, by unique, bounded in time and in bytes
+    (admin ``result UNIQUE``; docs/protocol.md, "Extension: kept results of background
+    jobs").
+
+    A background job has no client to hear its result. When one with a unique (not empty,
+    not ``-``) ends, the state keeps its outcome here: ``done`` (the WORK_COMPLETE data),
+    ``failed`` (the WORK_EXCEPTION text; nothing for WORK_FAIL and for a job that failed
+    after ``--job-retries``) or ``dead`` (a dead letter after ``--retry-failed``; the last
+    exception text, if any), for ``--result-ttl`` seconds.
+
+    Bounded: a result over ``--result-max-size`` bytes is kept without its data, as a
+    marker with its size; past ``--result-memory`` bytes in all, the oldest go first.
+    Every result has the same TTL, so the oldest is also the first to expire: one ordered
+    dict, swept from its front at most every ``SWEEP_INTERVAL`` seconds and checked on
+    read, with no timer per result. Compiled with this module (``state.pxd``): keeping a
+    result costs a background job well under a microsecond.
+
+    ``holder``, when given, is the object whose ``store`` attribute is the queue store
+    (the ``JobServerState``, whose store is set after it is made): every kept result goes
+    into the store's open batch, the one that deletes the row of the job that produced it
+    (one transaction), and every one dropped (expired or evicted; one replaced by a newer
+    outcome of its unique is not dropped, its row is replaced) is deleted with a later
+    batch. ``restore()`` brings them back at start-up.
+
+    Example::
+
+        >>> clock = [1000.0]
+        >>> kept = KeptResults(600, 1024, 1 << 20, lambda: clock[0])
+        >>> kept.keep(b"report-7", KEPT_DONE, 3, 3, b"42")
+        >>> entry = kept.get(b"report-7")
+        >>> entry.state, entry.data, entry.expires - clock[0]
+        (b'done', b'42', 600.0)
+        >>> clock[0] += 601
+        >>> kept.get(b"report-7") is None
+        True
+    """
+
+    __slots__ = ("ttl", "max_size", "memory", "entries", "used", "kept", "expired",
+                 "evicted", "oversized", "_holder", "_now", "_sweep_at")
+
+    def __init__(self, ttl: float, max_size: int, memory: int, now: Callable[[], float],
+                 holder=None) -> None:
+        self.ttl = ttl
+        self.max_size = max_size
+        self.memory = memory
+        self._holder = holder
+        self._now = now
+        self.entries: OrderedDict[bytes, Kept] = OrderedDict()
+        self.used = 0
+        self._sweep_at = 0.0
+        # Monotonic counters (for /metrics).
+        self.kept = 0
+        self.expired = 0
+        self.evicted = 0
+        self.oversized = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def keep(self, unique: bytes, state: bytes, numerator: int, denominator: int,
+             data: bytes) -> None:
+        """Keep the outcome of the job ``unique`` for ``ttl`` seconds from now."""
+        now = self._now()
+        entry = self._put(unique, state, numerator, denominator, now + self.ttl, data)
+        self.kept += 1
+        store = self._holder.store if self._holder is not None else None
+        if store is not None:
+            store.keep_result(unique, entry)
+        if self.used > self.memory or now >= self._sweep_at:
+            self._trim(now)
+
+    def _put(self, unique: bytes, state: bytes, numerator: int, denominator: int,
+             expires: float, data: bytes | None, too_large: int = 0) -> Kept:
+        entries = self.entries
+        old = entries.pop(unique, None)
+        if old is not None:
+            self.used -= old.size  # the newest outcome of a unique wins
+        if data is not None and len(data) > self.max_size:
+            too_large = len(data)
+            data = None
+            self.oversized += 1
+        size = ENTRY_OVERHEAD + len(unique) + (len(data) if data is not None else 0)
+        entry = entries[unique] = Kept(state, numerator, denominator, expires, data,
+                                       too_large, size)
+        self.used += size
+        return entry
+
+    def get(self, unique: bytes) -> Kept | None:
+        """The kept outcome of ``unique``, or ``None`` (never kept, expired or evicted)."""
+        now = self._now()
+        if now >= self._sweep_at:
+            self._trim(now)
+        entry = self.entries.get(unique)
+        if entry is None or entry.expires > now:
+            return entry
+        self._drop(unique, entry)  # expired behind a younger one (clock or TTL change)
+        self.expired += 1
+        return None
+
+    def _trim(self, now: float) -> None:
+        """Drop expired results from the front, then the oldest while over ``memory``."""
+        self._sweep_at = now + SWEEP_INTERVAL
+        entries = self.entries
+        while entries:
+            unique = next(iter(entries))
+            entry = entries[unique]
+            if entry.expires <= now:
+                self.expired += 1
+            elif self.used > self.memory:
+                self.evicted += 1
+            else:
+                break
+            self._drop(unique, entry)
+
+    def _drop(self, unique: bytes, entry: Kept) -> None:
+        del self.entries[unique]
+        self.used -= entry.size
+        store = self._holder.store if self._holder is not None else None
+        if store is not None:
+            store.drop_result(unique)
+
+    def restore(self, rows: Iterable[tuple]) -> int:
+        """Results read back from the store at start-up (``QueueStore.load_results``:
+        ``(unique, state, numerator, denominator, expires, data, too_large)``, soonest
+        expiry first). Expired ones are skipped; none expires later than ``ttl`` from now
+        (the TTL may have been shortened), so the front of the dict stays the oldest.
+        Returns how many were restored."""
+        now = self._now()
+        latest = now + self.ttl
+        count = 0
+        for unique, state, numerator, denominator, expires, data, too_large in rows:
+            if expires <= now or state not in KEPT_STATES:
+                continue
+            self._put(unique, state, numerator, denominator, min(expires, latest), data,
+                      too_large or 0)
+            count += 1
+        if self.used > self.memory:
+            self._trim(now)
+        return count
+
+
 class JobServerState:
     """All jobs, functions and connections of one server, and the rules that move them."""
 
@@ -340,6 +515,11 @@ class JobServerState:
         #: The last jobs that failed, newest last (the status page's "recent failures").
         self.failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
         self._now = scheduler.now  # bound once: read on every submission and result
+        #: Outcomes of ended background jobs by unique (``results.py``; admin ``result``);
+        #: ``None`` with ``--result-ttl 0``.
+        self.results: KeptResults | None = KeptResults(
+            config.result_ttl, config.result_max_size, config.result_memory, scheduler.now,
+            self) if config.result_ttl > 0 else None
         #: Called by admin ``shutdown [graceful]`` when enabled; set by the I/O shell.
         self.on_shutdown: Callable[[bool], None] | None = None
         self._handlers: list[Callable[[Peer, Packet], None]] = [self._invalid_command] * 43
@@ -479,9 +659,13 @@ class JobServerState:
         job = self._find_coalesced(func, unique, data) if unique else None
         if job is not None:
             created = encode(RES, T.JOB_CREATED, (job.handle,))
-            batch = job.batch
-            if batch is not None and not batch.done:
-                batch.ack(peer, created, job)  # not durable yet: this reply is held
+            if background and not job.background:
+                self._promote(job, peer, created)
+            else:
+                batch = job.batch
+                if batch is not None and not batch.done:
+                    # Not durable yet: this reply is held.
+                    batch.ack(peer, created, job, not background)
             peer.send(created)
             if not background:
                 self._attach(job, peer)
@@ -509,6 +693,16 @@ class JobServerState:
             self._schedule(job)
         else:
             self._enqueue(job)
+
+    def _promote(self, job: Job, peer: Peer, created: bytes) -> None:
+        """A background submission coalesced onto a foreground job: the job becomes a
+        background one, so that it outlives its foreground clients, and is saved; the
+        JOB_CREATED ``created`` for ``peer`` is held until the save is durable (issue
+        #17 item 5: a JOB_CREATED for a background submission always means durable)."""
+        job.background = True
+        job.abandoned = False  # its clients may have left while it ran: wanted again
+        if self.store is not None:
+            self.store.save(job, peer, created)
 
     def _named_function(self, peer: Peer, name: bytes) -> Function | None:
         """The function a packet names (created on first use, §3.2), or ``None`` after
@@ -849,6 +1043,8 @@ class JobServerState:
             self._relay_to_clients(job, encode(RES, T.WORK_FAIL, (job.handle,)))
             self._failed(job, "lost worker", f"failed after {job.retries} attempts "
                          "(--job-retries)")
+            if job.background:
+                self._keep(job, KEPT_FAILED, b"")
             self._remove(job)
             return
         if job.abandoned or (not job.clients and not job.background):
@@ -912,19 +1108,35 @@ class JobServerState:
             latency = func.latency
             latency.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
             latency.sum += seconds
+            if job.background:  # the only extra test a foreground job pays
+                self._keep(job, KEPT_DONE, packet.args[1])
             self._remove(job)
         elif ptype == T.WORK_FAIL or ptype == T.WORK_EXCEPTION:
             if ptype == T.WORK_FAIL:
                 peer.last_exception = None
                 self._failed(job, "fail", "")
+                text = b""
             else:
                 peer.last_exception = handle
                 job.function.exceptions += 1
-                self._failed(job, "exception", packet.args[1].decode(errors="replace"))
+                text = packet.args[1]
+                self._failed(job, "exception", text.decode(errors="replace"))
             if job.background and self.config.retry_failed:
-                self._retry_or_bury(job)
+                self._retry_or_bury(job, text)
             else:
+                if job.background:
+                    self._keep(job, KEPT_FAILED, text)
                 self._remove(job)
+
+    def _keep(self, job: Job, state: bytes, data: bytes) -> None:
+        """Keep the outcome of an ending background job for admin ``result`` (when
+        results are kept and it has a unique). Before ``_remove``/``mark_dead``, so that
+        the result goes into the same store batch as the end of the job's row."""
+        results = self.results
+        unique = job.unique
+        if results is None or not unique or unique == b"-" or job.abandoned:
+            return  # no unique: nobody can ask for it; abandoned: cancelled
+        results.keep(unique, state, job.numerator, job.denominator, data)
 
     def _failed(self, job: Job, what: str, detail: str, count: bool = True) -> None:
         """Count a failed job (unless ``count`` is false: a timeout, which ``_lose()``
@@ -1042,33 +1254,76 @@ class JobServerState:
         error = _error(b"QUEUE_ERROR", text)
         jobs: dict[Job, None] = {}
         replies: dict[Peer, set[int]] = {}
-        for peer, reply, job in batch.acks:
+        for peer, reply, job, attached in batch.acks:
             replies.setdefault(peer, set()).add(id(reply))
             jobs[job] = None
+            if attached and peer.attached.get(job):
+                # A foreground submission told ERROR: it no longer waits on the job.
+                job.clients.remove(peer)
+                peer.waiting -= 1
+                peer.attached[job] -= 1
+                if not peer.attached[job]:
+                    del peer.attached[job]
         for peer, ids in replies.items():
             out = peer.out
             for i, item in enumerate(out):
                 if id(item) in ids:  # the very reply object, not an equal one
                     out[i] = error
                     peer.out_bytes += len(error) - len(item)
+        dropped = 0
         for job in jobs:
             job.stored = 0  # there is no row to delete
-            self._remove(job)  # detaches the clients: they were told ERROR, not CREATED
-        return len(jobs)
+            if job.clients and job.state != DONE:
+                # A foreground job promoted by a background submission (``_promote``):
+                # its own clients were told JOB_CREATED long before; it stays theirs.
+                job.background = False
+                continue
+            self._remove(job)  # detaches no one: every submission was told ERROR
+            dropped += 1
+        return dropped
+
+    # -- kept results (--result-ttl, results.py; admin ``result``) ------------------------
+
+    def result_of(self, unique: bytes) -> tuple[bytes, int, int, Kept | None]:
+        """What is known of the job with unique ``unique``: ``(state, numerator,
+        denominator, kept)``. A live job wins (``queued``, also while scheduled or waiting
+        for a retry, or ``running``, with its progress); else its kept outcome (``done``,
+        ``failed``, ``dead``, with ``kept`` set); else ``unknown``."""
+        entry = self._uniques.get(unique) if unique else None
+        if entry is not None:
+            if type(entry) is Job:
+                job = entry
+            else:  # the same unique under several functions: a background one first
+                job = next((j for j in entry if j.background), entry[0])
+            state = b"running" if job.state == RUNNING else b"queued"
+            return state, job.numerator, job.denominator, None
+        kept = self.results.get(unique) if self.results is not None and unique else None
+        if kept is None:
+            return b"unknown", 0, 0, None
+        return kept.state, kept.numerator, kept.denominator, kept
+
+    def restore_results(self, rows: Iterable[tuple]) -> int:
+        """Kept results read back from the store at start-up (``load_results``); none
+        when results are not kept. Returns how many were restored."""
+        if self.results is None:
+            return 0
+        return self.results.restore(rows)
 
     # -- retries and dead letters (--retry-failed, --retry-backoff) --------------------------
 
-    def _retry_or_bury(self, job: Job) -> None:
+    def _retry_or_bury(self, job: Job, text: bytes = b"") -> None:
         """A background job's worker answered WORK_FAIL or WORK_EXCEPTION (its clients, if
         any coalesced onto it, were told and are detached). Run it again after a back-off
         (``--retry-backoff`` seconds, doubled per failure), or once ``--retry-failed``
-        retries are used up, move it to the dead letters (``show dead jobs``)."""
+        retries are used up, move it to the dead letters (``show dead jobs``); ``text``
+        (the exception's, or empty) is then kept as its ``dead`` result."""
         func = job.function
         self._unassign(job)
         for client in job.clients:
             client.waiting -= client.attached.pop(job, 0)
         job.clients = []
         job.failures += 1
+        numerator, denominator = job.numerator, job.denominator
         job.numerator = job.denominator = 0
         name = func.name.decode(errors="replace")
         if job.failures <= self.config.retry_failed and not job.abandoned:
@@ -1088,6 +1343,9 @@ class JobServerState:
                 self.store.delete(job)
             return
         self.dead[job.handle] = job
+        job.numerator, job.denominator = numerator, denominator
+        self._keep(job, KEPT_DEAD, text)
+        job.numerator = job.denominator = 0
         if job.stored:
             self.store.mark_dead(job, True)
         self._failed(job, "dead letter", f"failed {job.failures} times (--retry-failed)",

@@ -2,7 +2,10 @@
 
 The state calls a store at two moments: ``save(...)`` when it accepts a new background job
 and ``delete(job)`` when a stored job ends (complete, fail, exception, retry limit, cancel).
-Both only append to the store's open ``Batch``; nothing touches the disk on the event loop.
+With ``--result-ttl``, the outcome of an ended background job (``results.py``) is added by
+``keep_result(...)`` in the same call as its ``delete``, so both land in one transaction;
+``drop_result(unique)`` forgets one that expired or was evicted. All of these only append
+to the store's open ``Batch``; nothing touches the disk on the event loop.
 The I/O shell takes the batch (``take_batch()``) and hands it to ``write(batch)`` in a
 thread: one transaction per batch, so a burst of submissions costs one commit (group
 commit). A submitter's JOB_CREATED is held back until the batch holding its job is durable
@@ -59,16 +62,34 @@ class StoredJob(NamedTuple):
     dead: int = 0   # 1: failed more than --retry-failed times (a dead letter)
 
 
+class ResultRow(NamedTuple):
+    """One kept result of a background job, as stored and as ``load_results()`` returns
+    it. ``expires`` is wall-clock time (``time.time()``); ``data`` is ``None`` when the
+    result was too large to keep (``too_large`` is then its size in bytes)."""
+
+    unique: bytes
+    state: bytes        # b"done", b"failed" or b"dead"
+    numerator: int
+    denominator: int
+    expires: float
+    data: bytes | None
+    too_large: int
+
+
 class Batch:
     """Saves and deletes that become durable together, in one transaction.
 
     ``acks`` lists every JOB_CREATED that refers to a job saved in this batch:
-    ``(peer, reply bytes, job)``; the reply object sits in ``peer.out``. Should the write
+    ``(peer, reply bytes, job, attached)``, ``attached`` true for a foreground submission
+    (the peer waits on the job); the reply object sits in ``peer.out``. Should the write
     fail, each such reply is swapped for an ``ERROR QUEUE_ERROR`` (it is still in ``out``,
     because a peer waiting for a batch is not written to) and the jobs are dropped.
+
+    ``results`` maps a unique to the kept result to write (``ResultRow``) or ``None`` to
+    delete it: the last word on a unique within a batch wins.
     """
 
-    __slots__ = ("seq", "saves", "deletes", "marks", "acks", "done", "error")
+    __slots__ = ("seq", "saves", "deletes", "marks", "acks", "results", "done", "error")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
@@ -76,16 +97,18 @@ class Batch:
         self.deletes: list[int] = []
         self.marks: list[tuple[int, int]] = []  # (dead 0/1, id)
         self.acks: list[tuple] = []
+        self.results: dict[bytes, ResultRow | None] = {}
         self.done = False
         self.error: str | None = None
 
     @property
     def pending(self) -> bool:
-        return bool(self.saves or self.deletes or self.marks)
+        return bool(self.saves or self.deletes or self.marks or self.results)
 
-    def ack(self, peer, reply: bytes, job) -> None:
-        """``reply``, about to go into ``peer.out``, tells of ``job`` (saved in this batch)."""
-        self.acks.append((peer, reply, job))
+    def ack(self, peer, reply: bytes, job, attached: bool = False) -> None:
+        """``reply``, about to go into ``peer.out``, tells of ``job`` (saved in this
+        batch); ``attached``: the submission was a foreground one."""
+        self.acks.append((peer, reply, job, attached))
         waits = peer.batch
         if waits is None or waits.seq < self.seq:
             peer.batch = self
@@ -121,6 +144,17 @@ class QueueStore:
         """A stored job became a dead letter (``True``) or was requeued (``False``)."""
         self.batch.marks.append((int(dead), job.stored))
 
+    def keep_result(self, unique: bytes, entry) -> None:
+        """Write the kept result ``entry`` (``results.Kept``) of ``unique`` with the
+        open batch: the one that deletes the row of the job that produced it."""
+        self.batch.results[unique] = ResultRow(
+            unique, entry.state, entry.numerator, entry.denominator, entry.expires,
+            entry.data, entry.too_large)
+
+    def drop_result(self, unique: bytes) -> None:
+        """The kept result of ``unique`` expired or was evicted: delete its row."""
+        self.batch.results[unique] = None
+
     def take_batch(self) -> Batch:
         """Close the open batch for writing; later calls go into a fresh one."""
         batch = self.batch
@@ -132,6 +166,11 @@ class QueueStore:
     def load(self) -> list[StoredJob]:
         """Every stored job, oldest first. Called once, before the first ``save``."""
         raise NotImplementedError
+
+    def load_results(self, now: float) -> list[ResultRow]:
+        """Every kept result that has not expired at ``now``, soonest expiry first (and
+        the expired ones deleted). Stores without results return none."""
+        return []
 
     def write(self, batch: Batch) -> None:
         """Make ``batch`` durable in one transaction, or raise ``StoreError``."""

@@ -5,7 +5,9 @@ otherwise, so that several servers share one Redis without seeing each other's j
 
 - ``PREFIX:jobs`` — a hash, field = the store-generated job id (decimal; never
   function+unique, PROTOCOL.md Q11), value = the packed row (``_pack``);
-- ``PREFIX:dead`` — a set of the ids that are dead letters.
+- ``PREFIX:dead`` — a set of the ids that are dead letters;
+- ``PREFIX:results`` — a hash, field = the unique of a background job, value = its kept
+  result (``--result-ttl``, ``_pack_result``); expired fields are deleted at start-up.
 
 One batch is one ``MULTI``/``EXEC`` pipeline: a burst of submissions costs one round
 trip. ``load()`` sorts the ids: ids grow with every submission, so that is submission
@@ -26,7 +28,7 @@ import itertools
 import struct
 from urllib.parse import urlsplit
 
-from . import Batch, QueueStore, StoredJob, StoreError
+from . import Batch, QueueStore, ResultRow, StoredJob, StoreError
 
 try:
     import redis
@@ -46,6 +48,25 @@ def _pack(row: tuple) -> bytes:
         _HEAD.pack(priority, when, len(function), len(unique),
                    _NO_REDUCER if reducer is None else len(reducer)),
         function, unique, reducer or b"", data))
+
+
+# state index, numerator, denominator, expires, too_large, has data; then the data
+_RESULT_HEAD = struct.Struct("!BIIdQB")
+_RESULT_STATES = (b"done", b"failed", b"dead")
+
+
+def _pack_result(row: ResultRow) -> bytes:
+    return _RESULT_HEAD.pack(
+        _RESULT_STATES.index(row.state), row.numerator, row.denominator, row.expires,
+        row.too_large, row.data is not None) + (row.data or b"")
+
+
+def _unpack_result(unique: bytes, raw: bytes) -> ResultRow:
+    state, numerator, denominator, expires, too_large, has_data = \
+        _RESULT_HEAD.unpack_from(raw)
+    data = raw[_RESULT_HEAD.size:] if has_data else None
+    return ResultRow(unique, _RESULT_STATES[state], numerator, denominator, expires, data,
+                     too_large)
 
 
 def _unpack(ident: int, raw: bytes, dead: int) -> StoredJob:
@@ -113,6 +134,7 @@ class RedisStore(QueueStore):
         self.prefix = prefix
         self.jobs_key = f"{prefix}:jobs"
         self.dead_key = f"{prefix}:dead"
+        self.results_key = f"{prefix}:results"
         pool = redis.ConnectionPool(
             connection_class=_Connection, host=self.host, port=self.port, db=self.db,
             username=parts.username or None, password=parts.password or None,
@@ -151,8 +173,40 @@ class RedisStore(QueueStore):
         self._ids = itertools.count(result[-1].id + 1 if result else 1)
         return result
 
+    def load_results(self, now: float) -> list[ResultRow]:
+        try:
+            raw = self.client.hgetall(self.results_key)
+        except redis.RedisError as exc:
+            raise StoreError(f"cannot read kept results from {self.describe_where()} "
+                             f"({self.results_key}): {_one_line(exc)}") from None
+        rows, stale = [], []
+        for unique, value in raw.items():
+            try:
+                row = _unpack_result(unique, value)
+            except (IndexError, struct.error):
+                stale.append(unique)  # not a result of ours: forget it
+                continue
+            if row.expires > now:
+                rows.append(row)
+            else:
+                stale.append(unique)
+        if stale:
+            try:
+                self.client.hdel(self.results_key, *stale)
+            except redis.RedisError:
+                pass  # skipped anyway; deleted at a later start
+        return sorted(rows, key=lambda r: r.expires)
+
     def write(self, batch: Batch) -> None:
         pipe = self.client.pipeline(transaction=True)
+        if batch.results:
+            drops = [u for u, row in batch.results.items() if row is None]
+            if drops:
+                pipe.hdel(self.results_key, *drops)
+            puts = {u: _pack_result(row) for u, row in batch.results.items()
+                    if row is not None}
+            if puts:
+                pipe.hset(self.results_key, mapping=puts)
         if batch.saves:
             pipe.hset(self.jobs_key, mapping={row[0]: _pack(row) for row in batch.saves})
         for dead, ident in batch.marks:

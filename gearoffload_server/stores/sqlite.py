@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import sqlite3
 
-from . import Batch, QueueStore, StoredJob, StoreError
+from . import Batch, QueueStore, ResultRow, StoredJob, StoreError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS gearoffload_jobs (
@@ -22,6 +22,18 @@ CREATE TABLE IF NOT EXISTS gearoffload_jobs (
     due INTEGER NOT NULL,        -- epoch time of SUBMIT_JOB_EPOCH jobs, else 0
     reducer BLOB,                -- reduce jobs only
     dead INTEGER NOT NULL DEFAULT 0  -- 1: a dead letter (--retry-failed used up)
+)
+"""
+#: Kept results of background jobs (--result-ttl, results.py), one row per unique.
+_RESULTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS gearoffload_results (
+    unique_key BLOB PRIMARY KEY,
+    state TEXT NOT NULL,         -- done, failed, dead
+    numerator INTEGER NOT NULL,
+    denominator INTEGER NOT NULL,
+    expires REAL NOT NULL,       -- wall-clock time (time.time())
+    data BLOB,                   -- NULL: too large to keep, see too_large
+    too_large INTEGER NOT NULL DEFAULT 0  -- the size in bytes of a result not kept
 )
 """
 
@@ -42,6 +54,7 @@ class SqliteStore(QueueStore):
                 page = db.execute("PRAGMA page_size").fetchone()[0]
                 db.execute(f"PRAGMA max_page_count={max(max_size // page, 16)}")
             db.execute(_SCHEMA)
+            db.execute(_RESULTS_SCHEMA)
             db.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now, not at first job
             db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -60,10 +73,23 @@ class SqliteStore(QueueStore):
         self._ids = itertools.count(rows[-1].id + 1 if rows else 1)
         return rows
 
+    def load_results(self, now: float) -> list[ResultRow]:
+        try:
+            self.db.execute("DELETE FROM gearoffload_results WHERE expires <= ?", (now,))
+            return [ResultRow(bytes(u), s.encode(), n, d, e,
+                              None if data is None else bytes(data), t)
+                    for u, s, n, d, e, data, t in self.db.execute(
+                        "SELECT unique_key, state, numerator, denominator, expires, data, "
+                        "too_large FROM gearoffload_results ORDER BY expires")]
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read kept results from {self.path}: {exc}") from None
+
     def write(self, batch: Batch) -> None:
         db = self.db
         try:
             db.execute("BEGIN")
+            if batch.results:
+                self._write_results(batch.results)
             if batch.saves:
                 db.executemany(
                     "INSERT INTO gearoffload_jobs (id, function, unique_key, priority, data, "
@@ -80,6 +106,18 @@ class SqliteStore(QueueStore):
             except sqlite3.Error:
                 pass
             raise StoreError(f"queue database {self.path}: {exc}") from None
+
+    def _write_results(self, results: dict) -> None:
+        drops = [(u,) for u, row in results.items() if row is None]
+        if drops:
+            self.db.executemany("DELETE FROM gearoffload_results WHERE unique_key = ?", drops)
+        rows = [(row.unique, row.state.decode(), row.numerator, row.denominator,
+                 row.expires, row.data, row.too_large)
+                for row in results.values() if row is not None]
+        if rows:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO gearoffload_results (unique_key, state, numerator, "
+                "denominator, expires, data, too_large) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
     def close(self) -> None:
         try:
