@@ -913,15 +913,17 @@ def run_task(offloader: Offloader, job: Any, body: Callable[[bytes], bytes],
     return result
 
 
-def outcome_fields(outcome: Outcome) -> dict[str, Any]:
-    """The JSON fields every status answer shares."""
+def outcome_fields(outcome: Outcome, traceback: bool = False) -> dict[str, Any]:
+    """The JSON fields every status answer shares; the worker's ``traceback`` only when
+    asked (it shows code paths: for a debug app, not for every user)."""
     body: dict[str, Any] = {"state": outcome.state,
                             "progress": {"numerator": outcome.numerator,
                                          "denominator": outcome.denominator}}
     if outcome.state in ("failed", "dead"):
         text = (outcome.data or b"").decode("utf-8", "replace")
         body["error"] = text.split("\n", 1)[0] or "the job failed"
-        body["traceback"] = text
+        if traceback:
+            body["traceback"] = text
     if outcome.too_large:
         body["error"] = (f"the result ({outcome.too_large} bytes) was larger than the "
                          "result backend keeps")

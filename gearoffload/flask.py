@@ -400,7 +400,8 @@ def _job_status(job_id: str) -> Response:
         return _json_error(exc)
     if outcome.state == "unknown":
         return _json_error(JobNotFound("Unknown job id (never run here, or lost)."))
-    body: dict[str, Any] = {"id": job_id, **_outcome_fields(outcome)}
+    body: dict[str, Any] = {"id": job_id,
+                            **_outcome_fields(outcome, traceback=current_app.debug)}
     if outcome.state == "done" and outcome.data is not None:
         answer = CODEC.loads(outcome.data)
         body["result_url"] = url_for("gearoffload.job_result", job_id=job_id)

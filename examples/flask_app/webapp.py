@@ -30,14 +30,39 @@ from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from gearoffload import offload
 from gearoffload.flask import GearOffload, progress
-from gearoffload.wsgi import OffloadMiddleware
+from gearoffload.wsgi import OffloadMiddleware, default_wsgi_function
 
 STATE_DIR = os.environ.get("GEAROFFLOAD_DEMO_STATE",
                            os.path.join(tempfile.gettempdir(), "gearoffload-demo"))
 SERVERS = os.environ.get("GEAROFFLOAD_SERVERS", "127.0.0.1:4730")
 
+
+
+def shared_secret() -> str:
+    """The key that signs jobs: ``$GEAROFFLOAD_SECRET_KEY``, else one made once and kept in
+    the state directory, so that the web process and the workers on this host share it.
+    In production, set the variable from your secret store on every host."""
+    key = os.environ.get("GEAROFFLOAD_SECRET_KEY")
+    if key:
+        return key
+    import secrets
+
+    os.makedirs(STATE_DIR, exist_ok=True)
+    path = os.path.join(STATE_DIR, "secret.key")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(path) as f:
+            return f.read().strip()
+    with os.fdopen(fd, "w") as f:
+        key = secrets.token_hex(32)
+        f.write(key)
+    return key
+
+
 app = Flask(__name__)
-app.config.update(GEAROFFLOAD_SERVERS=SERVERS, GEAROFFLOAD_TIMEOUT=60)
+app.config.update(GEAROFFLOAD_SERVERS=SERVERS, GEAROFFLOAD_TIMEOUT=60,
+                  SECRET_KEY=shared_secret())
 ext = GearOffload(app)
 
 
@@ -200,5 +225,6 @@ def legacy_app(environ: dict, start_response) -> list[bytes]:
 # `gearoffload-worker --wsgi examples.flask_app:app` (there the middleware passes through).
 app.wsgi_app = OffloadMiddleware(  # type: ignore[method-assign]
     DispatcherMiddleware(app.wsgi_app, {"/legacy": legacy_app}),
-    servers=SERVERS, routes=["/legacy/"])
+    servers=SERVERS, routes=["/legacy/"], secret_key=app.config["SECRET_KEY"],
+    function=default_wsgi_function(app))  # the name `--wsgi examples.flask_app:app` serves
 
