@@ -432,7 +432,10 @@ def _job_result(job_id: str) -> Response:
         return _json_error(JobNotFound("Unknown job id (never run here, or lost)."))
     if outcome.state != "done" or outcome.data is None:
         response = jsonify({"id": job_id, **_outcome_fields(outcome)})
-        response.status_code = 500 if outcome.state in ("failed", "dead") else 409
+        # failed: the job's own error; done without data: the result was not kept
+        # (too large); still queued or running: not yet.
+        response.status_code = 500 if outcome.state in ("failed", "dead") else (
+            502 if outcome.state == "done" else 409)
         return response
     return _to_response(CODEC.loads(outcome.data))
 

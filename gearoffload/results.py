@@ -28,6 +28,8 @@ import time
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
+from gevent import monkey
+
 __all__ = ["MemoryResults", "Outcome", "RedisResults", "ResultBackend", "ServerResults",
            "open_results"]
 
@@ -49,6 +51,9 @@ class Outcome(NamedTuple):
 
 
 UNKNOWN = Outcome("unknown")
+#: A per-OS-thread local, whether or not the process is monkey-patched (where the patched
+#: one would be per greenlet).
+_thread_local = monkey.get_original("threading", "local")
 
 
 class ResultBackend:
@@ -79,25 +84,36 @@ class ServerResults(ResultBackend):
         self.servers = list(servers)
         self.timeout = timeout
         self.tls = tls
-        # Idle admin connections per server: a reader takes one (or opens one) and puts it
-        # back, so that concurrent greenlets or threads never share a connection.
-        self._idle: dict[str, list[Any]] = {server: [] for server in self.servers}
+        # Idle admin connections per OS thread and server: a reader takes one (or opens
+        # one) and puts it back, so that concurrent greenlets never share a connection,
+        # and a connection stays with the thread (the gevent hub) that made it.
+        self._local = _thread_local()
 
     def _ask(self, server: str, unique: str) -> Any:
         from .admin import AdminClient
 
-        idle = self._idle[server]
-        try:
-            admin = idle.pop()
-        except IndexError:
-            admin = AdminClient(server, timeout=self.timeout, tls=self.tls)
-        try:
-            kept = admin.result(unique)
-        except BaseException:
-            admin.close()
-            raise
-        idle.append(admin)
-        return kept
+        from .errors import GearmanError
+
+        pools = getattr(self._local, "idle", None)
+        if pools is None:
+            pools = self._local.idle = {name: [] for name in self.servers}
+        idle = pools[server]
+        while True:
+            reused = bool(idle)
+            admin = idle.pop() if reused else AdminClient(server, timeout=self.timeout,
+                                                          tls=self.tls)
+            try:
+                kept = admin.result(unique)
+            except GearmanError:
+                admin.close()
+                if reused:  # it may have died idle (a server restart): one fresh try
+                    continue
+                raise
+            except BaseException:
+                admin.close()
+                raise
+            idle.append(admin)
+            return kept
 
     def read(self, unique: str) -> Outcome:
         from .admin import ResultsUnsupported

@@ -59,6 +59,21 @@ def create_app(servers: str) -> Flask:
     def trivial():
         return "ok"
 
+    @app.post("/big/<int:size>")
+    @ext.offload(background=True)
+    def big(size):
+        return "x" * size
+
+    @app.post("/unencodable")
+    @ext.offload(background=True)
+    def unencodable():
+        return object()  # not a response Flask can make
+
+    @app.after_request
+    def served_by(response):
+        response.headers["X-Served-By"] = str(os.getpid())
+        return response
+
     return app
 
 
