@@ -91,7 +91,6 @@ class ServerResults(ResultBackend):
 
     def _ask(self, server: str, unique: str) -> Any:
         from .admin import AdminClient
-
         from .errors import GearmanError
 
         pools = getattr(self._local, "idle", None)

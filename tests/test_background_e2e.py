@@ -19,10 +19,17 @@ from pathlib import Path
 
 import gevent
 import pytest
-
-from conftest import ROOT, ServerProcess, free_port, gevent_time_limit, need_module, \
-    stop_process, wait_for_port
 from test_web_e2e import http
+
+from conftest import (
+    ROOT,
+    ServerProcess,
+    free_port,
+    gevent_time_limit,
+    need_module,
+    stop_process,
+    wait_for_port,
+)
 
 TESTS = Path(__file__).resolve().parent
 time_limit = gevent_time_limit(90)
