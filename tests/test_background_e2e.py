@@ -1,6 +1,6 @@
 """Background work that survives (issue #14), over real HTTP: gunicorn with 4 worker
-processes (gevent, gthread and sync workers), a real ``gearoffload-server`` on the sqlite store, and a
-real ``gearoffload-worker`` pool serving ``webapp_e2e:app``.
+processes (gevent, gthread and sync workers), a real ``gearoffload-server`` on the sqlite
+store, and a real ``gearoffload-worker`` pool serving ``webapp_e2e:app``.
 
 Every poll goes through a new connection, so the gunicorn processes that answer differ
 from the one that accepted the job: the state must come from the shared result backend
