@@ -206,3 +206,105 @@ def test_eager_mode_runs_views_and_background_jobs_here_without_a_server():
     assert status["state"] == "done" and status["result"] == {"rows": 3}
     assert client.get(status["result_url"]).get_json() == {"rows": 3}
     assert client.get("/_offload/jobs/garbage").status_code == 404
+
+
+def test_only_the_owner_reads_a_background_job(served):
+    app, servers = served
+    owned = Flask("owned")
+    owned.secret_key = "test"
+    owned.config.update(GEAROFFLOAD_SERVERS=servers)
+    ext = GearOffload(owned, job_owner=lambda req: session.get("user"))
+
+    @owned.get("/login/<user>")
+    def login(user):
+        session["user"] = user
+        return "ok"
+
+    @owned.post("/mine")
+    @ext.offload(background=True)
+    def mine():
+        return {"owner": session.get("user")}
+
+    worker = Worker(servers, registry=registry_for(owned))
+    working = gevent.spawn(worker.work)
+    try:
+        alice, bob = owned.test_client(), owned.test_client()
+        alice.get("/login/alice")
+        bob.get("/login/bob")
+        location = alice.post("/mine").headers["Location"]
+        for _ in range(100):
+            status = alice.get(location).get_json()
+            if status["state"] == "done":
+                break
+            gevent.sleep(0.05)
+        assert status["result"] == {"owner": "alice"}
+        assert bob.get(location).status_code == 404  # not admitted to exist
+        assert bob.get(location + "/result").status_code == 404
+        assert owned.test_client().get(location).status_code == 404  # anonymous
+    finally:
+        worker.stop(graceful=False)
+        working.join(5)
+
+
+def test_a_forged_or_replayed_job_is_refused_and_never_runs(served):
+    from gearoffload.core import OffloadConfig, Offloader
+    from gearoffload.errors import JobFailed
+
+    app, servers = served
+    name = "test_web_safety.make_app.<locals>.search"
+    offloader = app.extensions["gearoffload"].offloader
+    client = offloader.client
+    payload = b'j{"environ":{"REQUEST_METHOD":"POST","PATH_INFO":"/search"},"body":"forged"}'
+    forger = Offloader(OffloadConfig(servers=servers, secret_key="not-the-key"))
+    for data in (payload, forger.seal.close(payload)):
+        with pytest.raises(JobFailed):
+            client.submit(name, data).result(5)
+    # A job signed with the right key, captured, and replayed after its signature expired.
+    short = Offloader(OffloadConfig(servers=servers, secret_key="test",
+                                    signature_max_age=1))
+    captured = offloader.seal.close(payload)
+    gevent.sleep(2.1)  # itsdangerous timestamps have a resolution of one second
+    with pytest.raises(Exception, match="expired"):
+        short.seal.open(captured)
+    app.extensions["gearoffload"].offloader.seal.max_age = 1
+    try:
+        with pytest.raises(JobFailed):
+            client.submit(name, captured).result(5)
+    finally:
+        app.extensions["gearoffload"].offloader.seal.max_age = 86400.0
+    assert RUNS == []
+
+
+def test_two_wsgi_apps_on_one_job_server_never_answer_for_each_other(served):
+    from werkzeug.test import Client as WsgiClient
+
+    from gearoffload.wsgi import OffloadMiddleware
+
+    _, servers = served
+
+    def first(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"first app"]
+
+    def second(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"second app"]
+
+    wrapped = [OffloadMiddleware(app, servers=servers, secret_key="k") for app in
+               (first, second)]
+    assert wrapped[0].function != wrapped[1].function
+    configure_reset()
+    import gearoffload
+
+    gearoffload.configure(servers=servers, secret_key="k")
+    workers = [Worker(servers, registry=registry_for(app, "")) for app in (first, second)]
+    working = [gevent.spawn(w.work) for w in workers]
+    try:
+        answers = concurrently(*[
+            (lambda m=m: WsgiClient(m).get("/x").text) for m in wrapped * 10])
+        assert answers == ["first app", "second app"] * 10
+    finally:
+        for worker in workers:
+            worker.stop(graceful=False)
+        gevent.joinall(working, timeout=5)
+        configure_reset()
