@@ -181,6 +181,13 @@ class OffloadConfig:
                 raise ValueError(f"GEAROFFLOAD_TLS_CA/CERT/KEY: {tls_error_text(exc)}") \
                     from None
 
+    def make_client(self) -> Any:
+        """A new ``Client`` for these settings (``Offloader.client`` keeps one per thread)."""
+        from .client import Client
+
+        return Client(list(self.servers), timeout=self.timeout,
+                      connect_timeout=self.connect_timeout, tls=self.tls)
+
     @functools.cached_property
     def codec(self) -> Codec:
         return Codec(self.format, self.secret_key)
@@ -667,6 +674,14 @@ class JobRef(NamedTuple):
 _thread_local = monkey.get_original("threading", "local")
 
 
+def check_call_options(timeout: float | None, fallback: str | None) -> None:
+    """Validate the per-call options of ``@offload`` and of views."""
+    if fallback is not None and fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be 'raise' or 'local', not {fallback!r}")
+    if timeout is not None and not timeout > 0:
+        raise ValueError("timeout must be a positive number of seconds")
+
+
 class Offloader:
     """One configuration's clients, seal, background jobs and outcomes.
 
@@ -710,12 +725,7 @@ class Offloader:
         """This OS thread's ``Client`` (one per thread: a gevent hub is per thread)."""
         client = getattr(self._local, "client", None)
         if client is None:
-            from .client import Client
-
-            config = self.config
-            client = self._local.client = Client(list(config.servers), timeout=config.timeout,
-                                                 connect_timeout=config.connect_timeout,
-                                                 tls=config.tls)
+            client = self._local.client = self.config.make_client()
         return client
 
     def close(self) -> None:
@@ -928,3 +938,58 @@ def outcome_fields(outcome: Outcome, traceback: bool = False) -> dict[str, Any]:
         body["error"] = (f"the result ({outcome.too_large} bytes) was larger than the "
                          "result backend keeps")
     return body
+
+
+# -- the offloader in use ----------------------------------------------------------------
+
+_default: Offloader | None = None
+#: The offloader of the Flask app (or other scope) whose context this code runs in.
+_active: contextvars.ContextVar[Offloader | None] = contextvars.ContextVar(
+    "gearoffload_offloader", default=None)
+
+
+def offloader_in_use(registry: Any = None) -> Offloader:
+    """The current app's offloader (``using``), else the process default, made from the
+    environment at first use (eager mode then runs ``registry``'s tasks)."""
+    offloader = _active.get()
+    if offloader is not None:
+        return offloader
+    global _default
+    if _default is None:
+        import os
+
+        _default = Offloader(OffloadConfig.from_mapping(os.environ), registry=registry)
+    return _default
+
+
+def using(offloader: Offloader | None) -> contextvars.Token:
+    """Make ``offloader`` the one in use in this context (the Flask extension does it for
+    its app, a worker pool for the app it serves); returns the token to reset."""
+    return _active.set(offloader)
+
+
+def set_default(offloader: Offloader | None) -> None:
+    """Replace the process default (a worker pool serving one app uses the app's)."""
+    global _default
+    if _default is not None and _default is not offloader:
+        _default.close()
+    _default = offloader
+
+
+def configure_default(registry: Any = None, **settings: Any) -> OffloadConfig:
+    """A new process default from the current one with ``settings`` changed."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(OffloadConfig)}
+    unknown = set(settings) - names
+    if unknown:
+        raise TypeError(f"configure() got unknown settings {sorted(unknown)}; "
+                        f"known: {sorted(names)}")
+    config = dataclasses.replace(offloader_in_use(registry).config, **settings)
+    set_default(Offloader(config, registry=registry))
+    return config
+
+
+def configure_reset() -> None:
+    """Forget the process default: the next use reads the environment again (tests)."""
+    set_default(None)

@@ -89,6 +89,7 @@ from .core import (
     OffloadConfig,
     Offloader,
     SingleFlight,
+    check_call_options,
     check_runtime,
     coalescing_key,
     http_error,
@@ -97,11 +98,11 @@ from .core import (
     request_payload,
     run_task,
     unique_key,
+    using,
     with_remote_traceback,
 )
 from .core import outcome_fields as _outcome_fields
 from .errors import GearmanError, JobException, NoServersAvailable
-from .offloading import check_call_options, using
 from .registry import TaskRegistry
 
 __all__ = ["GearOffload", "OffloadedView", "offload", "progress"]

@@ -51,10 +51,8 @@ name would replace the ``gearoffload.offload`` decorator on the package once imp
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import logging
-import os
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -65,39 +63,30 @@ from .core import (
     OffloadConfig,
     Offloader,
     SingleFlight,
+    check_call_options,
+    configure_default,
+    configure_reset,
     current_job,
+    offloader_in_use,
     progress,
     run_as_task,
     run_task,
     unique_key,
+    using,
 )
 from .errors import NoServersAvailable
 from .registry import TaskRegistry
 from .registry import registry as default_registry
 from .results import Outcome
 
-__all__ = ["OffloadConfig", "OffloadedFunction", "OffloadedJob", "configure", "current_job",
-           "get_client", "get_config", "get_offloader", "offload", "progress", "run_as_task",
-           "using"]
+__all__ = ["OffloadConfig", "OffloadedFunction", "OffloadedJob", "configure",
+           "configure_reset", "current_job", "get_client", "get_config", "get_offloader",
+           "offload", "progress", "run_as_task", "using"]
 
 log = logging.getLogger("gearoffload.offloading")
 
 
-def check_call_options(timeout: float | None, fallback: str | None) -> None:
-    """Validate the per-call options shared by ``@offload`` and the Flask extension."""
-    if fallback is not None and fallback not in ("raise", "local"):
-        raise ValueError(f"fallback must be 'raise' or 'local', not {fallback!r}")
-    if timeout is not None and not timeout > 0:
-        raise ValueError("timeout must be a positive number of seconds")
-
-
-# -- the module-level default, and the one in use -----------------------------------------
-
-_default: Offloader | None = None
-#: The offloader of the Flask app (or other scope) whose context this code runs in.
-_active: contextvars.ContextVar[Offloader | None] = contextvars.ContextVar(
-    "gearoffload_offloader", default=None)
-
+# -- settings: the offloader in use (gearoffload.core) ---------------------------------------
 
 def configure(**settings: Any) -> OffloadConfig:
     """Set the default settings of ``@offload`` outside any app (and drop clients made
@@ -110,46 +99,13 @@ def configure(**settings: Any) -> OffloadConfig:
         import gearoffload
         gearoffload.configure(servers="10.0.0.5:4730,10.0.0.6:4730", timeout=30)
     """
-    global _default
-    import dataclasses
-
-    base = get_config()
-    names = {f.name for f in dataclasses.fields(OffloadConfig)}
-    unknown = set(settings) - names
-    if unknown:
-        raise TypeError(f"configure() got unknown settings {sorted(unknown)}; "
-                        f"known: {sorted(names)}")
-    config = dataclasses.replace(base, **settings)
-    if _default is not None:
-        _default.close()
-    _default = Offloader(config, registry=default_registry)
-    return config
-
-
-def configure_reset() -> None:
-    """Forget the default settings: the next call reads the environment again (tests)."""
-    global _default
-    if _default is not None:
-        _default.close()
-    _default = None
+    return configure_default(default_registry, **settings)
 
 
 def get_offloader() -> Offloader:
     """The offloader in use here: the current app's, else the process default (made from
     the environment at first use)."""
-    offloader = _active.get()
-    if offloader is not None:
-        return offloader
-    global _default
-    if _default is None:
-        _default = Offloader(OffloadConfig.from_mapping(os.environ), registry=default_registry)
-    return _default
-
-
-def using(offloader: Offloader | None) -> contextvars.Token:
-    """Make ``offloader`` the one ``@offload`` functions use in this context (the Flask
-    extension does it for its app); returns the token to reset."""
-    return _active.set(offloader)
+    return offloader_in_use(default_registry)
 
 
 def get_config() -> OffloadConfig:
@@ -355,42 +311,4 @@ def offload(fn: Callable[..., Any] | None = None, *, name: str | None = None,
                                  fallback=fallback, priority=priority, registry=registry)
 
     return decorate(fn) if fn is not None else decorate
-
-
-# -- what gearoffload-worker serves for an app ----------------------------------------
-
-def registry_for(obj: Any, wsgi_function: str | None = None) -> TaskRegistry:
-    """The tasks ``gearoffload-worker`` serves for ``obj`` when it is not a ``Worker`` or
-    ``TaskRegistry``: a Flask app's offloaded views (``GearOffload``), every ``@offload``
-    function imported so far, and, with ``wsgi_function``, the WSGI runner of
-    ``OffloadMiddleware`` calling ``obj`` as a WSGI app. For a Flask app, this process's
-    ``@offload`` functions then use the app's settings (a worker serves one app).
-
-    Example::
-
-        registry_for(flask_app).names()          # ['myapp.views.report', ...]
-        registry_for(wsgi_app, "gearoffload.wsgi")
-    """
-    global _default
-    registry = TaskRegistry()
-    registry.update(default_registry)
-    extensions = getattr(obj, "extensions", None)
-    state = extensions.get("gearoffload") if isinstance(extensions, dict) else None
-    if state is not None:
-        registry.update(state.registry)
-        _default = state.offloader
-    elif wsgi_function is None:
-        raise TypeError(f"{type(obj).__name__} is not a Worker, a TaskRegistry or a Flask app "
-                        "with GearOffload; to serve a WSGI app for OffloadMiddleware, add "
-                        "--wsgi")
-    if wsgi_function is not None:
-        if not callable(obj):
-            raise TypeError(f"--wsgi needs a WSGI application, not {type(obj).__name__}")
-        from .wsgi import default_wsgi_function, wsgi_runner
-        registry.register(wsgi_function or default_wsgi_function(obj),
-                          wsgi_runner(obj, get_offloader()))
-    if not len(registry):
-        raise ValueError(f"{type(obj).__name__} has no offloaded views or functions (use "
-                         "GearOffload(app) with @ext.offload, or --wsgi for a WSGI app)")
-    return registry
 

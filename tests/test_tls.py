@@ -451,24 +451,25 @@ def test_wsgi_middleware_takes_tls(certs):
     from gearoffload.wsgi import OffloadMiddleware
 
     middleware = OffloadMiddleware(lambda environ, start: [], servers="127.0.0.1:4730",
-                                   tls=certs.tls("client"))
-    assert isinstance(middleware.tls, ssl.SSLContext)
+                                   tls=certs.tls("client"), secret_key="k")
+    assert middleware.config.tls == certs.tls("client")
+    assert middleware.offloader.client.servers == ["127.0.0.1:4730"]
 
 
 def test_flask_config_keys_configure_offload_with_tls(certs, monkeypatch):
     flask = need_module("flask")
-    from gearoffload import offloading
     from gearoffload.flask import GearOffload
     from gearoffload.offloading import get_config
 
-    # GearOffload sets the process-wide @offload defaults: put them back afterwards.
-    monkeypatch.setattr(offloading, "_default", offloading._default)
-
     app = flask.Flask(__name__)
     app.config.update(GEAROFFLOAD_TLS_CA=str(certs.ca), GEAROFFLOAD_TLS_CERT=str(certs.client),
-                      GEAROFFLOAD_TLS_KEY=str(certs.client_key))
+                      GEAROFFLOAD_TLS_KEY=str(certs.client_key), SECRET_KEY="k")
     GearOffload(app)
-    assert get_config().tls == certs.tls("client")
+    # Inside the app's context, @offload functions use the app's settings; outside, the
+    # process default is untouched (init_app changes nothing process-wide).
+    with app.app_context():
+        assert get_config().tls == certs.tls("client")
+    assert get_config().tls != certs.tls("client")
 
 
 def test_durable_background_jobs_and_many_clients_over_tls(certs, servers, tmp_path):
