@@ -340,7 +340,7 @@ class _Submission:
         self.value = value
         self.error = exc
         waiters = self._waiters
-        if waiters is not None:
+        if waiters:  # [] once every waiter has left early (timed out): nobody to wake
             self._waiters = None
             # Waiter.switch runs in the hub; this runs in the connection's reader.
             run_callback = waiters[0].hub.loop.run_callback
@@ -448,7 +448,13 @@ class _Link:
             if ptype in _FINAL_TYPES:
                 del self.jobs[handle]
             for sub in attachment.subs:
-                sub.deliver(ptype, packet.args)
+                try:
+                    sub.deliver(ptype, packet.args)
+                except Exception:
+                    # The stream is still in step: one job's bad bookkeeping must not
+                    # drop the connection with every other caller's job on it.
+                    log.exception("delivering %s for job %r from %s failed", packet.name,
+                                  handle, self.name)
         elif ptype in _REPLY_TYPES:
             if not self.pending:
                 if ptype == T.ERROR:

@@ -216,6 +216,35 @@ def test_a_server_that_never_answers_times_out_the_submission():
         silent.close()
 
 
+def test_a_late_answer_for_a_caller_that_timed_out_keeps_the_connection(server, caplog):
+    """Issue #15: A times out, then its WORK_COMPLETE arrives. That used to raise
+    IndexError in the reader, which dropped the connection with B's job on it (B's job
+    was then resubmitted and ran twice). Now B's job completes on the same connection."""
+    ran = []
+
+    def slow(job):
+        ran.append(job.data)
+        gevent.sleep(0.6)
+        return job.data
+
+    with running_worker(server.address, concurrency=1, slow=slow), \
+            Client(server.address) as client:
+        assert client.call("slow", b"warm-up", timeout=5) == b"warm-up"
+        conn = client._links[0].conn
+        ran.clear()
+        a = client.submit("slow", b"a", wait=True)
+        b = client.submit("slow", b"b", wait=True)  # queued behind A on the one slot
+        handle_b = b.handle
+        with pytest.raises(JobTimeout):
+            a.result(timeout=0.2)
+        assert b.result(5) == b"b"  # A's late WORK_COMPLETE came first, at about 0.6 s
+        assert client._links[0].conn is conn and not conn.closed
+        assert b.handle == handle_b  # never resubmitted
+        assert ran == [b"a", b"b"]
+        assert client.call("slow", b"c", timeout=5) == b"c"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 def test_server_error_is_raised_from_submit(server):
     with server.connect() as admin, Client(server.address) as client:
         assert admin.admin("create function limited").startswith(b"OK")
