@@ -555,8 +555,11 @@ class Worker:
                         return
                 elif not exhausted:
                     while len(grabs) < window and slots.take():
-                        conn.send_raw(_GRAB_JOB_UNIQ)
+                        # Counted before it is sent: a send to a connection that just
+                        # died raises, and ``finally`` gives back only what ``grabs``
+                        # holds (a slot lost there stalled a one-slot worker for good).
                         grabs.append(True)
+                        conn.send_raw(_GRAB_JOB_UNIQ)
                 if not grabs and not stopping:
                     if exhausted:
                         conn.send(T.PRE_SLEEP)
@@ -579,8 +582,8 @@ class Worker:
                     while not slots.take():
                         if not slots.wait(0.5) and self._stop_event.is_set():
                             return
+                    grabs.append(True)  # before the send, as above
                     conn.send_raw(_GRAB_JOB_UNIQ)
-                    grabs.append(True)
                 packet = self._next(inbox)
                 if packet is _STOP:
                     stopping = True
@@ -591,8 +594,8 @@ class Worker:
                         # server chose it to run a job, and a server that wakes one
                         # sleeper per job would let that job wait until we disconnect.
                         # It never sleeps again, so this happens at most once.
+                        grabs.append(slots.take())  # before the send, as above
                         conn.send_raw(_GRAB_JOB_UNIQ)
-                        grabs.append(slots.take())
                     continue  # otherwise a late wake-up: our GRABs are answered anyway
                 holds_slot = grabs.popleft()
                 if packet.type == T.NO_JOB:
