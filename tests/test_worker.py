@@ -88,7 +88,7 @@ def test_worker_keeps_serving_when_one_server_is_down_and_picks_it_up_later(serv
         late.port = late_port
         late.start()
         try:
-            with Client(late_address) as client:  # reconnect back-off is at most 10 s
+            with Client(late_address) as client:  # reconnect back-off is at most 1 s
                 assert client.submit("ping", b"2").result(15) == b"pong 2"
         finally:
             late.stop()
