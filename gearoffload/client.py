@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import logging
 import math
+import random
 import time
 import uuid
 from collections import deque
@@ -72,8 +73,16 @@ _WORK_TYPES = frozenset(
 _FINAL_TYPES = frozenset((T.WORK_COMPLETE, T.WORK_FAIL, T.WORK_EXCEPTION))
 #: Virtual points per server on the hash ring: enough for an even spread over a few servers.
 _RING_POINTS = 160
+#: Reconnect back-off: 0.25 s doubling to 1 s, each wait jittered down by up to half.
+#: Capped this low so that a restarted server is found again within about a second
+#: (with 30 s, a web tier answered 503 for seconds after its server was back); one connect
+#: attempt per link per wait, shared by every greenlet, is all a down server sees.
 _BACKOFF_START = 0.25
-_BACKOFF_MAX = 30.0
+_BACKOFF_MAX = 1.0
+#: A connection that answered and lived this long is reconnected at once when it closes
+#: (the server closed it while idle, or restarted); one that dies sooner backs off, so
+#: that a server that drops us again and again is not hammered.
+_HEALTHY_AFTER = 1.0
 _END = object()  # end of a job's update stream
 #: Results are as large as the worker makes them (§8: accept any payload size); the
 #: 32-bit size field is the only bound.
@@ -340,7 +349,7 @@ class _Submission:
         self.value = value
         self.error = exc
         waiters = self._waiters
-        if waiters is not None:
+        if waiters:  # [] once every waiter has left early (timed out): nobody to wake
             self._waiters = None
             # Waiter.switch runs in the hub; this runs in the connection's reader.
             run_callback = waiters[0].hub.loop.run_callback
@@ -371,6 +380,9 @@ class _Link:
         self.retry_at = 0.0
         self.backoff = _BACKOFF_START
         self._connecting: AsyncResult | None = None
+        self.connected_at = 0.0
+        self.down_since: float | None = None  # the first failed attempt of an outage
+        self.attempts = 0  # connect attempts made, failed or not (tests, diagnostics)
 
     def __repr__(self) -> str:
         return f"<_Link {self.name} {'up' if self.conn else 'down'}>"
@@ -389,17 +401,28 @@ class _Link:
         conn = Connection(self.address, self._on_packet, max_packet_size=MAX_RESULT_SIZE,
                           tls=self.client.tls)
         conn._on_close = lambda reason: self._on_close(conn, reason)
+        self.attempts += 1
         try:
             conn.connect(timeout=self.client.connect_timeout)
         except OSError as exc:
             self._connecting = None
             self.mark_down()
-            log.warning("cannot connect to %s: %s (retry in %.2fs)", self.name, exc,
-                        self.retry_at - time.monotonic())
+            # One warning per outage, not one per attempt (about one a second).
+            first = self.down_since is None
+            if first:
+                self.down_since = time.monotonic()
+            log.log(logging.WARNING if first else logging.DEBUG,
+                    "cannot connect to %s: %s (retry in %.2fs)", self.name, exc,
+                    self.retry_at - time.monotonic())
             connecting.set_exception(exc)
             raise
         self._connecting = None
         self.conn = conn
+        self.connected_at = time.monotonic()
+        if self.down_since is not None:
+            log.info("connected to %s again after %.1fs", self.name,
+                     self.connected_at - self.down_since)
+            self.down_since = None
         # The back-off starts over once the server has answered (_on_packet), not here: a
         # port that accepts and then drops us (a TLS-only server, another service) must
         # look like a server that is down, with growing back-off, or a submission would
@@ -413,7 +436,8 @@ class _Link:
         return conn
 
     def mark_down(self) -> None:
-        self.retry_at = time.monotonic() + self.backoff
+        # Jitter: the web processes of a fleet do not all reconnect in the same instant.
+        self.retry_at = time.monotonic() + self.backoff * (0.5 + 0.5 * random.random())
         self.backoff = min(self.backoff * 2, _BACKOFF_MAX)
 
     def enqueue(self, entry: _Submission | _Reply, data: bytes) -> None:
@@ -448,7 +472,13 @@ class _Link:
             if ptype in _FINAL_TYPES:
                 del self.jobs[handle]
             for sub in attachment.subs:
-                sub.deliver(ptype, packet.args)
+                try:
+                    sub.deliver(ptype, packet.args)
+                except Exception:
+                    # The stream is still in step: one job's bad bookkeeping must not
+                    # drop the connection with every other caller's job on it.
+                    log.exception("delivering %s for job %r from %s failed", packet.name,
+                                  handle, self.name)
         elif ptype in _REPLY_TYPES:
             if not self.pending:
                 if ptype == T.ERROR:
@@ -476,9 +506,19 @@ class _Link:
         self.pending.clear()
         attachments = list(self.jobs.values())
         self.jobs.clear()
-        self.mark_down()
+        if (self.backoff == _BACKOFF_START
+                and time.monotonic() - self.connected_at >= _HEALTHY_AFTER):
+            # It answered and lived: reconnect at the next need, without waiting. If the
+            # server is really gone, that attempt fails and the back-off starts.
+            self.retry_at = 0.0
+        else:
+            self.mark_down()
         if not self.client._closed:
-            log.warning("lost connection to %s: %s", self.name, reason)
+            # A server may close a connection idle between packets (--idle-timeout):
+            # nothing was lost then, and the next submission reconnects.
+            idle = not pending and not attachments
+            log.log(logging.INFO if idle else logging.WARNING, "lost connection to %s%s: %s",
+                    self.name, " (idle)" if idle else "", reason)
         self.client._connection_lost(self, pending, attachments, reason)
 
     def close(self) -> None:

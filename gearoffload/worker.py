@@ -50,8 +50,11 @@ __all__ = ["Worker", "WorkerJob"]
 
 log = logging.getLogger("gearoffload.worker")
 
+#: Reconnect back-off: 0.1 s doubling to 1 s, each wait jittered down by up to half.
+#: Capped this low so that a restarted server gets its workers back within about a second
+#: (connection refused costs a down server next to nothing).
 _BACKOFF_START = 0.1
-_BACKOFF_MAX = 10.0
+_BACKOFF_MAX = 1.0
 _ASSIGN_TYPES = frozenset((T.JOB_ASSIGN, T.JOB_ASSIGN_UNIQ, T.JOB_ASSIGN_ALL))
 _GRAB_JOB_UNIQ = encode_request(T.GRAB_JOB_UNIQ)  # sent about once per job: encoded once
 #: How long a stopping worker waits for the answers to GRABs it already sent.
@@ -460,6 +463,7 @@ class Worker:
         """One server: connect, register, grab; reconnect with back-off when lost."""
         name = format_address(address)
         backoff = _BACKOFF_START
+        down_since: float | None = None
         while not self._stop_event.is_set():
             inbox = _Mailbox()
             conn = Connection(address, self._packet_handler(inbox),
@@ -468,16 +472,25 @@ class Worker:
             try:
                 conn.connect(timeout=self.connect_timeout)
             except OSError as exc:
-                delay = backoff * (0.5 + random.random())  # jitter: no reconnect stampede
-                log.warning("cannot connect to %s: %s (retry in %.2fs)", name, exc, delay,
-                            extra={"event": "worker.connect_failed", "server": name})
+                delay = backoff * (0.5 + 0.5 * random.random())  # jitter: no stampede
+                # One warning per outage, not one per attempt (about one a second).
+                level = logging.WARNING if down_since is None else logging.DEBUG
+                if down_since is None:
+                    down_since = time.monotonic()
+                log.log(level, "cannot connect to %s: %s (retry in %.2fs)", name, exc, delay,
+                        extra={"event": "worker.connect_failed", "server": name})
                 if self._stop_event.wait(delay):
                     return
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
-            log.info("connected to %s", name,
-                     extra={"event": "worker.connected", "server": name})
             connected_at = time.monotonic()
+            if down_since is None:
+                log.info("connected to %s", name,
+                         extra={"event": "worker.connected", "server": name})
+            else:
+                log.info("connected to %s again after %.1fs", name, connected_at - down_since,
+                         extra={"event": "worker.connected", "server": name})
+                down_since = None
             self._conns[conn] = {}
             self._inboxes.add(inbox)
             try:
@@ -486,15 +499,19 @@ class Worker:
             except ConnectionError as exc:
                 if self._stop_event.is_set():
                     return  # a draining worker closed it
-                log.warning("lost connection to %s: %s", name, exc,
-                            extra={"event": "worker.connection_lost", "server": name})
+                # A server may close a connection idle between packets (--idle-timeout);
+                # with no job running on it nothing is lost, and it is reopened at once.
+                idle = not self._conns.get(conn)
+                log.log(logging.INFO if idle else logging.WARNING,
+                        "lost connection to %s%s: %s", name, " (idle)" if idle else "", exc,
+                        extra={"event": "worker.connection_lost", "server": name})
             finally:
                 self._inboxes.discard(inbox)
                 if conn.closed:
                     self._conns.pop(conn, None)
             # A connection that dies at once again and again must not spin.
             if time.monotonic() - connected_at < 1.0:
-                if self._stop_event.wait(backoff * (0.5 + random.random())):
+                if self._stop_event.wait(backoff * (0.5 + 0.5 * random.random())):
                     return
                 backoff = min(backoff * 2, _BACKOFF_MAX)
             else:
@@ -555,8 +572,11 @@ class Worker:
                         return
                 elif not exhausted:
                     while len(grabs) < window and slots.take():
-                        conn.send_raw(_GRAB_JOB_UNIQ)
+                        # Counted before it is sent: a send to a connection that just
+                        # died raises, and ``finally`` gives back only what ``grabs``
+                        # holds (a slot lost there stalled a one-slot worker for good).
                         grabs.append(True)
+                        conn.send_raw(_GRAB_JOB_UNIQ)
                 if not grabs and not stopping:
                     if exhausted:
                         conn.send(T.PRE_SLEEP)
@@ -579,8 +599,8 @@ class Worker:
                     while not slots.take():
                         if not slots.wait(0.5) and self._stop_event.is_set():
                             return
+                    grabs.append(True)  # before the send, as above
                     conn.send_raw(_GRAB_JOB_UNIQ)
-                    grabs.append(True)
                 packet = self._next(inbox)
                 if packet is _STOP:
                     stopping = True
@@ -591,8 +611,8 @@ class Worker:
                         # server chose it to run a job, and a server that wakes one
                         # sleeper per job would let that job wait until we disconnect.
                         # It never sleeps again, so this happens at most once.
+                        grabs.append(slots.take())  # before the send, as above
                         conn.send_raw(_GRAB_JOB_UNIQ)
-                        grabs.append(slots.take())
                     continue  # otherwise a late wake-up: our GRABs are answered anyway
                 holds_slot = grabs.popleft()
                 if packet.type == T.NO_JOB:

@@ -216,6 +216,35 @@ def test_a_server_that_never_answers_times_out_the_submission():
         silent.close()
 
 
+def test_a_late_answer_for_a_caller_that_timed_out_keeps_the_connection(server, caplog):
+    """Issue #15: A times out, then its WORK_COMPLETE arrives. That used to raise
+    IndexError in the reader, which dropped the connection with B's job on it (B's job
+    was then resubmitted and ran twice). Now B's job completes on the same connection."""
+    ran = []
+
+    def slow(job):
+        ran.append(job.data)
+        gevent.sleep(0.6)
+        return job.data
+
+    with running_worker(server.address, concurrency=1, slow=slow), \
+            Client(server.address) as client:
+        assert client.call("slow", b"warm-up", timeout=5) == b"warm-up"
+        conn = client._links[0].conn
+        ran.clear()
+        a = client.submit("slow", b"a", wait=True)
+        b = client.submit("slow", b"b", wait=True)  # queued behind A on the one slot
+        handle_b = b.handle
+        with pytest.raises(JobTimeout):
+            a.result(timeout=0.2)
+        assert b.result(5) == b"b"  # A's late WORK_COMPLETE came first, at about 0.6 s
+        assert client._links[0].conn is conn and not conn.closed
+        assert b.handle == handle_b  # never resubmitted
+        assert ran == [b"a", b"b"]
+        assert client.call("slow", b"c", timeout=5) == b"c"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 def test_server_error_is_raised_from_submit(server):
     with server.connect() as admin, Client(server.address) as client:
         assert admin.admin("create function limited").startswith(b"OK")
@@ -502,6 +531,126 @@ def test_foreground_job_lost_with_its_only_server_is_resubmitted(kind, server_fa
             assert job.server == again.address and job.handle
         finally:
             again.stop()
+
+
+@pytest.mark.parametrize("kind", ["gearoffload", "gearmand"])
+def test_a_restarted_server_is_found_again_within_a_second(kind, server_factory, caplog):
+    """Issue #15: after a job server restart the client answered NoServersAvailable for
+    seconds (its back-off had grown towards 30 s, the worker's towards 10 s). Down for 5 s
+    while a caller submits every 50 ms: few connect attempts reach the dead port, and
+    within about a second of the restart jobs are accepted and run again."""
+    caplog.set_level(logging.DEBUG, logger="gearoffload.worker")
+    first = server_factory(kind)
+    accepted: list[float] = []
+    stop = Event()
+
+    def prober(client: Client) -> None:
+        while not stop.is_set():
+            try:
+                client.submit("upper", b"probe")
+                accepted.append(time.monotonic())
+            except NoServersAvailable:
+                pass
+            gevent.sleep(0.05)
+
+    with running_worker(first.address, concurrency=2, upper=upper), \
+            Client(first.address, connect_timeout=0.2) as client:
+        assert client.call("upper", b"before", timeout=5) == b"BEFORE"
+        link = client._links[0]
+        first.stop(signal.SIGKILL)
+        probe = gevent.spawn(prober, client)
+        gevent.sleep(5.0)
+        attempts = link.attempts
+        worker_attempts = sum("cannot connect" in r.getMessage() for r in caplog.records)
+        again = ServerProcess(kind)
+        again.port = first.port
+        try:
+            again.start()
+            back = time.monotonic()
+            assert poll_until(lambda: accepted and accepted[-1] > back, timeout=3)
+            found = accepted[-1] - back
+            assert client.call("upper", b"after", timeout=5) == b"AFTER"
+            ran = time.monotonic() - back
+            stop.set()
+            probe.join(2)
+        finally:
+            again.stop()
+    # About one attempt a second once the back-off is at its cap (4 s before it): at
+    # most 12, however often callers submit (100 submissions in those 5 s).
+    assert 3 <= attempts - 1 <= 12, attempts
+    assert 3 <= worker_attempts <= 12, worker_attempts
+    assert found < 1.5, f"first accepted submission {found:.2f}s after the restart"
+    assert ran < 2.0, f"first result {ran:.2f}s after the restart"
+
+
+class IdleClosingProxy:
+    """Forwards to a server and closes both sides of a connection that carried no byte
+    for ``idle`` seconds: a server that closes idle peers (#17 item 6), for any server."""
+
+    def __init__(self, upstream: str, idle: float) -> None:
+        from gevent.server import StreamServer
+
+        self.upstream = upstream
+        self.idle = idle
+        self.closed = 0
+        self._server = StreamServer(("127.0.0.1", 0), self._handle)
+        self._server.start()
+        self.address = f"127.0.0.1:{self._server.server_port}"
+
+    def _handle(self, sock, _address) -> None:
+        host, port = self.upstream.rsplit(":", 1)
+        up = gevent.socket.create_connection((host, int(port)))
+        last = [time.monotonic()]
+
+        def pump(src, dst) -> None:
+            try:
+                while data := src.recv(65536):
+                    last[0] = time.monotonic()
+                    dst.sendall(data)
+            except OSError:
+                pass
+
+        pumps = [gevent.spawn(pump, sock, up), gevent.spawn(pump, up, sock)]
+        while not any(p.dead for p in pumps):
+            gevent.sleep(0.05)
+            if time.monotonic() - last[0] > self.idle:
+                self.closed += 1
+                break
+        for s in (sock, up):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        gevent.killall(pumps)
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+def test_idle_connections_closed_by_the_server_are_reopened_transparently(server, caplog):
+    """Issue #17 item 6: a server may close a peer idle between packets. An idle
+    client's next submission and an idle worker's next job just work, at once, without
+    a warning (nothing was lost)."""
+    caplog.set_level(logging.INFO, logger="gearoffload")
+    proxy = IdleClosingProxy(server.address, idle=1.2)  # past _HEALTHY_AFTER (1 s)
+    try:
+        with running_worker(proxy.address, concurrency=1, upper=upper), \
+                Client(proxy.address, timeout=5) as client:
+            for round_ in range(3):
+                assert client.call("upper", b"r%d" % round_) == b"R%d" % round_
+                closed = proxy.closed
+                assert poll_until(lambda c=closed: proxy.closed >= c + 2, timeout=3)
+                gevent.sleep(0.1)  # both peers have seen the close
+                started = time.monotonic()
+                assert client.call("upper", b"again") == b"AGAIN"
+                assert time.monotonic() - started < 0.5
+    finally:
+        proxy.stop()
+    assert proxy.closed >= 6  # the client's and the worker's connection, three times
+    noisy = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert noisy == []
+    assert sum("(idle)" in r.getMessage() for r in caplog.records) >= 6
 
 
 def test_interop_results_from_gearman_cli_workers(server):

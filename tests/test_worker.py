@@ -17,7 +17,15 @@ import gevent.subprocess
 import pytest
 from gevent.event import Event
 
-from conftest import ROOT, ServerProcess, free_port, gevent_time_limit, need_tool, working
+from conftest import (
+    ROOT,
+    ServerProcess,
+    free_port,
+    gevent_time_limit,
+    need_tool,
+    poll_until,
+    working,
+)
 from gearoffload import Client, TaskRegistry, Worker
 from gearoffload.errors import JobFailed, JobTimeout
 
@@ -80,7 +88,7 @@ def test_worker_keeps_serving_when_one_server_is_down_and_picks_it_up_later(serv
         late.port = late_port
         late.start()
         try:
-            with Client(late_address) as client:  # reconnect back-off is at most 10 s
+            with Client(late_address) as client:  # reconnect back-off is at most 1 s
                 assert client.submit("ping", b"2").result(15) == b"pong 2"
         finally:
             late.stop()
@@ -251,6 +259,55 @@ def test_hard_stop_abandons_jobs_to_another_worker(server):
         rescuer.register("stuck", lambda j: b"rescued")
         with working(rescuer):
             assert job.result(10) == b"rescued"
+
+
+@pytest.mark.parametrize("kind", ["gearoffload", "gearmand"])
+def test_a_one_slot_worker_runs_on_after_one_of_its_servers_is_killed(kind, server_factory):
+    """Issue #17 item 9: with jobs flowing through both servers, kill -9 one of them. A
+    GRAB sent to the dead connection held the only slot for good, and the worker never
+    ran another job; now 100 calls complete on the surviving server."""
+    first, second = server_factory(kind), server_factory(kind)
+    servers = [first.address, second.address]
+    ran = []
+
+    def work(job):
+        ran.append(job.server)
+        gevent.sleep(0.005)
+        return job.data
+
+    worker = Worker(servers, concurrency=1)
+    worker.register("work", work)
+    stop = Event()
+    flowing = []
+
+    def caller(client: Client) -> None:
+        while not stop.is_set():
+            flowing.append(client.call("work", b"x", timeout=10))
+
+    with working(worker), Client(servers, timeout=10) as client:
+        callers = [gevent.spawn(caller, client) for _ in range(4)]
+        deadline = time.monotonic() + 10
+        while not {first.address, second.address} <= set(ran[-20:]):
+            assert time.monotonic() < deadline, "jobs never flowed through both servers"
+            gevent.sleep(0.05)
+        first.stop(signal.SIGKILL)
+        stop.set()
+        gevent.joinall(callers, timeout=15)
+        assert all(g.dead for g in callers)
+        started = time.monotonic()
+        results = []
+
+        def ten(index: int) -> None:
+            for n in range(10):
+                results.append(client.call("work", b"%d-%d" % (index, n), timeout=10))
+
+        batch = [gevent.spawn(ten, i) for i in range(10)]
+        gevent.joinall(batch, timeout=20)
+        assert [g.exception for g in batch if not g.successful()] == []
+        assert len(results) == 100
+        assert time.monotonic() - started < 10
+        # Nothing runs now: once its last GRAB is answered the worker sleeps, slot free.
+        assert poll_until(lambda: worker._slots.free == 1, timeout=3)
 
 
 def test_task_timeout_lets_the_server_requeue(server):
