@@ -637,6 +637,12 @@ def http_error(exc: BaseException) -> HttpError:
 
         http_error(JobTimeout("no answer"))    # HttpError(504, "Gateway Timeout", ...)
     """
+    from .admin import ResultsUnsupported
+
+    if isinstance(exc, ResultsUnsupported):
+        return HttpError(501, "Not Implemented",
+                         "The job server keeps no results of background jobs (gearmand?): "
+                         "set GEAROFFLOAD_RESULTS to a redis:// URL.")
     if isinstance(exc, NoWorkers):
         return HttpError(503, "Service Unavailable", str(exc), 5)
     if isinstance(exc, NoServersAvailable):

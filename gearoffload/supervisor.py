@@ -151,7 +151,7 @@ def run_pool(config: PoolConfig, registry: TaskRegistry) -> int:
         children[pid] = (index, time.monotonic())
         log.info("started worker process %d (pid %d)", index, pid)
 
-    log.warning("gearoffload-worker: %s on %s, %d processes x %d greenlets, tasks %s",
+    log.info("gearoffload-worker: %s on %s, %d processes x %d greenlets, tasks %s",
                 config.target, ",".join(config.servers), config.processes,
                 config.concurrency, ", ".join(registry.names()))
     for index in range(config.processes):
