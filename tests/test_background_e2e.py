@@ -1,6 +1,7 @@
 """Background work that survives (issue #14), over real HTTP: gunicorn with 4 worker
-processes (gevent, gthread and sync workers), a real ``gearoffload-server`` on the sqlite
-store, and a real ``gearoffload-worker`` pool serving ``webapp_e2e:app``.
+processes (gevent, gthread and sync workers), waitress (threads) and uWSGI (processes
+and threads); a real ``gearoffload-server`` on the sqlite store, and a real
+``gearoffload-worker`` pool serving ``webapp_e2e:app``.
 
 Every poll goes through a new connection, so the gunicorn processes that answer differ
 from the one that accepted the job: the state must come from the shared result backend
@@ -38,9 +39,9 @@ time_limit = gevent_time_limit(90)
 class Web:
     """The server, the worker pool and gunicorn, each a real process."""
 
-    def __init__(self, tmp: Path, worker_class: str) -> None:
-        need_module("gunicorn")
+    def __init__(self, tmp: Path, web_server: str) -> None:
         self.tmp = tmp
+        self.web_server = web_server
         self.restarting = False
         self.db = tmp / "queue.db"
         self.server = ServerProcess("gearoffload", ["--queue", f"sqlite://{self.db}"]).start()
@@ -51,12 +52,33 @@ class Web:
         self.pool = self._spawn([sys.executable, "-m", "gearoffload.pool", "webapp_e2e:app",
                                  "--processes", "2", "--concurrency", "10"])
         self.port = free_port()
-        threads = ["--threads", "4"] if worker_class == "gthread" else []
-        self.gunicorn = self._spawn([sys.executable, "-m", "gunicorn", "-w", "4", "-k",
-                                     worker_class, *threads, "-b", f"127.0.0.1:{self.port}",
-                                     "--graceful-timeout", "5", "webapp_e2e:app"])
-        wait_for_port(self.port, self.gunicorn, timeout=30)
+        self.web = self._spawn(self.web_command(web_server))
+        wait_for_port(self.port, self.web, timeout=30)
         self.wait_for_workers()
+
+    def web_command(self, web_server: str) -> list[str]:
+        """gunicorn -w 4 with a worker class, waitress (threads), or uWSGI (4 processes,
+        2 threads each)."""
+        bind = f"127.0.0.1:{self.port}"
+        if web_server.startswith("gunicorn-"):
+            need_module("gunicorn")
+            worker_class = web_server.split("-", 1)[1]
+            threads = ["--threads", "4"] if worker_class == "gthread" else []
+            return [sys.executable, "-m", "gunicorn", "-w", "4", "-k", worker_class,
+                    *threads, "-b", bind, "--graceful-timeout", "5", "webapp_e2e:app"]
+        if web_server == "waitress":
+            need_module("waitress")
+            return [sys.executable, "-m", "waitress", "--listen", bind, "--threads", "8",
+                    "webapp_e2e:app"]
+        uwsgi = Path(sys.executable).with_name("uwsgi")
+        if not uwsgi.exists():
+            message = "uwsgi not installed (pip install -e '.[test,flask]')"
+            if IN_CI:
+                pytest.fail(message)
+            pytest.skip(message)
+        return [str(uwsgi), "--http-socket", bind, "--master", "--processes", "4",
+                "--threads", "2", "--module", "webapp_e2e:app", "--die-on-term",
+                "--disable-logging"]
 
     def _spawn(self, command: list[str]) -> subprocess.Popen:
         return subprocess.Popen(command, cwd=self.tmp, env=self.env, stdout=self.logs,
@@ -106,14 +128,15 @@ class Web:
         self.server = restarted.start()
 
     def stop(self) -> None:
-        for proc in (self.gunicorn, self.pool):
+        for proc in (self.web, self.pool):
             if proc.poll() is None:
                 stop_process(proc, signal.SIGTERM, 15)
         self.server.stop()
         self.logs.close()
 
 
-@pytest.fixture(scope="module", params=["gevent", "gthread", "sync"])
+@pytest.fixture(scope="module", params=["gunicorn-gevent", "gunicorn-gthread",
+                                        "gunicorn-sync", "waitress", "uwsgi"])
 def web(request, tmp_path_factory) -> Iterator[Web]:
     stack = Web(tmp_path_factory.mktemp(f"bg-{request.param}"), request.param)
     yield stack
@@ -132,13 +155,19 @@ def test_fifty_background_jobs_polled_through_any_process(web):
         assert status["state"] == "done" and status["result"]["steps"] == 2
         assert status["progress"] == {"numerator": 2, "denominator": 2}
         pids |= seen
-    assert len(pids) > 1  # the polls were answered by several web processes
+    if web.web_server != "waitress":  # one process with threads
+        assert len(pids) > 1  # the polls were answered by several web processes
 
 
 def test_a_graceful_reload_mid_job_still_ends_done(web):
     location = web.submit("/report/10")  # ten steps of 0.1 s
     gevent.sleep(0.3)
-    web.gunicorn.send_signal(signal.SIGHUP)  # new web processes; the job is the server's
+    if web.web_server == "waitress":  # one process, no reload signal: restart it
+        stop_process(web.web, signal.SIGTERM, 10)
+        web.web = web._spawn(web.web_command("waitress"))
+        wait_for_port(web.port, web.web, timeout=30)
+    else:
+        web.web.send_signal(signal.SIGHUP)  # new web processes; the job is the server's
     status, _, _ = web.poll(location)
     assert status["state"] == "done" and status["result"]["steps"] == 10
 
