@@ -23,6 +23,7 @@ import pytest
 from test_web_e2e import http
 
 from conftest import (
+    IN_CI,
     ROOT,
     ServerProcess,
     free_port,
