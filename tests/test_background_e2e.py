@@ -40,7 +40,8 @@ time_limit = gevent_time_limit(90)
 class Web:
     """The server, the worker pool and gunicorn, each a real process."""
 
-    def __init__(self, tmp: Path, web_server: str) -> None:
+    def __init__(self, tmp: Path, web_server: str,
+                 web_env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         self.web_server = web_server
         self.restarting = False
@@ -53,7 +54,7 @@ class Web:
         self.pool = self._spawn([sys.executable, "-m", "gearoffload.pool", "webapp_e2e:app",
                                  "--processes", "2", "--concurrency", "10"])
         self.port = free_port()
-        self.web = self._spawn(self.web_command(web_server))
+        self.web = self._spawn(self.web_command(web_server), web_env)
         wait_for_port(self.port, self.web, timeout=30)
         self.wait_for_workers()
 
@@ -81,9 +82,10 @@ class Web:
                 "--threads", "2", "--module", "webapp_e2e:app", "--die-on-term",
                 "--disable-logging"]
 
-    def _spawn(self, command: list[str]) -> subprocess.Popen:
-        return subprocess.Popen(command, cwd=self.tmp, env=self.env, stdout=self.logs,
-                                stderr=self.logs)
+    def _spawn(self, command: list[str],
+               env: dict[str, str] | None = None) -> subprocess.Popen:
+        return subprocess.Popen(command, cwd=self.tmp, env={**self.env, **(env or {})},
+                                stdout=self.logs, stderr=self.logs)
 
     def wait_for_workers(self) -> None:
         deadline = time.monotonic() + 20

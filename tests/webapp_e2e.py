@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 
-from flask import Flask, request
+from flask import Flask, request, session
 
 from gearoffload.flask import GearOffload, progress
 
@@ -68,6 +68,31 @@ def create_app(servers: str) -> Flask:
     @ext.offload(background=True)
     def unencodable():
         return object()  # not a response Flask can make
+
+    @app.post("/search")
+    @ext.offload(unique=True)
+    def search():
+        count_run("search")
+        time.sleep(0.5)  # long enough for concurrent requests to meet
+        return f"results for {request.get_data(as_text=True)}"
+
+    @app.get("/login/<user>")
+    def login(user):
+        session["user"] = user
+        return "ok"
+
+    @app.get("/me")
+    @ext.offload(unique=True)
+    def me():
+        count_run("me")
+        time.sleep(0.5)
+        return f"page of {session.get('user', 'nobody')}"
+
+    if os.environ.get("E2E_WEB_ONLY_VIEW"):  # declared on the web side only: no worker
+        @app.get("/unserved")
+        @ext.offload(name="webapp_e2e.unserved")
+        def unserved():
+            return "never"
 
     @app.after_request
     def served_by(response):
