@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, NoReturn
 
 import gevent
 import pytest
@@ -35,24 +35,30 @@ ROOT = Path(__file__).resolve().parent.parent
 _STATE_ROOT = tempfile.TemporaryDirectory(prefix="gearoffload-tests-")
 
 
+def missing(message: str) -> NoReturn:
+    """Something a test needs is not there: a skip locally, a failure under CI=true
+    (where ``.ci/run`` and ``make test`` install everything), so that CI never passes
+    without running a test unnoticed."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message, allow_module_level=True)  # need_module() may run at import
+
+
 def need_tool(name: str, package: str) -> str:
     """The path of a tool, or a skip (a failure under CI=true, where .ci/run installs it)."""
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
     if path:
         return path
-    message = f"{name} not installed (Debian package {package}; .ci/run installs it)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
+    missing(f"{name} not installed (Debian package {package}; .ci/run installs it)")
 
 
 def need_module(name: str):
     """Import a module of the ``test``/``flask`` extras, or skip (a failure under CI=true,
     where ``make test`` installs them)."""
-    if IN_CI:
+    try:
         return importlib.import_module(name)
-    return pytest.importorskip(
-        name, reason=f"{name} not installed (pip install -e '.[test,flask]')")
+    except ImportError:
+        missing(f"{name} not installed (pip install -e '.[test,flask]')")
 
 
 def poll_until(predicate, timeout: float = 5.0) -> bool:
