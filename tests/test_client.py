@@ -17,7 +17,15 @@ import gevent.subprocess
 import pytest
 from gevent.event import Event
 
-from conftest import ServerProcess, free_port, gevent_time_limit, need_tool, poll_until, working
+from conftest import (
+    ServerProcess,
+    compiled_and_source,
+    free_port,
+    gevent_time_limit,
+    need_tool,
+    poll_until,
+    working,
+)
 from gearoffload import Client, Worker
 from gearoffload.errors import (
     GearmanError,
@@ -33,6 +41,8 @@ TEST_TIME_LIMIT = 40
 
 
 time_limit = gevent_time_limit(TEST_TIME_LIMIT)
+# The compiled modules, and their .py in this process (slow: under CI=true or --run-slow).
+variant = compiled_and_source(slow=True)
 
 
 @contextmanager

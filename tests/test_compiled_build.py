@@ -4,8 +4,9 @@
 ``gearoffload.worker`` are compiled from their ``.py`` and ``.pxd``
 (``gearoffload._compiled``). The rest of the suite runs on whichever is active, the
 compiled modules wherever they were built (as in CI). Here: CI never runs without them
-unnoticed, the pure-Python sources still pass their own tests, and a compiled module
-built from other sources than the ``.py`` beside it is never used.
+unnoticed, the pure-Python sources still pass their own tests (their test modules run
+each test on both, ``conftest.compiled_and_source``), and a compiled module built from
+other sources than the ``.py`` beside it is never used.
 """
 
 from __future__ import annotations
@@ -82,19 +83,28 @@ def test_pure_python_env_runs_the_sources():
                               for name, package in MODULES.items()}
 
 
-def test_the_pure_python_sources_pass_their_tests():
-    """The same code as .py (the source of the compiled modules): the state's tests, and
-    the connection's, client's and worker's against both servers."""
-    files = ["tests/test_state.py", "tests/test_store_state.py", "tests/test_stats.py",
-             "tests/test_logfmt.py", "tests/test_connection.py", "tests/test_client.py",
-             "tests/test_worker.py"]
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p",
-                          "no:cacheprovider", *files], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600,
-                         env={**os.environ, "GEAROFFLOAD_PURE_PYTHON": "1"})
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout
-    # Skips (gearmand missing) are failures under CI=true in the nested run itself.
+def test_the_py_variant_of_the_tests_runs_the_sources():
+    """The state's, connection's, client's and worker's tests run twice in this process
+    (``conftest.compiled_and_source``): the ``py`` run on modules imported from the
+    ``.py``, as one set, without replacing the modules the rest of the suite runs on."""
+    import gearoffload.client
+    import gearoffload_server.state
+    from conftest import COMPILED_MODULES, source_modules
+
+    sources = source_modules()
+    assert sorted(sources) == sorted(COMPILED_MODULES) == sorted(
+        f"{package}.{name}" for name, package in MODULES.items())
+    for name, module in sources.items():
+        assert module.__file__ == str(ROOT.joinpath(*name.split(".")).with_suffix(".py"))
+        assert sys.modules.get(name) is not module
+        assert getattr(sys.modules[name.rpartition('.')[0]], name.rpartition('.')[2],
+                       None) is not module
+    assert sources["gearoffload.client"].Connection is sources[
+        "gearoffload.connection"].Connection
+    assert gearoffload.client is sys.modules["gearoffload.client"]
+    assert gearoffload_server.state is sys.modules["gearoffload_server.state"]
+    if STATE_COMPILED:
+        assert gearoffload_server.state.__file__.endswith((".so", ".pyd"))
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
