@@ -24,6 +24,12 @@ from typing import IO, NoReturn
 import gevent
 import pytest
 
+from gearoffload._compiled import (
+    _SourceFinder,
+    compiled_modules,
+    pure_python_requested,
+    stale_builds,
+)
 from gearoffload.protocol import RES, Decoder, Packet, encode_request
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -263,9 +269,19 @@ def gevent_time_limit(seconds: float):
 
 # -- the compiled modules' pure-Python sources, in this process -------------------------
 
-#: The modules compiled by Cython from their own .py (``gearoffload._compiled``).
-COMPILED_MODULES = ("gearoffload.connection", "gearoffload.client", "gearoffload.worker",
-                    "gearoffload_server.state")
+#: ``{"package.stem": its .py}``: the modules compiled by Cython from their own .py, each
+#: with a .pxd beside it (``gearoffload._compiled``).
+COMPILED_MODULES = compiled_modules(ROOT)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A compiled module built from other sources than the .py beside it would test old
+    code: refuse to start (``make test`` rebuilds first)."""
+    stale = [] if pure_python_requested() else stale_builds(ROOT)
+    if stale:
+        pytest.exit(f"{', '.join(stale)}: built from other sources than the .py and .pxd "
+                    "now; rebuild (make .venv/.installed-stamp, or pip install -e .), or run "
+                    "the .py with GEAROFFLOAD_PURE_PYTHON=1", returncode=4)
 
 
 def _built_module_runs() -> bool:
@@ -284,18 +300,15 @@ def source_modules() -> dict[str, object]:
     imported: ``{"gearoffload.client": module, ...}``."""
     if _sources:
         return _sources
-    from gearoffload._compiled import _SourceFinder
-
     saved = {name: sys.modules.pop(name, None) for name in COMPILED_MODULES}
     parents = {name: sys.modules[name.rpartition(".")[0]] for name in COMPILED_MODULES}
     missing_attribute = object()
     attributes = {name: vars(parents[name]).get(name.rpartition(".")[2], missing_attribute)
                   for name in COMPILED_MODULES}
-    finder = _SourceFinder({name: ROOT.joinpath(*name.split(".")).with_suffix(".py")
-                            for name in COMPILED_MODULES})
+    finder = _SourceFinder(COMPILED_MODULES)
     sys.meta_path.insert(0, finder)
     try:
-        for name in COMPILED_MODULES:  # in dependency order: connection first
+        for name in COMPILED_MODULES:  # the client's import of .connection: the .py too
             _sources[name] = importlib.import_module(name)
     finally:
         sys.meta_path.remove(finder)

@@ -6,7 +6,7 @@
 compiled modules wherever they were built (as in CI). Here: CI never runs without them
 unnoticed, the pure-Python sources still pass their own tests (their test modules run
 each test on both, ``conftest.compiled_and_source``), and a compiled module built from
-other sources than the ``.py`` beside it is never used.
+other sources than the ``.py`` beside it never runs the suite.
 """
 
 from __future__ import annotations
@@ -21,24 +21,27 @@ from pathlib import Path
 import pytest
 
 import gearoffload
-from conftest import IN_CI, ROOT
+from conftest import COMPILED_MODULES, IN_CI, ROOT
 from gearoffload_server import STATE_COMPILED
 
 PROBE = """
-import json, warnings
+import importlib, json, warnings
+from pathlib import Path
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import gearoffload, gearoffload_server
-    from gearoffload import client, connection, worker
-    from gearoffload_server import state
+    from gearoffload._compiled import compiled_modules, stale_builds
+    root = Path(gearoffload.__file__).parent.parent
+    names = compiled_modules(root)
+    modules = {name: importlib.import_module(name) for name in names}
 print(json.dumps({
     "compiled": {"state": gearoffload_server.STATE_COMPILED, **gearoffload.COMPILED},
-    "file": {"state": state.__file__, "client": client.__file__,
-             "connection": connection.__file__, "worker": worker.__file__},
+    "file": {name.rpartition(".")[2]: module.__file__ for name, module in modules.items()},
+    "stale": stale_builds(root),
     "warnings": [str(w.message) for w in caught]}))
 """
-MODULES = {"state": "gearoffload_server", "client": "gearoffload",
-           "connection": "gearoffload", "worker": "gearoffload"}
+#: ``{stem: package}`` of every compiled module: each .py with a .pxd beside it.
+MODULES = {name.rpartition(".")[2]: name.rpartition(".")[0] for name in COMPILED_MODULES}
 
 
 def probe(pythonpath: Path | str, **env: str) -> dict:
@@ -89,11 +92,10 @@ def test_the_py_variant_of_the_tests_runs_the_sources():
     ``.py``, as one set, without replacing the modules the rest of the suite runs on."""
     import gearoffload.client
     import gearoffload_server.state
-    from conftest import COMPILED_MODULES, source_modules
+    from conftest import source_modules
 
     sources = source_modules()
-    assert sorted(sources) == sorted(COMPILED_MODULES) == sorted(
-        f"{package}.{name}" for name, package in MODULES.items())
+    assert sorted(sources) == sorted(COMPILED_MODULES)
     for name, module in sources.items():
         assert module.__file__ == str(ROOT.joinpath(*name.split(".")).with_suffix(".py"))
         assert sys.modules.get(name) is not module
@@ -107,20 +109,70 @@ def test_the_py_variant_of_the_tests_runs_the_sources():
         assert gearoffload_server.state.__file__.endswith((".so", ".pyd"))
 
 
+def test_the_pxd_files_are_the_one_list_of_compiled_modules():
+    """setup.py, the Makefile, the packages and the tests all take the modules with a
+    .pxd beside them; the build recorded each of them."""
+    assert MODULES == {"client": "gearoffload", "connection": "gearoffload",
+                       "worker": "gearoffload", "state": "gearoffload_server"}
+    assert set(gearoffload.COMPILED) == {s for s, p in MODULES.items() if p == "gearoffload"}
+    make = subprocess.run(["make", "-s", "-pn", "lint"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    line = next(line for line in make.stdout.splitlines()
+                if line.startswith("COMPILED_SOURCES :="))
+    assert sorted(line.split(":=")[1].split()) == sorted(
+        f"{package}/{stem}{suffix}" for stem, package in MODULES.items()
+        for suffix in (".py", ".pxd"))
+    result = probe(ROOT, GEAROFFLOAD_PURE_PYTHON="0")
+    require_compiled(result)
+    for package in set(MODULES.values()):
+        built = __import__(f"{package}._build", fromlist=["SOURCE_SHA256"]).SOURCE_SHA256
+        assert sorted(built) == sorted(s for s, p in MODULES.items() if p == package)
+
+
+def test_import_hashes_nothing():
+    """Whether a build is of its sources is checked at build and test time, not at
+    every import (hashlib alone costs milliseconds to load)."""
+    code = "import sys, gearoffload, gearoffload_server; print('hashlib' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True,
+                         text=True, timeout=60, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.stdout == "False\n"
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
-def test_a_build_of_other_sources_is_not_used(tmp_path, name):
-    """A .py edited since the build: its compiled module would run the old code."""
+def test_a_build_of_other_sources_is_found_stale(tmp_path, name):
+    """A .py edited since the build: its compiled module would run the old code, so
+    stale_builds() names it and the test suite refuses to start on it."""
     require_compiled(probe(ROOT, GEAROFFLOAD_PURE_PYTHON="0"))
     copy_packages(tmp_path)
-    assert all(probe(tmp_path, GEAROFFLOAD_PURE_PYTHON="0")["compiled"].values())  # as built
+    assert probe(tmp_path, GEAROFFLOAD_PURE_PYTHON="0")["stale"] == []  # as built
     source = tmp_path / MODULES[name] / f"{name}.py"
     source.write_text(source.read_text() + "\n# edited after the build\n")
     result = probe(tmp_path, GEAROFFLOAD_PURE_PYTHON="0")
-    assert result["compiled"] == {other: other != name for other in MODULES}
-    assert result["file"][name] == str(source)
-    assert [w for w in result["warnings"] if "built from other sources" in w] == [
-        f"{MODULES[name]}.{name}: the compiled module was built from other sources than "
-        f"{name}.py and {name}.pxd now; running {name}.py (rebuild: pip install -e .)"]
+    assert result["stale"] == [f"{MODULES[name]}.{name}"]
+    assert not result["warnings"]
+
+
+def test_the_suite_refuses_a_stale_build(tmp_path):
+    """conftest's session start: a stale build stops pytest before any test runs, with
+    what to do; GEAROFFLOAD_PURE_PYTHON=1 runs the .py and needs no build."""
+    require_compiled(probe(ROOT, GEAROFFLOAD_PURE_PYTHON="0"))
+    copy_packages(tmp_path)
+    shutil.copytree(ROOT / "tests", tmp_path / "tests",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    source = tmp_path / "gearoffload_server" / "state.py"
+    source.write_text(source.read_text() + "\n# edited after the build\n")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               "tests/test_logfmt.py", "-k", "json_timestamp"]
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    stale = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120, env={**environment, "GEAROFFLOAD_PURE_PYTHON": "0"})
+    assert stale.returncode == 4, stale.stdout[-2000:] + stale.stderr[-2000:]
+    assert "gearoffload_server.state: built from other sources" in stale.stdout + stale.stderr
+    pure = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**environment, "GEAROFFLOAD_PURE_PYTHON": "1"})
+    assert pure.returncode == 0 and " passed" in pure.stdout, pure.stdout[-2000:]
 
 
 def test_none_where_a_typed_object_is_expected_raises_instead_of_crashing():
@@ -152,6 +204,7 @@ def test_an_install_without_the_pxd_files_runs_the_compiled_modules(tmp_path):
     copy_packages(tmp_path, "*.pxd")
     result = probe(tmp_path, GEAROFFLOAD_PURE_PYTHON="0")
     assert all(result["compiled"].values()) and not result["warnings"], result
+    assert result["stale"] == []
 
 
 def test_the_pxd_files_are_package_data():
