@@ -11,8 +11,10 @@ other sources than the ``.py`` beside it never runs the suite.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -230,3 +232,101 @@ def test_public_classes_take_other_attributes_as_the_py_classes_do():
         thing.tag = "mine"
         assert thing.tag == "mine"
 
+
+
+# -- the .pxd declarations against the .py classes --------------------------------------
+
+def pxd_classes(text: str) -> dict[str, set[str]]:
+    """``{class: attribute names}`` declared by ``cdef class`` blocks of a .pxd."""
+    classes: dict[str, set[str]] = {}
+    current: set[str] | None = None
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].rstrip()
+        if match := re.match(r"cdef class (\w+)\s*:$", line):
+            current = classes.setdefault(match.group(1), set())
+        elif line and not line[0].isspace():
+            current = None
+        elif current is not None and (
+                match := re.match(r"\s+cdef (?:public |readonly )?\w+ ([\w, ]+)$", line)):
+            current.update(name.strip() for name in match.group(1).split(","))
+    return classes
+
+
+def py_classes(text: str) -> dict[str, tuple[set[str] | None, set[str], set[str]]]:
+    """``{class: (__slots__ or None, attributes set in __init__, set elsewhere)}``."""
+
+    def on_self(node: ast.AST):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id == "self":
+            yield node.attr
+        elif isinstance(node, (ast.Tuple, ast.List)):
+            for element in node.elts:
+                yield from on_self(element)
+
+    classes = {}
+    for cls in ast.parse(text).body:
+        if not isinstance(cls, ast.ClassDef):
+            continue
+        slots, init, elsewhere = None, set(), set()
+        for item in cls.body:
+            if isinstance(item, ast.Assign) and any(
+                    isinstance(t, ast.Name) and t.id == "__slots__" for t in item.targets):
+                slots = set(ast.literal_eval(item.value))
+            elif isinstance(item, ast.FunctionDef):
+                for node in ast.walk(item):
+                    if isinstance(node, ast.Assign):
+                        found = [a for t in node.targets for a in on_self(t)]
+                    elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+                        found = list(on_self(node.target))
+                    else:
+                        continue
+                    (init if item.name == "__init__" else elsewhere).update(found)
+        classes[cls.name] = (slots, init, elsewhere)
+    return classes
+
+
+def field_mismatches(pxd_text: str, py_text: str) -> list[str]:
+    """Each way a compiled class's fields differ between its .pxd and its .py."""
+    problems = []
+    py = py_classes(py_text)
+    for name, declared in pxd_classes(pxd_text).items():
+        if name not in py:
+            problems.append(f"{name}: in the .pxd, not in the .py")
+            continue
+        fields = declared - {"__weakref__", "__dict__"}
+        slots, init, elsewhere = py[name]
+        if init != fields:
+            problems.append(f"{name}: __init__ sets {sorted(init - fields)} not declared, "
+                            f"the .pxd declares {sorted(fields - init)} never set in __init__")
+        if elsewhere - fields:
+            problems.append(f"{name}: methods set {sorted(elsewhere - fields)} not declared")
+        if slots is not None and slots != fields:
+            problems.append(f"{name}: __slots__ differ from the .pxd by {sorted(slots ^ fields)}")
+    return problems
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_each_compiled_class_declares_the_fields_its_py_class_sets(name):
+    """A field is written three times: in ``__init__``, in ``__slots__`` and in the
+    .pxd. One missing from the .pxd is refused by the compiled class at run time (only
+    where that code runs); one missing from ``__init__`` is None compiled and an
+    AttributeError in the .py. Checked here for every cdef class."""
+    source = ROOT / MODULES[name] / f"{name}.py"
+    pxd = source.with_suffix(".pxd")
+    assert pxd_classes(pxd.read_text()), f"no cdef class found in {pxd}"
+    assert field_mismatches(pxd.read_text(), source.read_text()) == []
+
+
+def test_the_field_check_finds_each_kind_of_mismatch():
+    pxd = "cdef class A:\n    cdef public object x, y  # two\n    cdef object __weakref__\n"
+    good = ("class A:\n    __slots__ = ('x', 'y')\n"
+            "    def __init__(self):\n        self.x, self.y = 1, 2\n")
+    assert field_mismatches(pxd, good) == []
+    assert field_mismatches(pxd, good.replace("self.x, self.y = 1, 2", "self.x = 1")) == [
+        "A: __init__ sets [] not declared, the .pxd declares ['y'] never set in __init__"]
+    assert field_mismatches(pxd, good.replace("'y'", "'z'")) == [
+        "A: __slots__ differ from the .pxd by ['y', 'z']"]
+    late = good + "    def go(self):\n        self.z += 1\n"
+    assert field_mismatches(pxd, late) == ["A: methods set ['z'] not declared"]
+    assert field_mismatches(pxd + "cdef class B:\n    cdef public object q\n", good) == [
+        "B: in the .pxd, not in the .py"]
