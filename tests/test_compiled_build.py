@@ -209,14 +209,16 @@ def test_an_install_without_the_pxd_files_runs_the_compiled_modules(tmp_path):
     assert result["stale"] == []
 
 
-def test_the_pxd_files_are_package_data():
-    """So that an installed package can check its build against its sources."""
+def test_the_pxd_files_and_py_typed_are_package_data():
+    """The .pxd files list an installed package's compiled modules; py.typed tells type
+    checkers that both packages are annotated (PEP 561)."""
     import configparser
 
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
-    for package in set(MODULES.values()):
-        assert config["options.package_data"][package].split() == ["*.pxd"]
+    for package in ("gearoffload", "gearoffload_server"):
+        assert config["options.package_data"][package].split(", ") == ["*.pxd", "py.typed"]
+        assert (ROOT / package / "py.typed").is_file()
 
 
 def test_public_classes_take_other_attributes_as_the_py_classes_do():
