@@ -21,8 +21,11 @@ $(STAMP): setup.cfg setup.py pyproject.toml gearoffload/_codec.c $(COMPILED_SOUR
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Most tests wait on server processes and sockets, not the CPU: four at a time (pytest-xdist).
+# Tests marked slow skip locally and run under CI=true (or: make test PYTEST_ARGS=--run-slow).
+TEST_JOBS ?= 4
 test: $(STAMP) lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	PORT=$(PORT) $(PY) -m examples.flask_app.demo

@@ -43,6 +43,7 @@ if cythonize is not None:
                              "nonecheck": True},
         force=True,  # the .c files are regenerated with these directives, not kept
         quiet=True,
+        nthreads=2,  # with setup.cfg's [build_ext] parallel: two at a time
     )
 
 setup(ext_modules=extensions)
