@@ -9,9 +9,9 @@ STRESS_SECONDS ?= 30
 
 .PHONY: test demo bench lint clean fuzz stress
 
-# The compiled modules' sources (setup.py's COMPILED): an edit rebuilds them.
-COMPILED_SOURCES := $(foreach m,gearoffload/client gearoffload/connection gearoffload/worker \
-		gearoffload_server/state,$(m).py $(m).pxd)
+# The compiled modules: each .py with a .pxd beside it (setup.py). An edit rebuilds them.
+COMPILED_PXD := $(wildcard gearoffload/*.pxd gearoffload_server/*.pxd)
+COMPILED_SOURCES := $(COMPILED_PXD) $(COMPILED_PXD:.pxd=.py)
 
 $(STAMP): setup.cfg setup.py pyproject.toml gearoffload/_codec.c $(COMPILED_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,11 @@ $(STAMP): setup.cfg setup.py pyproject.toml gearoffload/_codec.c $(COMPILED_SOUR
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Most tests wait on server processes and sockets, not the CPU: four at a time (pytest-xdist).
+# Tests marked slow skip locally and run under CI=true (or: make test PYTEST_ARGS=--run-slow).
+TEST_JOBS ?= 4
 test: $(STAMP) lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	PORT=$(PORT) $(PY) -m examples.flask_app.demo
@@ -42,5 +45,4 @@ stress: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
 	rm -f gearoffload/*.so gearoffload_server/*.so gearoffload/_build.py \
-		gearoffload_server/_build.py gearoffload/client.c gearoffload/connection.c \
-		gearoffload/worker.c gearoffload_server/state.c
+		gearoffload_server/_build.py $(COMPILED_PXD:.pxd=.c)

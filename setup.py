@@ -9,12 +9,14 @@ HERE = Path(__file__).resolve().parent
 # codec (gearoffload.protocol.ACCELERATED tells which one is in use).
 extensions = [Extension("gearoffload._codec", ["gearoffload/_codec.c"], optional=True)]
 
-# Modules compiled from their own source by Cython (pure-Python mode: the declarations
-# are in the .pxd beside each .py) when Cython is there (pyproject.toml asks for it): the
+# Modules compiled by Cython from their own source (pure-Python mode: the declarations are
+# in the .pxd beside each .py) when Cython is there (pyproject.toml asks for it): the
 # server's job state, and the client's, its connection's and the worker's per-job paths.
-# Each package's _build.py records which sources its build is of: gearoffload._compiled
-# imports the .py instead of a compiled module that no longer matches it.
-COMPILED = {"gearoffload": ("client", "connection", "worker"), "gearoffload_server": ("state",)}
+# The .pxd files are the list: every module with one is compiled (gearoffload._compiled
+# and the Makefile find them the same way). Each package's _build.py records which
+# sources its build is of: the test suite refuses to run a build of other sources.
+COMPILED = {package: sorted(path.stem for path in (HERE / package).glob("*.pxd"))
+            for package in ("gearoffload", "gearoffload_server")}
 try:
     from Cython.Build import cythonize
 except ImportError:
@@ -41,6 +43,7 @@ if cythonize is not None:
                              "nonecheck": True},
         force=True,  # the .c files are regenerated with these directives, not kept
         quiet=True,
+        nthreads=2,  # with setup.cfg's [build_ext] parallel: two at a time
     )
 
 setup(ext_modules=extensions)

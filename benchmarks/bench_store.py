@@ -10,7 +10,7 @@ a temporary directory, then the neutral load generator runs
 each acknowledged by JOB_CREATED — for a store, only once the job's row is committed) and a
 drain phase (workers run every job; each completion deletes a row). Distinct uniques
 because gearmand's sqlite queue keys rows by (function, unique) and would overwrite jobs
-with an empty unique (PROTOCOL.md Q11). Server CPU per job (``-S PID``) is the stable
+with an empty unique (docs/protocol.md Q11). Server CPU per job (``-S PID``) is the stable
 figure on a shared box; jobs/s are wall clock.
 
 Configurations, interleaved per round so machine noise hits all alike:

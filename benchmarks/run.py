@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO))
 from gearoffload.protocol import PacketType, encode_request  # noqa: E402
 
 GEARLOAD = Path("/tmp/gearload")
-BENCH_DIRS = (REPO.parent / "shared" / "bench", Path("/work/shared/bench"))
+#: The shared bench folder, looked for beside the repository only.
+BENCH_DIRS = (REPO.parent / "shared" / "bench",)
 GIB = 1 << 30
 HEADER = struct.Struct(">4sII")
 

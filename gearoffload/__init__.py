@@ -22,8 +22,7 @@ from ._compiled import use_sources
 __version__ = "0.1.0"
 
 #: ``{"client": bool, "connection": bool, "worker": bool}``: which modules run compiled.
-COMPILED: dict[str, bool] = use_sources(__name__, Path(__file__).resolve().parent,
-                                        ("client", "connection", "worker"))
+COMPILED: dict[str, bool] = use_sources(__name__, Path(__file__).resolve().parent)
 
 _LAZY = {
     "Client": "gearoffload.client",

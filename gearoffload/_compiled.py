@@ -1,13 +1,17 @@
 """Modules compiled by Cython from their own ``.py`` source, and which of the two runs.
 
-``setup.py`` compiles ``gearoffload/client.py``, ``connection.py`` and ``worker.py``, and
-``gearoffload_server/state.py``, with the declarations in the ``.pxd`` beside each
-(Cython's pure-Python mode) when Cython is there, and records a SHA-256 of each
-``.py`` + ``.pxd`` pair in the package's ``_build.py``. Each package calls
-``use_sources()`` when it is imported: a module whose sources changed since that build
-(an edit before the next ``pip install -e .``) is imported from its ``.py``, with a
-warning, so that stale compiled code never runs; every one of them is when
-``GEAROFFLOAD_PURE_PYTHON=1``, as for the codec.
+A module is compiled when a ``.pxd`` sits beside its ``.py``: that is the one list of
+compiled modules (``setup.py``, the Makefile and this module all find them that way).
+``setup.py`` compiles each ``.py`` with the declarations of its ``.pxd`` (Cython's
+pure-Python mode) when Cython is there, and records a SHA-256 of each ``.py`` + ``.pxd``
+pair in the package's ``_build.py``. At import, a built module runs unless
+``GEAROFFLOAD_PURE_PYTHON=1`` asks for the ``.py``, as for the codec.
+
+Whether a build is of the sources beside it is checked where sources change, not at
+every import (hashing them cost about 0.4 ms, and loading ``hashlib`` several more):
+``make`` rebuilds after any edit of a ``.py`` or ``.pxd`` (its stamp depends on them), and
+the test suite refuses to start on a stale build (``stale_builds()``, called by
+``tests/conftest.py``).
 
 Example::
 
@@ -17,16 +21,14 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.abc
 import importlib.machinery
-import importlib.util
 import os
 import sys
-import warnings
-from collections.abc import Iterable
 from pathlib import Path
+
+#: The packages whose modules may be compiled.
+PACKAGES = ("gearoffload", "gearoffload_server")
 
 
 def pure_python_requested() -> bool:
@@ -36,51 +38,79 @@ def pure_python_requested() -> bool:
 
 def source_digest(directory: Path, stem: str) -> str:
     """SHA-256 of ``stem.py`` + ``stem.pxd`` (setup.py computes the same)."""
+    import hashlib
+
     return hashlib.sha256(b"".join(
         (directory / f"{stem}{suffix}").read_bytes() for suffix in (".py", ".pxd"))).hexdigest()
 
 
-class _SourceFinder(importlib.abc.MetaPathFinder):
+def _built(package: str) -> dict[str, str]:
+    """``{stem: digest}`` of the package's last build with Cython (empty: never built)."""
+    try:
+        return importlib.import_module(f"{package}._build").SOURCE_SHA256
+    except ImportError:
+        return {}
+
+
+def compiled_stems(package: str, directory: Path) -> list[str]:
+    """The package's modules compiled from a ``.py`` + ``.pxd`` pair: those with a
+    ``.pxd``, and those its build recorded (an install may lack the ``.pxd`` files)."""
+    names = os.listdir(directory)
+    return sorted({name[:-4] for name in names if name.endswith(".pxd")} | set(_built(package)))
+
+
+def compiled_modules(root: Path) -> dict[str, Path]:
+    """``{"package.stem": path of its .py}`` for every compiled module under ``root``
+    (the directory holding both packages)."""
+    return {f"{package}.{stem}": root / package / f"{stem}.py"
+            for package in PACKAGES for stem in compiled_stems(package, root / package)}
+
+
+def stale_builds(root: Path) -> list[str]:
+    """The compiled modules under ``root`` whose build is of other sources than the
+    ``.py`` and ``.pxd`` beside them now (an edit since the last ``pip install -e .``)."""
+    stale = []
+    for package in PACKAGES:
+        built = _built(package)
+        for stem, digest in built.items():
+            try:
+                if source_digest(root / package, stem) != digest:
+                    stale.append(f"{package}.{stem}")
+            except OSError:  # an install without the sources: nothing newer to run
+                pass
+    return stale
+
+
+class _SourceFinder:
     """Imports the listed modules from their ``.py``, even with a compiled module beside it
-    (the import system would otherwise take the extension first)."""
+    (the import system would otherwise take the extension first). A meta path finder."""
 
     def __init__(self, sources: dict[str, Path]) -> None:
         self.sources = sources
 
     def find_spec(self, fullname: str, path: object = None,
                   target: object = None) -> importlib.machinery.ModuleSpec | None:
+        import importlib.util
+
         source = self.sources.get(fullname)
         return None if source is None else importlib.util.spec_from_file_location(fullname,
                                                                                   source)
 
 
-def use_sources(package: str, directory: Path, stems: Iterable[str]) -> dict[str, bool]:
+def use_sources(package: str, directory: Path) -> dict[str, bool]:
     """Decide, for each compiled module ``package.stem``, whether its build runs; those
     that do not are imported from their ``.py``. Returns ``{stem: compiled}``."""
-    try:
-        built: dict[str, str] = importlib.import_module(f"{package}._build").SOURCE_SHA256
-    except ImportError:
-        built = {}  # never built with Cython
+    built = _built(package)
+    names = set(os.listdir(directory))
     pure = pure_python_requested()
     compiled: dict[str, bool] = {}
     sources: dict[str, Path] = {}
-    for stem in stems:
-        name = f"{package}.{stem}"
-        runs = (not pure and stem in built and any(
-            (directory / f"{stem}{suffix}").exists()
-            for suffix in importlib.machinery.EXTENSION_SUFFIXES))
-        try:
-            stale = runs and source_digest(directory, stem) != built[stem]
-        except OSError:  # an install without the sources: there is nothing newer to run
-            stale = False
-        if stale:
-            warnings.warn(f"{name}: the compiled module was built from other sources than "
-                          f"{stem}.py and {stem}.pxd now; running {stem}.py (rebuild: "
-                          "pip install -e .)", RuntimeWarning, stacklevel=3)
-            runs = False
-        compiled[stem] = runs
-        if not runs:
-            sources[name] = directory / f"{stem}.py"
+    for stem in compiled_stems(package, directory):
+        extension = any(stem + suffix in names
+                        for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+        compiled[stem] = runs = extension and not pure and stem in built
+        if extension and not runs:  # else the import system finds the .py on its own
+            sources[f"{package}.{stem}"] = directory / f"{stem}.py"
     if sources:
         sys.meta_path.insert(0, _SourceFinder(sources))
     return compiled

@@ -1,6 +1,6 @@
 """``AdminClient``: the text admin protocol of a Gearman job server, with typed replies.
 
-Speaks the admin commands of ``shared/PROTOCOL.md`` §4 to one server (ours or gearmand)
+Speaks the admin commands of ``docs/protocol.md`` §4 to one server (ours or gearmand)
 over a gevent socket, one request at a time (greenlet-safe), and parses each reply into a
 small frozen dataclass. Lines are framed by the shared codec (``Decoder(text=True)``);
 nothing here parses packet bytes by hand. An ``ERR CODE text`` reply raises ``AdminError``
@@ -339,7 +339,7 @@ class AdminClient:
         """
         rows = []
         for line in self._listing("workers"):
-            # "FD IP CLIENT_ID :" then " FUNC" per registration (§4.3).
+            # "FD IP CLIENT_ID :" then " FUNC" per registration (docs/protocol.md §4.3).
             parts = line.split(" ", 3)
             if len(parts) < 4 or not parts[3].startswith(":"):
                 raise ProtocolError(f"unexpected 'workers' line {line!r}")
@@ -384,15 +384,15 @@ class AdminClient:
         """``cancel job HANDLE``: fail the job for its waiting clients and drop it
         (``AdminError`` with code ``UNKNOWN_JOB`` when the server does not know it).
 
-        A job that is already running keeps running on its worker (§3.16).
+        A job that is already running keeps running on its worker (docs/protocol.md §3.16).
         """
         self._ok("cancel job", handle)
 
     def create_function(self, name: str) -> None:
         """``create function NAME``: make an empty function known (e.g. for ``maxqueue``).
 
-        The line is sent with ``\\r\\n``, so gearmand's two-byte truncation (§4.3) takes
-        the ``\\r\\n`` and not the end of the name.
+        The line is sent with ``\\r\\n``, so gearmand's two-byte truncation
+        (docs/protocol.md §4.3) takes the ``\\r\\n`` and not the end of the name.
         """
         self._ok("create function", name)
 

@@ -88,6 +88,9 @@ class Progress:
     and pipes read well::
 
         [############------------------]  2/5  40%
+
+    Drawn by hand, not with rich: importing rich.progress adds about 0.1 s to every
+    start of the command (measured: min 195 -> 340 ms).
     """
 
     def __init__(self, stream: IO[str], width: int = 30) -> None:

@@ -1,7 +1,7 @@
 """``Client``: submit jobs to one or more Gearman servers from any number of greenlets.
 
 One multiplexed connection per server is shared by every greenlet. Replies to
-submissions are matched by order (PROTOCOL.md §3.3, §8); ``WORK_*`` packets are routed by
+submissions are matched by order (docs/protocol.md §3.3, §8); ``WORK_*`` packets are routed by
 (server, handle) to every waiter. Jobs with a unique go to the server picked by a
 consistent hash of (function, unique), so coalescing holds across a fleet; jobs without
 one are spread round-robin. A dead server is skipped (and retried with back-off), and a
@@ -84,7 +84,7 @@ _BACKOFF_MAX = 1.0
 #: that a server that drops us again and again is not hammered.
 _HEALTHY_AFTER = 1.0
 _END = object()  # end of a job's update stream
-#: Results are as large as the worker makes them (§8: accept any payload size); the
+#: Results are as large as the worker makes them (docs/protocol.md §8: accept any payload size); the
 #: 32-bit size field is the only bound.
 MAX_RESULT_SIZE = 1 << 32
 
@@ -218,7 +218,7 @@ class _Attachment:
     """The waiters for one (server, handle), and how many copies of each WORK_* to expect.
 
     A connection that submitted the same unique twice is attached twice and receives every
-    WORK_* packet twice in a row (§3.3); ``skip`` drops the extra copies.
+    WORK_* packet twice in a row (docs/protocol.md §3.3); ``skip`` drops the extra copies.
     """
 
     __slots__ = ("subs", "copies", "skip")
@@ -461,7 +461,8 @@ class _Link:
         if ptype in _WORK_TYPES:
             handle = packet.args[0]
             if ptype == T.WORK_FAIL and handle.endswith(b"\0"):
-                handle = handle[:-1]  # gearmand's converted WORK_EXCEPTION (§3.10, Q1)
+                # gearmand's converted WORK_EXCEPTION (docs/protocol.md §3.10, Q1)
+                handle = handle[:-1]
             attachment = self.jobs.get(handle)
             if attachment is None:
                 return  # a job nobody waits for any more
@@ -684,7 +685,8 @@ class Client:
         self._ring_links = [index for _, index in ring]
         self._round_robin = itertools.count()
         #: In-flight foreground jobs by (function, unique): a second submission of the same
-        #: unique from this client joins the first one instead of attaching twice (§3.3).
+        #: unique from this client joins the first one instead of attaching twice
+        #: (docs/protocol.md §3.3).
         self._inflight: dict[tuple, _Submission] = {}
         self._deadlines = _Deadlines()
         self._closed = False
@@ -856,11 +858,13 @@ class Client:
         if run_at is not None:
             if priority != "normal":
                 raise ValueError("run_at jobs always run at normal priority")
-            background = True  # SUBMIT_JOB_EPOCH is background by definition (§3.11)
+            # SUBMIT_JOB_EPOCH is background by definition (docs/protocol.md §3.11)
+            background = True
             epoch = int(run_at.timestamp() if isinstance(run_at, datetime) else run_at)
         if unique is None:
             # Background jobs carry a UUID so that persistent stores keyed by unique do not
-            # collide (§8); foreground ones go without, so they never coalesce by accident.
+            # collide (docs/protocol.md §8); foreground ones go without, so they never
+            # coalesce by accident.
             uniq = uuid.uuid4().hex.encode() if background else b""
         else:
             uniq = to_bytes(unique, "unique")

@@ -2,7 +2,7 @@
 
 Pure: bytes in, packets (and text admin lines) out. No sockets, no gevent, no logging,
 so the server, the client and the worker all share it, and it can be tested and fuzzed
-on its own. See ``shared/PROTOCOL.md`` §1–§2.
+on its own. See ``docs/protocol.md`` §1–§2.
 
 ``Decoder``, ``encode`` and ``Router`` are the C accelerator ``gearoffload._codec`` when it
 is built (``ACCELERATED``), else the pure-Python ``PyDecoder``, ``py_encode`` and
@@ -58,12 +58,12 @@ HEADER_SIZE = HEADER.size
 #: Larger than anything real clients send (gearmand was seen taking 8 MiB jobs), small
 #: enough that one peer announcing 4 GiB cannot make us buffer it.
 DEFAULT_MAX_PACKET_SIZE = 64 * 1024 * 1024
-#: gearmand closes on a text line longer than 8191 bytes before the newline (§1.5).
+#: gearmand closes on a text line longer than 8191 bytes before the newline (docs/protocol.md §1.5).
 MAX_LINE_SIZE = 8191
 
 
 class PacketType(IntEnum):
-    """Every wire packet type, 1–42 (``shared/PROTOCOL.md`` §2)."""
+    """Every wire packet type, 1–42 (``docs/protocol.md`` §2)."""
 
     CAN_DO = 1
     CANT_DO = 2
@@ -168,7 +168,8 @@ def py_encode(magic: bytes, ptype: int, args: tuple[bytes, ...] | list[bytes] = 
 
 
 def split_payload(ptype: int, payload: bytes) -> tuple[bytes, ...]:
-    """Split ``payload`` into the fields of ``ptype``: at most n-1 splits, never more (§1.3).
+    """Split ``payload`` into the fields of ``ptype``: at most n-1 splits, never more
+    (docs/protocol.md §1.3).
 
     Raises ``ProtocolError`` (code ``INVALID_PACKET``, stream still in sync) when the
     payload has fewer NULs than the type needs.
@@ -235,7 +236,7 @@ class PyDecoder:
 
     ``magic`` restricts the accepted magic (``REQ`` for a server, ``RES`` for a client);
     with ``None`` both are accepted and the packet carries the one it had, so that a
-    server can answer a ``\\0RES`` request with ``ERROR INVALID_MAGIC`` (§1.5).
+    server can answer a ``\\0RES`` request with ``ERROR INVALID_MAGIC`` (docs/protocol.md §1.5).
 
     Example::
 

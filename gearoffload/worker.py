@@ -1,6 +1,6 @@
 """``Worker``: serve Gearman jobs from one or more servers, up to M at once in greenlets.
 
-The loop follows PROTOCOL.md §3.6 and §8: register (``CAN_DO`` / ``CAN_DO_TIMEOUT``,
+The loop follows docs/protocol.md §3.6 and §8: register (``CAN_DO`` / ``CAN_DO_TIMEOUT``,
 ``SET_CLIENT_ID``), ``GRAB_JOB_UNIQ``; on ``NO_JOB`` send ``PRE_SLEEP`` and wait for
 ``NOOP``; after every ``NOOP`` grab again. Each server has its own connection and loop, so
 a server that is down does not stop the others; a lost connection is reopened with
@@ -377,7 +377,7 @@ class Worker:
             if conn in self._sleeping:
                 # Jobs of this function may be queued already, and a server wakes
                 # sleepers only for new jobs; PRE_SLEEP again gets an immediate NOOP
-                # if one is runnable (§3.6 rule 1).
+                # if one is runnable (docs/protocol.md §3.6 rule 1).
                 conn.send(T.PRE_SLEEP)
         return entry
 
@@ -523,7 +523,7 @@ class Worker:
             if ptype == T.ERROR:
                 code, text = packet.args
                 # JOB_NOT_FOUND: the server took the job back (timeout, cancel) before our
-                # result arrived; nothing to do (§8).
+                # result arrived; nothing to do (docs/protocol.md §8).
                 level = logging.DEBUG if code == b"JOB_NOT_FOUND" else logging.WARNING
                 log.log(level, "server error %s: %s", code.decode("latin-1"),
                         text.decode("utf-8", "replace"))
@@ -552,7 +552,7 @@ class Worker:
         # GRABs in flight, oldest first; True where the GRAB holds a slot. With free slots
         # the worker sends one GRAB per slot at once instead of one round trip per job:
         # the answers come in order (JOB_ASSIGN* or NO_JOB), one per GRAB, and a worker
-        # may hold several jobs (§3.7).
+        # may hold several jobs (docs/protocol.md §3.7).
         grabs: deque[bool] = deque()
         exhausted = False  # a NO_JOB came: grab no more until we have slept
         # GRABs kept in flight at most (and no more than free slots). After a NOOP, as
@@ -592,7 +592,8 @@ class Worker:
                             # The server still counts this connection as asleep: a NOOP
                             # may come, and is answered below.
                         else:
-                            exhausted = False  # always grab after a NOOP (§3.6 rule 4)
+                            # always grab after a NOOP (docs/protocol.md §3.6 rule 4)
+                            exhausted = False
                             window, got = max(1, min(got, concurrency)), 0
                         continue
                     # Every slot is busy: wait for a job to finish (or for stop()).
@@ -607,9 +608,9 @@ class Worker:
                     continue
                 if packet.type == T.NOOP:
                     if stopping and not grabs:
-                        # Even a draining worker grabs after a NOOP (§3.6 rule 4): the
-                        # server chose it to run a job, and a server that wakes one
-                        # sleeper per job would let that job wait until we disconnect.
+                        # Even a draining worker grabs after a NOOP (docs/protocol.md §3.6
+                        # rule 4): the server chose it to run a job, and a server that wakes
+                        # one sleeper per job would let that job wait until we disconnect.
                         # It never sleeps again, so this happens at most once.
                         grabs.append(slots.take())  # before the send, as above
                         conn.send_raw(_GRAB_JOB_UNIQ)

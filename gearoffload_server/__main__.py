@@ -1,6 +1,15 @@
 """Entry point of ``gearoffload-server`` (and ``python -m gearoffload_server``)."""
 
-from gevent import monkey
+import select
+import sys
+
+if not hasattr(select, "epoll"):
+    # The server's poll loop is epoll (Linux); the library runs wherever gevent does.
+    print(f"gearoffload-server: needs Linux (its poll loop uses epoll), not {sys.platform}",
+          file=sys.stderr)
+    sys.exit(2)
+
+from gevent import monkey  # noqa: E402
 
 monkey.patch_all()  # entry points patch, first thing; library modules never do
 
@@ -8,7 +17,6 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import signal  # noqa: E402
-import sys  # noqa: E402
 
 import gevent  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The text admin protocol (``shared/PROTOCOL.md`` §4), byte for byte as gearmand 1.1.20.
+"""The text admin protocol (``docs/protocol.md`` §4), byte for byte as gearmand 1.1.20.
 
 Reads and changes the same ``JobServerState`` as the binary protocol; output is computed
 from that state, never kept in parallel. No I/O: replies go to ``peer.send``.
@@ -253,7 +253,7 @@ class AdminProtocol:
 
     def _shutdown(self, peer: Peer, words: list[bytes]) -> bytes:
         if not self.config.enable_shutdown or self.state.on_shutdown is None:
-            return _unknown(words[0])  # as gearmand >= 1.1.15 (§4.4)
+            return _unknown(words[0])  # as gearmand >= 1.1.15 (docs/protocol.md §4.4)
         rest = [w.lower() for w in words[1:]]
         if rest not in ([], [b"graceful"]):
             return b"ERR UNKNOWN_ARGUMENTS Unknown+arguments+to+server+command\r\n"

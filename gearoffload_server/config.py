@@ -21,7 +21,7 @@ from gearoffload.logfmt import LOG_FORMATS
 from gearoffload.protocol import DEFAULT_MAX_PACKET_SIZE
 
 LOG_LEVELS = ("FATAL", "ALERT", "CRITICAL", "ERROR", "WARNING", "NOTICE", "INFO", "DEBUG")
-#: A handle must fit in 63 bytes (PROTOCOL.md §3.1); leave room for ":" and a 20-digit counter.
+#: A handle must fit in 63 bytes (docs/protocol.md §3.1); leave room for ":" and a 20-digit counter.
 MAX_HANDLE_PREFIX = 42
 
 

@@ -48,7 +48,7 @@ HIGH, NORMAL, LOW = 0, 1, 2
 #: Unique IDs of up to 64 bytes are kept whole (gearmand truncates a 64-byte one: Q2).
 MAX_UNIQUE = 64
 MAX_HANDLE = 63
-#: libgearman caps function names at 512 bytes; gearmand does not check (§1.5).
+#: libgearman caps function names at 512 bytes; gearmand does not check (docs/protocol.md §1.5).
 MAX_FUNCTION_NAME = 512
 MAX_CLIENT_ID = 127
 #: Above this many dead entries in one queue (and more dead than live), the queue is
@@ -59,7 +59,7 @@ WAKE_GRACE = 1.0
 
 # Job lifecycle.
 QUEUED, SCHEDULED, RUNNING, DONE, DEAD = range(5)
-# Worker sleep state (§3.6).
+# Worker sleep state (docs/protocol.md §3.6).
 AWAKE, SLEEPING, WOKEN = range(3)
 
 # type -> (priority, background)
@@ -494,7 +494,8 @@ class JobServerState:
                  store: QueueStore | None = None) -> None:
         self.config = config
         self.scheduler = scheduler
-        #: Where background jobs are saved (§3.13); ``None`` for ``--queue memory``.
+        #: Where background jobs are saved (docs/protocol.md §3.13); ``None`` for
+        #: ``--queue memory``.
         self.store = store
         self.functions: dict[bytes, Function] = {}
         self.jobs: dict[bytes, Job] = {}               # every live job by handle
@@ -621,7 +622,7 @@ class JobServerState:
         client_id = _WHITESPACE.sub(b"", packet.args[0])[:MAX_CLIENT_ID]
         peer.client_id = client_id or b"-"
 
-    # -- submission and coalescing (§3.3) -----------------------------------------------
+    # -- submission and coalescing (docs/protocol.md §3.3) ------------------------------
 
     def _submit_epoch(self, peer: Peer, packet: Packet) -> None:
         when = strtoll(packet.args[2])
@@ -857,7 +858,7 @@ class JobServerState:
                 return job
             func.dead[priority] -= 1
 
-    # -- workers: registration, sleeping, grabbing (§3.5–§3.7, §3.9) -----------------------
+    # -- workers: registration, sleeping, grabbing (docs/protocol.md §3.5–§3.7, §3.9) ------
 
     def _can_do(self, peer: Peer, packet: Packet) -> None:
         name = packet.args[0]
@@ -1032,7 +1033,7 @@ class JobServerState:
 
     def _lose(self, job: Job) -> None:
         """The worker holding ``job`` is gone (disconnect, CANT_DO, timeout): requeue it at
-        the tail, or fail it once ``--job-retries`` attempts are used up (§3.7)."""
+        the tail, or fail it once ``--job-retries`` attempts are used up (docs/protocol.md §3.7)."""
         func = job.function
         job.retries += 1
         limit = self.config.job_retries
@@ -1066,7 +1067,7 @@ class JobServerState:
         func = job.function
         func.running -= 1
 
-    # -- results (§3.4, §3.10) --------------------------------------------------------------
+    # -- results (docs/protocol.md §3.4, §3.10) ---------------------------------------------
 
     def _work(self, peer: Peer, packet: Packet) -> None:
         ptype = packet.type
@@ -1076,7 +1077,7 @@ class JobServerState:
             if ptype == T.WORK_FAIL:
                 if handle == peer.last_exception:
                     # python-gearman and Perl send WORK_FAIL after WORK_EXCEPTION; an
-                    # ERROR would make them drop the connection (§3.10).
+                    # ERROR would make them drop the connection (docs/protocol.md §3.10).
                     peer.last_exception = None
                     return
                 if len(handle) > MAX_HANDLE:
@@ -1155,7 +1156,7 @@ class JobServerState:
         for client in job.clients:
             client.send(data)
 
-    # -- status (§2.1) ---------------------------------------------------------------------
+    # -- status (docs/protocol.md §2.1) ----------------------------------------------------
 
     def _get_status(self, peer: Peer, packet: Packet) -> None:
         handle = packet.args[0]
@@ -1187,7 +1188,8 @@ class JobServerState:
     # -- admin actions (used by admin.py) --------------------------------------------------
 
     def function(self, name: bytes) -> Function:
-        """The function called ``name``, created if it does not exist yet (§3.2)."""
+        """The function called ``name``, created if it does not exist yet
+        (docs/protocol.md §3.2)."""
         func = self.functions.get(name)
         if func is None:
             func = self.functions[name] = Function(name)
@@ -1214,12 +1216,13 @@ class JobServerState:
         return True
 
 
-    # -- the queue store (§3.13) -----------------------------------------------------------
+    # -- the queue store (docs/protocol.md §3.13) ------------------------------------------
 
     def restore(self, rows: Iterable[StoredJob]) -> int:
-        """Replay stored background jobs at start-up, oldest first: fresh handles (§3.13),
-        the unique index (so coalescing works for them), counters and queues as if just
-        submitted; epoch jobs keep their due time; dead letters stay dead letters. Returns
+        """Replay stored background jobs at start-up, oldest first: fresh handles
+        (docs/protocol.md §3.13), the unique index (so coalescing works for them), counters
+        and queues as if just submitted; epoch jobs keep their due time; dead letters stay
+        dead letters. Returns
         how many rows were restored."""
         now = self.scheduler.now()
         count = 0

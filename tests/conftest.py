@@ -19,11 +19,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, NoReturn
 
 import gevent
 import pytest
 
+from gearoffload._compiled import (
+    _SourceFinder,
+    compiled_modules,
+    pure_python_requested,
+    stale_builds,
+)
 from gearoffload.protocol import RES, Decoder, Packet, encode_request
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -35,24 +41,30 @@ ROOT = Path(__file__).resolve().parent.parent
 _STATE_ROOT = tempfile.TemporaryDirectory(prefix="gearoffload-tests-")
 
 
+def missing(message: str) -> NoReturn:
+    """Something a test needs is not there: a skip locally, a failure under CI=true
+    (where ``.ci/run`` and ``make test`` install everything), so that CI never passes
+    without running a test unnoticed."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message, allow_module_level=True)  # need_module() may run at import
+
+
 def need_tool(name: str, package: str) -> str:
     """The path of a tool, or a skip (a failure under CI=true, where .ci/run installs it)."""
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
     if path:
         return path
-    message = f"{name} not installed (Debian package {package}; .ci/run installs it)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
+    missing(f"{name} not installed (Debian package {package}; .ci/run installs it)")
 
 
 def need_module(name: str):
     """Import a module of the ``test``/``flask`` extras, or skip (a failure under CI=true,
     where ``make test`` installs them)."""
-    if IN_CI:
+    try:
         return importlib.import_module(name)
-    return pytest.importorskip(
-        name, reason=f"{name} not installed (pip install -e '.[test,flask]')")
+    except ImportError:
+        missing(f"{name} not installed (pip install -e '.[test,flask]')")
 
 
 def poll_until(predicate, timeout: float = 5.0) -> bool:
@@ -253,6 +265,117 @@ def gevent_time_limit(seconds: float):
         timer.close()
 
     return time_limit
+
+
+# -- the compiled modules' pure-Python sources, in this process -------------------------
+
+#: ``{"package.stem": its .py}``: the modules compiled by Cython from their own .py, each
+#: with a .pxd beside it (``gearoffload._compiled``).
+COMPILED_MODULES = compiled_modules(ROOT)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A compiled module built from other sources than the .py beside it would test old
+    code: refuse to start (``make test`` rebuilds first)."""
+    stale = [] if pure_python_requested() else stale_builds(ROOT)
+    if stale:
+        pytest.exit(f"{', '.join(stale)}: built from other sources than the .py and .pxd "
+                    "now; rebuild (make .venv/.installed-stamp, or pip install -e .), or run "
+                    "the .py with GEAROFFLOAD_PURE_PYTHON=1", returncode=4)
+
+
+def _built_module_runs() -> bool:
+    import gearoffload
+    import gearoffload_server
+
+    return gearoffload_server.STATE_COMPILED or any(gearoffload.COMPILED.values())
+
+
+_sources: dict[str, object] = {}
+
+
+def source_modules() -> dict[str, object]:
+    """The compiled modules imported again from their ``.py``, as one set (the client's
+    ``Connection`` is the pure one too), without replacing the ones the rest of the suite
+    imported: ``{"gearoffload.client": module, ...}``."""
+    if _sources:
+        return _sources
+    saved = {name: sys.modules.pop(name, None) for name in COMPILED_MODULES}
+    parents = {name: sys.modules[name.rpartition(".")[0]] for name in COMPILED_MODULES}
+    missing_attribute = object()
+    attributes = {name: vars(parents[name]).get(name.rpartition(".")[2], missing_attribute)
+                  for name in COMPILED_MODULES}
+    finder = _SourceFinder(COMPILED_MODULES)
+    sys.meta_path.insert(0, finder)
+    try:
+        for name in COMPILED_MODULES:  # the client's import of .connection: the .py too
+            _sources[name] = importlib.import_module(name)
+    finally:
+        sys.meta_path.remove(finder)
+        for name in COMPILED_MODULES:
+            if saved[name] is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = saved[name]
+            if attributes[name] is missing_attribute:
+                delattr(parents[name], name.rpartition(".")[2])
+            else:
+                setattr(parents[name], name.rpartition(".")[2], attributes[name])
+    return _sources
+
+
+def _use_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point every name a test module bound to a compiled module (or to one of its
+    classes and functions) at the same name in the ``.py``; subprocesses (servers,
+    workers) run their pure-Python code too."""
+    sources = source_modules()
+    monkeypatch.setenv("GEAROFFLOAD_PURE_PYTHON", "1")
+    tests = str(ROOT / "tests")
+    for module in list(sys.modules.values()):
+        if not (getattr(module, "__file__", None) or "").startswith(tests):
+            continue
+        for name, value in list(vars(module).items()):
+            origin = value.__name__ if isinstance(value, type(sys)) else getattr(
+                value, "__module__", None)
+            if origin in sources and not isinstance(value, str):
+                replacement = sources[origin] if isinstance(value, type(sys)) else getattr(
+                    sources[origin], getattr(value, "__name__", name), None)
+                if replacement is not None:
+                    monkeypatch.setattr(module, name, replacement)
+
+
+def compiled_and_source(slow: bool = False):
+    """An autouse fixture that runs every test of a module twice: on the modules as
+    built (compiled in CI) and on their ``.py`` sources, loaded again in this process
+    (ids ``built`` and ``py``). In a test module: ``variant = compiled_and_source()``.
+    ``slow=True`` marks the ``py`` runs slow (they run under CI=true, or with
+    ``--run-slow``). Without a compiled module there is only the ``py`` run."""
+    params = ["built", pytest.param("py", marks=[pytest.mark.slow] if slow else [])
+              ] if _built_module_runs() else ["py"]
+
+    @pytest.fixture(autouse=True, params=params)
+    def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+        if request.param == "py" and _built_module_runs():
+            _use_sources(monkeypatch)
+        return request.param
+
+    return variant
+
+
+# -- slow cases: always under CI=true, locally with --run-slow -------------------------
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (CI=true always runs them)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if IN_CI or config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: runs under CI=true, or with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @contextmanager

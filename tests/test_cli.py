@@ -52,6 +52,18 @@ def test_unwritable_log_file_is_one_line_and_exit_2():
     assert result.returncode == 2 and "cannot open log file" in result.stderr
 
 
+def test_without_epoll_the_server_says_it_needs_linux_and_exits_2():
+    """The poll loop is epoll: elsewhere (macOS, the BSDs) one clear line, not a
+    traceback. Simulated by removing select.epoll before the entry point runs."""
+    code = ("import select, runpy; del select.epoll; "
+            "runpy.run_module('gearoffload_server', run_name='__main__', alter_sys=True)")
+    result = subprocess.run([sys.executable, "-c", code, "--port", str(free_port())],
+                            cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.startswith("gearoffload-server: needs Linux (its poll loop uses "
+                                    "epoll)") and result.stderr.count("\n") == 1, result.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_sigint_stop_cleanly(sig):
     server = ServerProcess("gearoffload").start()

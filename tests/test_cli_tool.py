@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import ROOT, ServerProcess, free_port, stop_process
+from conftest import ROOT, ServerProcess, free_port, missing, stop_process
 from gearoffload.admin import AdminClient
 from gearoffload.cli import Progress, format_table
 
@@ -241,7 +241,7 @@ def test_usage_errors_exit_2_with_one_line(args):
 def test_installed_script_runs():
     script = os.path.join(os.path.dirname(sys.executable), "gearoffload")
     if not os.path.exists(script):
-        pytest.skip("console script not installed (pip install -e .)")
+        missing("console script not installed (pip install -e .)")
     result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=15)
     assert result.returncode == 0 and "submit" in result.stdout
 

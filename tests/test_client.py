@@ -17,7 +17,15 @@ import gevent.subprocess
 import pytest
 from gevent.event import Event
 
-from conftest import ServerProcess, free_port, gevent_time_limit, need_tool, poll_until, working
+from conftest import (
+    ServerProcess,
+    compiled_and_source,
+    free_port,
+    gevent_time_limit,
+    need_tool,
+    poll_until,
+    working,
+)
 from gearoffload import Client, Worker
 from gearoffload.errors import (
     GearmanError,
@@ -33,6 +41,8 @@ TEST_TIME_LIMIT = 40
 
 
 time_limit = gevent_time_limit(TEST_TIME_LIMIT)
+# The compiled modules, and their .py in this process (slow: under CI=true or --run-slow).
+variant = compiled_and_source(slow=True)
 
 
 @contextmanager
@@ -93,7 +103,8 @@ def test_priorities_background_and_status(server):
         return b"held"
 
     with Client(server.address) as client:
-        # Queue before any worker exists, so the order is decided by priority (§3.5).
+        # Queue before any worker exists, so the order is decided by priority
+        # (docs/protocol.md §3.5).
         order = []
         jobs = [client.submit("prio", name, priority=prio)
                 for name, prio in [("low", "low"), ("norm", "normal"), ("high", "high")]]
@@ -152,7 +163,7 @@ def test_worker_exception_and_failure(server):
             with pytest.raises(JobFailed):
                 client.submit("refuse", "x").result(5)
         # Without the exceptions option the exception arrives as WORK_FAIL; gearmand
-        # appends a NUL to that handle (§3.10, Q1), which the client must strip.
+        # appends a NUL to that handle (docs/protocol.md §3.10, Q1), which the client must strip.
         with Client(server.address, exceptions=False) as client:
             with pytest.raises(JobFailed) as failed:
                 client.submit("boom", "way").result(5)
@@ -302,7 +313,8 @@ def test_coalescing_500_greenlets_one_execution(server):
 
 def test_data_coalescing_on_one_connection_delivers_each_packet_once(server):
     """Unique "-" coalesces on equal data in the server; one connection attached twice
-    receives every WORK_* twice (§3.3), and each Job must still see each update once."""
+    receives every WORK_* twice (docs/protocol.md §3.3), and each Job must still see each
+    update once."""
     release = Event()
 
     def chunks(job):
@@ -496,8 +508,8 @@ def test_failover_when_a_server_dies_while_jobs_flow(two_servers, caplog):
 def test_connection_drop_resubmits_into_the_same_server(our_server):
     """The connection drops but the server stays up: the client reconnects and resubmits
     with the same unique into the job its old connection abandoned. Our server revives or
-    recreates that job (§3.8); gearmand 1.1.20 loses such a submission (Q4), which is why
-    this runs against our server only."""
+    recreates that job (docs/protocol.md §3.8); gearmand 1.1.20 loses such a submission
+    (Q4), which is why this runs against our server only."""
     executions = []
     with Client(our_server.address) as client:
         job = client.submit("later", b"x", unique="dropped")

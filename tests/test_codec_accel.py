@@ -515,6 +515,7 @@ def test_router_compares_the_magic_with_eq_only(router):
     assert router(table, None, magic, lambda c, p: "otherwise")((magic, 1)) == "otherwise"
 
 
+@pytest.mark.slow  # 3 s of CPU each: under CI=true, or --run-slow
 @pytest.mark.parametrize("router", ROUTERS)
 def test_router_long_chain_is_freed_without_recursion(router):
     """A million routers, each the context of the next, freed at once (the C one through
@@ -620,6 +621,7 @@ def test_sizes_near_2_32_wait_for_the_payload(size, ptype):
             assert got[-1] == ("buffered", len(wire) - 3)
 
 
+@pytest.mark.slow  # 4.5 s and 4 GiB of address space: under CI=true, or --run-slow
 @needs_c
 def test_encode_total_over_4_gib_raises_without_copying():
     big = b"x" * 2**30  # the same object four times: 4 GiB + 3 of fields, nothing copied

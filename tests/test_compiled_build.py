@@ -4,14 +4,17 @@
 ``gearoffload.worker`` are compiled from their ``.py`` and ``.pxd``
 (``gearoffload._compiled``). The rest of the suite runs on whichever is active, the
 compiled modules wherever they were built (as in CI). Here: CI never runs without them
-unnoticed, the pure-Python sources still pass their own tests, and a compiled module
-built from other sources than the ``.py`` beside it is never used.
+unnoticed, the pure-Python sources still pass their own tests (their test modules run
+each test on both, ``conftest.compiled_and_source``), and a compiled module built from
+other sources than the ``.py`` beside it never runs the suite.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,24 +23,27 @@ from pathlib import Path
 import pytest
 
 import gearoffload
-from conftest import IN_CI, ROOT
+from conftest import COMPILED_MODULES, IN_CI, ROOT
 from gearoffload_server import STATE_COMPILED
 
 PROBE = """
-import json, warnings
+import importlib, json, warnings
+from pathlib import Path
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import gearoffload, gearoffload_server
-    from gearoffload import client, connection, worker
-    from gearoffload_server import state
+    from gearoffload._compiled import compiled_modules, stale_builds
+    root = Path(gearoffload.__file__).parent.parent
+    names = compiled_modules(root)
+    modules = {name: importlib.import_module(name) for name in names}
 print(json.dumps({
     "compiled": {"state": gearoffload_server.STATE_COMPILED, **gearoffload.COMPILED},
-    "file": {"state": state.__file__, "client": client.__file__,
-             "connection": connection.__file__, "worker": worker.__file__},
+    "file": {name.rpartition(".")[2]: module.__file__ for name, module in modules.items()},
+    "stale": stale_builds(root),
     "warnings": [str(w.message) for w in caught]}))
 """
-MODULES = {"state": "gearoffload_server", "client": "gearoffload",
-           "connection": "gearoffload", "worker": "gearoffload"}
+#: ``{stem: package}`` of every compiled module: each .py with a .pxd beside it.
+MODULES = {name.rpartition(".")[2]: name.rpartition(".")[0] for name in COMPILED_MODULES}
 
 
 def probe(pythonpath: Path | str, **env: str) -> dict:
@@ -82,34 +88,93 @@ def test_pure_python_env_runs_the_sources():
                               for name, package in MODULES.items()}
 
 
-def test_the_pure_python_sources_pass_their_tests():
-    """The same code as .py (the source of the compiled modules): the state's tests, and
-    the connection's, client's and worker's against both servers."""
-    files = ["tests/test_state.py", "tests/test_store_state.py", "tests/test_stats.py",
-             "tests/test_logfmt.py", "tests/test_connection.py", "tests/test_client.py",
-             "tests/test_worker.py"]
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p",
-                          "no:cacheprovider", *files], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600,
-                         env={**os.environ, "GEAROFFLOAD_PURE_PYTHON": "1"})
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and " skipped" not in run.stdout
+def test_the_py_variant_of_the_tests_runs_the_sources():
+    """The state's, connection's, client's and worker's tests run twice in this process
+    (``conftest.compiled_and_source``): the ``py`` run on modules imported from the
+    ``.py``, as one set, without replacing the modules the rest of the suite runs on."""
+    import gearoffload.client
+    import gearoffload_server.state
+    from conftest import source_modules
+
+    sources = source_modules()
+    assert sorted(sources) == sorted(COMPILED_MODULES)
+    for name, module in sources.items():
+        assert module.__file__ == str(ROOT.joinpath(*name.split(".")).with_suffix(".py"))
+        assert sys.modules.get(name) is not module
+        assert getattr(sys.modules[name.rpartition('.')[0]], name.rpartition('.')[2],
+                       None) is not module
+    assert sources["gearoffload.client"].Connection is sources[
+        "gearoffload.connection"].Connection
+    assert gearoffload.client is sys.modules["gearoffload.client"]
+    assert gearoffload_server.state is sys.modules["gearoffload_server.state"]
+    if STATE_COMPILED:
+        assert gearoffload_server.state.__file__.endswith((".so", ".pyd"))
+
+
+def test_the_pxd_files_are_the_one_list_of_compiled_modules():
+    """setup.py, the Makefile, the packages and the tests all take the modules with a
+    .pxd beside them; the build recorded each of them."""
+    assert MODULES == {"client": "gearoffload", "connection": "gearoffload",
+                       "worker": "gearoffload", "state": "gearoffload_server"}
+    assert set(gearoffload.COMPILED) == {s for s, p in MODULES.items() if p == "gearoffload"}
+    make = subprocess.run(["make", "-s", "-pn", "lint"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    line = next(line for line in make.stdout.splitlines()
+                if line.startswith("COMPILED_SOURCES :="))
+    assert sorted(line.split(":=")[1].split()) == sorted(
+        f"{package}/{stem}{suffix}" for stem, package in MODULES.items()
+        for suffix in (".py", ".pxd"))
+    result = probe(ROOT, GEAROFFLOAD_PURE_PYTHON="0")
+    require_compiled(result)
+    for package in set(MODULES.values()):
+        built = __import__(f"{package}._build", fromlist=["SOURCE_SHA256"]).SOURCE_SHA256
+        assert sorted(built) == sorted(s for s, p in MODULES.items() if p == package)
+
+
+def test_import_hashes_nothing():
+    """Whether a build is of its sources is checked at build and test time, not at
+    every import (hashlib alone costs milliseconds to load)."""
+    code = "import sys, gearoffload, gearoffload_server; print('hashlib' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True,
+                         text=True, timeout=60, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.stdout == "False\n"
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
-def test_a_build_of_other_sources_is_not_used(tmp_path, name):
-    """A .py edited since the build: its compiled module would run the old code."""
+def test_a_build_of_other_sources_is_found_stale(tmp_path, name):
+    """A .py edited since the build: its compiled module would run the old code, so
+    stale_builds() names it and the test suite refuses to start on it."""
     require_compiled(probe(ROOT, GEAROFFLOAD_PURE_PYTHON="0"))
     copy_packages(tmp_path)
-    assert all(probe(tmp_path, GEAROFFLOAD_PURE_PYTHON="0")["compiled"].values())  # as built
+    assert probe(tmp_path, GEAROFFLOAD_PURE_PYTHON="0")["stale"] == []  # as built
     source = tmp_path / MODULES[name] / f"{name}.py"
     source.write_text(source.read_text() + "\n# edited after the build\n")
     result = probe(tmp_path, GEAROFFLOAD_PURE_PYTHON="0")
-    assert result["compiled"] == {other: other != name for other in MODULES}
-    assert result["file"][name] == str(source)
-    assert [w for w in result["warnings"] if "built from other sources" in w] == [
-        f"{MODULES[name]}.{name}: the compiled module was built from other sources than "
-        f"{name}.py and {name}.pxd now; running {name}.py (rebuild: pip install -e .)"]
+    assert result["stale"] == [f"{MODULES[name]}.{name}"]
+    assert not result["warnings"]
+
+
+def test_the_suite_refuses_a_stale_build(tmp_path):
+    """conftest's session start: a stale build stops pytest before any test runs, with
+    what to do; GEAROFFLOAD_PURE_PYTHON=1 runs the .py and needs no build."""
+    require_compiled(probe(ROOT, GEAROFFLOAD_PURE_PYTHON="0"))
+    copy_packages(tmp_path)
+    shutil.copytree(ROOT / "tests", tmp_path / "tests",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    source = tmp_path / "gearoffload_server" / "state.py"
+    source.write_text(source.read_text() + "\n# edited after the build\n")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               "tests/test_logfmt.py", "-k", "json_timestamp"]
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    stale = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120, env={**environment, "GEAROFFLOAD_PURE_PYTHON": "0"})
+    assert stale.returncode == 4, stale.stdout[-2000:] + stale.stderr[-2000:]
+    assert "gearoffload_server.state: built from other sources" in stale.stdout + stale.stderr
+    pure = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**environment, "GEAROFFLOAD_PURE_PYTHON": "1"})
+    assert pure.returncode == 0 and " passed" in pure.stdout, pure.stdout[-2000:]
 
 
 def test_none_where_a_typed_object_is_expected_raises_instead_of_crashing():
@@ -141,16 +206,19 @@ def test_an_install_without_the_pxd_files_runs_the_compiled_modules(tmp_path):
     copy_packages(tmp_path, "*.pxd")
     result = probe(tmp_path, GEAROFFLOAD_PURE_PYTHON="0")
     assert all(result["compiled"].values()) and not result["warnings"], result
+    assert result["stale"] == []
 
 
-def test_the_pxd_files_are_package_data():
-    """So that an installed package can check its build against its sources."""
+def test_the_pxd_files_and_py_typed_are_package_data():
+    """The .pxd files list an installed package's compiled modules; py.typed tells type
+    checkers that both packages are annotated (PEP 561)."""
     import configparser
 
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
-    for package in set(MODULES.values()):
-        assert config["options.package_data"][package].split() == ["*.pxd"]
+    for package in ("gearoffload", "gearoffload_server"):
+        assert config["options.package_data"][package].split(", ") == ["*.pxd", "py.typed"]
+        assert (ROOT / package / "py.typed").is_file()
 
 
 def test_public_classes_take_other_attributes_as_the_py_classes_do():
@@ -166,3 +234,101 @@ def test_public_classes_take_other_attributes_as_the_py_classes_do():
         thing.tag = "mine"
         assert thing.tag == "mine"
 
+
+
+# -- the .pxd declarations against the .py classes --------------------------------------
+
+def pxd_classes(text: str) -> dict[str, set[str]]:
+    """``{class: attribute names}`` declared by ``cdef class`` blocks of a .pxd."""
+    classes: dict[str, set[str]] = {}
+    current: set[str] | None = None
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].rstrip()
+        if match := re.match(r"cdef class (\w+)\s*:$", line):
+            current = classes.setdefault(match.group(1), set())
+        elif line and not line[0].isspace():
+            current = None
+        elif current is not None and (
+                match := re.match(r"\s+cdef (?:public |readonly )?\w+ ([\w, ]+)$", line)):
+            current.update(name.strip() for name in match.group(1).split(","))
+    return classes
+
+
+def py_classes(text: str) -> dict[str, tuple[set[str] | None, set[str], set[str]]]:
+    """``{class: (__slots__ or None, attributes set in __init__, set elsewhere)}``."""
+
+    def on_self(node: ast.AST):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id == "self":
+            yield node.attr
+        elif isinstance(node, (ast.Tuple, ast.List)):
+            for element in node.elts:
+                yield from on_self(element)
+
+    classes = {}
+    for cls in ast.parse(text).body:
+        if not isinstance(cls, ast.ClassDef):
+            continue
+        slots, init, elsewhere = None, set(), set()
+        for item in cls.body:
+            if isinstance(item, ast.Assign) and any(
+                    isinstance(t, ast.Name) and t.id == "__slots__" for t in item.targets):
+                slots = set(ast.literal_eval(item.value))
+            elif isinstance(item, ast.FunctionDef):
+                for node in ast.walk(item):
+                    if isinstance(node, ast.Assign):
+                        found = [a for t in node.targets for a in on_self(t)]
+                    elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+                        found = list(on_self(node.target))
+                    else:
+                        continue
+                    (init if item.name == "__init__" else elsewhere).update(found)
+        classes[cls.name] = (slots, init, elsewhere)
+    return classes
+
+
+def field_mismatches(pxd_text: str, py_text: str) -> list[str]:
+    """Each way a compiled class's fields differ between its .pxd and its .py."""
+    problems = []
+    py = py_classes(py_text)
+    for name, declared in pxd_classes(pxd_text).items():
+        if name not in py:
+            problems.append(f"{name}: in the .pxd, not in the .py")
+            continue
+        fields = declared - {"__weakref__", "__dict__"}
+        slots, init, elsewhere = py[name]
+        if init != fields:
+            problems.append(f"{name}: __init__ sets {sorted(init - fields)} not declared, "
+                            f"the .pxd declares {sorted(fields - init)} never set in __init__")
+        if elsewhere - fields:
+            problems.append(f"{name}: methods set {sorted(elsewhere - fields)} not declared")
+        if slots is not None and slots != fields:
+            problems.append(f"{name}: __slots__ differ from the .pxd by {sorted(slots ^ fields)}")
+    return problems
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_each_compiled_class_declares_the_fields_its_py_class_sets(name):
+    """A field is written three times: in ``__init__``, in ``__slots__`` and in the
+    .pxd. One missing from the .pxd is refused by the compiled class at run time (only
+    where that code runs); one missing from ``__init__`` is None compiled and an
+    AttributeError in the .py. Checked here for every cdef class."""
+    source = ROOT / MODULES[name] / f"{name}.py"
+    pxd = source.with_suffix(".pxd")
+    assert pxd_classes(pxd.read_text()), f"no cdef class found in {pxd}"
+    assert field_mismatches(pxd.read_text(), source.read_text()) == []
+
+
+def test_the_field_check_finds_each_kind_of_mismatch():
+    pxd = "cdef class A:\n    cdef public object x, y  # two\n    cdef object __weakref__\n"
+    good = ("class A:\n    __slots__ = ('x', 'y')\n"
+            "    def __init__(self):\n        self.x, self.y = 1, 2\n")
+    assert field_mismatches(pxd, good) == []
+    assert field_mismatches(pxd, good.replace("self.x, self.y = 1, 2", "self.x = 1")) == [
+        "A: __init__ sets [] not declared, the .pxd declares ['y'] never set in __init__"]
+    assert field_mismatches(pxd, good.replace("'y'", "'z'")) == [
+        "A: __slots__ differ from the .pxd by ['y', 'z']"]
+    late = good + "    def go(self):\n        self.z += 1\n"
+    assert field_mismatches(pxd, late) == ["A: methods set ['z'] not declared"]
+    assert field_mismatches(pxd + "cdef class B:\n    cdef public object q\n", good) == [
+        "B: in the .pxd, not in the .py"]

@@ -1,8 +1,8 @@
 """Protocol conformance: every test runs against our server AND Debian's gearmand 1.1.20.
 
 The ``server`` fixture is parameterised over both, so each assertion here is behaviour that
-gearmand really has (shared/PROTOCOL.md §1–§4, MUST and MATCH). Where gearmand and our
-server deliberately differ (the quirks of §6), only the shared part is asserted here; our
+gearmand really has (docs/protocol.md §1–§4). Where gearmand and our server deliberately
+differ (the quirks of docs/protocol.md §6), only the shared part is asserted here; our
 choice is asserted in test_quirks.py.
 """
 
@@ -30,7 +30,7 @@ from wire_helpers import (
 from gearoffload.protocol import FIELD_COUNTS, REQ, RES, Packet, encode, encode_request
 from gearoffload.protocol import PacketType as T
 
-# -- §1 transport and framing ---------------------------------------------------------------
+# -- docs/protocol.md §1 transport and framing ----------------------------------------------
 
 
 def test_partial_packet_is_buffered(server):
@@ -121,7 +121,7 @@ def test_unframeable_packet_closes_without_reply(server, header):
         assert not conn.pending
 
 
-# -- §3.1 / §3.3 submission, handles, coalescing ----------------------------------------------
+# -- docs/protocol.md §3.1 / §3.3 submission, handles, coalescing -----------------------------
 
 
 def test_every_submission_type_gets_job_created(server):
@@ -349,7 +349,7 @@ def test_function_names_are_case_sensitive(server):
         w.expect(T.NO_JOB)
 
 
-# -- §3.4 WORK_* relay ----------------------------------------------------------------------
+# -- docs/protocol.md §3.4 WORK_* relay -----------------------------------------------------
 
 
 def test_work_packets_relayed_byte_identical_to_every_attached_client(server):
@@ -440,7 +440,7 @@ def test_running_foreground_job_of_departed_client_accepts_results(server):
         w.expect_nothing(0.3)  # the worker never sees an error for it
 
 
-# -- §3.5 priorities ----------------------------------------------------------------------------
+# -- docs/protocol.md §3.5 priorities -----------------------------------------------------------
 
 
 def test_priority_order_within_a_function(server):
@@ -472,7 +472,7 @@ def test_requeued_job_goes_to_the_tail_of_its_priority(server):
             assert [grab(w2)[3] for _ in range(2)] == [b"second", b"first"]
 
 
-# -- §3.6 PRE_SLEEP / NOOP ----------------------------------------------------------------------
+# -- docs/protocol.md §3.6 PRE_SLEEP / NOOP -----------------------------------------------------
 
 
 def test_pre_sleep_with_runnable_job_gets_immediate_noop_every_time(server):
@@ -524,7 +524,7 @@ def test_requeue_wakes_sleeping_worker(server):
         assert grab(sleeper)[0] == h
 
 
-# -- GRAB variants (§2.1, §3.12) ---------------------------------------------------------------
+# -- GRAB variants (docs/protocol.md §2.1, §3.12) ----------------------------------------------
 
 
 def test_grab_reply_types(server):
@@ -568,7 +568,7 @@ def test_job_assign_with_empty_data_bytes(server):
         assert buf == expected
 
 
-# -- GET_STATUS / GET_STATUS_UNIQUE (§2.1) -------------------------------------------------------
+# -- GET_STATUS / GET_STATUS_UNIQUE (docs/protocol.md §2.1) --------------------------------------
 
 
 def test_get_status(server):
@@ -618,7 +618,7 @@ def test_get_status_unique(server):
         assert c2.expect(T.STATUS_RES_UNIQUE) == (b"uq", b"1", b"1", b"5", b"6", b"2")
 
 
-# -- ECHO, OPTION_REQ, exceptions (§2.1, §3.10) --------------------------------------------------
+# -- ECHO, OPTION_REQ, exceptions (docs/protocol.md §2.1, §3.10) ---------------------------------
 
 
 def test_echo(server):
@@ -659,7 +659,7 @@ def test_work_exception_with_and_without_the_option(server):
         assert plain.expect(T.STATUS_RES) == (h, b"0", b"0", b"0", b"0")  # the job ended
 
 
-# -- §3.7 / §3.9 requeue -------------------------------------------------------------------------
+# -- docs/protocol.md §3.7 / §3.9 requeue --------------------------------------------------------
 
 
 def test_worker_disconnect_requeues_job(server):
@@ -750,7 +750,7 @@ def test_can_do_timeout_requeues(server):
                 assert c.expect(T.WORK_COMPLETE) == (h, b"ok")
 
 
-# -- §3.11 epoch jobs ----------------------------------------------------------------------------
+# -- docs/protocol.md §3.11 epoch jobs -----------------------------------------------------------
 
 
 def test_epoch_in_the_past_is_runnable_at_once(server):
@@ -776,7 +776,7 @@ def test_future_epoch_job_waits_and_is_skipped(server):
         assert submit(c, b"f", b"e", b"again", T.SUBMIT_JOB_BG) == later  # coalesces
 
 
-# -- §4 admin protocol ---------------------------------------------------------------------------
+# -- docs/protocol.md §4 admin protocol ----------------------------------------------------------
 
 
 def test_admin_status_and_prioritystatus(server):

@@ -15,11 +15,13 @@ import gevent
 import pytest
 from gevent import socket
 
-from conftest import gevent_time_limit, poll_until
+from conftest import compiled_and_source, gevent_time_limit, poll_until
 from gearoffload.connection import Connection
 from gearoffload.protocol import REQ, Decoder, PacketType, encode, encode_response
 
 time_limit = gevent_time_limit(30)
+# The compiled modules, and their .py in this process (slow: under CI=true or --run-slow).
+variant = compiled_and_source(slow=True)
 
 BIG = 8 * 1024 * 1024  # several times what loopback buffers hold
 

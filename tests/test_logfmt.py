@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, ServerProcess, gevent_time_limit, working
+from conftest import ROOT, ServerProcess, compiled_and_source, gevent_time_limit, working
 from gearoffload import Client, Worker
 from gearoffload.errors import JobFailed
 from gearoffload.logfmt import JsonFormatter, TextFormatter, make_formatter
@@ -24,6 +24,8 @@ from gearoffload_server.config import ServerConfig
 from gearoffload_server.state import JobServerState, ManualScheduler, Peer
 
 time_limit = gevent_time_limit(40)
+# The compiled modules, and their .py in this process (slow: under CI=true or --run-slow).
+variant = compiled_and_source(slow=True)
 ISO_MS_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 

@@ -23,7 +23,7 @@ from gearoffload.protocol import (
 
 T = PacketType
 
-# PROTOCOL.md §2, "Field-count summary for a codec".
+# docs/protocol.md §2, "Field-count summary for a codec".
 EXPECTED_FIELDS = {
     0: (3, 4, 5, 6, 9, 10, 24, 30, 39),
     1: (1, 2, 8, 14, 15, 16, 17, 22, 26, 27, 41),
@@ -48,7 +48,7 @@ def test_every_type_1_to_42_has_its_field_count():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_worked_example_bytes(impl: Impl):
-    # PROTOCOL.md §9, byte for byte.
+    # docs/protocol.md §9, byte for byte.
     assert impl.request(T.CAN_DO, b"upper") == bytes.fromhex(
         "0052455100000001000000057570706572")
     assert impl.request(T.SUBMIT_JOB, b"upper", b"", b"abc") == bytes.fromhex(

@@ -1,4 +1,4 @@
-"""Our server's chosen behaviour where gearmand 1.1.20 has a quirk (shared/PROTOCOL.md §6).
+"""Our server's chosen behaviour where gearmand 1.1.20 has a quirk (docs/protocol.md §6).
 
 These run against our server only: gearmand would fail them by design. One test per quirk
 Q1–Q15 (Q11, the persistent store, is at the end, with the other option tests), plus the
@@ -414,7 +414,7 @@ def test_shutdown_graceful_waits_for_jobs(server_factory):
         assert srv.proc.wait(5) == 0
 
 
-# -- our limits and clean-ups where gearmand is silent or unsafe (§1.5, §2.1) --------------------
+# -- our limits and clean-ups where gearmand is silent or unsafe (docs/protocol.md §1.5, §2.1) ---
 
 
 def test_abandoned_jobs_do_not_disturb_the_queue(our_server):

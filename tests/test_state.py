@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import compiled_and_source
 from gearoffload.protocol import REQ, RES, Decoder, Packet
 from gearoffload.protocol import PacketType as T
 from gearoffload_server.admin import AdminProtocol
 from gearoffload_server.config import ServerConfig
 from gearoffload_server.state import JobServerState, ManualScheduler, Peer
+
+variant = compiled_and_source()  # the compiled state, and state.py
 
 
 class Harness:

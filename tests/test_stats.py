@@ -6,9 +6,12 @@ import doctest
 
 from test_state import Harness
 
+from conftest import compiled_and_source
 from gearoffload.protocol import PacketType as T
 from gearoffload_server import metrics, stats, status, status_page
 from gearoffload_server.stats import BUCKETS, LatencyHistogram
+
+variant = compiled_and_source()  # the compiled state, and state.py
 
 
 def test_doctests():

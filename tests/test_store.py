@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,11 +20,12 @@ import time
 import pytest
 
 from conftest import (
-    IN_CI,
     ROOT,
     RawConn,
     ServerProcess,
     free_port,
+    missing,
+    need_module,
     need_tool,
     stop_process,
     wait_for_port,
@@ -70,9 +70,16 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0?prefix={prefix}"
 
 
+def need_redis() -> str:
+    """The redis-server binary, with the redis package the store uses (the ``redis``
+    extra); a skip locally without either, a failure under CI=true."""
+    need_module("redis")
+    return need_tool("redis-server", "redis-server")
+
+
 @pytest.fixture(scope="session")
 def redis_server():
-    server = RedisServer(need_tool("redis-server", "redis-server")).start()
+    server = RedisServer(need_redis()).start()
     yield server
     server.stop()
 
@@ -335,8 +342,7 @@ def test_unwritable_store_refuses_with_queue_error_and_recovers(tmp_path):
     WAL file makes every write fail with EPERM (root ignores permission bits, not the
     immutable flag). The server keeps running, foreground jobs still work, and once the
     flag is gone submissions are stored again."""
-    if shutil.which("chattr") is None:
-        pytest.skip("chattr not installed (e2fsprogs)")
+    need_tool("chattr", "e2fsprogs")
     db = tmp_path / "queue.db"
     server = start(db)
     wal = tmp_path / "queue.db-wal"
@@ -348,10 +354,7 @@ def test_unwritable_store_refuses_with_queue_error_and_recovers(tmp_path):
     if not all(immutable(f, True) for f in files):
         for f in files:
             immutable(f, False)
-        message = "this filesystem does not support the immutable flag"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("this filesystem does not support the immutable flag")
     try:
         with server.connect() as c, server.connect() as w:
             c.send(T.SUBMIT_JOB_BG, b"f", b"u", b"x")
@@ -455,7 +458,7 @@ def test_redis_unreachable_mid_run_refuses_with_queue_error_and_recovers():
     """Redis goes away while the server runs: background submissions get ERROR
     QUEUE_ERROR naming redis, the server keeps running and foreground jobs still work;
     once Redis is back on its port, submissions are stored again."""
-    own = RedisServer(need_tool("redis-server", "redis-server")).start()
+    own = RedisServer(need_redis()).start()
     try:
         server = start(own.url("outage"))
         with server.connect() as c, server.connect() as w:
@@ -482,6 +485,7 @@ def test_redis_unreachable_mid_run_refuses_with_queue_error_and_recovers():
 
 
 def test_redis_not_answering_at_start_is_one_line_and_exit_2():
+    need_module("redis")  # without it the server names the missing package instead
     port = free_port()  # nothing listens there
     result = subprocess.run(
         [sys.executable, "-m", "gearoffload_server", "--port", str(free_port()),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from test_state import Harness
 
+from conftest import compiled_and_source
 from gearoffload.protocol import PacketType as T
 from gearoffload_server.stores import (
     QueueStore,
@@ -13,6 +14,8 @@ from gearoffload_server.stores import (
     with_default_prefix,
 )
 from gearoffload_server.stores.sqlite import SqliteStore
+
+variant = compiled_and_source()  # the compiled state, and state.py
 
 
 class RowsStore(QueueStore):

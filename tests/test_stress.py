@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # 7 s of CPU-bound load: under CI=true, or --run-slow
 def test_stress_five_seconds_leaves_server_consistent():
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "stress.py"), "--seconds", "5",

@@ -20,6 +20,7 @@ from gevent.event import Event
 from conftest import (
     ROOT,
     ServerProcess,
+    compiled_and_source,
     free_port,
     gevent_time_limit,
     need_tool,
@@ -28,11 +29,14 @@ from conftest import (
 )
 from gearoffload import Client, TaskRegistry, Worker
 from gearoffload.errors import JobFailed, JobTimeout
+from gearoffload.worker import _Mailbox, _Runners, _Slots
 
 TEST_TIME_LIMIT = 40
 
 
 time_limit = gevent_time_limit(TEST_TIME_LIMIT)
+# The compiled modules, and their .py in this process (slow: under CI=true or --run-slow).
+variant = compiled_and_source(slow=True)
 
 
 def test_task_sees_the_job(server):
@@ -433,8 +437,6 @@ def test_runners_are_reused_and_never_make_a_job_wait_for_another():
     """The worker's job greenlets (``_Runners``): a job goes to an idle runner or a new
     one, never behind a job that blocks; runners are reused; a runner that dies of an
     escaping exception is replaced."""
-    from gearoffload.worker import _Runners
-
     started, release, order = [], Event(), []
 
     class Escape(BaseException):
@@ -474,8 +476,6 @@ def test_jobs_handed_over_at_once_all_run_even_with_one_runner_idle():
     """Several jobs handed over with no switch in between (one read's JOB_ASSIGNs) while
     a single runner is idle: each gets a runner of its own. A version that woke the idle
     runner for the first and started no others ran the rest one after another."""
-    from gearoffload.worker import _Runners
-
     running, release = [0], Event()
 
     def run(blocks):
@@ -503,8 +503,6 @@ def test_jobs_handed_over_at_once_all_run_even_with_one_runner_idle():
 def test_slots_count_and_wake_a_waiting_session():
     """The worker's job slots (``_Slots``): take() until none is free; wait() returns
     True when a slot is released, False when its timeout passes first."""
-    from gearoffload.worker import _Slots
-
     slots = _Slots(2)
     assert slots.take() and slots.take() and not slots.take()
     with gevent.Timeout(5):
@@ -524,8 +522,6 @@ def test_slots_count_and_wake_a_waiting_session():
 
 
 def test_a_session_mailbox_hands_over_in_order_and_wakes_its_reader_once():
-    from gearoffload.worker import _Mailbox
-
     inbox = _Mailbox()
     inbox.put("a")
     assert inbox.get() == "a"  # no wait when something is there

@@ -1,4 +1,4 @@
-"""Queue stores: where background jobs live, so that a restart loses none (PROTOCOL.md §3.13).
+"""Queue stores: where background jobs live, so that a restart loses none (docs/protocol.md §3.13).
 
 The state calls a store at two moments: ``save(...)`` when it accepts a new background job
 and ``delete(job)`` when a stored job ends (complete, fail, exception, retry limit, cancel).

@@ -4,7 +4,7 @@ Two keys per server, under its prefix (``gearoffload:PORT`` unless ``?prefix=`` 
 otherwise, so that several servers share one Redis without seeing each other's jobs):
 
 - ``PREFIX:jobs`` — a hash, field = the store-generated job id (decimal; never
-  function+unique, PROTOCOL.md Q11), value = the packed row (``_pack``);
+  function+unique, docs/protocol.md Q11), value = the packed row (``_pack``);
 - ``PREFIX:dead`` — a set of the ids that are dead letters;
 - ``PREFIX:results`` — a hash, field = the unique of a background job, value = its kept
   result (``--result-ttl``, ``_pack_result``); expired fields are deleted at start-up.

@@ -14,7 +14,7 @@ from . import Batch, QueueStore, ResultRow, StoredJob, StoreError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS gearoffload_jobs (
-    id INTEGER PRIMARY KEY,      -- per job, never (function, unique): PROTOCOL.md Q11
+    id INTEGER PRIMARY KEY,      -- per job, never (function, unique): docs/protocol.md Q11
     function BLOB NOT NULL,
     unique_key BLOB NOT NULL,
     priority INTEGER NOT NULL,   -- 0 high, 1 normal, 2 low
