@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """What keeping the results of background jobs costs the job server (``--result-ttl``).
 
-    .venv/bin/python benchmarks/bench_results.py              # about 40 s
+    .venv/bin/python benchmarks/bench_results.py              # about 30 s
     .venv/bin/python benchmarks/bench_results.py --rounds 3   # medians of three
-    .venv/bin/python benchmarks/bench_results.py --quick      # a smoke run
+    .venv/bin/python benchmarks/bench_results.py --quick      # a smoke run, about 15 s
 
 Two figures, each against a fresh server on a free loopback port, with the neutral load
 generator ``gearload`` (C, see ``run.py``) as clients and workers:
