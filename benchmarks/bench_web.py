@@ -1,7 +1,8 @@
 """Web-layer benchmark: what offloading costs a request, and what the middleware sustains.
 
-    .venv/bin/python benchmarks/bench_web.py            # about 30 s
-    .venv/bin/python benchmarks/bench_web.py --quick    # a smoke run, under 15 s
+    .venv/bin/python benchmarks/bench_web.py                  # about 70 s
+    .venv/bin/python benchmarks/bench_web.py --quick          # a smoke run, about 25 s
+    .venv/bin/python benchmarks/bench_web.py --queue memory   # no durable store
 
 In one run it starts a gearoffload-server, a ``gearoffload-worker --wsgi`` pool and this
 file's Flask app on a gevent ``WSGIServer`` (each a separate process on 127.0.0.1), then
@@ -16,7 +17,20 @@ the output says which was used:
    (``/mw/...``, distinct query strings so nothing coalesces) versus the same route served
    locally (``/plain/...``), with C concurrent connections for a fixed time (wrk: ``-t2``,
    a Lua script written to a temp file varies the path per thread and query per request);
-   and the same with identical requests (``/mw-same``), which coalesce.
+   and the same with identical requests (``/mw-same``), which coalesce;
+3. time to the 202 of a background view (``@ext.offload(background=True)``, ``POST /bg``:
+   the job is acknowledged by the job server, on its default sqlite store unless
+   ``--queue`` says otherwise) next to the local view POSTed the same way (``POST
+   /local``), sequential requests on one connection (wrk: ``-t1 -c1 --latency`` with a
+   small Lua script that makes the request a POST): p50/p99 of each, difference, ratios;
+4. status polls per second: C connections GETting the status URL (``/_offload/jobs/<id>``,
+   read from the job server's kept results) of one finished job, then of one running job
+   (``/bg-slow`` reports progress 1/2 and sleeps), next to the local view (``GET
+   /local``) with the same concurrency (wrk: ``-t2``).
+
+Jobs are signed: the script sets ``GEAROFFLOAD_SECRET_KEY`` (a benchmark-only value unless
+the environment has one) for the web process and the workers. The server's default store
+lives in a private ``$XDG_STATE_HOME``, removed at the end.
 
 Every loop and every wrk run (``-d``) is bounded in count and time; only processes this
 script started are stopped, by PID. Figures move with whatever else runs on the machine:
@@ -46,23 +60,45 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+#: Jobs are signed: the web process, the workers (from the environment) and the middleware
+#: need one key. A benchmark-only value unless the environment sets one.
+SECRET_KEY = os.environ.setdefault("GEAROFFLOAD_SECRET_KEY", "bench-web-not-a-secret")
+#: How long a ``/bg-slow`` job stays running (the worker reads it from the environment).
+SLOW_SECONDS = float(os.environ.get("BENCH_WEB_SLOW_SECONDS", "30"))
+
+
 def make_app(servers: str):
     from flask import Flask
 
-    from gearoffload.flask import GearOffload
+    from gearoffload.flask import GearOffload, progress
     from gearoffload.wsgi import OffloadMiddleware
 
     app = Flask("bench_web")
-    app.config.update(GEAROFFLOAD_SERVERS=servers, GEAROFFLOAD_TIMEOUT=30)
+    app.config.update(GEAROFFLOAD_SERVERS=servers, GEAROFFLOAD_TIMEOUT=30,
+                      SECRET_KEY=SECRET_KEY)
     ext = GearOffload(app)
 
-    @app.get("/local")
+    @app.route("/local", methods=["GET", "POST"])
     def local():
         return "ok"
 
     @app.get("/offloaded")
     @ext.offload(name="bench_web.offloaded")
     def offloaded():
+        return "ok"
+
+    @app.post("/bg")
+    @ext.offload(name="bench_web.bg", background=True)
+    def background():
+        return "ok"
+
+    @app.post("/bg-slow")
+    @ext.offload(name="bench_web.bg_slow", background=True)
+    def background_slow():
+        import gevent
+
+        progress(1, 2)  # so that its status reads "running 1/2"
+        gevent.sleep(SLOW_SECONDS)  # bounded; the pool's --drain-timeout bounds it too
         return "ok"
 
     def trivial_wsgi(environ, start_response):
@@ -77,7 +113,7 @@ def make_app(servers: str):
         return flask_wsgi(environ, start_response)
 
     app.wsgi_app = OffloadMiddleware(dispatch, servers=servers, routes=["/mw"],
-                                     function="bench_web.wsgi")
+                                     function="bench_web.wsgi", secret_key=SECRET_KEY)
     return app
 
 
@@ -95,7 +131,13 @@ class Conn:
         self.buf = b""
 
     def get(self, path: str) -> int:
-        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+        return self.request("GET", path)[0]
+
+    def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\n"
+        if body or method == "POST":
+            head += f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+        self.sock.sendall(head.encode() + b"\r\n" + body)
         while b"\r\n\r\n" not in self.buf:
             self._fill()
         head, _, self.buf = self.buf.partition(b"\r\n\r\n")
@@ -108,8 +150,8 @@ class Conn:
                 length = int(value)
         while len(self.buf) < length:
             self._fill()
-        self.buf = self.buf[length:]
-        return status
+        payload, self.buf = self.buf[:length], self.buf[length:]
+        return status, payload
 
     def _fill(self) -> None:
         chunk = self.sock.recv(65536)
@@ -121,18 +163,20 @@ class Conn:
         self.sock.close()
 
 
-def latencies(port: int, path: str, count: int, budget: float) -> list[float]:
+def latencies(port: int, path: str, count: int, budget: float, method: str = "GET",
+              expect: int = 200) -> list[float]:
     conn = Conn(port)
     out = []
     deadline = time.monotonic() + budget
+    body = b"x" if method == "POST" else b""
     try:
         for _ in range(5):
-            conn.get(path)  # warm-up
+            conn.request(method, path, body)  # warm-up
         while len(out) < count and time.monotonic() < deadline:
             started = time.perf_counter()
-            status = conn.get(path)
+            status = conn.request(method, path, body)[0]
             out.append(time.perf_counter() - started)
-            assert status == 200, f"{path}: HTTP {status}"
+            assert status == expect, f"{method} {path}: HTTP {status}"
     finally:
         conn.close()
     return out
@@ -182,6 +226,14 @@ function request()
 end
 """
 
+# A POST with a small body to the URL on the command line (time to the 202 of a background
+# view, and the local view measured the same way).
+WRK_POST_LUA = """\
+wrk.method = "POST"
+wrk.body = "x"
+wrk.headers["Content-Type"] = "text/plain"
+"""
+
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -222,6 +274,48 @@ def run_wrk(port: int, path: str, threads: int, connections: int, seconds: float
                   mean=_seconds(mean.group(1)), p50=_seconds(dist["50"]),
                   p99=_seconds(dist["99"]))
     return result
+
+
+def write_lua(text: str) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="bench_web_",
+                                     delete=False) as lua:
+        lua.write(text)
+    return lua.name
+
+
+def submit_background(port: int, path: str) -> str:
+    """POST to a background view; the status URL of the job it accepted."""
+    import json
+
+    conn = Conn(port)
+    try:
+        status, body = conn.request("POST", path, b"x")
+    finally:
+        conn.close()
+    if status != 202:
+        raise SystemExit(f"bench_web: POST {path}: HTTP {status} {body[:200]!r}")
+    return json.loads(body)["status_url"]
+
+
+def wait_state(port: int, url: str, states: tuple[str, ...], timeout: float) -> dict:
+    """Poll a status URL (a new connection each time) until the job is in one of
+    ``states``; bounded by ``timeout``."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = Conn(port)
+        try:
+            status, body = conn.request("GET", url)
+        finally:
+            conn.close()
+        answer = json.loads(body) if body.startswith(b"{") else {}
+        if status == 200 and answer.get("state") in states:
+            return answer
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench_web: {url} not {'/'.join(states)} after {timeout:g} s: "
+                             f"HTTP {status} {body[:200]!r}")
+        time.sleep(0.05)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -271,6 +365,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small counts, short runs")
     parser.add_argument("--processes", type=int, default=2, help="worker processes")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--queue", default="",
+                        help="the job server's --queue (default: its default store, sqlite "
+                             "in a private temporary directory; 'memory' for none)")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "gevent"), default="auto",
                         help="auto: wrk when it is on PATH, else the built-in gevent loop")
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -285,21 +382,29 @@ def main() -> int:
     count, seconds = (200, 2.0) if args.quick else (1000, 5.0)
     gear_port, web_port = free_port(), free_port()
     servers = f"127.0.0.1:{gear_port}"
-    env = dict(os.environ, GEAROFFLOAD_SERVERS=servers,
+    # A /bg-slow job must outlive the status polls of section 4 (it is stopped with the
+    # pool, whose --drain-timeout is 2 s).
+    # The server's default store goes to $XDG_STATE_HOME: a private directory, removed at
+    # the end, so no queue file is left behind.
+    state_dir = tempfile.mkdtemp(prefix="bench-web-state-")
+    env = dict(os.environ, GEAROFFLOAD_SERVERS=servers, GEAROFFLOAD_SECRET_KEY=SECRET_KEY,
+               BENCH_WEB_SLOW_SECONDS=str(round(3 * seconds + 20)), XDG_STATE_HOME=state_dir,
                PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH"))
                                           if p))
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     children: list[subprocess.Popen] = []
     try:
         server = subprocess.Popen([sys.executable, "-m", "gearoffload_server", "--port",
-                                   str(gear_port), "--verbose", "ERROR"], env=env, cwd=ROOT,
-                                  **quiet)
+                                   str(gear_port), "--verbose", "ERROR",
+                                   *(["--queue", args.queue] if args.queue else [])],
+                                  env=env, cwd=ROOT, **quiet)
         children.append(server)
         wait_for_port(gear_port, server)
         children.append(subprocess.Popen(
             [sys.executable, "-m", "gearoffload.pool", "--wsgi", "bench_web:app",
              "--wsgi-function", "bench_web.wsgi", "--servers", servers, "--processes",
-             str(args.processes), "--concurrency", "50", "--log-level", "ERROR"],
+             str(args.processes), "--concurrency", "50", "--log-level", "ERROR",
+             "--drain-timeout", "2"],
             env=env, cwd=HERE, **quiet))
         web = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve",
                                 str(web_port)], env=env, cwd=ROOT, **quiet)
@@ -320,8 +425,9 @@ def main() -> int:
         loadgen = (f"wrk ({wrk_path})" if use_wrk
                    else "the built-in gevent keep-alive loop" + (
                        "" if args.loadgen == "gevent" else " (wrk not on PATH)"))
-        print(f"gearoffload web benchmark ({'quick' if args.quick else 'full'}): server, "
-              f"{args.processes} worker processes, 1 web process; all on 127.0.0.1")
+        print(f"gearoffload web benchmark ({'quick' if args.quick else 'full'}): server "
+              f"(--queue {args.queue or 'default: sqlite'}), {args.processes} worker "
+              "processes, 1 web process; all on 127.0.0.1")
         print(f"load generator: {loadgen}")
 
         # 1. latency: {"count", "p50", "p99", "mean"}, milliseconds
@@ -376,6 +482,66 @@ def main() -> int:
               f"{distinct / plain:8.2f}")
         print(f"   {'/mw-same via OffloadMiddleware, identical':<44}{same:9.0f}"
               f"{same / plain:8.2f}")
+
+        # 3. time to the 202 of a background view, next to the local view, both POSTed
+        sub = {}
+        if use_wrk:
+            lua_name = write_lua(WRK_POST_LUA)
+            try:
+                for path in ("/local", "/bg"):
+                    r = run_wrk(web_port, path, 1, 1, seconds, lua_name)
+                    sub[path] = {"count": r["count"], "p50": r["p50"] * 1000,
+                                 "p99": r["p99"] * 1000, "mean": r["mean"] * 1000}
+            finally:
+                os.unlink(lua_name)
+            how = (f"wrk -t1 -c1 --latency POST, {seconds:.0f} s per view "
+                   f"({sub['/local']['count']} / {sub['/bg']['count']} requests)")
+        else:
+            for path, expect in (("/local", 200), ("/bg", 202)):
+                values = latencies(web_port, path, count, 30, "POST", expect)
+                sub[path] = {"count": len(values), "p50": pct(values, .5),
+                             "p99": pct(values, .99),
+                             "mean": statistics.mean(values) * 1000}
+            how = f"{sub['/local']['count']} sequential POSTs per view"
+        local, bg = sub["/local"], sub["/bg"]
+        print(f"\n3. background submission: time to the 202, {how}, one keep-alive "
+              "connection")
+        print(f"   {'view':<22}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}")
+        for name, v in (("local (200)", local), ("background (202)", bg)):
+            print(f"   {name:<22}{v['p50']:9.3f}{v['p99']:9.3f}{v['mean']:9.3f}")
+        print(f"   {'added by submitting':<22}{bg['p50'] - local['p50']:9.3f}"
+              f"{bg['p99'] - local['p99']:9.3f}{bg['mean'] - local['mean']:9.3f}"
+              f"   (ratio p50 {bg['p50'] / local['p50']:.1f}x, "
+              f"p99 {bg['p99'] / local['p99']:.1f}x)")
+        # Those submissions are jobs the workers may still be running: let them end
+        # (one submitted last ends about last) before the next figures.
+        wait_state(web_port, submit_background(web_port, "/bg"), ("done",), 120)
+
+        # 4. status polls: one URL, C connections, next to the local view
+        done_url = submit_background(web_port, "/bg")
+        wait_state(web_port, done_url, ("done",), 30)
+        slow_url = submit_background(web_port, "/bg-slow")
+        wait_state(web_port, slow_url, ("running",), 30)
+        rows = [("/local (Flask view, GET)", "/local"),
+                ("status of a done job", done_url),
+                ("status of a running job (1/2)", slow_url)]
+        rates = []
+        if use_wrk:
+            threads = min(2, c)
+            print(f"\n4. status polls, wrk -t{threads} -c{c} GET of one URL, "
+                  f"{seconds:.0f} s each")
+            for _, url in rows:
+                rates.append(run_wrk(web_port, url, threads, c, seconds)["rate"])
+        else:
+            print(f"\n4. status polls, {c} keep-alive connections GET one URL, "
+                  f"{seconds:.0f} s each")
+            for _, url in rows:
+                rates.append(throughput(web_port, lambda i, n, url=url: url, c, seconds))
+        # The running job's figure is only that if it was still running at the end.
+        wait_state(web_port, slow_url, ("running",), 1)
+        print(f"   {'route':<44}{'req/s':>9}{'ratio':>8}")
+        for (name, _), rate in zip(rows, rates, strict=True):
+            print(f"   {name:<44}{rate:9.0f}{rate / rates[0]:8.2f}")
     finally:
         for proc in reversed(children):
             if proc.poll() is None:
@@ -385,6 +551,7 @@ def main() -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(5)
+        shutil.rmtree(state_dir, ignore_errors=True)
     return 0
 
 
