@@ -470,14 +470,18 @@ class KeptResults:
     def restore(self, rows: Iterable[tuple]) -> int:
         """Results read back from the store at start-up (``QueueStore.load_results``:
         ``(unique, state, numerator, denominator, expires, data, too_large)``, soonest
-        expiry first). Expired ones are skipped; none expires later than ``ttl`` from now
-        (the TTL may have been shortened), so the front of the dict stays the oldest.
-        Returns how many were restored."""
+        expiry first). Expired ones are skipped, and deleted from the store with its next
+        batch; none expires later than ``ttl`` from now (the TTL may have been
+        shortened), so the front of the dict stays the oldest. Returns how many were
+        restored."""
         now = self._now()
         latest = now + self.ttl
+        store = self._holder.store if self._holder is not None else None
         count = 0
         for unique, state, numerator, denominator, expires, data, too_large in rows:
             if expires <= now or state not in KEPT_STATES:
+                if store is not None:
+                    store.drop_result(unique)
                 continue
             self._put(unique, state, numerator, denominator, min(expires, latest), data,
                       too_large or 0)

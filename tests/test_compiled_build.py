@@ -86,6 +86,7 @@ def test_the_pure_python_sources_pass_their_tests():
     """The same code as .py (the source of the compiled modules): the state's tests, and
     the connection's, client's and worker's against both servers."""
     files = ["tests/test_state.py", "tests/test_store_state.py", "tests/test_stats.py",
+             "tests/test_results_state.py",
              "tests/test_logfmt.py", "tests/test_connection.py", "tests/test_client.py",
              "tests/test_worker.py"]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p",

@@ -27,8 +27,7 @@ class ResultsStore(RowsStore):
         self.batches = []
 
     def load_results(self, now):
-        return sorted((r for r in self.results.values() if r.expires > now),
-                      key=lambda r: r.expires)
+        return sorted(self.results.values(), key=lambda r: r.expires)
 
     def write(self, batch):
         super().write(batch)
@@ -244,6 +243,9 @@ def test_kept_result_goes_into_the_batch_that_deletes_the_row_and_comes_back():
     kept = result(again, b"u")
     assert (kept.state, kept.numerator, kept.data, kept.expires_in) == ("done", 1, b"r", 590)
     assert result(again, b"stale").state == "unknown"
+    assert store.batch.results == {b"stale": None}  # deleted with the first batch
+    store.commit()
+    assert list(store.results) == [b"u"]
 
 
 def test_dropped_results_are_deleted_from_the_store_with_a_later_batch():

@@ -168,8 +168,9 @@ class QueueStore:
         raise NotImplementedError
 
     def load_results(self, now: float) -> list[ResultRow]:
-        """Every kept result that has not expired at ``now``, soonest expiry first (and
-        the expired ones deleted). Stores without results return none."""
+        """Every kept result, soonest expiry first, expired ones too (``restore`` deletes
+        those with the first batch: loading never writes). Stores without results
+        return none."""
         return []
 
     def write(self, batch: Batch) -> None:

@@ -179,22 +179,13 @@ class RedisStore(QueueStore):
         except redis.RedisError as exc:
             raise StoreError(f"cannot read kept results from {self.describe_where()} "
                              f"({self.results_key}): {_one_line(exc)}") from None
-        rows, stale = [], []
+        rows = []
         for unique, value in raw.items():
             try:
-                row = _unpack_result(unique, value)
+                rows.append(_unpack_result(unique, value))
             except (IndexError, struct.error):
-                stale.append(unique)  # not a result of ours: forget it
-                continue
-            if row.expires > now:
-                rows.append(row)
-            else:
-                stale.append(unique)
-        if stale:
-            try:
-                self.client.hdel(self.results_key, *stale)
-            except redis.RedisError:
-                pass  # skipped anyway; deleted at a later start
+                # Not a result of ours: returned as expired, so that it is deleted.
+                rows.append(ResultRow(unique, b"dead", 0, 0, 0.0, None, 0))
         return sorted(rows, key=lambda r: r.expires)
 
     def write(self, batch: Batch) -> None:

@@ -53,9 +53,12 @@ class SqliteStore(QueueStore):
             if max_size:
                 page = db.execute("PRAGMA page_size").fetchone()[0]
                 db.execute(f"PRAGMA max_page_count={max(max_size // page, 16)}")
+            # One transaction, which also takes the exclusive lock now, not at the first
+            # job: the start writes once (tests/test_store.py makes the files immutable
+            # as soon as the WAL file appears).
+            db.execute("BEGIN IMMEDIATE")
             db.execute(_SCHEMA)
             db.execute(_RESULTS_SCHEMA)
-            db.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now, not at first job
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             hint = (" (is another server using it? give each server its own --queue)"
@@ -75,7 +78,6 @@ class SqliteStore(QueueStore):
 
     def load_results(self, now: float) -> list[ResultRow]:
         try:
-            self.db.execute("DELETE FROM gearoffload_results WHERE expires <= ?", (now,))
             return [ResultRow(bytes(u), s.encode(), n, d, e,
                               None if data is None else bytes(data), t)
                     for u, s, n, d, e, data, t in self.db.execute(
