@@ -6,6 +6,8 @@ issue #17 item 5 (a background submission onto a foreground job survives a ``kil
 
 from __future__ import annotations
 
+import itertools
+import os
 import signal
 import threading
 import time
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 import gevent
 import gevent.socket
 import pytest
+from test_store import redis_server  # noqa: F401 (a session fixture: one redis-server)
 from wire_helpers import grab, submit, sync, wait_until, worker
 
 from conftest import RawConn, ServerProcess, gevent_time_limit
@@ -30,6 +33,18 @@ def _stop_started_servers() -> Iterator[None]:
     yield
     while _started:
         _started.pop().stop(signal.SIGKILL)
+
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request, tmp_path) -> str:
+    """A fresh queue: a sqlite file, or a key prefix of its own in test_store's redis."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'queue.db'}"
+    server = request.getfixturevalue("redis_server")
+    return server.url(f"results{os.getpid()}-{next(_prefixes)}")
 
 
 def start(*args: str, port: int | None = None, state_home: str | None = None) -> ServerProcess:
@@ -98,8 +113,8 @@ def test_failed_dead_too_large_and_expiry_with_real_time():
         client.expect_nothing(0.1)
 
 
-def test_sqlite_kill_9_keeps_acknowledged_results_and_does_not_rerun(tmp_path):
-    db = f"sqlite://{tmp_path}/q.db"
+def test_kill_9_keeps_acknowledged_results_and_does_not_rerun(store_url):
+    db = store_url
     first = start("--queue", db)
     count = 50
     with first.connect() as client, worker(first, b"f") as w:
@@ -125,8 +140,8 @@ def test_sqlite_kill_9_keeps_acknowledged_results_and_does_not_rerun(tmp_path):
     assert "and 50 kept results" in second.stderr_text()
 
 
-def test_sqlite_expired_results_are_not_restored(tmp_path):
-    db = f"sqlite://{tmp_path}/q.db"
+def test_expired_results_are_not_restored(store_url):
+    db = store_url
     first = start("--queue", db, "--result-ttl", "1")
     with first.connect() as client, worker(first, b"f") as w:
         submit(client, b"f", b"short", b"x", T.SUBMIT_JOB_BG)
@@ -142,10 +157,10 @@ def test_sqlite_expired_results_are_not_restored(tmp_path):
     assert "and 0 kept results" in second.stderr_text()
 
 
-def test_background_onto_foreground_job_survives_client_exit_and_kill_9(tmp_path):
+def test_background_onto_foreground_job_survives_client_exit_and_kill_9(store_url):
     """Issue #17 item 5, end to end: before the fix the job was neither stored nor
     background, so it ran 0 times once the foreground client left and the server died."""
-    db = f"sqlite://{tmp_path}/q.db"
+    db = store_url
     first = start("--queue", db)
     with first.connect() as fg, first.connect() as bg:
         submit(fg, b"f", b"shared", b"payload", T.SUBMIT_JOB)
