@@ -318,7 +318,7 @@ KEPT_DONE, KEPT_FAILED, KEPT_DEAD = b"done", b"failed", b"dead"
 KEPT_STATES = (KEPT_DONE, KEPT_FAILED, KEPT_DEAD)
 #: Bytes counted per kept result besides its unique and its data: the entry object, its
 #: float, the ordered dict's slot and link, and the bytes objects' headers. Measured with
-#: tracemalloc (tests/test_results.py checks the estimate against the real figure).
+#: tracemalloc (tests/test_results_state.py checks the estimate against the real figure).
 ENTRY_OVERHEAD = 280
 #: The sweep of expired results runs at most this often (seconds), on a keep or a read.
 SWEEP_INTERVAL = 1.0
@@ -519,7 +519,7 @@ class JobServerState:
         #: The last jobs that failed, newest last (the status page's "recent failures").
         self.failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
         self._now = scheduler.now  # bound once: read on every submission and result
-        #: Outcomes of ended background jobs by unique (``results.py``; admin ``result``);
+        #: Outcomes of ended background jobs by unique (``KeptResults``; admin ``result``);
         #: ``None`` with ``--result-ttl 0``.
         self.results: KeptResults | None = KeptResults(
             config.result_ttl, config.result_max_size, config.result_memory, scheduler.now,
@@ -1286,7 +1286,7 @@ class JobServerState:
             dropped += 1
         return dropped
 
-    # -- kept results (--result-ttl, results.py; admin ``result``) ------------------------
+    # -- kept results (--result-ttl, KeptResults; admin ``result``) ----------------------
 
     def result_of(self, unique: bytes) -> tuple[bytes, int, int, Kept | None]:
         """What is known of the job with unique ``unique``: ``(state, numerator,

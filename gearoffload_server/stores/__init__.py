@@ -2,7 +2,7 @@
 
 The state calls a store at two moments: ``save(...)`` when it accepts a new background job
 and ``delete(job)`` when a stored job ends (complete, fail, exception, retry limit, cancel).
-With ``--result-ttl``, the outcome of an ended background job (``results.py``) is added by
+With ``--result-ttl``, the outcome of an ended background job (``state.KeptResults``) is added by
 ``keep_result(...)`` in the same call as its ``delete``, so both land in one transaction;
 ``drop_result(unique)`` forgets one that expired or was evicted. All of these only append
 to the store's open ``Batch``; nothing touches the disk on the event loop.

@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS gearoffload_jobs (
     dead INTEGER NOT NULL DEFAULT 0  -- 1: a dead letter (--retry-failed used up)
 )
 """
-#: Kept results of background jobs (--result-ttl, results.py), one row per unique.
+#: Kept results of background jobs (--result-ttl, state.KeptResults), one row per unique.
 _RESULTS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS gearoffload_results (
     unique_key BLOB PRIMARY KEY,
