@@ -329,10 +329,10 @@ class Kept:
     holds its size in bytes)."""
 
     __slots__ = ("state", "numerator", "denominator", "expires", "data", "too_large",
-                 "size")
+                 "size", "row")
 
     def __init__(self, state: bytes, numerator: int, denominator: int, expires: float,
-                 data: bytes | None, too_large: int, size: int) -> None:
+                 data: bytes | None, too_large: int, size: int, row: int = 0) -> None:
         self.state = state
         self.numerator = numerator
         self.denominator = denominator
@@ -340,6 +340,7 @@ class Kept:
         self.data = data
         self.too_large = too_large
         self.size = size
+        self.row = row         # the store's id for it, 0 when not stored
 
     def __repr__(self) -> str:
         return f"<Kept {self.state.decode()} expires={self.expires:.3f}>"
@@ -366,9 +367,9 @@ class KeptResults:
     ``holder``, when given, is the object whose ``store`` attribute is the queue store
     (the ``JobServerState``, whose store is set after it is made): every kept result goes
     into the store's open batch, the one that deletes the row of the job that produced it
-    (one transaction), and every one dropped (expired or evicted; one replaced by a newer
-    outcome of its unique is not dropped, its row is replaced) is deleted with a later
-    batch. ``restore()`` brings them back at start-up.
+    (one transaction), and every one dropped (expired, evicted, or replaced by a newer
+    outcome of its unique) is deleted with a later batch. ``restore()`` brings them back
+    at start-up.
 
     Example::
 
@@ -413,7 +414,7 @@ class KeptResults:
         self.kept += 1
         store = self._holder.store if self._holder is not None else None
         if store is not None:
-            store.keep_result(unique, entry)
+            entry.row = store.keep_result(unique, entry)
         if self.used > self.memory or now >= self._sweep_at:
             self._trim(now)
 
@@ -421,8 +422,12 @@ class KeptResults:
              expires: float, data: bytes | None, too_large: int = 0) -> Kept:
         entries = self.entries
         old = entries.pop(unique, None)
-        if old is not None:
-            self.used -= old.size  # the newest outcome of a unique wins
+        if old is not None:  # the newest outcome of a unique wins
+            self.used -= old.size
+            if old.row:
+                store = self._holder.store if self._holder is not None else None
+                if store is not None:
+                    store.drop_result(old.row)
         if data is not None and len(data) > self.max_size:
             too_large = len(data)
             data = None
@@ -463,14 +468,15 @@ class KeptResults:
     def _drop(self, unique: bytes, entry: Kept) -> None:
         del self.entries[unique]
         self.used -= entry.size
-        store = self._holder.store if self._holder is not None else None
-        if store is not None:
-            store.drop_result(unique)
+        if entry.row:
+            store = self._holder.store if self._holder is not None else None
+            if store is not None:
+                store.drop_result(entry.row)
 
     def restore(self, rows: Iterable[tuple]) -> int:
         """Results read back from the store at start-up (``QueueStore.load_results``:
-        ``(unique, state, numerator, denominator, expires, data, too_large)``, soonest
-        expiry first). Expired ones are skipped, and deleted from the store with its next
+        ``(id, unique, state, numerator, denominator, expires, data, too_large)``, in the
+        order they were kept). Expired ones are skipped, and deleted from the store with its next
         batch; none expires later than ``ttl`` from now (the TTL may have been
         shortened), so the front of the dict stays the oldest. Returns how many were
         restored."""
@@ -478,13 +484,14 @@ class KeptResults:
         latest = now + self.ttl
         store = self._holder.store if self._holder is not None else None
         count = 0
-        for unique, state, numerator, denominator, expires, data, too_large in rows:
+        for row, unique, state, numerator, denominator, expires, data, too_large in rows:
             if expires <= now or state not in KEPT_STATES:
                 if store is not None:
-                    store.drop_result(unique)
+                    store.drop_result(row)
                 continue
-            self._put(unique, state, numerator, denominator, min(expires, latest), data,
-                      too_large or 0)
+            entry = self._put(unique, state, numerator, denominator, min(expires, latest),
+                              data, too_large or 0)
+            entry.row = row
             count += 1
         if self.used > self.memory:
             self._trim(now)
