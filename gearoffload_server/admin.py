@@ -186,7 +186,7 @@ class AdminProtocol:
     def _result(self, peer: Peer, words: list[bytes]) -> bytes:
         """Extension: ``result UNIQUE`` answers ``OK STATE NUMERATOR DENOMINATOR EXPIRES
         DATA`` about the job with that unique: its live state and progress, or its kept
-        outcome (``results.py``; the format is in docs/protocol.md)."""
+        outcome (``state.KeptResults``; the format is in docs/protocol.md)."""
         if len(words) != 2 or not words[1]:
             return _incomplete(b"result")
         unique = words[1]

@@ -99,7 +99,7 @@ class ServerConfig:
     #: Address of the HTTP endpoint; empty = the same as ``host``.
     http_host: str = ""
     #: Seconds the outcome of a background job with a unique is kept for admin ``result``
-    #: (``results.py``); 0 = keep none.
+    #: (``state.KeptResults``); 0 = keep none.
     result_ttl: float = 600.0
     #: A result larger than this is kept as ``done`` without its data (a size marker).
     result_max_size: int = 1 << 20

@@ -24,7 +24,7 @@ cdef class Job:
     cdef object __weakref__
 
 cdef class Kept:
-    cdef public object state, numerator, denominator, expires, data, too_large, size
+    cdef public object state, numerator, denominator, expires, data, too_large, size, row
 
 cdef class KeptResults:
     cdef public object ttl, max_size, memory, entries, used, kept, expired, evicted

@@ -317,9 +317,10 @@ class Job:
 KEPT_DONE, KEPT_FAILED, KEPT_DEAD = b"done", b"failed", b"dead"
 KEPT_STATES = (KEPT_DONE, KEPT_FAILED, KEPT_DEAD)
 #: Bytes counted per kept result besides its unique and its data: the entry object, its
-#: float, the ordered dict's slot and link, and the bytes objects' headers. Measured with
-#: tracemalloc (tests/test_results.py checks the estimate against the real figure).
-ENTRY_OVERHEAD = 280
+#: float and store id, the ordered dict's slot and link (about 280 B by tracemalloc, 50,000
+#: results, compiled, CPython 3.11), and the headers of the unique's and the data's bytes
+#: objects (2 x 33 B). tests/test_results_state.py checks it against a measurement.
+ENTRY_OVERHEAD = 350
 #: The sweep of expired results runs at most this often (seconds), on a keep or a read.
 SWEEP_INTERVAL = 1.0
 
@@ -329,10 +330,10 @@ class Kept:
     holds its size in bytes)."""
 
     __slots__ = ("state", "numerator", "denominator", "expires", "data", "too_large",
-                 "size")
+                 "size", "row")
 
     def __init__(self, state: bytes, numerator: int, denominator: int, expires: float,
-                 data: bytes | None, too_large: int, size: int) -> None:
+                 data: bytes | None, too_large: int, size: int, row: int = 0) -> None:
         self.state = state
         self.numerator = numerator
         self.denominator = denominator
@@ -340,6 +341,7 @@ class Kept:
         self.data = data
         self.too_large = too_large
         self.size = size
+        self.row = row         # the store's id for it, 0 when not stored
 
     def __repr__(self) -> str:
         return f"<Kept {self.state.decode()} expires={self.expires:.3f}>"
@@ -366,9 +368,9 @@ class KeptResults:
     ``holder``, when given, is the object whose ``store`` attribute is the queue store
     (the ``JobServerState``, whose store is set after it is made): every kept result goes
     into the store's open batch, the one that deletes the row of the job that produced it
-    (one transaction), and every one dropped (expired or evicted; one replaced by a newer
-    outcome of its unique is not dropped, its row is replaced) is deleted with a later
-    batch. ``restore()`` brings them back at start-up.
+    (one transaction), and every one dropped (expired, evicted, or replaced by a newer
+    outcome of its unique) is deleted with a later batch. ``restore()`` brings them back
+    at start-up.
 
     Example::
 
@@ -413,7 +415,7 @@ class KeptResults:
         self.kept += 1
         store = self._holder.store if self._holder is not None else None
         if store is not None:
-            store.keep_result(unique, entry)
+            entry.row = store.keep_result(unique, entry)
         if self.used > self.memory or now >= self._sweep_at:
             self._trim(now)
 
@@ -421,8 +423,12 @@ class KeptResults:
              expires: float, data: bytes | None, too_large: int = 0) -> Kept:
         entries = self.entries
         old = entries.pop(unique, None)
-        if old is not None:
-            self.used -= old.size  # the newest outcome of a unique wins
+        if old is not None:  # the newest outcome of a unique wins
+            self.used -= old.size
+            if old.row:
+                store = self._holder.store if self._holder is not None else None
+                if store is not None:
+                    store.drop_result(old.row)
         if data is not None and len(data) > self.max_size:
             too_large = len(data)
             data = None
@@ -463,24 +469,30 @@ class KeptResults:
     def _drop(self, unique: bytes, entry: Kept) -> None:
         del self.entries[unique]
         self.used -= entry.size
-        store = self._holder.store if self._holder is not None else None
-        if store is not None:
-            store.drop_result(unique)
+        if entry.row:
+            store = self._holder.store if self._holder is not None else None
+            if store is not None:
+                store.drop_result(entry.row)
 
     def restore(self, rows: Iterable[tuple]) -> int:
         """Results read back from the store at start-up (``QueueStore.load_results``:
-        ``(unique, state, numerator, denominator, expires, data, too_large)``, soonest
-        expiry first). Expired ones are skipped; none expires later than ``ttl`` from now
-        (the TTL may have been shortened), so the front of the dict stays the oldest.
-        Returns how many were restored."""
+        ``(id, unique, state, numerator, denominator, expires, data, too_large)``, in the
+        order they were kept). Expired ones are skipped, and deleted from the store with its next
+        batch; none expires later than ``ttl`` from now (the TTL may have been
+        shortened), so the front of the dict stays the oldest. Returns how many were
+        restored."""
         now = self._now()
         latest = now + self.ttl
+        store = self._holder.store if self._holder is not None else None
         count = 0
-        for unique, state, numerator, denominator, expires, data, too_large in rows:
+        for row, unique, state, numerator, denominator, expires, data, too_large in rows:
             if expires <= now or state not in KEPT_STATES:
+                if store is not None:
+                    store.drop_result(row)
                 continue
-            self._put(unique, state, numerator, denominator, min(expires, latest), data,
-                      too_large or 0)
+            entry = self._put(unique, state, numerator, denominator, min(expires, latest),
+                              data, too_large or 0)
+            entry.row = row
             count += 1
         if self.used > self.memory:
             self._trim(now)
@@ -516,7 +528,7 @@ class JobServerState:
         #: The last jobs that failed, newest last (the status page's "recent failures").
         self.failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
         self._now = scheduler.now  # bound once: read on every submission and result
-        #: Outcomes of ended background jobs by unique (``results.py``; admin ``result``);
+        #: Outcomes of ended background jobs by unique (``KeptResults``; admin ``result``);
         #: ``None`` with ``--result-ttl 0``.
         self.results: KeptResults | None = KeptResults(
             config.result_ttl, config.result_max_size, config.result_memory, scheduler.now,
@@ -1285,7 +1297,7 @@ class JobServerState:
             dropped += 1
         return dropped
 
-    # -- kept results (--result-ttl, results.py; admin ``result``) ------------------------
+    # -- kept results (--result-ttl, KeptResults; admin ``result``) ----------------------
 
     def result_of(self, unique: bytes) -> tuple[bytes, int, int, Kept | None]:
         """What is known of the job with unique ``unique``: ``(state, numerator,

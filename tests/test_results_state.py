@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import base64
 import gc
+import itertools
 import tracemalloc
 
 import pytest
 from test_state import Harness
 from test_store_state import RowsStore
 
+from conftest import compiled_and_source
 from gearoffload.admin import KeptResult
 from gearoffload.protocol import PacketType as T
 from gearoffload_server.state import ENTRY_OVERHEAD, KeptResults, ManualScheduler
 from gearoffload_server.stores import ResultRow
+
+variant = compiled_and_source()  # the compiled state, and state.py
 
 
 class ResultsStore(RowsStore):
@@ -23,21 +27,26 @@ class ResultsStore(RowsStore):
 
     def __init__(self, rows=(), results=()):
         super().__init__(rows)
-        self.results = {r.unique: r for r in results}
-        self.batches = []
+        self.results = {r.id: r for r in results}  # by id, as on disk
 
     def load_results(self, now):
-        return sorted((r for r in self.results.values() if r.expires > now),
-                      key=lambda r: r.expires)
+        rows = sorted(self.results.values())
+        self._result_ids = itertools.count(rows[-1].id + 1 if rows else 1)
+        return rows
 
     def write(self, batch):
         super().write(batch)
-        for unique, row in batch.results.items():
-            if row is None:
-                self.results.pop(unique, None)
-            else:
-                self.results[unique] = row
-        self.batches.append(batch)
+        for row in batch.result_puts:
+            self.results[row[0]] = ResultRow(*row)
+        for ident in batch.result_drops:
+            del self.results[ident]  # a KeyError would be a drop of a row never kept
+
+    def by_unique(self) -> dict:
+        found = {}
+        for row in self.results.values():
+            assert row.unique not in found, f"two rows for {row.unique!r}"
+            found[row.unique] = row
+        return found
 
 
 def result(h: Harness, unique: bytes) -> KeptResult:
@@ -230,12 +239,12 @@ def test_kept_result_goes_into_the_batch_that_deletes_the_row_and_comes_back():
     store.commit()
     run_one(h, worker, (T.WORK_STATUS, b"1", b"1"), (T.WORK_COMPLETE, b"r"))
     batch = store.take_batch()
-    assert batch.deletes and list(batch.results) == [b"u"]  # one transaction
+    assert batch.deletes and [row[1] for row in batch.result_puts] == [b"u"]  # one transaction
     store.write(batch)
-    assert not store.rows and store.results[b"u"].data == b"r"
+    assert not store.rows and store.by_unique()[b"u"].data == b"r"
     # A restart: the result is back, with its expiry; an expired one is skipped.
-    stale = ResultRow(b"stale", b"done", 0, 0, h.clock.now() + 5, b"s", 0)
-    store.results[b"stale"] = stale
+    stale = ResultRow(0, b"stale", b"done", 0, 0, h.clock.now() + 5, b"s", 0)
+    store.results[0] = stale
     h.clock.advance(10)
     again = Harness()
     again.clock.time = h.clock.now()
@@ -244,6 +253,15 @@ def test_kept_result_goes_into_the_batch_that_deletes_the_row_and_comes_back():
     kept = result(again, b"u")
     assert (kept.state, kept.numerator, kept.data, kept.expires_in) == ("done", 1, b"r", 590)
     assert result(again, b"stale").state == "unknown"
+    assert store.batch.result_drops == [0]  # deleted with the first batch
+    store.commit()
+    assert list(store.by_unique()) == [b"u"]
+    # Kept again after the restart: a new id, and the old row goes.
+    client, worker = again.peer(), again.worker(b"f")
+    again.send(client, T.SUBMIT_JOB_BG, b"f", b"u", b"x")
+    run_one(again, worker, (T.WORK_COMPLETE, b"again"))
+    store.commit()
+    assert [(r.id, r.data) for r in store.results.values()] == [(2, b"again")]
 
 
 def test_dropped_results_are_deleted_from_the_store_with_a_later_batch():
@@ -256,7 +274,7 @@ def test_dropped_results_are_deleted_from_the_store_with_a_later_batch():
     store.commit()
     h.clock.advance(11)
     assert result(h, b"a").state == "unknown"
-    assert store.batch.results == {b"a": None}
+    assert store.batch.result_drops == [1]
     store.commit()
     assert not store.results
 
@@ -264,7 +282,7 @@ def test_dropped_results_are_deleted_from_the_store_with_a_later_batch():
 def test_restore_caps_expiry_at_the_current_ttl_and_respects_the_memory_bound():
     clock = ManualScheduler()
     kept = KeptResults(100, 1 << 20, (ENTRY_OVERHEAD + 2 + 1) * 2, clock.now)
-    rows = [ResultRow(b"r%d" % i, b"done", 0, 0, clock.now() + 1000 + i, b"x", 0)
+    rows = [ResultRow(i + 1, b"r%d" % i, b"done", 0, 0, clock.now() + 1000 + i, b"x", 0)
             for i in range(3)]
     assert kept.restore(rows) == 3
     assert list(kept.entries) == [b"r1", b"r2"] and kept.evicted == 1
@@ -316,7 +334,7 @@ def test_background_onto_foreground_job_is_saved_held_and_survives_the_client():
     assert b"H:t:1" in h.state.jobs
     run_one(h, worker, (T.WORK_COMPLETE, b"done"))
     store.commit()
-    assert not store.rows and store.results[b"u"].data == b"done"
+    assert not store.rows and store.by_unique()[b"u"].data == b"done"
     assert result(h, b"u").state == "done"
 
 

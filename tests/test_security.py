@@ -27,7 +27,7 @@ from gearoffload_server.state import JobServerState, ManualScheduler, Peer
 MUTATING = ["cancel job H:t:1", "create function f", "drop function f", "maxqueue f 3",
             "maxqueue f", "requeue dead job H:t:1", "shutdown"]
 READ_ONLY = ["status", "prioritystatus", "workers", "show jobs", "show unique jobs",
-             "show dead jobs", "version", "getpid", "verbose"]
+             "show dead jobs", "version", "getpid", "verbose", "result some-unique"]
 
 
 def run_server(*args: str) -> subprocess.CompletedProcess:

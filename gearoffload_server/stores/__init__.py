@@ -2,10 +2,10 @@
 
 The state calls a store at two moments: ``save(...)`` when it accepts a new background job
 and ``delete(job)`` when a stored job ends (complete, fail, exception, retry limit, cancel).
-With ``--result-ttl``, the outcome of an ended background job (``results.py``) is added by
-``keep_result(...)`` in the same call as its ``delete``, so both land in one transaction;
-``drop_result(unique)`` forgets one that expired or was evicted. All of these only append
-to the store's open ``Batch``; nothing touches the disk on the event loop.
+With ``--result-ttl``, the outcome of an ended background job (``state.KeptResults``) is
+added by ``keep_result(...)`` in the same call as its ``delete``, so both land in one
+transaction; ``drop_result(id)`` forgets one that expired, was evicted or was replaced.
+All of these only append to the store's open ``Batch``; nothing touches the disk on the event loop.
 The I/O shell takes the batch (``take_batch()``) and hands it to ``write(batch)`` in a
 thread: one transaction per batch, so a burst of submissions costs one commit (group
 commit). A submitter's JOB_CREATED is held back until the batch holding its job is durable
@@ -64,9 +64,12 @@ class StoredJob(NamedTuple):
 
 class ResultRow(NamedTuple):
     """One kept result of a background job, as stored and as ``load_results()`` returns
-    it. ``expires`` is wall-clock time (``time.time()``); ``data`` is ``None`` when the
-    result was too large to keep (``too_large`` is then its size in bytes)."""
+    it. ``id`` is the store's, one per kept result, growing (rows are appended: no index
+    on the unique, which only the server's memory looks up); ``expires`` is wall-clock
+    time (``time.time()``); ``data`` is ``None`` when the result was too large to keep
+    (``too_large`` is then its size in bytes)."""
 
+    id: int
     unique: bytes
     state: bytes        # b"done", b"failed" or b"dead"
     numerator: int
@@ -85,11 +88,13 @@ class Batch:
     fail, each such reply is swapped for an ``ERROR QUEUE_ERROR`` (it is still in ``out``,
     because a peer waiting for a batch is not written to) and the jobs are dropped.
 
-    ``results`` maps a unique to the kept result to write (``ResultRow``) or ``None`` to
-    delete it: the last word on a unique within a batch wins.
+    ``result_puts`` are kept results to insert (``ResultRow`` fields) and
+    ``result_drops`` the ids of kept results to delete, after the inserts (a result may
+    be kept and dropped within one batch).
     """
 
-    __slots__ = ("seq", "saves", "deletes", "marks", "acks", "results", "done", "error")
+    __slots__ = ("seq", "saves", "deletes", "marks", "acks", "result_puts", "result_drops",
+                 "done", "error")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
@@ -97,13 +102,15 @@ class Batch:
         self.deletes: list[int] = []
         self.marks: list[tuple[int, int]] = []  # (dead 0/1, id)
         self.acks: list[tuple] = []
-        self.results: dict[bytes, ResultRow | None] = {}
+        self.result_puts: list[tuple] = []
+        self.result_drops: list[int] = []
         self.done = False
         self.error: str | None = None
 
     @property
     def pending(self) -> bool:
-        return bool(self.saves or self.deletes or self.marks or self.results)
+        return bool(self.saves or self.deletes or self.marks or self.result_puts or
+                    self.result_drops)
 
     def ack(self, peer, reply: bytes, job, attached: bool = False) -> None:
         """``reply``, about to go into ``peer.out``, tells of ``job`` (saved in this
@@ -121,6 +128,7 @@ class QueueStore:
         self._seq = itertools.count(1)
         self.batch = Batch(next(self._seq))
         self._ids = itertools.count(1)
+        self._result_ids = itertools.count(1)
 
     # -- on the event loop ---------------------------------------------------------------
 
@@ -144,16 +152,18 @@ class QueueStore:
         """A stored job became a dead letter (``True``) or was requeued (``False``)."""
         self.batch.marks.append((int(dead), job.stored))
 
-    def keep_result(self, unique: bytes, entry) -> None:
-        """Write the kept result ``entry`` (``results.Kept``) of ``unique`` with the
-        open batch: the one that deletes the row of the job that produced it."""
-        self.batch.results[unique] = ResultRow(
-            unique, entry.state, entry.numerator, entry.denominator, entry.expires,
-            entry.data, entry.too_large)
+    def keep_result(self, unique: bytes, entry) -> int:
+        """Write the kept result ``entry`` (``state.Kept``) of ``unique`` with the open
+        batch, the one that deletes the row of the job that produced it; returns its id."""
+        ident = next(self._result_ids)
+        self.batch.result_puts.append((ident, unique, entry.state, entry.numerator,
+                                       entry.denominator, entry.expires, entry.data,
+                                       entry.too_large))
+        return ident
 
-    def drop_result(self, unique: bytes) -> None:
-        """The kept result of ``unique`` expired or was evicted: delete its row."""
-        self.batch.results[unique] = None
+    def drop_result(self, ident: int) -> None:
+        """The kept result ``ident`` expired, was evicted or replaced: delete its row."""
+        self.batch.result_drops.append(ident)
 
     def take_batch(self) -> Batch:
         """Close the open batch for writing; later calls go into a fresh one."""
@@ -168,8 +178,10 @@ class QueueStore:
         raise NotImplementedError
 
     def load_results(self, now: float) -> list[ResultRow]:
-        """Every kept result that has not expired at ``now``, soonest expiry first (and
-        the expired ones deleted). Stores without results return none."""
+        """Every kept result in the order they were kept (of one TTL: soonest expiry
+        first), expired ones too (``restore`` deletes those with the first batch: loading
+        never writes). Called once, before the first ``keep_result``. Stores without
+        results return none."""
         return []
 
     def write(self, batch: Batch) -> None:

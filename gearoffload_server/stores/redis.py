@@ -6,8 +6,9 @@ otherwise, so that several servers share one Redis without seeing each other's j
 - ``PREFIX:jobs`` — a hash, field = the store-generated job id (decimal; never
   function+unique, docs/protocol.md Q11), value = the packed row (``_pack``);
 - ``PREFIX:dead`` — a set of the ids that are dead letters;
-- ``PREFIX:results`` — a hash, field = the unique of a background job, value = its kept
-  result (``--result-ttl``, ``_pack_result``); expired fields are deleted at start-up.
+- ``PREFIX:results`` — a hash, field = the store-generated id of a kept result of a
+  background job (``--result-ttl``), value = the packed result with its unique
+  (``_pack_result``); expired ones are deleted after start-up.
 
 One batch is one ``MULTI``/``EXEC`` pipeline: a burst of submissions costs one round
 trip. ``load()`` sorts the ids: ids grow with every submission, so that is submission
@@ -50,23 +51,28 @@ def _pack(row: tuple) -> bytes:
         function, unique, reducer or b"", data))
 
 
-# state index, numerator, denominator, expires, too_large, has data; then the data
-_RESULT_HEAD = struct.Struct("!BIIdQB")
+# state index, numerator, denominator, expires, too_large, has data, len(unique); then
+# the unique and the data
+_RESULT_HEAD = struct.Struct("!BIIdQBH")
 _RESULT_STATES = (b"done", b"failed", b"dead")
 
 
-def _pack_result(row: ResultRow) -> bytes:
-    return _RESULT_HEAD.pack(
-        _RESULT_STATES.index(row.state), row.numerator, row.denominator, row.expires,
-        row.too_large, row.data is not None) + (row.data or b"")
+def _pack_result(row: tuple) -> bytes:
+    _id, unique, state, numerator, denominator, expires, data, too_large = row
+    return b"".join((
+        _RESULT_HEAD.pack(_RESULT_STATES.index(state), numerator, denominator, expires,
+                          too_large, data is not None, len(unique)),
+        unique, data or b""))
 
 
-def _unpack_result(unique: bytes, raw: bytes) -> ResultRow:
-    state, numerator, denominator, expires, too_large, has_data = \
+def _unpack_result(ident: int, raw: bytes) -> ResultRow:
+    state, numerator, denominator, expires, too_large, has_data, nu = \
         _RESULT_HEAD.unpack_from(raw)
-    data = raw[_RESULT_HEAD.size:] if has_data else None
-    return ResultRow(unique, _RESULT_STATES[state], numerator, denominator, expires, data,
-                     too_large)
+    at = _RESULT_HEAD.size
+    unique = raw[at:at + nu]
+    data = raw[at + nu:] if has_data else None
+    return ResultRow(ident, unique, _RESULT_STATES[state], numerator, denominator, expires,
+                     data, too_large)
 
 
 def _unpack(ident: int, raw: bytes, dead: int) -> StoredJob:
@@ -179,34 +185,28 @@ class RedisStore(QueueStore):
         except redis.RedisError as exc:
             raise StoreError(f"cannot read kept results from {self.describe_where()} "
                              f"({self.results_key}): {_one_line(exc)}") from None
-        rows, stale = [], []
-        for unique, value in raw.items():
+        rows = []
+        for field, value in raw.items():
             try:
-                row = _unpack_result(unique, value)
+                ident = int(field)
+            except ValueError:
+                continue  # not ours: left alone
+            try:
+                rows.append(_unpack_result(ident, value))
             except (IndexError, struct.error):
-                stale.append(unique)  # not a result of ours: forget it
-                continue
-            if row.expires > now:
-                rows.append(row)
-            else:
-                stale.append(unique)
-        if stale:
-            try:
-                self.client.hdel(self.results_key, *stale)
-            except redis.RedisError:
-                pass  # skipped anyway; deleted at a later start
-        return sorted(rows, key=lambda r: r.expires)
+                # Not a result of ours: returned as expired, so that it is deleted.
+                rows.append(ResultRow(ident, b"", b"dead", 0, 0, 0.0, None, 0))
+        rows.sort()
+        self._result_ids = itertools.count(rows[-1].id + 1 if rows else 1)
+        return rows
 
     def write(self, batch: Batch) -> None:
         pipe = self.client.pipeline(transaction=True)
-        if batch.results:
-            drops = [u for u, row in batch.results.items() if row is None]
-            if drops:
-                pipe.hdel(self.results_key, *drops)
-            puts = {u: _pack_result(row) for u, row in batch.results.items()
-                    if row is not None}
-            if puts:
-                pipe.hset(self.results_key, mapping=puts)
+        if batch.result_puts:
+            pipe.hset(self.results_key,
+                      mapping={row[0]: _pack_result(row) for row in batch.result_puts})
+        if batch.result_drops:
+            pipe.hdel(self.results_key, *batch.result_drops)
         if batch.saves:
             pipe.hset(self.jobs_key, mapping={row[0]: _pack(row) for row in batch.saves})
         for dead, ident in batch.marks:
