@@ -58,8 +58,8 @@ cdef class Client:
     cdef object __weakref__
     @cython.locals(sub=_Submission, job=Job)
     cpdef submit(self, function, data=*, unique=*, priority=*, background=*, run_at=*,
-                 wait=*)
-    cpdef call(self, function, data=*, unique=*, priority=*, timeout=*)
+                 wait=*, require_worker=*)
+    cpdef call(self, function, data=*, unique=*, priority=*, timeout=*, require_worker=*)
     @cython.locals(existing=_Submission)
     cpdef _join_inflight(self, _Submission sub)
     cpdef _prepare(self, function, data, unique=*, priority=*, background=*, run_at=*)
