@@ -37,7 +37,7 @@ cdef class _Submission:
 
 cdef class _Link:
     cdef public object client, address, name, conn, pending, jobs, retry_at, backoff
-    cdef public object _connecting, connected_at, down_since, attempts
+    cdef public object _connecting, connected_at, down_since, attempts, _background
     @cython.locals(attachment=_Attachment, sub=_Submission)
     cpdef _on_packet(self, packet)
     @cython.locals(attachment=_Attachment)

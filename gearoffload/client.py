@@ -384,6 +384,7 @@ class _Link:
         self._connecting: AsyncResult | None = None
         self.connected_at = 0.0
         self.down_since: float | None = None  # the first failed attempt of an outage
+        self._background: gevent.Greenlet | None = None  # connect_soon()'s attempt
         self.attempts = 0  # connect attempts made, failed or not (tests, diagnostics)
 
     def __repr__(self) -> str:
@@ -436,6 +437,22 @@ class _Link:
             conn.send(T.OPTION_REQ, b"exceptions")
         connecting.set(conn)
         return conn
+
+    def connect_soon(self) -> None:
+        """Connect in a greenlet of its own (once at a time); failures only back off."""
+        if self._background is None and self._connecting is None:
+            self._background = gevent.spawn(self._connect_in_background)
+
+    def _connect_in_background(self) -> None:
+        try:
+            if not self.client._closed:
+                self.ensure_connected()
+                if self.client._closed:  # closed while we were connecting
+                    self.close()
+        except OSError:
+            pass  # logged and backed off by ensure_connected()
+        finally:
+            self._background = None
 
     def mark_down(self) -> None:
         # Jitter: the web processes of a fleet do not all reconnect in the same instant.
@@ -943,8 +960,18 @@ class Client:
             if self._closed:
                 raise NoServersAvailable("client closed")
             candidates = self._candidates(sub)
+            # A server that is down is tried again about once a second. While another one
+            # is connected, that attempt runs beside the submission instead of in front of
+            # it: a host that drops SYNs would otherwise hold a caller for the whole
+            # connect_timeout every second. Only once an attempt has failed (down_since):
+            # a server not connected yet is connected to first, or a new client would
+            # place unique jobs off their ring server, breaking coalescing.
+            connected = any([link.conn is not None for link in candidates])
             for link in candidates:
                 if not link.available(time.monotonic()):
+                    continue
+                if connected and link.conn is None and link.down_since is not None:
+                    link.connect_soon()
                     continue
                 try:
                     link.enqueue(sub, sub.packet())
