@@ -37,7 +37,7 @@ cdef class _Submission:
 
 cdef class _Link:
     cdef public object client, address, name, conn, pending, jobs, retry_at, backoff
-    cdef public object _connecting, connected_at, down_since, attempts
+    cdef public object _connecting, connected_at, down_since, attempts, _background
     @cython.locals(attachment=_Attachment, sub=_Submission)
     cpdef _on_packet(self, packet)
     @cython.locals(attachment=_Attachment)
@@ -58,8 +58,8 @@ cdef class Client:
     cdef object __weakref__
     @cython.locals(sub=_Submission, job=Job)
     cpdef submit(self, function, data=*, unique=*, priority=*, background=*, run_at=*,
-                 wait=*)
-    cpdef call(self, function, data=*, unique=*, priority=*, timeout=*)
+                 wait=*, require_worker=*)
+    cpdef call(self, function, data=*, unique=*, priority=*, timeout=*, require_worker=*)
     @cython.locals(existing=_Submission)
     cpdef _join_inflight(self, _Submission sub)
     cpdef _prepare(self, function, data, unique=*, priority=*, background=*, run_at=*)

@@ -38,6 +38,7 @@ from gevent.event import AsyncResult, Event
 from gevent.hub import Waiter
 from gevent.queue import Empty, Queue
 
+from . import census
 from .connection import Address, Connection, format_address, parse_address, parse_servers
 from .errors import (
     GearmanError,
@@ -45,6 +46,7 @@ from .errors import (
     JobFailed,
     JobTimeout,
     NoServersAvailable,
+    NoWorkers,
     ProtocolError,
     ServerError,
 )
@@ -382,6 +384,7 @@ class _Link:
         self._connecting: AsyncResult | None = None
         self.connected_at = 0.0
         self.down_since: float | None = None  # the first failed attempt of an outage
+        self._background: gevent.Greenlet | None = None  # connect_soon()'s attempt
         self.attempts = 0  # connect attempts made, failed or not (tests, diagnostics)
 
     def __repr__(self) -> str:
@@ -434,6 +437,22 @@ class _Link:
             conn.send(T.OPTION_REQ, b"exceptions")
         connecting.set(conn)
         return conn
+
+    def connect_soon(self) -> None:
+        """Connect in a greenlet of its own (once at a time); failures only back off."""
+        if self._background is None and self._connecting is None:
+            self._background = gevent.spawn(self._connect_in_background)
+
+    def _connect_in_background(self) -> None:
+        try:
+            if not self.client._closed:
+                self.ensure_connected()
+                if self.client._closed:  # closed while we were connecting
+                    self.close()
+        except OSError:
+            pass  # logged and backed off by ensure_connected()
+        finally:
+            self._background = None
 
     def mark_down(self) -> None:
         # Jitter: the web processes of a fleet do not all reconnect in the same instant.
@@ -721,6 +740,7 @@ class Client:
         background: bool = False,
         run_at: float | datetime | None = None,
         wait: bool = True,
+        require_worker: bool = False,
     ) -> Job:
         """Submit one job; returns once the server has accepted it (JOB_CREATED), or at
         once with ``wait=False`` (then a refusal surfaces from ``Job.result()``, and
@@ -731,9 +751,11 @@ class Client:
         ``"normal"``, ``"high"`` or ``"low"``. ``background=True`` returns at once and
         the job has no result. ``run_at`` (a Unix time or ``datetime``) schedules a
         background job for later (SUBMIT_JOB_EPOCH; normal priority only).
+        ``require_worker=True`` raises ``NoWorkers`` at once, submitting nothing, when
+        ``workers_for(function)`` is 0 (and goes ahead when that is unknown).
 
-        Raises ``ServerError`` (e.g. the queue is full), ``NoServersAvailable`` or
-        ``JobTimeout``.
+        Raises ``ServerError`` (e.g. the queue is full), ``NoServersAvailable``,
+        ``NoWorkers`` or ``JobTimeout``.
 
         Example::
 
@@ -741,8 +763,10 @@ class Client:
             client.submit("cleanup", b"", background=True, run_at=time.time() + 3600)
         """
         # The one-job case of submit_many(), without the batch bookkeeping (hot path).
-        sub, new = self._join_inflight(self._prepare(function, data, unique, priority,
-                                                     background, run_at))
+        sub = self._prepare(function, data, unique, priority, background, run_at)
+        if require_worker:
+            self._require_worker(sub.function)
+        sub, new = self._join_inflight(sub)
         job = Job(self, sub)
         sub.jobs.append(job)
         if new:
@@ -756,7 +780,8 @@ class Client:
         return job
 
     def call(self, function: str, data: Data = b"", unique: str | bytes | None = None,
-             priority: str = "normal", timeout: float | None = None) -> bytes:
+             priority: str = "normal", timeout: float | None = None,
+             require_worker: bool = False) -> bytes:
         """Run a foreground job and return its result: ``submit(..., wait=False)
         .result(timeout)``, one wait instead of two (about a quarter less client CPU per
         job than ``submit(...).result()``). ``timeout`` covers the whole call (default:
@@ -768,7 +793,35 @@ class Client:
 
             thumbnail = client.call("resize", image, unique="img-42", timeout=10)
         """
-        return self.submit(function, data, unique, priority, wait=False).result(timeout)
+        return self.submit(function, data, unique, priority, wait=False,
+                           require_worker=require_worker).result(timeout)
+
+    def workers_for(self, function: str | bytes, wait: float = 0.25) -> int | None:
+        """How many workers serve ``function`` on this client's servers: the worker
+        registrations their admin ``status`` lists (ours and gearmand alike), summed;
+        ``None`` when that is not known.
+
+        0 means every server was asked and none has a worker for it. ``None``: no server
+        could be asked (down, refusing admin commands), or one could not be while the
+        others say 0. The answer comes from a cache shared by the process's clients,
+        refreshed at most once a second per server and only on demand, in a thread (see
+        ``gearoffload.census``): a cached answer costs about two microseconds. A 0 is at
+        most a second old (a stale 0 is asked again and waited for, for at most ``wait``
+        seconds: a worker that has just come is not turned away); a count of workers may
+        be up to 5 s old. With no answer yet (the first call) this waits for the servers
+        for at most ``wait`` seconds too, then answers ``None``.
+
+        Example::
+
+            if client.workers_for("resize") == 0:
+                return "503 no worker serves resize"
+        """
+        return census.workers_for([link.address for link in self._links], self.tls,
+                                  function, wait)
+
+    def _require_worker(self, function: bytes) -> None:
+        if self.workers_for(function) == 0:
+            raise NoWorkers(function.decode("utf-8", "replace"), self.servers)
 
     def _join_inflight(self, sub: _Submission) -> tuple[_Submission, bool]:
         """The in-flight submission ``sub`` joins (itself if none); whether it is new."""
@@ -911,8 +964,18 @@ class Client:
             if self._closed:
                 raise NoServersAvailable("client closed")
             candidates = self._candidates(sub)
+            # A server that is down is tried again about once a second. While another one
+            # is connected, that attempt runs beside the submission instead of in front of
+            # it: a host that drops SYNs would otherwise hold a caller for the whole
+            # connect_timeout every second. Only once an attempt has failed (down_since):
+            # a server not connected yet is connected to first, or a new client would
+            # place unique jobs off their ring server, breaking coalescing.
+            connected = any([link.conn is not None for link in candidates])
             for link in candidates:
                 if not link.available(time.monotonic()):
+                    continue
+                if connected and link.conn is None and link.down_since is not None:
+                    link.connect_soon()
                     continue
                 try:
                     link.enqueue(sub, sub.packet())

@@ -41,7 +41,14 @@ from urllib.parse import parse_qsl, urlencode
 from gevent import monkey
 
 from .codec import FORMATS, Codec, PayloadError, stable_hash
-from .errors import GearmanError, JobException, JobFailed, JobTimeout, NoServersAvailable
+from .errors import (
+    GearmanError,
+    JobException,
+    JobFailed,
+    JobTimeout,
+    NoServersAvailable,
+    NoWorkers,
+)
 from .results import ENDED, MemoryResults, Outcome, ResultBackend, open_results
 
 __all__ = ["BodyTooLarge", "HttpError", "JobExpired", "JobNotFound", "JobRef", "NoWorkers",
@@ -59,14 +66,6 @@ DEFAULT_SIGNATURE_MAX_AGE = 86400.0
 #: A job is refused when its caller's deadline passed more than this long ago: the
 #: clocks of web and worker hosts may differ a little (NTP keeps them within ms).
 CLOCK_SKEW = 0.25
-
-
-class NoWorkers(GearmanError):
-    """No worker serves the function on any job server (the server says so)."""
-
-    def __init__(self, function: str) -> None:
-        super().__init__(f"no worker serves {function!r}: start gearoffload-worker for it")
-        self.function = function
 
 
 class StaleJob(JobFailed):
@@ -119,8 +118,6 @@ class OffloadConfig:
     result_ttl: float = 600.0
     #: Run everything in this process, synchronously (tests): no job server at all.
     eager: bool = False
-    #: Seconds the answer "no worker serves F" is cached before the servers are asked again.
-    worker_check_interval: float = 1.0
 
     @property
     def tls(self) -> dict | None:
@@ -206,8 +203,7 @@ class OffloadConfig:
                    ("GEAROFFLOAD_CONNECT_TIMEOUT", "connect_timeout", float),
                    ("GEAROFFLOAD_MAX_BODY", "max_body", int),
                    ("GEAROFFLOAD_RESULT_TTL", "result_ttl", float),
-                   ("GEAROFFLOAD_SIGNATURE_MAX_AGE", "signature_max_age", float),
-                   ("GEAROFFLOAD_WORKER_CHECK_INTERVAL", "worker_check_interval", float))
+                   ("GEAROFFLOAD_SIGNATURE_MAX_AGE", "signature_max_age", float))
         for key, name, kind in numbers:
             value = mapping.get(key)
             if value is None or value == "":
@@ -714,8 +710,6 @@ class Offloader:
                 results = open_results(config.results, list(config.servers),
                                        config.result_ttl, config.tls, self._status_unique)
         self.results = results
-        #: ``function -> (checked at, workers)``: "does anyone serve it?", cached.
-        self._workers: dict[str, tuple[float, int | None]] = {}
         self._eager_handles = itertools.count(1)
         self._ids = None
         if config.secret_key:
@@ -744,21 +738,11 @@ class Offloader:
     # foreground
 
     def check_workers(self, function: str) -> None:
-        """Raise ``NoWorkers`` when the job servers say that nobody serves ``function``
-        (asked at most once per ``worker_check_interval``; unknown counts as served)."""
-        now = time.monotonic()
-        cached = self._workers.get(function)
-        if cached is None or now - cached[0] >= self.config.worker_check_interval:
-            workers_for = getattr(self.client, "workers_for", None)
-            count = None
-            if workers_for is not None:
-                try:
-                    count = workers_for(function)
-                except GearmanError:
-                    count = None
-            cached = self._workers[function] = (now, count)
-        if cached[1] == 0:
-            raise NoWorkers(function)
+        """Raise ``NoWorkers`` when every job server says that nobody serves
+        ``function`` (``Client.workers_for``: cached, off the per-job path; unknown
+        counts as served)."""
+        if self.client.workers_for(function) == 0:
+            raise NoWorkers(function, list(self.config.servers))
 
     def call(self, function: str, payload: bytes, *, unique: str | bytes | None = None,
              priority: str = "normal", timeout: float | None = None) -> bytes:

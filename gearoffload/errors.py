@@ -8,6 +8,7 @@ callers catch exactly what they mean::
     ├── JobException        the worker raised; ``text`` is what it sent (WORK_EXCEPTION)
     ├── JobTimeout          no answer within the timeout
     ├── NoServersAvailable  no job server could be reached
+    ├── NoWorkers           no worker serves the function (``submit(require_worker=True)``)
     ├── ProtocolError       a peer sent bytes that are not valid Gearman protocol
     └── ServerError         the server answered with an ERROR packet (``code``, ``text``)
 
@@ -62,6 +63,28 @@ class JobTimeout(GearmanError):
 
 class NoServersAvailable(GearmanError):
     """No job server could be reached (all down, or in their reconnect back-off)."""
+
+
+class NoWorkers(GearmanError):
+    """No worker serves ``function`` on any of the client's servers: each one's admin
+    ``status`` lists no worker registration for it (``Client.workers_for`` is 0).
+
+    Raised by ``Client.submit(..., require_worker=True)`` (and ``call``) before the job
+    is submitted, so nothing is queued. ``servers`` are the servers that were asked.
+
+    Example::
+
+        try:
+            client.call("resize", image, require_worker=True)
+        except NoWorkers as exc:
+            print(exc)          # no worker serves 'resize' (asked 127.0.0.1:4730)
+    """
+
+    def __init__(self, function: str, servers: list[str] | None = None) -> None:
+        asked = f" (asked {', '.join(servers)})" if servers else ""
+        super().__init__(f"no worker serves {function!r}{asked}")
+        self.function = function
+        self.servers = list(servers or [])
 
 
 class ProtocolError(GearmanError):

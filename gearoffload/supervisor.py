@@ -151,6 +151,8 @@ def run_pool(config: PoolConfig, registry: TaskRegistry) -> int:
         children[pid] = (index, time.monotonic())
         log.info("started worker process %d (pid %d)", index, pid)
 
+    # INFO, as every other line of a healthy start and stop (the default --log-level):
+    # WARNING is for what an operator should look at.
     log.info("gearoffload-worker: %s on %s, %d processes x %d greenlets, tasks %s",
                 config.target, ",".join(config.servers), config.processes,
                 config.concurrency, ", ".join(registry.names()))
@@ -164,7 +166,7 @@ def run_pool(config: PoolConfig, registry: TaskRegistry) -> int:
             if draining_since is None:
                 draining_since = time.monotonic()
                 restart_at.clear()
-                log.warning("signal %d: draining %d worker processes", signum, len(children))
+                log.info("signal %d: draining %d worker processes", signum, len(children))
                 for pid in children:
                     _kill(pid, signal.SIGTERM)
             else:
@@ -184,7 +186,7 @@ def run_pool(config: PoolConfig, registry: TaskRegistry) -> int:
                 del restart_at[index]
                 fork(index)
         gevent.sleep(0.05)
-    log.warning("gearoffload-worker: all worker processes exited")
+    log.info("gearoffload-worker: all worker processes exited")
     return 0
 
 

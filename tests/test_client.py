@@ -595,6 +595,41 @@ def test_a_restarted_server_is_found_again_within_a_second(kind, server_factory,
     assert ran < 2.0, f"first result {ran:.2f}s after the restart"
 
 
+def test_a_server_that_drops_syns_never_holds_up_callers_while_another_is_up(server):
+    """A down server is tried again about once a second now. A host that drops SYNs
+    (here: a loopback listener with a full backlog) makes each attempt last the whole
+    connect_timeout: while another server is connected, the attempt runs beside the
+    callers instead of in front of one of them."""
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    filler = socket.create_connection(blackhole.getsockname())  # the backlog is full
+    dark = f"127.0.0.1:{blackhole.getsockname()[1]}"
+    try:
+        with running_worker(server.address, upper=upper), \
+                Client([dark, server.address], connect_timeout=1.0, timeout=5) as client:
+            for _ in range(2):  # whichever server the round-robin starts with
+                assert client.call("upper", b"warm") == b"WARM"
+            dark_link = client._links[0]
+            attempts = dark_link.attempts
+            slowest = 0.0
+            end = time.monotonic() + 3.0
+            calls = 0
+            while time.monotonic() < end:
+                started = time.monotonic()
+                assert client.call("upper", b"x") == b"X"
+                slowest = max(slowest, time.monotonic() - started)
+                calls += 1
+                gevent.sleep(0.02)
+            retried = dark_link.attempts - attempts
+    finally:
+        filler.close()
+        blackhole.close()
+    assert slowest < 0.5, f"a call waited {slowest:.2f}s for the dark server"
+    assert calls > 50
+    assert 1 <= retried <= 4  # tried again, about once per second plus connect_timeout
+
+
 class IdleClosingProxy:
     """Forwards to a server and closes both sides of a connection that carried no byte
     for ``idle`` seconds: a server that closes idle peers (#17 item 6), for any server."""

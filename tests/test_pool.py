@@ -119,6 +119,10 @@ def test_pool_serves_with_n_processes_and_drains_on_sigterm(server, pool_factory
         assert status.known and not status.running
     log = pool.log()
     assert "draining" in log and "all worker processes exited" in log
+    # A healthy start and stop logs nothing at WARNING or above (#15: the start-up line
+    # was a WARNING).
+    assert " INFO gearoffload.pool: gearoffload-worker: " in log
+    assert not [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
     for pid in pids:
         assert f"(pid {pid.decode()}) exited (exit status 0)" in log
 

@@ -499,3 +499,22 @@ def test_durable_background_jobs_and_many_clients_over_tls(certs, servers, tmp_p
     with AdminClient(server.address, tls=tls, timeout=5) as admin:
         gevent.sleep(0.2)
         assert len(admin.workers()) == 1  # only this admin connection is left
+
+
+def test_workers_for_asks_over_mutual_tls(certs, mtls_srv):
+    """``Client.workers_for`` asks the admin ``status`` with the client's own TLS context
+    (a server that requires client certificates answers it); a client refused there
+    gets None (unknown), never a wrong 0."""
+    from gearoffload import census
+
+    census.forget()
+    try:
+        with working(upper_worker(mtls_srv, certs.tls("client"))), \
+                Client(mtls_srv.address, tls=certs.tls("client"), timeout=5) as client:
+            assert client.workers_for("upper", wait=3) == 1
+            assert client.workers_for("nobody") == 0
+        census.forget()
+        with Client(mtls_srv.address, tls=certs.tls("rogue"), timeout=5) as rogue:
+            assert rogue.workers_for("upper", wait=3) is None
+    finally:
+        census.forget()

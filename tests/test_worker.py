@@ -383,6 +383,39 @@ def test_task_returning_a_bad_type_or_failing_explicitly(server):
             client.submit("refuse").result(5)
 
 
+def test_a_task_skips_stale_jobs_fast_by_raising_job_failed(server):
+    """Issue #15 "stale work": the web layer carries a deadline in its envelope and its
+    task refuses a job whose caller has given up, without running anything:
+    ``raise JobFailed(...)`` is a WORK_FAIL at once. A one-slot worker with 100 stale
+    jobs queued ahead gets through them at once, and the job behind them runs."""
+    ran = []
+
+    def guarded(job):
+        deadline = float(job.data.split(b" ", 1)[0])
+        if time.time() > deadline:
+            raise JobFailed("the caller's deadline has passed")  # nothing runs
+        ran.append(job.data)
+        gevent.sleep(0.05)
+        return b"done"
+
+    with Client(server.address, timeout=10) as client:
+        past = time.time() - 1
+        stale = client.submit_many([("guarded", b"%f stale-%d" % (past, i))
+                                    for i in range(100)])
+        fresh = client.submit("guarded", b"%f fresh" % (time.time() + 30))
+        worker = Worker(server.address, concurrency=1)
+        worker.register("guarded", guarded)
+        with working(worker):
+            started = time.monotonic()
+            assert fresh.result(10) == b"done"
+            took = time.monotonic() - started
+            for job in stale:
+                with pytest.raises(JobFailed):
+                    job.result(5)
+    assert [data.split(b" ", 1)[1] for data in ran] == [b"fresh"]
+    assert took < 3.0  # 100 refusals and one 50 ms job behind them, on one slot
+
+
 def _load_wordcount():
     spec = importlib.util.spec_from_file_location("wordcount_example",
                                                   ROOT / "examples" / "wordcount.py")
