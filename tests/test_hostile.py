@@ -1,0 +1,136 @@
+"""One hostile client must never stall, bloat or quietly cheat the server (issue #17).
+
+Each test runs a real server process on loopback and attacks it with raw sockets, bounded
+in count and in time; each failed before its fix.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+from conftest import RawConn
+from gearoffload.protocol import REQ
+from gearoffload.protocol import PacketType as T
+
+
+def _echo(conn: RawConn, data: bytes = b"hi") -> None:
+    conn.send(T.ECHO_REQ, data)
+    assert conn.expect(T.ECHO_RES) == (data,)
+
+
+def _closed_by_server(sock: socket.socket, wait: float) -> bool:
+    """True when the server closes ``sock`` within ``wait`` seconds (what arrives meanwhile
+    is read and dropped)."""
+    deadline = time.monotonic() + wait
+    try:
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                if not sock.recv(1 << 16):
+                    return True
+            except TimeoutError:
+                pass
+    except OSError:
+        return True
+    return False
+
+
+# -- item 2: a slow reader counts its whole backlog against --max-output-buffer ----------
+
+
+def test_slow_reader_is_disconnected_at_the_output_limit(server_factory):
+    # 8M, not less: a smaller limit is crossed by what piles up between two EPOLLOUTs
+    # alone, which the server always caught; the backlog is what escaped the count.
+    server = server_factory("gearoffload", "--max-output-buffer", "8M")
+    reader = socket.create_connection(("127.0.0.1", server.port))
+    reader.settimeout(2.0)
+    payload = b"e" * 65536
+    burst = (REQ + struct.pack(">II", T.ECHO_REQ, len(payload)) + payload) * 3
+    sent = 0
+    closed = False
+    deadline = time.monotonic() + 15
+    try:
+        # 192 KiB of echoes asked for per 64 KiB read every 10 ms: over 10 MiB/s of
+        # replies pile up server-side, taken a little at a time (so the socket keeps
+        # becoming writable: the case that used to reset the count).
+        while sent < 48 << 20 and time.monotonic() < deadline:
+            reader.sendall(burst)
+            sent += len(burst)
+            time.sleep(0.01)
+            try:
+                if not reader.recv(65536):
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+    except OSError:
+        closed = True
+    reader.close()
+    assert closed, f"a slow reader asked for {sent >> 20} MiB of replies and was kept"
+    assert sent < 32 << 20, f"disconnected only after {sent >> 20} MiB (limit 8 MiB)"
+    with server.connect() as c:
+        _echo(c)
+    server.stop()
+    assert "bytes of replies unread" in server.stderr_text()
+
+
+# -- item 6: --idle-timeout cannot be defeated by a byte; in-flight peers are spared ----
+
+
+def test_idle_timeout_closes_partial_and_idle_peers_but_spares_in_flight(server_factory):
+    server = server_factory("gearoffload", "--idle-timeout", "1")
+    started = time.monotonic()
+    one_byte = RawConn(server.port)
+    one_byte.send_raw(b"\0")  # the start of a binary packet, never finished
+    half_line = RawConn(server.port)
+    half_line.send_raw(b"stat")  # an admin line without its newline
+    trickle = RawConn(server.port)
+    header = REQ + struct.pack(">II", T.ECHO_REQ, 1000)
+    idle = RawConn(server.port)
+    _echo(idle)  # whole packets, then nothing: nothing in flight
+    waiting = RawConn(server.port)
+    waiting.send(T.SUBMIT_JOB, b"nobody-serves-this", b"", b"x")
+    handle = waiting.expect(T.JOB_CREATED)[0]
+    sleeper = RawConn(server.port)
+    sleeper.send(T.CAN_DO, b"sleepy")
+    sleeper.send(T.PRE_SLEEP)
+    holder = RawConn(server.port)
+    with server.connect() as c:
+        c.send(T.SUBMIT_JOB_BG, b"held", b"", b"x")
+        c.expect(T.JOB_CREATED)
+    holder.send(T.CAN_DO, b"held")
+    holder.send(T.GRAB_JOB)
+    held = holder.expect(T.JOB_ASSIGN)[0]
+    try:
+        # A byte every 0.3 s of a packet that never completes: activity, but no progress.
+        for n in range(12):
+            try:
+                trickle.send_raw(header[n:n + 1])
+            except OSError:
+                break
+            time.sleep(0.3)
+        elapsed = time.monotonic() - started
+        assert elapsed < 8
+        for conn in (one_byte, half_line, trickle, idle):
+            assert conn.is_closed(0.5), "a peer with nothing in flight outlived the timeout"
+        # Idle as long, yet with something in flight: kept, and served.
+        holder.send(T.WORK_COMPLETE, held, b"done")
+        with server.connect() as c:
+            c.send(T.SUBMIT_JOB_BG, b"sleepy", b"", b"x")
+            c.expect(T.JOB_CREATED)
+        sleeper.expect(T.NOOP)
+        with server.connect() as worker:
+            worker.send(T.CAN_DO, b"nobody-serves-this")
+            worker.send(T.GRAB_JOB)
+            assert worker.expect(T.JOB_ASSIGN)[0] == handle
+            worker.send(T.WORK_COMPLETE, handle, b"late")
+        assert waiting.expect(T.WORK_COMPLETE) == (handle, b"late")
+    finally:
+        for conn in (one_byte, half_line, trickle, idle, waiting, sleeper, holder):
+            conn.close()
+    server.stop()
+    log = server.stderr_text()
+    assert "partial packet or line not completed within 1s" in log, log
+    assert "idle for 1s with nothing in flight" in log, log
