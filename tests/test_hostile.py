@@ -6,9 +6,13 @@ in count and in time; each failed before its fix.
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
+import threading
 import time
+
+from test_http import HttpServer
 
 from conftest import RawConn
 from gearoffload.protocol import REQ
@@ -134,3 +138,80 @@ def test_idle_timeout_closes_partial_and_idle_peers_but_spares_in_flight(server_
     log = server.stderr_text()
     assert "partial packet or line not completed within 1s" in log, log
     assert "idle for 1s with nothing in flight" in log, log
+
+
+# -- item 1: a /metrics scrape never holds the event loop --------------------------------
+
+
+def _create_functions(conn: RawConn, count: int) -> None:
+    conn.send_raw(b"".join(b"create function f%d\n" % n for n in range(count)))
+    replies = b""
+    deadline = time.monotonic() + 20
+    while replies.count(b"OK\r\n") < count:
+        assert time.monotonic() < deadline, "admin create did not answer"
+        conn.sock.settimeout(5)
+        replies += conn.sock.recv(1 << 20)
+
+
+def test_metrics_scrape_never_stalls_the_job_server():
+    server = HttpServer().start()
+    try:
+        with server.connect() as admin:
+            _create_functions(admin, 20000)
+        results: dict[str, object] = {}
+
+        def scrape() -> None:
+            started = time.monotonic()
+            for _ in range(2):
+                results["metrics"] = server.get("/metrics")
+                results["status"] = server.get("/status.json")
+            results["seconds"] = time.monotonic() - started
+
+        scraper = threading.Thread(target=scrape)
+        worst = 0.0
+        rounds = 0
+        with server.connect() as client:
+            scraper.start()
+            deadline = time.monotonic() + 30
+            while scraper.is_alive() and time.monotonic() < deadline:
+                started = time.monotonic()
+                _echo(client)
+                worst = max(worst, time.monotonic() - started)
+                rounds += 1
+            scraper.join(30)
+        assert not scraper.is_alive(), "the scrapes did not finish in 30 s"
+        # Before: about 0.35 s of stall per 1,000 functions, i.e. seconds here.
+        assert worst < 0.25, f"an echo waited {worst * 1000:.0f} ms during the scrapes"
+        assert rounds > 10
+        status, _, body = results["metrics"]
+        assert status == 200
+        text = body.decode()
+        assert "\ngearoffload_functions 20000.0\n" in text
+        assert "\ngearoffload_metrics_functions_omitted 19000.0\n" in text
+        assert text.count("gearoffload_workers{") == 1000
+        status, _, body = results["status"]
+        snapshot = json.loads(body)
+        assert snapshot["functions_total"] == 20000 and len(snapshot["functions"]) == 1000
+    finally:
+        server.stop()
+
+
+# -- item 4: silent HTTP connections cannot take the HTTP port down -----------------------
+
+
+def test_silent_http_connections_do_not_take_the_port():
+    server = HttpServer().start()
+    silent = []
+    try:
+        for _ in range(300):  # more than the old Pool(32), more than MAX_CONNECTIONS
+            silent.append(socket.create_connection(("127.0.0.1", server.http_port)))
+        started = time.monotonic()
+        status, _, body = server.get("/healthz")
+        assert (status, body) == (200, b"ok\n")
+        assert time.monotonic() - started < 2.0
+        # The oldest idle ones were evicted to make room.
+        assert _closed_by_server(silent[0], 2.0)
+    finally:
+        for sock in silent:
+            sock.close()
+        server.stop()
