@@ -182,7 +182,7 @@ def test_metrics_scrape_never_stalls_the_job_server():
         assert not scraper.is_alive(), "the scrapes did not finish in 30 s"
         # Before: about 0.35 s of stall per 1,000 functions, i.e. seconds here.
         assert worst < 0.25, f"an echo waited {worst * 1000:.0f} ms during the scrapes"
-        assert rounds > 10
+        assert rounds >= 3, "the scrapes ended before the echoes could measure them"
         status, _, body = results["metrics"]
         assert status == 200
         text = body.decode()
