@@ -14,7 +14,7 @@ cdef class Peer:
 cdef class Function:
     cdef public object name, queues, queued, ready, scheduled, running, total, dead
     cdef public object workers, sleepers, woken, limits, wake_timer, submitted, coalesced
-    cdef public object completed, failed, exceptions, latency
+    cdef public object completed, failed, exceptions, latency, pinned
     cdef object __weakref__
 
 cdef class Job:

@@ -54,6 +54,8 @@ MAX_CLIENT_ID = 127
 #: Above this many dead entries in one queue (and more dead than live), the queue is
 #: compacted, so that submit-and-disconnect loops cannot grow memory without bound.
 COMPACT_THRESHOLD = 1024
+#: The maxqueue of a function without one (shared: ``Function.limits`` is only replaced).
+_NO_LIMITS = (0, 0, 0)
 #: Seconds a woken worker has to grab before other sleepers are woken for the same work.
 WAKE_GRACE = 1.0
 
@@ -91,6 +93,8 @@ _NOOP = encode(RES, T.NOOP)
 _NO_JOB = encode(RES, T.NO_JOB)
 _LEADING_INT = re.compile(rb"\s*([+-]?)(\d*)")
 _WHITESPACE = re.compile(rb"\s+")
+#: Bytes a function name may not hold: they are the admin protocol's separators.
+_ADMIN_UNSAFE = re.compile(rb"[\t\n\r]")
 
 
 def _error(code: bytes, text: bytes) -> bytes:
@@ -245,11 +249,14 @@ class Function:
 
     __slots__ = ("name", "queues", "queued", "ready", "scheduled", "running", "total",
                  "dead", "workers", "sleepers", "woken", "limits", "wake_timer",
-                 "submitted", "coalesced", "completed", "failed", "exceptions", "latency")
+                 "submitted", "coalesced", "completed", "failed", "exceptions", "latency",
+                 "pinned")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
-        self.queues: tuple[deque[Job], deque[Job], deque[Job]] = (deque(), deque(), deque())
+        # Made at the first enqueue: three empty deques are 1.8 KiB, more than half of
+        # what a function costs, and most names registered never queue a job.
+        self.queues: tuple[deque[Job], deque[Job], deque[Job]] | None = None
         self.queued = [0, 0, 0]       # live runnable jobs per priority
         self.ready = 0                # sum of ``queued``
         self.scheduled = 0            # epoch jobs not yet due
@@ -259,7 +266,7 @@ class Function:
         self.workers: dict[Peer, None] = {}
         self.sleepers: dict[Peer, None] = {}  # asleep and not yet sent a NOOP, oldest first
         self.woken = 0                # registered workers sent a NOOP that have not grabbed
-        self.limits = [0, 0, 0]       # maxqueue per priority, 0 = unlimited
+        self.limits = _NO_LIMITS      # maxqueue per priority, 0 = unlimited (replaced whole)
         self.wake_timer: Timer | None = None  # see JobServerState._wake_overdue
         # Monotonic counters for /metrics (plain ints: a Prometheus Counter takes a lock).
         self.submitted = 0            # jobs created (not coalesced, restored or retried)
@@ -271,6 +278,9 @@ class Function:
         # would cost a clock read and an observe() more per job, about as much again as
         # this one: left out.)
         self.latency = LatencyHistogram()
+        #: Created or limited by admin (``create function``, ``maxqueue``): kept when it
+        #: has no worker and no job; other functions are then forgotten (``_reclaim``).
+        self.pinned = False
 
     def __repr__(self) -> str:
         return f"<Function {self.name!r} total={self.total} running={self.running}>"
@@ -391,6 +401,8 @@ class JobServerState:
             del func.workers[peer]
             if was_woken and func.ready and func.sleepers:
                 self._wake(func)  # the NOOP it took must not be lost with it
+            if not func.total and not func.workers and not func.pinned:
+                self._reclaim(func)
         peer.functions.clear()
         peer.timeouts.clear()
         for job in list(peer.attached):
@@ -517,6 +529,12 @@ class JobServerState:
             peer.send(_error(b"INVALID_FUNCTION_NAME",
                              b"Function name must be 1 to 512 bytes long"))
             return None
+        if _ADMIN_UNSAFE.search(name):
+            # Admin listings are tab-separated lines ending with "."; such a name could
+            # forge rows or end a listing early (issue #17).
+            peer.send(_error(b"INVALID_FUNCTION_NAME",
+                             b"Function name must not contain tabs or line breaks"))
+            return None
         return self.function(name)
 
     def _find_coalesced(self, func: Function, unique: bytes, data: bytes) -> Job | None:
@@ -585,7 +603,10 @@ class JobServerState:
     def _enqueue(self, job: Job) -> None:
         func = job.function
         job.state = QUEUED
-        func.queues[job.priority].append(job)
+        queues = func.queues
+        if queues is None:
+            queues = func.queues = (deque(), deque(), deque())
+        queues[job.priority].append(job)
         func.queued[job.priority] += 1
         func.ready += 1
         if func.sleepers:
@@ -654,6 +675,8 @@ class JobServerState:
         for client in job.clients:
             client.waiting -= client.attached.pop(job, 0)
         job.clients = []
+        if not func.total and not func.workers and not func.pinned:
+            self._reclaim(func)
 
     def _pop_runnable(self, func: Function, priority: int) -> Job:
         queue = func.queues[priority]
@@ -676,6 +699,14 @@ class JobServerState:
             ms = strtoll(raw) or 0
             if ms > 0:
                 timeout = max(ms, 1000) / 1000.0
+        cap = self.config.max_functions_per_connection
+        if cap and len(peer.functions) >= cap:
+            known = self.functions.get(name)
+            if known is None or peer not in known.workers:
+                peer.send(_error(b"TOO_MANY_FUNCTIONS",
+                                 b"More functions registered on this connection than "
+                                 b"--max-functions-per-connection allows"))
+                return
         func = self._named_function(peer, name)
         if func is None:
             return
@@ -713,6 +744,18 @@ class JobServerState:
         peer.functions.remove(func)
         peer.timeouts.pop(func, None)
         peer.rr = 0
+        if not func.total and not func.workers and not func.pinned:
+            self._reclaim(func)
+
+    def _reclaim(self, func: Function) -> None:
+        """Forget a function with no worker, no job and no admin entry (issue #17: names
+        registered by a connection that closed stayed for good). Its counters go with
+        it (/metrics sees a counter reset); a later CAN_DO or submission makes it anew."""
+        if self.functions.get(func.name) is func:
+            del self.functions[func.name]
+        if func.wake_timer is not None:
+            func.wake_timer.cancel()
+            func.wake_timer = None
 
     def _set_sleep(self, peer: Peer, sleep: int) -> None:
         old = peer.sleep
@@ -1083,6 +1126,8 @@ class JobServerState:
         func.total -= 1
         del self.jobs[job.handle]
         self._unindex(job)
+        if not func.total and not func.workers and not func.pinned:
+            self._reclaim(func)
         if job.abandoned:  # cancelled while it ran: gone, not dead
             if job.stored:
                 self.store.delete(job)

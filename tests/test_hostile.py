@@ -12,9 +12,13 @@ import struct
 import threading
 import time
 
+import pytest
+from codec_impls import IMPLS
 from test_http import HttpServer
 
 from conftest import RawConn
+from gearoffload.admin import AdminClient
+from gearoffload.errors import ProtocolError
 from gearoffload.protocol import REQ
 from gearoffload.protocol import PacketType as T
 
@@ -215,3 +219,108 @@ def test_silent_http_connections_do_not_take_the_port():
         for sock in silent:
             sock.close()
         server.stop()
+
+
+# -- item 3: the function registry is bounded per connection and reclaimed --------------
+
+
+def _status_names(conn: RawConn) -> set[bytes]:
+    reply = conn.admin("status")
+    return {line.split(b"\t")[0] for line in reply.split(b"\n")[:-2]}
+
+
+def test_functions_are_capped_per_connection_and_reclaimed(server_factory):
+    server = server_factory("gearoffload", "--max-functions-per-connection", "2000")
+    with server.connect() as admin:
+        assert admin.admin("create function kept-by-admin") == b"OK\r\n"
+        with server.connect() as c:
+            c.send(T.SUBMIT_JOB_BG, b"has-a-job", b"", b"x")
+            c.expect(T.JOB_CREATED)
+        hogs = [RawConn(server.port) for _ in range(3)]
+        for n, hog in enumerate(hogs):
+            hog.send_raw(b"".join(
+                REQ + struct.pack(">II", T.CAN_DO, len(name)) + name
+                for name in (b"hog%d-%d" % (n, i) for i in range(2000))))
+            hog.send(T.CAN_DO, b"hog%d-1" % n)  # one it has already: still fine
+            hog.send(T.CAN_DO, b"has-a-job")     # one more than the cap: refused
+            code, text = hog.expect(T.ERROR)
+            assert code == b"TOO_MANY_FUNCTIONS", (code, text)
+            assert b"--max-functions-per-connection" in text
+            _echo(hog)  # the connection stays usable
+        assert len(_status_names(admin)) == 6002
+        for hog in hogs:
+            hog.close()
+        # Gone with their connections: nor worker, nor job, nor admin entry.
+        deadline = time.monotonic() + 5
+        while (names := _status_names(admin)) != {b"kept-by-admin", b"has-a-job"}:
+            assert time.monotonic() < deadline, f"{len(names)} functions left"
+            time.sleep(0.05)
+    assert server.proc.poll() is None
+
+
+# -- item 7: no admin output injection through names or unique keys ---------------------
+
+
+FORGED = b"aaa\t7\t7\t7\n.\n"
+
+
+def test_names_with_admin_separators_are_refused_and_uniques_escaped(our_server):
+    with our_server.connect() as c:
+        for ptype, args in ((T.CAN_DO, (FORGED,)), (T.CAN_DO_TIMEOUT, (b"a\tb", b"5")),
+                            (T.SUBMIT_JOB_BG, (b"x\ry", b"", b"data"))):
+            c.send(ptype, *args)
+            code, text = c.expect(T.ERROR)
+            assert code == b"INVALID_FUNCTION_NAME" and b"tabs or line breaks" in text
+        c.send(T.SUBMIT_JOB_BG, b"real", b"u\n.\nfake\t1", b"data")
+        c.expect(T.JOB_CREATED)
+        assert c.admin("create function a\tb").startswith(b"ERR INVALID_FUNCTION_NAME")
+        assert c.admin("status") == b"real\t1\t0\t0\n.\n"
+        assert c.admin("show unique jobs") == b"u\\n.\\nfake\\t1\n.\n"
+    with AdminClient(our_server.address) as admin:
+        assert [(s.name, s.total) for s in admin.status()] == [("real", 1)]
+        assert admin.unique_jobs() == ["u\\n.\\nfake\\t1"]
+
+
+def test_admin_client_is_not_fooled_by_a_server_that_does_not_escape():
+    """A server that lets a name end a listing early (gearmand does): the client raises
+    instead of returning forged rows and hiding real ones."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1024)
+            conn.sendall(FORGED + b"\t0\t0\t1\nreal\t1\t0\t0\n.\n")
+            conn.recv(1024)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with AdminClient(f"127.0.0.1:{port}", timeout=5) as admin, \
+                pytest.raises(ProtocolError, match="after the end"):
+            admin.status()
+    finally:
+        listener.close()
+        thread.join(5)
+
+
+# -- item 8: an admin line of 8,192 bytes is too long ----------------------------------
+
+
+def test_admin_line_of_8192_bytes_is_refused_and_closed(our_server):
+    with our_server.connect() as c:  # the longest line allowed: 8,191 bytes
+        assert c.admin_raw(b"x" * 8191 + b"\n").startswith(b"ERR UNKNOWN_COMMAND")
+        assert c.admin_raw(b"x" * 8191 + b"\r\n").startswith(b"ERR UNKNOWN_COMMAND")
+    with our_server.connect() as c:
+        assert c.admin_raw(b"x" * 8192 + b"\n").startswith(b"ERR LINE_TOO_LONG ")
+        assert c.is_closed(2.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_decoders_refuse_a_line_one_byte_over_the_limit(impl):
+    decoder = impl.Decoder(max_line_size=8)
+    assert list(decoder.feed(b"12345678\n" + b"12345678\r\n")) == [b"12345678"] * 2
+    with pytest.raises(ProtocolError) as info:
+        list(impl.Decoder(max_line_size=8).feed(b"123456789\n"))
+    assert info.value.code == "LINE_TOO_LONG" and info.value.in_sync

@@ -117,7 +117,7 @@ def test_q5_abandoned_queued_job_removed_at_once(our_server):
         gone.close()
         # No worker ever polls: gearmand would keep counting it until one does.
         wait_until(lambda: show_jobs(admin) == {}, timeout=1)
-        assert status_table(admin)[b"f"] == (0, 0, 0)
+        assert b"f" not in status_table(admin)  # nor worker nor job: forgotten (issue #17)
         with our_server.connect() as c:
             c.send(T.GET_STATUS, h)
             assert c.expect(T.STATUS_RES) == (h, b"0", b"0", b"0", b"0")
@@ -173,7 +173,11 @@ def test_q9_drop_function_refused_while_jobs_queued(our_server):
         with worker(our_server, b"f") as w:
             assert grab(w)[0] == h
             w.send(T.WORK_COMPLETE, h, b"")
-        wait_until(lambda: status_table(admin)[b"f"] == (0, 0, 0))
+            wait_until(lambda: status_table(admin)[b"f"] == (0, 0, 1))
+            assert admin.admin("drop function f").startswith(b"ERR ")  # a worker has it
+        # Its worker gone and no job left, the function is forgotten (issue #17).
+        wait_until(lambda: b"f" not in status_table(admin))
+        assert admin.admin("create function f") == b"OK\r\n"
         assert admin.admin("drop function f") == b"OK\r\n"
 
 
