@@ -27,7 +27,7 @@ cdef class JobServerState:
     cdef public object config, scheduler, store, functions, jobs, peers, _uniques, _hyphen
     cdef public object _epochs, _epoch_timer, _epoch_timer_due, _prefix, _max_client_jobs
     cdef public object _counter, _dirty, draining, failures, on_shutdown, _handlers, _now
-    cdef public object dead
+    cdef public object dead, _stale
     cdef object __weakref__
 
     # The methods every job goes through (submit, grab, complete).

@@ -345,6 +345,10 @@ class JobServerState:
         self._dirty: list[Peer] = []
         #: Background jobs that failed more than ``--retry-failed`` times, by handle.
         self.dead: dict[bytes, Job] = {}
+        #: Workers still running an attempt that timed out (CAN_DO_TIMEOUT) of a job that
+        #: is to run again: handles by worker. Such a worker is not handed that job's
+        #: retry while its own attempt may still run, and its late answer ends it quietly.
+        self._stale: dict[Peer, set[bytes]] = {}
         #: Shutting down (SIGTERM): grabs get NO_JOB, running jobs may finish.
         self.draining = False
         #: The last jobs that failed, newest last (the status page's "recent failures").
@@ -388,6 +392,8 @@ class JobServerState:
         if peer not in self.peers:
             return
         del self.peers[peer]
+        if self._stale:
+            self._stale.pop(peer, None)
         was_woken = peer.sleep == WOKEN
         self._set_sleep(peer, AWAKE)
         for job in list(peer.jobs.values()):
@@ -773,6 +779,11 @@ class JobServerState:
         peer.sleep = sleep
 
     def _pre_sleep(self, peer: Peer, packet: Packet) -> None:
+        if self._stale and peer in self._stale:
+            # What is ready may be the retry it was just refused: no NOOP at once, else
+            # GRAB/NO_JOB/PRE_SLEEP/NOOP would spin. New jobs and _end_stale() wake it.
+            self._set_sleep(peer, SLEEPING)
+            return
         for func in peer.functions:
             if func.ready:
                 # Rule 1: close the race between NO_JOB and PRE_SLEEP.
@@ -815,6 +826,8 @@ class JobServerState:
         if peer.sleep != AWAKE:
             self._set_sleep(peer, AWAKE)
         job = None if self.draining else self._next_job(peer)
+        if job is not None and self._stale and self._refuse_stale(peer, job):
+            job = None
         if job is None:
             peer.send(_NO_JOB)
         else:
@@ -825,6 +838,19 @@ class JobServerState:
             for func in peer.functions:
                 if func.ready and func.sleepers:
                     self._wake(func)
+
+    def _refuse_stale(self, peer: Peer, job: Job) -> bool:
+        """Whether ``job`` (just popped for ``peer``) is the retry of an attempt that timed
+        out on ``peer`` and may still run there: then it goes back to the head of its
+        queue (its counters never moved) for another worker."""
+        stale = self._stale.get(peer)
+        if stale is None or job.handle not in stale:
+            return False
+        func = job.function
+        func.queues[job.priority].appendleft(job)
+        if func.sleepers:
+            self._wake(func)  # someone else may take it now
+        return True
 
     def _next_job(self, peer: Peer) -> Job | None:
         """Global priority across the worker's functions, round-robin among them (the
@@ -869,15 +895,45 @@ class JobServerState:
                 timeout, functools.partial(self._timed_out, job, peer))
 
     def _timed_out(self, job: Job, worker: Peer) -> None:
-        if job.state == RUNNING and job.worker is worker:
-            log.warning("job %s of %s timed out on %r; requeued", job.handle.decode(),
-                        job.function.name.decode(errors="replace"), worker,
-                        extra=_job_fields(job, "job.timeout", worker))
-            job.timer = None
-            # Recorded, not counted: _lose() requeues it or counts it as failed.
-            self._failed(job, "timeout", f"no result from worker {worker.address} "
-                         f"fd={worker.fd} within CAN_DO_TIMEOUT", count=False)
-            self._lose(job)
+        """CAN_DO_TIMEOUT ran out: a failed attempt, as if the worker had answered
+        WORK_FAIL (issue #17; the Perl server does the same). Its clients get WORK_FAIL; a
+        background job runs again after ``--retry-backoff`` while ``--retry-failed``
+        allows, then becomes a dead letter (at once with ``--retry-failed 0``: a job that
+        always outlives its timeout is kept, not lost and not retried forever)."""
+        if job.state != RUNNING or job.worker is not worker:
+            return
+        job.timer = None
+        log.warning("job %s of %s timed out on %r: a failed attempt", job.handle.decode(),
+                    job.function.name.decode(errors="replace"), worker,
+                    extra=_job_fields(job, "job.timeout", worker))
+        self._failed(job, "timeout", f"no result from worker {worker.address} "
+                     f"fd={worker.fd} within CAN_DO_TIMEOUT")
+        if job.clients:
+            self._relay_to_clients(job, encode(RES, T.WORK_FAIL, (job.handle,)))
+        if not job.background:
+            self._remove(job)
+            return
+        self._retry_or_bury(job)
+        if job.state == SCHEDULED:  # to run again: not beside this attempt on this worker
+            stale = self._stale.get(worker)
+            if stale is None:
+                stale = self._stale[worker] = set()
+            stale.add(job.handle)
+
+    def _end_stale(self, worker: Peer, handle: bytes) -> None:
+        """The worker answered for an attempt that had timed out: it may have that job's
+        retry now; wake it if it sleeps while work waits (it was refused some)."""
+        stale = self._stale[worker]
+        stale.discard(handle)
+        if stale:
+            return
+        del self._stale[worker]
+        if worker.sleep == SLEEPING:
+            for func in worker.functions:
+                if func.ready:
+                    self._set_sleep(worker, WOKEN)
+                    worker.send(_NOOP)
+                    return
 
     def _lose(self, job: Job) -> None:
         """The worker holding ``job`` is gone (disconnect, CANT_DO, timeout): requeue it at
@@ -920,6 +976,15 @@ class JobServerState:
         handle = packet.args[0]
         job = peer.jobs.get(handle)
         if job is None:
+            stale = self._stale.get(peer) if self._stale else None
+            if stale is not None and handle in stale:
+                # The late word of an attempt that timed out: taken quietly.
+                if ptype == T.WORK_EXCEPTION:
+                    peer.last_exception = handle  # its WORK_FAIL may follow
+                if ptype == T.WORK_COMPLETE or ptype == T.WORK_FAIL or \
+                        ptype == T.WORK_EXCEPTION:
+                    self._end_stale(peer, handle)
+                return
             if ptype == T.WORK_FAIL:
                 if handle == peer.last_exception:
                     # python-gearman and Perl send WORK_FAIL after WORK_EXCEPTION; an

@@ -740,6 +740,12 @@ def test_can_do_timeout_requeues(server):
             slow.send(T.CAN_DO_TIMEOUT, b"f", b"1000")
             start = time.monotonic()
             grab(slow)
+            if server.kind == "gearoffload":
+                # A timeout is a failed attempt (issue #17, as the Perl server): WORK_FAIL.
+                assert c.expect(T.WORK_FAIL, timeout=4) == (h,)
+                assert time.monotonic() - start >= 0.9
+                assert show_jobs(admin) == {}
+                return
             wait_until(lambda: show_jobs(admin).get(h, (0,))[0] == 1, timeout=4)
             assert time.monotonic() - start >= 0.9
             assert status_table(admin)[b"f"][:2] == (1, 0)  # queued again, not running

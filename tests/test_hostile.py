@@ -324,3 +324,61 @@ def test_decoders_refuse_a_line_one_byte_over_the_limit(impl):
     with pytest.raises(ProtocolError) as info:
         list(impl.Decoder(max_line_size=8).feed(b"123456789\n"))
     assert info.value.code == "LINE_TOO_LONG" and info.value.in_sync
+
+
+# -- item 10: a timeout is a failed attempt, not a requeue forever ----------------------
+
+
+def test_timeout_fails_a_foreground_job_and_buries_a_background_one(our_server):
+    with our_server.connect() as client, our_server.connect() as worker, \
+            our_server.connect() as admin:
+        worker.send(T.CAN_DO_TIMEOUT, b"slow", b"1000")
+        client.send(T.SUBMIT_JOB, b"slow", b"", b"fg")
+        fg = client.expect(T.JOB_CREATED)[0]
+        worker.send(T.GRAB_JOB)
+        assert worker.expect(T.JOB_ASSIGN)[0] == fg
+        started = time.monotonic()
+        assert client.expect(T.WORK_FAIL, timeout=5) == (fg,)  # not requeued forever
+        assert 0.9 < time.monotonic() - started < 4
+        client.send(T.SUBMIT_JOB_BG, b"slow", b"", b"bg")
+        bg = client.expect(T.JOB_CREATED)[0]
+        worker.send(T.GRAB_JOB)
+        assert worker.expect(T.JOB_ASSIGN)[0] == bg
+        # --retry-failed 0: a dead letter at the first timeout (kept, not lost).
+        deadline = time.monotonic() + 5
+        while bg not in admin.admin("show dead jobs"):
+            assert time.monotonic() < deadline, "the timed-out background job vanished"
+            time.sleep(0.1)
+        assert admin.admin("show jobs") == b".\n"
+        worker.send(T.GRAB_JOB)
+        worker.expect(T.NO_JOB)
+
+
+def test_timed_out_attempt_never_runs_beside_its_retry_on_one_worker(server_factory):
+    server = server_factory("gearoffload", "--retry-failed", "1", "--retry-backoff", "0")
+    with server.connect() as client, server.connect() as first, \
+            server.connect() as admin:
+        first.send(T.CAN_DO_TIMEOUT, b"slow", b"1000")
+        client.send(T.SUBMIT_JOB_BG, b"slow", b"", b"x")
+        handle = client.expect(T.JOB_CREATED)[0]
+        first.send(T.GRAB_JOB)
+        assert first.expect(T.JOB_ASSIGN)[0] == handle
+        deadline = time.monotonic() + 5
+        while admin.admin("status") != b"slow\t1\t0\t1\n.\n":  # timed out, queued again
+            assert time.monotonic() < deadline, admin.admin("status")
+            time.sleep(0.05)
+        # The first attempt may still run on this worker: its retry is not handed to it.
+        first.send(T.GRAB_JOB)
+        first.expect(T.NO_JOB)
+        with server.connect() as second:
+            second.send(T.CAN_DO_TIMEOUT, b"slow", b"1000")
+            second.send(T.GRAB_JOB)
+            assert second.expect(T.JOB_ASSIGN)[0] == handle
+            first.send(T.WORK_COMPLETE, handle, b"late")  # the old attempt ends: quietly
+            first.expect_nothing(0.2)
+            # The second attempt times out too: the cap (1 retry) is reached.
+            deadline = time.monotonic() + 5
+            while handle + b"\tslow\t\t2\n" not in admin.admin("show dead jobs"):
+                assert time.monotonic() < deadline, admin.admin("show dead jobs")
+                time.sleep(0.1)
+        assert admin.admin("show jobs") == b".\n"
