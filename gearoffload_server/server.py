@@ -26,12 +26,15 @@ Example::
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import ipaddress
 import logging
 import os
 import select
 import socket
+import struct
+import termios
 import time
 from collections.abc import Callable
 
@@ -120,7 +123,7 @@ class Connection:
 
     __slots__ = ("server", "sock", "fd", "peer", "decoder", "backlog", "events", "closing",
                  "closed", "done", "nread", "joined", "_on_packet", "_on_line",
-                 "_seen", "_quiet_since", "_partial_mark", "_partial_since")
+                 "_seen", "_quiet_since", "_partial_mark", "_partial_since", "_unsent")
 
     def __init__(self, server: GearmanServer, sock: socket.socket, address: tuple) -> None:
         self.server = server
@@ -148,6 +151,7 @@ class Connection:
         self._quiet_since = time.monotonic()  # when ``nread`` last moved
         self._partial_mark = -1               # bytes consumed when a partial was first seen
         self._partial_since = 0.0
+        self._unsent = 0                      # _unsent() when last found idle
 
     def serve(self) -> None:
         """The connection's greenlet: register with the poll loop, wait for the end."""
@@ -495,6 +499,17 @@ class TlsConnection(Connection):
         # The reader's ``finally`` (or its loop, when it is the caller) closes us.
 
 
+def _unsent(conn: Connection) -> int:
+    """Bytes queued for the peer and not taken yet: our backlog plus the kernel's send
+    queue (TIOCOUTQ). Only asked of connections about to be closed as idle."""
+    unsent = len(conn.backlog) if conn.backlog is not None else 0
+    try:
+        unsent += struct.unpack("i", fcntl.ioctl(conn.fd, termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        pass
+    return unsent
+
+
 def _in_flight(peer: Peer) -> bool:
     """Whether an idle peer still has something going on, so that --idle-timeout must
     spare it: a job it holds as a worker, a foreground job it waits on, a worker asleep
@@ -639,6 +654,13 @@ class GearmanServer(StreamServer):
             return
         conn._partial_mark = -1
         if now - conn._quiet_since >= timeout and not _in_flight(conn.peer):
+            # Replies the peer is still taking count as activity too (Redis counts its
+            # writes): a slow download is not idleness; output that does not move is.
+            unsent = _unsent(conn)
+            if unsent and unsent != conn._unsent:
+                conn._unsent = unsent
+                conn._quiet_since = now
+                return
             what = "sent nothing" if not read else "idle"
             conn.abort(f"{what} for {timeout:g}s with nothing in flight (--idle-timeout)",
                        logging.INFO)

@@ -382,3 +382,35 @@ def test_timed_out_attempt_never_runs_beside_its_retry_on_one_worker(server_fact
                 assert time.monotonic() < deadline, admin.admin("show dead jobs")
                 time.sleep(0.1)
         assert admin.admin("show jobs") == b".\n"
+
+
+def test_idle_timeout_spares_a_slow_download(server_factory):
+    """A peer that sends nothing but keeps taking a large reply is not idle (Redis counts
+    writes as interaction too); one that stops reading it is."""
+    server = server_factory("gearoffload", "--idle-timeout", "1")
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    reader.connect(("127.0.0.1", server.port))
+    reader.settimeout(2.0)
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    stuck.connect(("127.0.0.1", server.port))
+    payload = b"d" * (6 << 20)
+    echo = REQ + struct.pack(">II", T.ECHO_REQ, len(payload)) + payload
+    try:
+        reader.sendall(echo)
+        stuck.sendall(echo)  # and never reads
+        got = 0
+        started = time.monotonic()
+        while time.monotonic() - started < 3.0:  # three timeouts, reading all along
+            chunk = reader.recv(128 * 1024)
+            assert chunk, f"closed mid-download after {got} bytes"
+            got += len(chunk)
+            time.sleep(0.1)
+        assert got < len(echo), "the download ended too soon to prove anything"
+    finally:
+        reader.close()
+        stuck.close()
+    server.stop()
+    log = server.stderr_text()
+    assert log.count("idle for 1s with nothing in flight") == 1, log  # the stuck one
