@@ -265,8 +265,14 @@ def render(state: JobServerState, limit: int = MAX_FUNCTIONS,
                            f"{go(func.latency.sum)}\n")
     pause()
     dead: dict[bytes, int] = {}
-    for job in list(state.dead.values())[:limit * 10]:
-        dead[job.function.name] = dead.get(job.function.name, 0) + 1
+    letters = list(state.dead.values())
+    for start in range(0, len(letters), SCORE_CHUNK):
+        if start:
+            pause()
+        for job in letters[start:start + SCORE_CHUNK]:
+            dead[job.function.name] = dead.get(job.function.name, 0) + 1
+    if len(dead) > limit:  # the functions with the most dead letters
+        dead = dict(heapq.nlargest(limit, dead.items(), key=lambda item: item[1]))
     parts = [_head("gearoffload_server_info", "gauge", "The job server's version."),
              f'gearoffload_server_info{{version="{_escape(state.config.version)}"}} 1.0\n']
     for lines, (metric, doc, _) in zip(counters, _COUNTERS, strict=True):
@@ -291,7 +297,7 @@ def render(state: JobServerState, limit: int = MAX_FUNCTIONS,
     parts.append(_head("gearoffload_dead_letters", "gauge",
                        "Background jobs kept as dead letters (--retry-failed)."))
     parts.extend(f'gearoffload_dead_letters{{function="{_escape(label(name))}"}} {go(count)}\n'
-                 for name, count in list(dead.items())[:limit])
+                 for name, count in dead.items())
     for metric, doc, value in (
             ("gearoffload_connections", "Open Gearman connections (clients, workers, admin).",
              len(state.peers)),
