@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed-stamp
 PORT ?= 4730
 FUZZ_SECONDS ?= 60
 STRESS_SECONDS ?= 30
+SOAK_SECONDS ?= 60
 
-.PHONY: test demo bench lint clean fuzz stress
+.PHONY: test demo bench lint clean fuzz stress soak
 
 # The compiled modules: each .py with a .pxd beside it (setup.py). An edit rebuilds them.
 COMPILED_PXD := $(wildcard gearoffload/*.pxd gearoffload_server/*.pxd)
@@ -41,6 +42,10 @@ fuzz: $(STAMP)
 
 stress: $(STAMP)
 	$(PY) benchmarks/stress.py --seconds $(STRESS_SECONDS)
+
+# Healthy clients beside the hostile ones of issue #17 (docs/operations.md).
+soak: $(STAMP)
+	$(PY) benchmarks/soak_hostile.py --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -401,6 +401,17 @@ decode(DecoderObject *self, const unsigned char *p, Py_ssize_t end, PyObject *on
             }
             nl = found - p;
             line_end = (nl > pos && p[nl - 1] == '\r') ? nl - 1 : nl;
+            if (line_end - pos > ml) {
+                /* The window above lets one byte more through when there is no CR:
+                   8192 bytes and a LF must not pass as a line (issue #17). */
+                PyObject *limit = fmt(self->max_line_size);
+                if (limit != NULL)
+                    raise_protocol_error(
+                        PyUnicode_FromFormat("text line longer than %U bytes", limit),
+                        S.str_line_too_long, 1);
+                Py_XDECREF(limit);
+                return pos;
+            }
             {
                 PyObject *line =
                     PyBytes_FromStringAndSize((const char *)p + pos, line_end - pos);

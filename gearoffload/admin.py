@@ -481,6 +481,13 @@ class AdminClient:
             while True:
                 line = self._read_line(command)
                 if line == ".":
+                    if self._lines or self._decoder.buffered:
+                        # More came after the end: a name or unique key holding a line
+                        # break ended the listing early (a server that does not refuse
+                        # or escape them). Rows may be forged or hidden: trust none.
+                        self.close()
+                        raise ProtocolError(f"data after the end of the {command!r} "
+                                            "listing (a name with a line break?)")
                     return lines
                 # An error comes instead of the listing, as its first and only line. A
                 # function or handle starting with "ERR " still has tabs in its line.

@@ -320,6 +320,14 @@ class PyDecoder:
                             )
                         break
                     line_end = nl - 1 if nl > pos and buf[nl - 1] == 13 else nl
+                    if line_end - pos > self.max_line_size:
+                        # The window above lets one byte more through when there is no
+                        # CR: 8192 bytes and a LF must not pass as a line (issue #17).
+                        raise ProtocolError(
+                            f"text line longer than {self.max_line_size} bytes",
+                            code="LINE_TOO_LONG",
+                            in_sync=True,
+                        )
                     line = bytes(buf[pos:line_end])
                     pos = nl + 1
                     on_line(line)

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         # Imported only when asked for: prometheus_client costs start-up time.
         from .http import HttpEndpoint
 
-        http = HttpEndpoint(server.state, config.http_address)
+        http = HttpEndpoint(server.state, config.http_address,
+                            config.metrics_max_functions)
         try:
             http.start()
         except OSError as exc:

@@ -43,6 +43,24 @@ log = logging.getLogger("gearoffload.server")
 REFUSED_LOG_INTERVAL = 10.0
 
 
+#: Separators of admin listings: a name or unique key holding one is escaped (``escape``).
+_UNSAFE = re.compile(rb"[\t\n\r]")
+_ESCAPES = {b"\t": b"\\t", b"\n": b"\\n", b"\r": b"\\r"}
+
+
+def escape(value: bytes) -> bytes:
+    r"""A unique key (or name) as it may appear in a listing: tab, LF and CR become
+    ``\t``, ``\n``, ``\r``, so that no value can forge a row or end a listing early.
+    Function names cannot hold them (refused); unique keys can, and are escaped.
+
+    >>> escape(b"u\n.\n")
+    b'u\\n.\\n'
+    """
+    if _UNSAFE.search(value) is None:
+        return value
+    return _UNSAFE.sub(lambda m: _ESCAPES[m.group()], value)
+
+
 def split_words(line: bytes) -> list[bytes]:
     """Split an admin line as gearmand does: on runs of spaces only (a tab is part of a
     word); a leading space gives an empty first word; trailing spaces are ignored."""
@@ -167,10 +185,11 @@ class AdminProtocol:
             lines = [b"%s\t%d\t%d\t%d\n" % (j.handle, j.retries, j.abandoned, j.background)
                      for j in self.state.jobs.values()]
         elif what == [b"unique", b"jobs"]:
-            lines = [j.unique + b"\n" for j in self.state.jobs.values()]
+            lines = [escape(j.unique) + b"\n" for j in self.state.jobs.values()]
         elif what == [b"dead", b"jobs"]:
             # Extension: dead letters (--retry-failed), HANDLE FUNCTION UNIQUE FAILURES.
-            lines = [b"%s\t%s\t%s\t%d\n" % (j.handle, j.function.name, j.unique, j.failures)
+            lines = [b"%s\t%s\t%s\t%d\n" % (j.handle, escape(j.function.name),
+                                              escape(j.unique), j.failures)
                      for j in self.state.dead.values()]
         else:
             return b"ERR UNKNOWN_SHOW_ARGUMENTS\r\n"
@@ -219,8 +238,10 @@ class AdminProtocol:
     def _create(self, peer: Peer, words: list[bytes]) -> bytes:
         if len(words) != 3 or words[1].lower() != b"function":
             return _incomplete(b"create")
+        if _UNSAFE.search(words[2]):
+            return b"ERR INVALID_FUNCTION_NAME Function+name+must+not+contain+tabs\r\n"
         # gearmand drops two bytes of the name assuming "\r\n" (Q8); take it as written.
-        self.state.function(words[2])
+        self.state.function(words[2]).pinned = True  # kept without workers or jobs
         return _OK
 
     def _drop(self, peer: Peer, words: list[bytes]) -> bytes:
@@ -249,6 +270,7 @@ class AdminProtocol:
             limits = (numbers + [0, 0, 0])[:3]
         if func is not None:  # a limit on a function that does not exist is discarded
             func.limits = limits
+            func.pinned = True  # a limit set by hand outlives its workers and jobs
         return _OK
 
     def _shutdown(self, peer: Peer, words: list[bytes]) -> bytes:

@@ -80,7 +80,8 @@ class ServerConfig:
     admin_allow: tuple[IPNetwork, ...] = ()
     #: Open connections beyond which new ones are closed at once.
     max_connections: int = 10000
-    #: Seconds a connection may stay without sending a single byte; 0 = no limit.
+    #: Seconds a connection may leave a packet half-sent, or stay silent with nothing in
+    #: flight (Redis's ``timeout``); 0 = no limit.
     idle_timeout: float = 300.0
     #: Default maxqueue of every function (admin ``maxqueue`` overrides it); 0 = unlimited.
     max_queue: int = 0
@@ -105,6 +106,10 @@ class ServerConfig:
     result_max_size: int = 1 << 20
     #: Bytes all kept results may take; past it the oldest go first.
     result_memory: int = 64 << 20
+    #: Functions with series of their own in /metrics (and rows in /status.json).
+    metrics_max_functions: int = 1000
+    #: Functions one connection may register with CAN_DO; 0 = unlimited.
+    max_functions_per_connection: int = 1000
     version: str = __version__
 
     @property
@@ -180,6 +185,11 @@ class ServerConfig:
         if self.http_port and self.http_port == self.port and \
                 self.http_address[0] == self.host:
             raise ConfigError("--http-port must differ from --port")
+        if self.metrics_max_functions < 1:
+            raise ConfigError("--metrics-max-functions must be at least 1")
+        if self.max_functions_per_connection < 0:
+            raise ConfigError("--max-functions-per-connection must be 0 (unlimited) or a "
+                              "positive number")
         self._check_tls()
 
     @property
@@ -301,8 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=10000, metavar="N",
                    help="close new connections at once beyond N open ones (default 10000)")
     p.add_argument("--idle-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="close a connection that has sent nothing at all for this long "
-                        "(default 300; 0 = never); peers that have talked are never timed out")
+                   help="close a connection that leaves a packet or admin line half-sent "
+                        "for this long, or sends nothing for this long while nothing of it "
+                        "is in flight (no job it waits on or holds, not a sleeping worker), "
+                        "like Redis's timeout (default 300; 0 = never)")
     p.add_argument("--max-queue", type=int, default=0, metavar="N",
                    help="default maxqueue of every function (admin 'maxqueue' overrides it); "
                         "0 = unlimited (default, as gearmand)")
@@ -336,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--result-memory", type=_size, default=64 << 20, metavar="BYTES",
                    help="memory all kept results may take; past it the oldest are "
                         "dropped first (default 64M)")
+    p.add_argument("--metrics-max-functions", type=int, default=1000, metavar="N",
+                   help="functions with series of their own in /metrics and rows in "
+                        "/status.json; beyond N the busiest are kept (default 1000)")
+    p.add_argument("--max-functions-per-connection", type=int, default=1000, metavar="N",
+                   help="functions one connection may register (CAN_DO); more get "
+                        "ERROR TOO_MANY_FUNCTIONS (default 1000; 0 = unlimited)")
     p.add_argument("--version", "-V", action="version", version=f"gearoffload-server {__version__}")
     return p
 
@@ -375,6 +393,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             result_ttl=ns.result_ttl,
             result_max_size=ns.result_max_size,
             result_memory=ns.result_memory,
+            metrics_max_functions=ns.metrics_max_functions,
+            max_functions_per_connection=ns.max_functions_per_connection,
         )
     except ConfigError as exc:
         parser.error(str(exc))

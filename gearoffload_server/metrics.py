@@ -18,7 +18,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import heapq
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -29,10 +30,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
-from .state import JobServerState
+from .state import Function, JobServerState
+from .stats import BUCKETS as LATENCY_BUCKETS
 
-__all__ = ["CONTENT_TYPE_LATEST", "StateCollector", "exposition", "metrics_registry"]
+__all__ = ["CONTENT_TYPE_LATEST", "StateCollector", "exposition", "metrics_registry",
+           "pick_functions", "render"]
 
 PRIORITIES = ("high", "normal", "low")
 
@@ -119,7 +123,8 @@ class StateCollector(Collector):
 
 
 def metrics_registry(state: JobServerState) -> CollectorRegistry:
-    """A private registry holding only the state's collector."""
+    """A private registry holding only the state's collector (every function, built at
+    once: for tests and tools; the HTTP endpoint uses ``render``)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StateCollector(state))
     return registry
@@ -128,3 +133,182 @@ def metrics_registry(state: JobServerState) -> CollectorRegistry:
 def exposition(registry: CollectorRegistry) -> bytes:
     """The registry in the Prometheus text format (``CONTENT_TYPE_LATEST``)."""
     return generate_latest(registry)
+
+
+# -- the scrape the HTTP endpoint serves: bounded, and never holding the loop --------------
+
+#: Functions exported with their own series at most (``--metrics-max-functions``).
+MAX_FUNCTIONS = 1000
+#: Functions handled between two yields to the event loop.
+CHUNK = 100
+#: Functions scored (for choosing which ones to export) between two yields.
+SCORE_CHUNK = 2000
+
+
+def no_pause() -> None:
+    pass
+
+
+def pick_functions(state: JobServerState, limit: int,
+                   pause: Callable[[], None] = no_pause) -> tuple[list[Function], int]:
+    """The functions a scrape exports, at most ``limit``, and how many there are in all.
+
+    All of them when they fit; else the busiest: those with jobs or workers now first,
+    then by jobs seen (submitted, completed, failed), so that thousands of names a peer
+    registered and never used cannot push the real ones out. Calls ``pause()`` between
+    chunks of ``SCORE_CHUNK`` (the HTTP endpoint yields to the loop there).
+
+    Example::
+
+        >>> from gearoffload_server.state import JobServerState, ManualScheduler
+        >>> from gearoffload_server.config import ServerConfig
+        >>> state = JobServerState(ServerConfig(), ManualScheduler())
+        >>> for name in (b"a", b"b", b"c"):
+        ...     _ = state.function(name)
+        >>> state.functions[b"b"].completed = 5
+        >>> [f.name for f in pick_functions(state, 1)[0]], pick_functions(state, 1)[1]
+        ([b'b'], 3)
+    """
+    functions = list(state.functions.values())
+    total = len(functions)
+    if total <= limit:
+        return functions, total
+    heap: list[tuple[bool, int, int, Function]] = []
+    push, pushpop = heapq.heappush, heapq.heappushpop
+    for start in range(0, total, SCORE_CHUNK):
+        if start:
+            pause()
+        for i in range(start, min(start + SCORE_CHUNK, total)):
+            f = functions[i]
+            item = (bool(f.total or f.workers), f.submitted + f.completed + f.failed, -i, f)
+            if len(heap) < limit:
+                push(heap, item)
+            elif item[:3] > heap[0][:3]:
+                pushpop(heap, item)
+    heap.sort(key=lambda item: -item[2])  # registration order, as when all fit
+    return [item[3] for item in heap], total
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+
+
+def _head(name: str, kind: str, doc: str) -> str:
+    return f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
+
+
+_COUNTERS = (
+    ("gearoffload_jobs_submitted_total", "Jobs created by a submission (not coalesced).",
+     "submitted"),
+    ("gearoffload_submissions_coalesced_total",
+     "Submissions attached to a queued or running job with the same unique key.",
+     "coalesced"),
+    ("gearoffload_jobs_completed_total", "Jobs a worker answered with WORK_COMPLETE.",
+     "completed"),
+    ("gearoffload_jobs_failed_total", "Jobs that failed: WORK_FAIL, WORK_EXCEPTION, or "
+     "their workers were lost --job-retries times (a retried job counts each time).",
+     "failed"),
+    ("gearoffload_jobs_exceptions_total", "Of the failed jobs, those answered with "
+     "WORK_EXCEPTION.", "exceptions"),
+)
+_BOUNDS = [*(floatToGoString(b) for b in LATENCY_BUCKETS), "+Inf"]
+
+
+def render(state: JobServerState, limit: int = MAX_FUNCTIONS,
+           pause: Callable[[], None] = no_pause) -> bytes:
+    """The ``/metrics`` exposition (the same text ``StateCollector`` yields), built a
+    chunk of ``CHUNK`` functions at a time with ``pause()`` between chunks, with per-
+    function series for at most ``limit`` functions (``pick_functions``);
+    ``gearoffload_functions`` and ``gearoffload_metrics_functions_omitted`` say how many
+    there are and how many were left out. The state may change between chunks: a scrape
+    is then a little inconsistent across functions, never wrong within one.
+
+    Example::
+
+        >>> from gearoffload_server.state import JobServerState, ManualScheduler
+        >>> from gearoffload_server.config import ServerConfig
+        >>> state = JobServerState(ServerConfig(), ManualScheduler())
+        >>> _ = state.function(b"resize")
+        >>> 'gearoffload_workers{function="resize"} 0.0' in render(state).decode()
+        True
+    """
+    functions, total = pick_functions(state, limit, pause)
+    go = floatToGoString
+    counters: list[list[str]] = [[] for _ in _COUNTERS]
+    depth: list[str] = []
+    scheduled: list[str] = []
+    running: list[str] = []
+    workers: list[str] = []
+    latency: list[str] = []
+    attrs = [attr for _, _, attr in _COUNTERS]
+    for start in range(0, len(functions), CHUNK):
+        if start:
+            pause()
+        for func in functions[start:start + CHUNK]:
+            name = _escape(label(func.name))
+            fl = f'{{function="{name}"}} '
+            for lines, attr, (metric, _, _) in zip(counters, attrs, _COUNTERS, strict=True):
+                lines.append(f"{metric}{fl}{go(getattr(func, attr))}\n")
+            for priority, count in zip(PRIORITIES, func.queued, strict=True):
+                depth.append(f'gearoffload_queue_depth{{function="{name}",'
+                             f'priority="{priority}"}} {go(count)}\n')
+            scheduled.append(f"gearoffload_jobs_scheduled{fl}{go(func.scheduled)}\n")
+            running.append(f"gearoffload_jobs_running{fl}{go(func.running)}\n")
+            workers.append(f"gearoffload_workers{fl}{go(len(func.workers))}\n")
+            cumulative = 0
+            for bound, count in zip(_BOUNDS, func.latency.counts, strict=True):
+                cumulative += count
+                latency.append(f'gearoffload_job_duration_seconds_bucket{{function="{name}",'
+                               f'le="{bound}"}} {go(cumulative)}\n')
+            latency.append(f"gearoffload_job_duration_seconds_count{fl}{go(cumulative)}\n")
+            latency.append(f"gearoffload_job_duration_seconds_sum{fl}"
+                           f"{go(func.latency.sum)}\n")
+    pause()
+    dead: dict[bytes, int] = {}
+    letters = list(state.dead.values())
+    for start in range(0, len(letters), SCORE_CHUNK):
+        if start:
+            pause()
+        for job in letters[start:start + SCORE_CHUNK]:
+            dead[job.function.name] = dead.get(job.function.name, 0) + 1
+    if len(dead) > limit:  # the functions with the most dead letters
+        dead = dict(heapq.nlargest(limit, dead.items(), key=lambda item: item[1]))
+    parts = [_head("gearoffload_server_info", "gauge", "The job server's version."),
+             f'gearoffload_server_info{{version="{_escape(state.config.version)}"}} 1.0\n']
+    for lines, (metric, doc, _) in zip(counters, _COUNTERS, strict=True):
+        parts.append(_head(metric, "counter", doc))
+        parts.extend(lines)
+    parts.append(_head("gearoffload_queue_depth", "gauge",
+                       "Jobs waiting for a worker, per priority."))
+    parts.extend(depth)
+    parts.append(_head("gearoffload_jobs_scheduled", "gauge",
+                       "Epoch jobs and retries not yet due."))
+    parts.extend(scheduled)
+    parts.append(_head("gearoffload_jobs_running", "gauge", "Jobs held by a worker."))
+    parts.extend(running)
+    parts.append(_head("gearoffload_workers", "gauge",
+                       "Connections registered as workers (CAN_DO)."))
+    parts.extend(workers)
+    parts.append(_head(
+        "gearoffload_job_duration_seconds", "histogram",
+        "Seconds from submission (or, for epoch jobs and retries, from falling due) to "
+        "WORK_COMPLETE or failure."))
+    parts.extend(latency)
+    parts.append(_head("gearoffload_dead_letters", "gauge",
+                       "Background jobs kept as dead letters (--retry-failed)."))
+    parts.extend(f'gearoffload_dead_letters{{function="{_escape(label(name))}"}} {go(count)}\n'
+                 for name, count in dead.items())
+    for metric, doc, value in (
+            ("gearoffload_connections", "Open Gearman connections (clients, workers, admin).",
+             len(state.peers)),
+            ("gearoffload_draining",
+             "1 while shutting down (SIGTERM): no new job is handed out.",
+             1 if state.draining else 0),
+            ("gearoffload_functions", "Functions the server knows (registered, with jobs, or "
+             "created by admin).", total),
+            ("gearoffload_metrics_functions_omitted",
+             "Functions left out of the per-function series of this scrape "
+             "(--metrics-max-functions: the busiest are kept).", total - len(functions))):
+        parts.append(_head(metric, "gauge", doc))
+        parts.append(f"{metric} {go(value)}\n")
+    return "".join(parts).encode()

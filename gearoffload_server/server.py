@@ -26,14 +26,16 @@ Example::
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import ipaddress
 import logging
 import os
 import select
 import socket
+import struct
+import termios
 import time
-from collections import deque
 from collections.abc import Callable
 
 import gevent
@@ -46,7 +48,7 @@ from gearoffload.protocol import RES, Decoder, PacketType, encode
 
 from .admin import AdminProtocol
 from .config import ServerConfig
-from .state import JobServerState, Peer
+from .state import AWAKE, JobServerState, Peer
 from .stores import open_store
 from .tls import server_context
 
@@ -69,6 +71,8 @@ REFUSED_LOG_INTERVAL = 10.0
 #: the at-least-once window (a job that ended this long before a crash may run again).
 DELETE_LINGER = 0.02
 DELETE_BATCH = 4096
+#: The --idle-timeout sweep yields to the poll loop after this many connections.
+SWEEP_CHUNK = 1000
 
 
 class LoopScheduler:
@@ -118,7 +122,8 @@ class Connection:
     """
 
     __slots__ = ("server", "sock", "fd", "peer", "decoder", "backlog", "events", "closing",
-                 "closed", "done", "silent", "joined", "_on_packet", "_on_line")
+                 "closed", "done", "nread", "joined", "_on_packet", "_on_line",
+                 "_seen", "_quiet_since", "_partial_mark", "_partial_since", "_unsent")
 
     def __init__(self, server: GearmanServer, sock: socket.socket, address: tuple) -> None:
         self.server = server
@@ -139,8 +144,14 @@ class Connection:
         self.closing = False  # no more input is taken
         self.closed = False   # gone from the state and the poll loop
         self.done = Event()   # set once the last output is delivered (or given up)
-        self.silent = True    # nothing read yet (--idle-timeout)
+        self.nread = 0        # bytes read so far: the only per-read cost of --idle-timeout
         self.joined = False   # known to the state (TLS: once the handshake succeeded)
+        # --idle-timeout bookkeeping, touched only by GearmanServer._sweep_idle.
+        self._seen = 0                        # ``nread`` at the last sweep
+        self._quiet_since = time.monotonic()  # when ``nread`` last moved
+        self._partial_mark = -1               # bytes consumed when a partial was first seen
+        self._partial_since = 0.0
+        self._unsent = 0                      # _unsent() when last found idle
 
     def serve(self) -> None:
         """The connection's greenlet: register with the poll loop, wait for the end."""
@@ -164,8 +175,7 @@ class Connection:
         if not data:
             self.close("" if self.closing else "closed by peer")
             return
-        if self.silent:
-            self.silent = False
+        self.nread += len(data)
         try:
             self.decoder.dispatch(data, self._on_packet, self._on_line)
         except ProtocolError as exc:
@@ -389,7 +399,7 @@ class TlsConnection(Connection):
             if not data:
                 self.close("closed by peer")
                 return
-            self.silent = False
+            self.nread += len(data)
             try:
                 dispatch(data, self._on_packet, self._on_line)
             except ProtocolError as exc:
@@ -489,6 +499,24 @@ class TlsConnection(Connection):
         # The reader's ``finally`` (or its loop, when it is the caller) closes us.
 
 
+def _unsent(conn: Connection) -> int:
+    """Bytes queued for the peer and not taken yet: our backlog plus the kernel's send
+    queue (TIOCOUTQ). Only asked of connections about to be closed as idle."""
+    unsent = len(conn.backlog) if conn.backlog is not None else 0
+    try:
+        unsent += struct.unpack("i", fcntl.ioctl(conn.fd, termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        pass
+    return unsent
+
+
+def _in_flight(peer: Peer) -> bool:
+    """Whether an idle peer still has something going on, so that --idle-timeout must
+    spare it: a job it holds as a worker, a foreground job it waits on, a worker asleep
+    (or just woken) waiting for work, or replies held until its jobs are durable."""
+    return bool(peer.jobs or peer.waiting or peer.sleep != AWAKE or peer.batch is not None)
+
+
 def _write_now(batch) -> bool:
     """Whether a store batch must be written without DELETE_LINGER: a submission waits
     for its JOB_CREATED, or DELETE_BATCH rows have piled up."""
@@ -531,8 +559,6 @@ class GearmanServer(StreamServer):
         self._epoll = _epoll()
         self._by_fd: dict[int, Connection] = {}
         self._poller: gevent.Greenlet | None = None
-        #: (deadline, connection) in connection order, for --idle-timeout.
-        self._silent: deque[tuple[float, Connection]] = deque()
         self._sweeper: gevent.Greenlet | None = None
         self._refused = 0          # connections refused since the last log line
         self._refused_log_at = 0.0
@@ -576,10 +602,8 @@ class GearmanServer(StreamServer):
                 return
             conn = TlsConnection(self, tls_sock, address)
         self.connections.add(conn)
-        if self.config.idle_timeout:
-            self._silent.append((time.monotonic() + self.config.idle_timeout, conn))
-            if self._sweeper is None:
-                self._sweeper = gevent.spawn(self._sweep_silent)
+        if self.config.idle_timeout and self._sweeper is None:
+            self._sweeper = gevent.spawn(self._sweep_idle)
         conn.serve()
 
     def _refuse(self) -> None:
@@ -594,30 +618,57 @@ class GearmanServer(StreamServer):
             self._refused = 0
             self._refused_log_at = now + REFUSED_LOG_INTERVAL
 
-    def _sweep_silent(self) -> None:
-        """--idle-timeout: close connections that have sent nothing since they connected.
-        One greenlet for all of them, running only while some are young enough to check;
-        the poll loop's only cost is clearing ``Connection.silent`` at the first read."""
+    def _sweep_idle(self) -> None:
+        """--idle-timeout, with the semantics of Redis's ``timeout``: close a connection
+        that has a packet or admin line half-sent for longer than the timeout (a byte at a
+        time never completes one), or that has sent nothing for that long while nothing of
+        it is in flight (see ``_in_flight``). One greenlet for all connections, waking
+        every quarter of the timeout (at most 5 s); the poll loop's only cost is counting
+        the bytes it reads. A sweep yields to the loop every ``SWEEP_CHUNK`` connections."""
         timeout = self.config.idle_timeout
         tick = min(max(timeout / 4, 0.05), 5.0)
-        silent = self._silent
         try:
-            while silent:
+            while self.connections:
                 gevent.sleep(tick)
-                # Forget at once the connections that spoke or closed, not after the full
-                # timeout: under connection churn they would pile up here (issue #6 stress).
-                kept = [item for item in silent if item[1].silent and not item[1].closing]
-                if len(kept) < len(silent):
-                    silent.clear()
-                    silent.extend(kept)
                 now = time.monotonic()
-                while silent and silent[0][0] <= now:
-                    conn = silent.popleft()[1]
-                    if conn.silent and not conn.closing:
-                        conn.abort(f"sent nothing for {timeout:g}s (--idle-timeout)",
-                                   logging.INFO)
+                for i, conn in enumerate(list(self.connections)):
+                    if i and not i % SWEEP_CHUNK:
+                        gevent.sleep(0)
+                    if not conn.closing and conn.joined:
+                        self._check_idle(conn, now, timeout)
         finally:
             self._sweeper = None
+
+    @staticmethod
+    def _check_idle(conn: Connection, now: float, timeout: float) -> None:
+        read = conn.nread
+        if read != conn._seen:
+            conn._seen = read
+            conn._quiet_since = now
+        buffered = conn.decoder.buffered
+        if buffered:
+            # Bytes consumed only move when a whole packet or line is taken, so the same
+            # figure on two sweeps means the same partial item is still waiting.
+            consumed = read - buffered
+            if consumed != conn._partial_mark:
+                conn._partial_mark = consumed
+                conn._partial_since = now
+            elif now - conn._partial_since >= timeout:
+                conn.abort(f"a partial packet or line not completed within {timeout:g}s "
+                           "(--idle-timeout)", logging.INFO)
+            return
+        conn._partial_mark = -1
+        if now - conn._quiet_since >= timeout and not _in_flight(conn.peer):
+            # Replies the peer is still taking count as activity too (Redis counts its
+            # writes): a slow download is not idleness; output that does not move is.
+            unsent = _unsent(conn)
+            if unsent and unsent != conn._unsent:
+                conn._unsent = unsent
+                conn._quiet_since = now
+                return
+            what = "sent nothing" if not read else "idle"
+            conn.abort(f"{what} for {timeout:g}s with nothing in flight (--idle-timeout)",
+                       logging.INFO)
 
     # -- the poll loop ---------------------------------------------------------------------
 
@@ -675,7 +726,11 @@ class GearmanServer(StreamServer):
         if store is None:
             for peer in self.state.take_dirty():
                 conn = peer.transport
-                if peer.out_bytes > limit:
+                # What waits for EPOLLOUT counts too: a slow reader that takes a little now
+                # and then must not grow its backlog without bound (issue #17).
+                backlog = conn.backlog
+                if peer.out_bytes > limit or (
+                        backlog is not None and peer.out_bytes + len(backlog) > limit):
                     conn.abort(f"more than {limit} bytes of replies unread")
                 else:
                     conn.wake()
@@ -689,7 +744,9 @@ class GearmanServer(StreamServer):
             if peer.batch is not None:
                 continue  # held until its batch is durable: _release() sends it
             conn = peer.transport
-            if peer.out_bytes > limit:
+            backlog = conn.backlog
+            if peer.out_bytes > limit or (
+                    backlog is not None and peer.out_bytes + len(backlog) > limit):
                 conn.abort(f"more than {limit} bytes of replies unread")
             else:
                 conn.wake()
@@ -753,7 +810,7 @@ class GearmanServer(StreamServer):
                 continue
             if waits.done:
                 peer.batch = None
-                if peer.out_bytes > limit:
+                if peer.out_bytes + len(conn.backlog or b"") > limit:
                     conn.abort(f"more than {limit} bytes of replies unread")
                 elif peer.out:
                     conn.wake()
@@ -819,7 +876,6 @@ class GearmanServer(StreamServer):
     def stop(self, timeout: float | None = None) -> None:
         if self._sweeper is not None:
             self._sweeper.kill(block=False)
-        self._silent.clear()
         for conn in list(self.connections):
             conn.abort("server stopping", logging.INFO)
             conn.close("")

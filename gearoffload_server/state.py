@@ -54,6 +54,8 @@ MAX_CLIENT_ID = 127
 #: Above this many dead entries in one queue (and more dead than live), the queue is
 #: compacted, so that submit-and-disconnect loops cannot grow memory without bound.
 COMPACT_THRESHOLD = 1024
+#: The maxqueue of a function without one (shared: ``Function.limits`` is only replaced).
+_NO_LIMITS = (0, 0, 0)
 #: Seconds a woken worker has to grab before other sleepers are woken for the same work.
 WAKE_GRACE = 1.0
 
@@ -91,6 +93,8 @@ _NOOP = encode(RES, T.NOOP)
 _NO_JOB = encode(RES, T.NO_JOB)
 _LEADING_INT = re.compile(rb"\s*([+-]?)(\d*)")
 _WHITESPACE = re.compile(rb"\s+")
+#: Bytes a function name may not hold: they are the admin protocol's separators.
+_ADMIN_UNSAFE = re.compile(rb"[\t\n\r]")
 
 
 def _error(code: bytes, text: bytes) -> bytes:
@@ -245,11 +249,14 @@ class Function:
 
     __slots__ = ("name", "queues", "queued", "ready", "scheduled", "running", "total",
                  "dead", "workers", "sleepers", "woken", "limits", "wake_timer",
-                 "submitted", "coalesced", "completed", "failed", "exceptions", "latency")
+                 "submitted", "coalesced", "completed", "failed", "exceptions", "latency",
+                 "pinned")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
-        self.queues: tuple[deque[Job], deque[Job], deque[Job]] = (deque(), deque(), deque())
+        # Made at the first enqueue: three empty deques are 1.8 KiB, more than half of
+        # what a function costs, and most names registered never queue a job.
+        self.queues: tuple[deque[Job], deque[Job], deque[Job]] | None = None
         self.queued = [0, 0, 0]       # live runnable jobs per priority
         self.ready = 0                # sum of ``queued``
         self.scheduled = 0            # epoch jobs not yet due
@@ -259,7 +266,7 @@ class Function:
         self.workers: dict[Peer, None] = {}
         self.sleepers: dict[Peer, None] = {}  # asleep and not yet sent a NOOP, oldest first
         self.woken = 0                # registered workers sent a NOOP that have not grabbed
-        self.limits = [0, 0, 0]       # maxqueue per priority, 0 = unlimited
+        self.limits = _NO_LIMITS      # maxqueue per priority, 0 = unlimited (replaced whole)
         self.wake_timer: Timer | None = None  # see JobServerState._wake_overdue
         # Monotonic counters for /metrics (plain ints: a Prometheus Counter takes a lock).
         self.submitted = 0            # jobs created (not coalesced, restored or retried)
@@ -271,6 +278,9 @@ class Function:
         # would cost a clock read and an observe() more per job, about as much again as
         # this one: left out.)
         self.latency = LatencyHistogram()
+        #: Created or limited by admin (``create function``, ``maxqueue``): kept when it
+        #: has no worker and no job; other functions are then forgotten (``_reclaim``).
+        self.pinned = False
 
     def __repr__(self) -> str:
         return f"<Function {self.name!r} total={self.total} running={self.running}>"
@@ -523,6 +533,10 @@ class JobServerState:
         self._dirty: list[Peer] = []
         #: Background jobs that failed more than ``--retry-failed`` times, by handle.
         self.dead: dict[bytes, Job] = {}
+        #: Workers still running an attempt that timed out (CAN_DO_TIMEOUT) of a job that
+        #: is to run again: handles by worker. Such a worker is not handed that job's
+        #: retry while its own attempt may still run, and its late answer ends it quietly.
+        self._stale: dict[Peer, set[bytes]] = {}
         #: Shutting down (SIGTERM): grabs get NO_JOB, running jobs may finish.
         self.draining = False
         #: The last jobs that failed, newest last (the status page's "recent failures").
@@ -571,6 +585,8 @@ class JobServerState:
         if peer not in self.peers:
             return
         del self.peers[peer]
+        if self._stale:
+            self._stale.pop(peer, None)
         was_woken = peer.sleep == WOKEN
         self._set_sleep(peer, AWAKE)
         for job in list(peer.jobs.values()):
@@ -584,6 +600,8 @@ class JobServerState:
             del func.workers[peer]
             if was_woken and func.ready and func.sleepers:
                 self._wake(func)  # the NOOP it took must not be lost with it
+            if not func.total and not func.workers and not func.pinned:
+                self._reclaim(func)
         peer.functions.clear()
         peer.timeouts.clear()
         for job in list(peer.attached):
@@ -724,6 +742,12 @@ class JobServerState:
             peer.send(_error(b"INVALID_FUNCTION_NAME",
                              b"Function name must be 1 to 512 bytes long"))
             return None
+        if _ADMIN_UNSAFE.search(name):
+            # Admin listings are tab-separated lines ending with "."; such a name could
+            # forge rows or end a listing early (issue #17).
+            peer.send(_error(b"INVALID_FUNCTION_NAME",
+                             b"Function name must not contain tabs or line breaks"))
+            return None
         return self.function(name)
 
     def _find_coalesced(self, func: Function, unique: bytes, data: bytes) -> Job | None:
@@ -792,7 +816,10 @@ class JobServerState:
     def _enqueue(self, job: Job) -> None:
         func = job.function
         job.state = QUEUED
-        func.queues[job.priority].append(job)
+        queues = func.queues
+        if queues is None:
+            queues = func.queues = (deque(), deque(), deque())
+        queues[job.priority].append(job)
         func.queued[job.priority] += 1
         func.ready += 1
         if func.sleepers:
@@ -861,6 +888,8 @@ class JobServerState:
         for client in job.clients:
             client.waiting -= client.attached.pop(job, 0)
         job.clients = []
+        if not func.total and not func.workers and not func.pinned:
+            self._reclaim(func)
 
     def _pop_runnable(self, func: Function, priority: int) -> Job:
         queue = func.queues[priority]
@@ -883,6 +912,14 @@ class JobServerState:
             ms = strtoll(raw) or 0
             if ms > 0:
                 timeout = max(ms, 1000) / 1000.0
+        cap = self.config.max_functions_per_connection
+        if cap and len(peer.functions) >= cap:
+            known = self.functions.get(name)
+            if known is None or peer not in known.workers:
+                peer.send(_error(b"TOO_MANY_FUNCTIONS",
+                                 b"More functions registered on this connection than "
+                                 b"--max-functions-per-connection allows"))
+                return
         func = self._named_function(peer, name)
         if func is None:
             return
@@ -920,6 +957,18 @@ class JobServerState:
         peer.functions.remove(func)
         peer.timeouts.pop(func, None)
         peer.rr = 0
+        if not func.total and not func.workers and not func.pinned:
+            self._reclaim(func)
+
+    def _reclaim(self, func: Function) -> None:
+        """Forget a function with no worker, no job and no admin entry (issue #17: names
+        registered by a connection that closed stayed for good). Its counters go with
+        it (/metrics sees a counter reset); a later CAN_DO or submission makes it anew."""
+        if self.functions.get(func.name) is func:
+            del self.functions[func.name]
+        if func.wake_timer is not None:
+            func.wake_timer.cancel()
+            func.wake_timer = None
 
     def _set_sleep(self, peer: Peer, sleep: int) -> None:
         old = peer.sleep
@@ -937,6 +986,11 @@ class JobServerState:
         peer.sleep = sleep
 
     def _pre_sleep(self, peer: Peer, packet: Packet) -> None:
+        if self._stale and peer in self._stale:
+            # What is ready may be the retry it was just refused: no NOOP at once, else
+            # GRAB/NO_JOB/PRE_SLEEP/NOOP would spin. New jobs and _end_stale() wake it.
+            self._set_sleep(peer, SLEEPING)
+            return
         for func in peer.functions:
             if func.ready:
                 # Rule 1: close the race between NO_JOB and PRE_SLEEP.
@@ -979,6 +1033,8 @@ class JobServerState:
         if peer.sleep != AWAKE:
             self._set_sleep(peer, AWAKE)
         job = None if self.draining else self._next_job(peer)
+        if job is not None and self._stale and self._refuse_stale(peer, job):
+            job = None
         if job is None:
             peer.send(_NO_JOB)
         else:
@@ -989,6 +1045,19 @@ class JobServerState:
             for func in peer.functions:
                 if func.ready and func.sleepers:
                     self._wake(func)
+
+    def _refuse_stale(self, peer: Peer, job: Job) -> bool:
+        """Whether ``job`` (just popped for ``peer``) is the retry of an attempt that timed
+        out on ``peer`` and may still run there: then it goes back to the head of its
+        queue (its counters never moved) for another worker."""
+        stale = self._stale.get(peer)
+        if stale is None or job.handle not in stale:
+            return False
+        func = job.function
+        func.queues[job.priority].appendleft(job)
+        if func.sleepers:
+            self._wake(func)  # someone else may take it now
+        return True
 
     def _next_job(self, peer: Peer) -> Job | None:
         """Global priority across the worker's functions, round-robin among them (the
@@ -1033,15 +1102,45 @@ class JobServerState:
                 timeout, functools.partial(self._timed_out, job, peer))
 
     def _timed_out(self, job: Job, worker: Peer) -> None:
-        if job.state == RUNNING and job.worker is worker:
-            log.warning("job %s of %s timed out on %r; requeued", job.handle.decode(),
-                        job.function.name.decode(errors="replace"), worker,
-                        extra=_job_fields(job, "job.timeout", worker))
-            job.timer = None
-            # Recorded, not counted: _lose() requeues it or counts it as failed.
-            self._failed(job, "timeout", f"no result from worker {worker.address} "
-                         f"fd={worker.fd} within CAN_DO_TIMEOUT", count=False)
-            self._lose(job)
+        """CAN_DO_TIMEOUT ran out: a failed attempt, as if the worker had answered
+        WORK_FAIL (issue #17; the Perl server does the same). Its clients get WORK_FAIL; a
+        background job runs again after ``--retry-backoff`` while ``--retry-failed``
+        allows, then becomes a dead letter (at once with ``--retry-failed 0``: a job that
+        always outlives its timeout is kept, not lost and not retried forever)."""
+        if job.state != RUNNING or job.worker is not worker:
+            return
+        job.timer = None
+        log.warning("job %s of %s timed out on %r: a failed attempt", job.handle.decode(),
+                    job.function.name.decode(errors="replace"), worker,
+                    extra=_job_fields(job, "job.timeout", worker))
+        self._failed(job, "timeout", f"no result from worker {worker.address} "
+                     f"fd={worker.fd} within CAN_DO_TIMEOUT")
+        if job.clients:
+            self._relay_to_clients(job, encode(RES, T.WORK_FAIL, (job.handle,)))
+        if not job.background:
+            self._remove(job)
+            return
+        self._retry_or_bury(job)
+        if job.state == SCHEDULED:  # to run again: not beside this attempt on this worker
+            stale = self._stale.get(worker)
+            if stale is None:
+                stale = self._stale[worker] = set()
+            stale.add(job.handle)
+
+    def _end_stale(self, worker: Peer, handle: bytes) -> None:
+        """The worker answered for an attempt that had timed out: it may have that job's
+        retry now; wake it if it sleeps while work waits (it was refused some)."""
+        stale = self._stale[worker]
+        stale.discard(handle)
+        if stale:
+            return
+        del self._stale[worker]
+        if worker.sleep == SLEEPING:
+            for func in worker.functions:
+                if func.ready:
+                    self._set_sleep(worker, WOKEN)
+                    worker.send(_NOOP)
+                    return
 
     def _lose(self, job: Job) -> None:
         """The worker holding ``job`` is gone (disconnect, CANT_DO, timeout): requeue it at
@@ -1086,6 +1185,15 @@ class JobServerState:
         handle = packet.args[0]
         job = peer.jobs.get(handle)
         if job is None:
+            stale = self._stale.get(peer) if self._stale else None
+            if stale is not None and handle in stale:
+                # The late word of an attempt that timed out: taken quietly.
+                if ptype == T.WORK_EXCEPTION:
+                    peer.last_exception = handle  # its WORK_FAIL may follow
+                if ptype == T.WORK_COMPLETE or ptype == T.WORK_FAIL or \
+                        ptype == T.WORK_EXCEPTION:
+                    self._end_stale(peer, handle)
+                return
             if ptype == T.WORK_FAIL:
                 if handle == peer.last_exception:
                     # python-gearman and Perl send WORK_FAIL after WORK_EXCEPTION; an
@@ -1353,6 +1461,8 @@ class JobServerState:
         func.total -= 1
         del self.jobs[job.handle]
         self._unindex(job)
+        if not func.total and not func.workers and not func.pinned:
+            self._reclaim(func)
         if job.abandoned:  # cancelled while it ran: gone, not dead
             if job.stored:
                 self.store.delete(job)

@@ -1,7 +1,9 @@
 """The status page's data (``/status.json``), computed from the job state when asked.
 
 Costs O(functions + workers + running jobs + recent failures), never O(queued jobs): a
-server with a million queued jobs answers as fast as an idle one. Names, handles and
+server with a million queued jobs answers as fast as an idle one. It lists at most
+``max_functions`` functions (the busiest, as ``/metrics`` does) and calls ``pause()``
+between chunks of them, where the HTTP endpoint yields to the event loop. Names, handles and
 unique keys are bytes on the wire; here they become text with undecodable bytes shown
 as ``\\xNN``.
 
@@ -17,21 +19,36 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from .metrics import PRIORITIES, label
+from .metrics import CHUNK, MAX_FUNCTIONS, PRIORITIES, label, no_pause, pick_functions
 from .state import JobServerState
 
 #: Running jobs listed at most (the total is reported beside them).
 MAX_RUNNING = 200
 
 
-def snapshot(state: JobServerState, started: float | None = None) -> dict[str, Any]:
+def snapshot(state: JobServerState, started: float | None = None,
+             max_functions: int = MAX_FUNCTIONS,
+             pause: Callable[[], None] = no_pause) -> dict[str, Any]:
     """Everything the status page shows, as JSON-ready values."""
     now = state.scheduler.now()
     functions = []
     totals = dict.fromkeys(("submitted", "coalesced", "completed", "failed"), 0)
-    for func in state.functions.values():
+    everything = list(state.functions.values())
+    for start in range(0, len(everything), CHUNK * 20):
+        if start:
+            pause()
+        for func in everything[start:start + CHUNK * 20]:
+            totals["submitted"] += func.submitted
+            totals["coalesced"] += func.coalesced
+            totals["completed"] += func.completed
+            totals["failed"] += func.failed
+    listed, _ = pick_functions(state, max_functions, pause)
+    for i, func in enumerate(listed):
+        if i and not i % CHUNK:
+            pause()
         row = {
             "name": label(func.name),
             "queued": dict(zip(PRIORITIES, func.queued, strict=True)),
@@ -45,9 +62,8 @@ def snapshot(state: JobServerState, started: float | None = None) -> dict[str, A
             "mean_seconds": round(func.latency.sum / n, 6)
             if (n := func.latency.count()) else None,
         }
-        for key in totals:
-            totals[key] += row[key]
         functions.append(row)
+    pause()
 
     held = []
     workers = 0
@@ -88,6 +104,7 @@ def snapshot(state: JobServerState, started: float | None = None) -> dict[str, A
         "dead_letters": len(state.dead),
         "totals": totals,
         "functions": functions,
+        "functions_total": len(everything),
         "running": running,
         "running_total": len(held),
         "failures": failures,

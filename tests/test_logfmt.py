@@ -128,7 +128,7 @@ def test_server_json_log_carries_job_and_peer_fields(tmp_path):
         worker.send(T.GRAB_JOB_UNIQ)
         assert worker.expect(T.JOB_ASSIGN_UNIQ)[0] == handle
         worker.close()
-        # 3. CAN_DO_TIMEOUT runs out: requeued
+        # 3. CAN_DO_TIMEOUT runs out: a failed attempt, retried (--retry-failed 1)
         with server.connect() as slow:
             slow.send(T.CAN_DO_TIMEOUT, b"log_lost", b"1")
             slow.send(T.GRAB_JOB)
@@ -171,7 +171,9 @@ def test_server_json_log_carries_job_and_peer_fields(tmp_path):
     timeout = first(entries, "job.timeout")
     assert timeout["handle"] == handle.decode() and timeout["function"] == "log_lost"
 
-    retry = first(entries, "job.retry")
+    retries = [e for e in entries if e.get("event") == "job.retry"]
+    assert retries[0]["handle"] == handle.decode()  # the timed-out attempt (issue #17)
+    retry = next(e for e in retries if e["function"] == "log_fail")
     dead = first(entries, "job.dead_letter")
     assert retry["handle"] == dead["handle"] == failing.decode()
     assert retry["function"] == dead["function"] == "log_fail"

@@ -117,7 +117,7 @@ def test_q5_abandoned_queued_job_removed_at_once(our_server):
         gone.close()
         # No worker ever polls: gearmand would keep counting it until one does.
         wait_until(lambda: show_jobs(admin) == {}, timeout=1)
-        assert status_table(admin)[b"f"] == (0, 0, 0)
+        assert b"f" not in status_table(admin)  # nor worker nor job: forgotten (issue #17)
         with our_server.connect() as c:
             c.send(T.GET_STATUS, h)
             assert c.expect(T.STATUS_RES) == (h, b"0", b"0", b"0", b"0")
@@ -139,7 +139,10 @@ def test_q6_one_timeout_timer_per_job(our_server):
             if time.monotonic() - grabbed < 0.95:  # (second's own timer is due at 1.0)
                 assert jobs == {second: (0, 0, 1)}
                 assert rows[b"f"] == (1, 1, 1)
-            wait_until(lambda: show_jobs(admin) == {second: (1, 0, 1)}, timeout=3)
+            # Timed out: a failed attempt; with --retry-failed 0 a dead letter at once.
+            wait_until(lambda: second.decode() in admin.admin("show dead jobs").decode(),
+                       timeout=3)
+            assert show_jobs(admin) == {}
             assert time.monotonic() - grabbed >= 0.95
             w.send(T.WORK_COMPLETE, second, b"late")
             assert w.expect(T.ERROR) == (b"JOB_NOT_FOUND", b"Job given in work result not found")
@@ -173,7 +176,11 @@ def test_q9_drop_function_refused_while_jobs_queued(our_server):
         with worker(our_server, b"f") as w:
             assert grab(w)[0] == h
             w.send(T.WORK_COMPLETE, h, b"")
-        wait_until(lambda: status_table(admin)[b"f"] == (0, 0, 0))
+            wait_until(lambda: status_table(admin)[b"f"] == (0, 0, 1))
+            assert admin.admin("drop function f").startswith(b"ERR ")  # a worker has it
+        # Its worker gone and no job left, the function is forgotten (issue #17).
+        wait_until(lambda: b"f" not in status_table(admin))
+        assert admin.admin("create function f") == b"OK\r\n"
         assert admin.admin("drop function f") == b"OK\r\n"
 
 
@@ -284,8 +291,8 @@ def test_job_retries_two_fails_after_two_lost_attempts(server_factory):
         assert show_jobs(admin) == {}
 
 
-def test_job_retries_applies_to_timeouts(server_factory):
-    srv = server_factory("gearoffload", "--job-retries", "1")
+def test_timeout_fails_a_foreground_job_whatever_job_retries(server_factory):
+    srv = server_factory("gearoffload", "--job-retries", "3")
     with srv.connect() as c, srv.connect() as w:
         h = submit(c, b"f", b"", b"d")
         w.send(T.CAN_DO_TIMEOUT, b"f", b"1")  # raised to 1000 ms

@@ -71,18 +71,25 @@ def test_lost_worker_timeout_and_dead_letter_are_recorded():
     h.send(worker, T.CAN_DO_TIMEOUT, b"f", b"1000")
     h.send(client, T.SUBMIT_JOB, b"f", b"", b"x")            # H:t:1
     h.send(worker, T.GRAB_JOB)
-    h.clock.advance(1.1)                                     # times out, fails (-j 1)
+    h.clock.advance(1.1)                                     # times out: a failed attempt
     func = h.state.functions[b"f"]
     assert func.failed == 1
+    assert [f.what for f in h.state.failures] == ["timeout"]
+    h.send(client, T.SUBMIT_JOB, b"f", b"", b"z")            # H:t:2
+    lost = h.peer()
+    h.send(lost, T.CAN_DO, b"f")
+    h.send(lost, T.GRAB_JOB)
+    h.state.disconnect(lost)                                 # fails (-j 1)
     assert [f.what for f in h.state.failures] == ["timeout", "lost worker"]
-    h.send(client, T.SUBMIT_JOB_BG, b"f", b"", b"y")         # H:t:2
+    assert func.failed == 2
+    h.send(client, T.SUBMIT_JOB_BG, b"f", b"", b"y")         # H:t:3
     for _ in range(2):
         h.send(worker, T.GRAB_JOB)
-        h.send(worker, T.WORK_FAIL, b"H:t:2")
+        h.send(worker, T.WORK_FAIL, b"H:t:3")
         h.clock.advance(1.5)                                 # the retry falls due
-    assert b"H:t:2" in h.state.dead
+    assert b"H:t:3" in h.state.dead
     assert [f.what for f in h.state.failures][-3:] == ["fail", "fail", "dead letter"]
-    assert func.failed == 3
+    assert func.failed == 4
 
 
 def test_recent_failures_are_bounded():
