@@ -44,6 +44,7 @@ from .errors import (
     GearmanError,
     JobException,
     JobFailed,
+    JobLost,
     JobTimeout,
     NoServersAvailable,
     NoWorkers,
@@ -1030,8 +1031,8 @@ class Client:
                     # It was accepted (and may have run) before its server went: a failed
                     # job. NoServersAvailable means no server ever took it, so a caller
                     # may run it elsewhere (the web layer's local fallback).
-                    sub.finish(exc=JobFailed(f"job lost with its server; no server to "
-                                             f"resubmit it to ({exc})"))
+                    sub.finish(exc=JobLost(f"job lost with its server; no server to "
+                                           f"resubmit it to ({exc})"))
                 else:
                     sub.finish(exc=exc)
             except GearmanError as exc:

@@ -45,6 +45,7 @@ from .errors import (
     GearmanError,
     JobException,
     JobFailed,
+    JobLost,
     JobTimeout,
     NoServersAvailable,
     NoWorkers,
@@ -356,9 +357,17 @@ def response_payload(status: int | str, headers: Iterable[tuple[str, str]],
 _SIGNED, _UNSIGNED = b"GO1.", b"GO0."
 
 
+NO_KEY = ("no secret key: set GEAROFFLOAD_SECRET_KEY (the same on the web side and the "
+          "workers) so that jobs are signed, or GEAROFFLOAD_ALLOW_UNSIGNED=1 on a closed "
+          "network")
+
+
 class Seal:
-    """Signs jobs (itsdangerous, HMAC-SHA256 with a timestamp) and checks them on the
-    worker: forged, unsigned, expired and stale jobs are refused before anything runs.
+    """Signs jobs (itsdangerous's HMAC-SHA256 ``Signer``, with key rotation) over a
+    header that says when the job may first run and when its caller gives up, and checks
+    them on the worker: forged, unsigned, expired and stale jobs are refused before
+    anything runs. A job's age counts from when it may first run (its ``run_at``), so a
+    job delayed by a week is not refused as old when it falls due.
 
     Example::
 
@@ -374,21 +383,32 @@ class Seal:
         self.allow_unsigned = allow_unsigned
         self.signer = None
         if secret_key:
-            from itsdangerous import TimestampSigner
+            from itsdangerous import Signer
 
             # itsdangerous signs with the last key and accepts any of them (rotation).
-            self.signer = TimestampSigner([*old_keys, secret_key], salt="gearoffload.job",
-                                          digest_method=hashlib.sha256)
+            self.signer = Signer([*old_keys, secret_key], salt="gearoffload.job",
+                                 digest_method=hashlib.sha256)
 
-    def close(self, payload: bytes, deadline: float | None = None) -> bytes:
-        body = b"%.3f:" % deadline + payload if deadline else b"0:" + payload
+    @property
+    def usable(self) -> bool:
+        """Whether jobs can be sealed here (a key, or unsigned jobs explicitly allowed)."""
+        return self.signer is not None or self.allow_unsigned
+
+    def close(self, payload: bytes, deadline: float | None = None,
+              not_before: float | None = None) -> bytes:
+        """Seal ``payload``; ``deadline``: when its caller gives up (Unix time);
+        ``not_before``: when it may first run (a delayed job's ``run_at``)."""
+        if not self.usable:
+            raise ValueError(f"cannot send the job: {NO_KEY}")
+        stamp = max(time.time(), not_before or 0.0)
+        body = b"%.3f:%.3f:" % (stamp, deadline or 0.0) + payload
         if self.signer is None:
             return _UNSIGNED + body
         return _SIGNED + self.signer.sign(body)
 
     def open(self, sealed: bytes) -> bytes:
         """The payload; ``PayloadError`` (forged, unsigned, expired) or ``StaleJob``."""
-        from itsdangerous import BadSignature, SignatureExpired
+        from itsdangerous import BadSignature
 
         head, body = sealed[:4], sealed[4:]
         if head == _SIGNED:
@@ -396,26 +416,27 @@ class Seal:
                 raise PayloadError("refusing a signed job: this worker has no secret key "
                                    "(set the web side's GEAROFFLOAD_SECRET_KEY here too)")
             try:
-                body = self.signer.unsign(body, max_age=self.max_age)
-            except SignatureExpired as exc:
-                raise PayloadError(f"refusing an expired job (signed more than "
-                                   f"{self.max_age:g} s ago): {exc}") from None
+                body = self.signer.unsign(body)
             except BadSignature:
                 raise PayloadError("refusing a job with a bad signature (forged, or signed "
                                    "with a key this worker does not have)") from None
         elif head == _UNSIGNED:
-            if self.signer is not None and not self.allow_unsigned:
-                raise PayloadError("refusing an unsigned job: this worker has a secret key, "
-                                   "so every job must be signed with it")
+            if not self.allow_unsigned:
+                raise PayloadError(f"refusing an unsigned job: {NO_KEY}")
         else:
             raise PayloadError("refusing a job that is not a gearoffload job (no seal)")
-        stamp, _, payload = body.partition(b":")
+        stamp, _, rest = body.partition(b":")
+        limit, _, payload = rest.partition(b":")
         try:
-            deadline = float(stamp)
+            signed_at, deadline = float(stamp), float(limit)
         except ValueError:
             raise PayloadError("refusing a job with a malformed seal") from None
-        if deadline and time.time() > deadline + CLOCK_SKEW:
-            raise StaleJob(f"the caller gave up {time.time() - deadline:.1f} s ago")
+        now = time.time()
+        if now - signed_at > self.max_age:
+            raise PayloadError(f"refusing an expired job (due {now - signed_at:.0f} s ago, "
+                               f"more than GEAROFFLOAD_SIGNATURE_MAX_AGE={self.max_age:g})")
+        if deadline and now > deadline + CLOCK_SKEW:
+            raise StaleJob(f"the caller gave up {now - deadline:.1f} s ago")
         return payload
 
 
@@ -639,8 +660,13 @@ def http_error(exc: BaseException) -> HttpError:
         return HttpError(501, "Not Implemented",
                          "The job server keeps no results of background jobs (gearmand?): "
                          "set GEAROFFLOAD_RESULTS to a redis:// URL.")
-    if isinstance(exc, NoWorkers):
-        return HttpError(503, "Service Unavailable", str(exc), 5)
+    if isinstance(exc, NoWorkers):  # the function, not the servers' addresses
+        return HttpError(503, "Service Unavailable",
+                         f"No worker serves {exc.function!r} right now; try again shortly.", 5)
+    if isinstance(exc, JobLost):
+        return HttpError(503, "Service Unavailable",
+                         "The job server went away while handling this request; try again.",
+                         5)
     if isinstance(exc, NoServersAvailable):
         return HttpError(503, "Service Unavailable",
                          "No job server is reachable; try again shortly.", 5)
@@ -776,11 +802,12 @@ class Offloader:
         # where the backend wants it); the rest is a random token or the coalescing key.
         unique = "bg-" + (stable_hash(unique) if unique else secrets.token_urlsafe(24))
         ref = JobRef(function, unique, owner, time.time())
-        sealed = self.seal.close(payload)
+        sealed = self.seal.close(payload, not_before=run_at)
         if self.config.eager:
             self._run_background_here(function, sealed, unique)
             return ref
-        self.check_workers(function)
+        # No "does a worker serve it?" here: the server keeps a background job durably
+        # until a worker comes (deploy order, a worker restart), so accepting it is right.
         self.client.submit(function, sealed, unique=unique, priority=priority,
                            background=True, run_at=run_at)
         return ref
@@ -896,7 +923,12 @@ def run_task(offloader: Offloader, job: Any, body: Callable[[bytes], bytes],
     """The worker side of every offloaded task: open the seal, run ``body(payload)`` as
     the current job, turn an exception into its traceback text, and record a background
     outcome where the backend needs it."""
-    payload = offloader.open_job(job)
+    try:
+        payload = offloader.open_job(job)
+    except JobFailed as exc:
+        if background:  # the kept outcome says why: TaskError sends its text
+            raise TaskError(f"{type(exc).__name__}: {exc}") from exc
+        raise
     try:
         result = run_as_task(job, lambda: body(payload))
     except JobFailed as exc:
@@ -921,9 +953,14 @@ def outcome_fields(outcome: Outcome, traceback: bool = False) -> dict[str, Any]:
                                          "denominator": outcome.denominator}}
     if outcome.state in ("failed", "dead"):
         text = (outcome.data or b"").decode("utf-8", "replace")
-        body["error"] = text.split("\n", 1)[0] or "the job failed"
-        if traceback:
+        first = text.split("\n", 1)[0]
+        if traceback:  # messages can carry what users must not see: debug apps only
+            body["error"] = first or "the job failed"
             body["traceback"] = text
+        else:
+            kind = first.split(":", 1)[0] if ":" in first else ""
+            body["error"] = f"the job failed ({kind})" if kind.isidentifier() else \
+                "the job failed"
     if outcome.too_large:
         body["error"] = (f"the result ({outcome.too_large} bytes) was larger than the "
                          "result backend keeps")

@@ -5,6 +5,7 @@ callers catch exactly what they mean::
 
     GearmanError
     ├── JobFailed           the worker failed the job (WORK_FAIL), or it was lost twice
+    │   └── JobLost         accepted, then lost with its server, nowhere to resubmit it
     ├── JobException        the worker raised; ``text`` is what it sent (WORK_EXCEPTION)
     ├── JobTimeout          no answer within the timeout
     ├── NoServersAvailable  no job server could be reached
@@ -46,6 +47,11 @@ class JobFailed(GearmanError):
     def __init__(self, message: str = "job failed", handle: str | None = None) -> None:
         super().__init__(message)
         self.handle = handle
+
+
+class JobLost(JobFailed):
+    """A job that its server accepted was lost with that server (it went away, and no
+    other server could take the job again). It may have run."""
 
 
 class JobException(GearmanError):

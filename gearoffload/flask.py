@@ -323,6 +323,15 @@ def offload(view: Callable[..., Any] | None = None, **options: Any) -> Any:
 
 # -- the extension --------------------------------------------------------------------------
 
+def _eager(config: Mapping[str, Any]) -> bool:
+    """Eager mode: ``GEAROFFLOAD_EAGER``, else ``TESTING``."""
+    from .core import _flag
+
+    if "GEAROFFLOAD_EAGER" in config:
+        return _flag("GEAROFFLOAD_EAGER", config["GEAROFFLOAD_EAGER"])
+    return bool(config.get("TESTING"))
+
+
 class _AppState:
     """What the extension keeps per app: its offloader, its views, its access rules."""
 
@@ -330,8 +339,25 @@ class _AppState:
                  url_prefix: str) -> None:
         self.ext = ext
         self.app = app
-        self.offloader = offloader
+        self._offloader = offloader
         self.url_prefix = url_prefix
+
+    @property
+    def offloader(self) -> Offloader:
+        """The app's offloader; eager mode follows ``TESTING``/``GEAROFFLOAD_EAGER`` even
+        when a test sets them after ``init_app`` (the usual fixture does)."""
+        offloader = self._offloader
+        if _eager(self.app.config) != offloader.config.eager:
+            import dataclasses
+
+            from .registry import registry as default_registry
+
+            config = dataclasses.replace(offloader.config, eager=not offloader.config.eager)
+            offloader = self._offloader = Offloader(config, results=self.ext.results)
+            if config.eager:
+                offloader.registry = _LiveRegistry(self, default_registry)
+            using(offloader)
+        return offloader
 
     @property
     def config(self) -> OffloadConfig:
@@ -346,12 +372,13 @@ class _AppState:
         return registry
 
     def owner(self) -> str | None:
-        """Who submits the current request (``job_owner``), recorded in its job id."""
+        """Who submits the current request (``job_owner``), as the digest recorded in
+        its job id: ids travel in URLs and logs, so they carry no user id in clear."""
         job_owner = self.ext.job_owner
         if job_owner is None:
             return None
         value = job_owner(request)
-        return None if value is None else str(value)
+        return None if value is None else self.ext.owner_digest(value)
 
     def accepted(self, view: OffloadedView, ref: JobRef) -> Response:
         """202 with the job's status URL."""
@@ -432,11 +459,14 @@ def _job_result(job_id: str) -> Response:
     if outcome.state == "unknown":
         return _json_error(JobNotFound("Unknown job id (never run here, or lost)."))
     if outcome.state != "done" or outcome.data is None:
-        response = jsonify({"id": job_id, **_outcome_fields(outcome)})
+        response = jsonify({"id": job_id,
+                            **_outcome_fields(outcome, traceback=current_app.debug)})
         # failed: the job's own error; done without data: the result was not kept
         # (too large); still queued or running: not yet.
         response.status_code = 500 if outcome.state in ("failed", "dead") else (
             502 if outcome.state == "done" else 409)
+        if response.status_code == 409:
+            response.headers["Retry-After"] = "1"
         return response
     return _to_response(CODEC.loads(outcome.data))
 
@@ -478,9 +508,7 @@ class GearOffload:
         """Validate the app's ``GEAROFFLOAD_*`` config, register the status blueprint and
         the ``flask gearoffload worker`` command."""
         check_runtime()
-        mapping = dict(app.config)
-        if "GEAROFFLOAD_EAGER" not in mapping and app.config.get("TESTING"):
-            mapping["GEAROFFLOAD_EAGER"] = True
+        mapping = {**app.config, "GEAROFFLOAD_EAGER": _eager(app.config)}
         try:
             config = OffloadConfig.from_mapping(mapping, app.config.get("SECRET_KEY"))
         except ValueError as exc:
@@ -511,13 +539,30 @@ class GearOffload:
         from flask import appcontext_popped, appcontext_pushed
 
         def push(sender: Flask, **_: Any) -> None:
-            using(state.offloader)
+            using(state.offloader)  # (reads the app's eager flag now)
 
         def pop(sender: Flask, **_: Any) -> None:
             using(None)
 
         appcontext_pushed.connect(push, app, weak=False)
         appcontext_popped.connect(pop, app, weak=False)
+
+    def owner_digest(self, value: Any) -> str:
+        """What a ``JobRef.owner`` holds for the owner ``value`` (a keyed digest): compare
+        with it in a ``can_read`` hook.
+
+        Example::
+
+            ext = GearOffload(app, can_read=lambda job, request:
+                              job.owner == ext.owner_digest(session.get("user_id")))
+        """
+        import hashlib
+        import hmac
+
+        key = (current_app.extensions["gearoffload"].offloader.config.secret_key or "")
+        mac = hmac.new(key.encode(), b"gearoffload.owner\0" + str(value).encode(),
+                       hashlib.sha256)
+        return mac.hexdigest()[:32]
 
     def _check_order(self, app: Flask, fn: Callable[..., Any] | None = None) -> None:
         """``@ext.offload`` above ``@app.route`` registers the plain view: refuse it."""

@@ -157,7 +157,37 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not config.servers_given:
         config = _app_servers(config)
+    refusal = _unsealable(registry)
+    if refusal:
+        sys.stderr.write(f"gearoffload-worker: {refusal}\n")
+        return 2
     return run_pool(config, registry)
+
+
+def _unsealable(registry: TaskRegistry) -> str | None:
+    """Why the pool must not start: it serves offloaded functions, views or a WSGI app,
+    whose jobs are sealed, but has no key to check them (and unsigned jobs are not
+    explicitly allowed): every job would be refused, or worse, run unchecked."""
+    from .core import NO_KEY, offloader_in_use
+    from .offloading import OffloadedFunction
+
+    sealed = [task.name for task in registry
+              if isinstance(getattr(task.fn, "__self__", None), OffloadedFunction)
+              or getattr(task.fn, "gearoffload_sealed", False)
+              or isinstance(getattr(getattr(task.fn, "func", None), "__self__", None),
+                            _view_types())]
+    if sealed and not offloader_in_use().seal.usable:
+        return f"cannot serve {', '.join(sorted(sealed)[:3])}: {NO_KEY}"
+    return None
+
+
+def _view_types() -> tuple[type, ...]:
+    """The Flask view class, when Flask is installed (its tasks are sealed too)."""
+    try:
+        from .flask import OffloadedView
+    except ImportError:
+        return ()
+    return (OffloadedView,)
 
 
 def registry_for(obj: Any, wsgi_function: str | None = None) -> TaskRegistry:

@@ -120,7 +120,11 @@ def wsgi_runner(app: WSGIApp, offloader: Offloader) -> Callable[[Any], bytes]:
             raise RuntimeError("the WSGI app returned without calling start_response")
         return response_payload(started[0], started[1], b"".join(chunks))
 
-    return lambda job: run_task(offloader, job, body, background=False)
+    def run(job: Any) -> bytes:
+        return run_task(offloader, job, body, background=False)
+
+    run.gearoffload_sealed = True  # type: ignore[attr-defined] - the pool's key check
+    return run
 
 
 def _plain(start_response: Callable, status: str, text: str,
@@ -142,8 +146,9 @@ class OffloadMiddleware:
     (``fnmatch`` patterns such as ``"utm_*"``) that do not change the response;
     ``function``: the Gearman function (default ``default_wsgi_function(app)``);
     ``timeout``: seconds to wait for the worker; ``fallback="local"`` runs the app here
-    when no server is reachable; ``secret_key``: signs every job (required unless
-    ``allow_unsigned=True``, for closed networks); ``config``: an ``OffloadConfig``
+    when no server is reachable; ``secret_key``: signs every job (default
+    ``$GEAROFFLOAD_SECRET_KEY``; required unless ``allow_unsigned=True``, for closed
+    networks); ``config``: an ``OffloadConfig``
     instead of these keyword settings.
 
     Example::
@@ -175,7 +180,11 @@ class OffloadMiddleware:
     ) -> None:
         self.app = app
         if config is None:
+            import os
+
             tls = tls or {}
+            # As the workers do: the key may come from the environment.
+            secret_key = secret_key or os.environ.get("GEAROFFLOAD_SECRET_KEY") or None
             config = OffloadConfig(
                 servers=servers if isinstance(servers, str) else tuple(servers),
                 timeout=timeout, connect_timeout=connect_timeout, max_body=max_body,

@@ -380,14 +380,41 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @contextmanager
 def working(worker) -> Iterator:
-    """Run ``worker.work()`` in a greenlet for the ``with`` block; stop it after."""
-    greenlet = gevent.spawn(worker.work)
+    """Run ``worker.work()`` in a greenlet for the ``with`` block, once it has registered
+    its tasks (``start_worker``); stop it after."""
+    greenlet = start_worker(worker)
     try:
         yield worker
     finally:
         worker.stop(graceful=False)
         greenlet.join(5)
         assert greenlet.dead
+
+
+def start_worker(worker, timeout: float = 10.0) -> gevent.Greenlet:
+    """Spawn ``worker.work()`` and wait until every server that answers lists each of its
+    tasks with a worker: callers that ask who serves a function (``Client.workers_for``,
+    the web layer's fast 503) would otherwise be told "nobody" in the instant before.
+    Forgets the process's cached listings after."""
+    from gearoffload import census
+    from gearoffload.admin import AdminClient
+    from gearoffload.errors import GearmanError
+
+    greenlet = gevent.spawn(worker.work)
+    names = set(worker.registry.names())
+    deadline = time.monotonic() + timeout
+    for address in worker.addresses:
+        while names and time.monotonic() < deadline and not greenlet.dead:
+            try:
+                with AdminClient(address, timeout=2, tls=worker.tls) as admin:
+                    served = {row.name for row in admin.status() if row.workers}
+            except (GearmanError, OSError):
+                break  # a server that is down or refuses admin: nothing to wait for
+            if names <= served:
+                break
+            gevent.sleep(0.01)
+    census.forget()
+    return greenlet
 
 
 @pytest.fixture(params=["gearoffload", "gearmand"])

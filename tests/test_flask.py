@@ -5,6 +5,7 @@ cooperatively, so the worker runs while a request waits for it)."""
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 
 import gevent
@@ -13,7 +14,7 @@ from flask import Flask, abort, jsonify, make_response, redirect, request, sessi
 from gevent.event import Event
 
 import gearoffload.offloading
-from conftest import ServerProcess, free_port, gevent_time_limit
+from conftest import ServerProcess, free_port, gevent_time_limit, start_worker
 from gearoffload import Worker
 from gearoffload.errors import JobFailed
 from gearoffload.flask import GearOffload, offload, progress
@@ -168,7 +169,7 @@ def served() -> Iterator[tuple[Flask, Worker]]:
     server = ServerProcess("gearoffload").start()
     app = make_app(server.address)
     worker = Worker(server.address, concurrency=50, registry=registry_for(app))
-    greenlet = gevent.spawn(worker.work)
+    greenlet = start_worker(worker)
     yield app, worker
     worker.stop(graceful=False)
     greenlet.join(5)
@@ -281,7 +282,7 @@ def test_with_a_secret_key_workers_run_only_signed_requests(our_server):
     servers = our_server.address
     app = make_app(servers, GEAROFFLOAD_SECRET_KEY="k" * 32)
     worker = Worker(servers, registry=registry_for(app))
-    greenlet = gevent.spawn(worker.work)
+    greenlet = start_worker(worker)
     try:
         assert app.test_client().get("/text").text == "hello from a worker"
         client = app.extensions["gearoffload"].offloader.client
@@ -332,10 +333,17 @@ def test_background_failure_is_reported(client):
         if status["state"] != "queued":
             break
         gevent.sleep(0.05)
-    # The error's first line for everyone; the traceback only where the app is in debug.
-    assert status["state"] == "failed" and status["error"] == "RuntimeError: background boom"
-    assert "traceback" not in status
+    # The exception's type for everyone; its message and traceback only in debug mode.
+    assert status["state"] == "failed" and status["error"] == "the job failed (RuntimeError)"
+    assert "traceback" not in status and "boom" not in json.dumps(status)
     assert client.get(location + "/result").status_code == 500
+    client.application.debug = True
+    try:
+        status = client.get(location).json
+    finally:
+        client.application.debug = False
+    assert status["error"] == "RuntimeError: background boom"
+    assert "Traceback (most recent call last)" in status["traceback"]
 
 
 def test_background_results_expire_after_the_ttl():
@@ -343,7 +351,7 @@ def test_background_results_expire_after_the_ttl():
     short = make_app(server.address, GEAROFFLOAD_RESULT_TTL=1)
     worker = Worker(server.address, registry=registry_for(short))
     RELEASE.set()
-    greenlet = gevent.spawn(worker.work)
+    greenlet = start_worker(worker)
     try:
         client = short.test_client()
         location = client.post("/job/1", json={"who": "x"}).headers["Location"]

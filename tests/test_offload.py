@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -30,8 +31,11 @@ time_limit = gevent_time_limit(TEST_TIME_LIMIT)
 
 
 @pytest.fixture(autouse=True)
-def reset_config() -> Iterator[None]:
+def reset_config(monkeypatch) -> Iterator[None]:
     CALLS.clear()
+    # Jobs are signed: the callers here and the workers (in-process or forked) share a key.
+    monkeypatch.setenv("GEAROFFLOAD_SECRET_KEY", "offload-tests")
+    offloading.configure_reset()
     yield
     offloading.configure_reset()
 
@@ -141,11 +145,9 @@ def test_worker_exception_is_a_job_exception_and_the_worker_goes_on(our_server):
         # A payload that is not ours is refused (WORK_FAIL) without running anything,
         # and the worker goes on.
         client = offloading.get_client()
-        for garbage in (b"\x00garbage", b"GO1.forged"):
-            with pytest.raises(JobFailed):
+        for garbage in (b"\x00garbage", b"GO1.forged", b"GO0.0:0:p" + b"\0" * 40):
+            with pytest.raises(JobFailed):  # refused: forged, or unsigned
                 client.submit(add.name, garbage).result(5)
-        with pytest.raises(JobException, match="PayloadError: refusing a pickle"):
-            client.submit(add.name, b"GO0.0:p" + b"\0" * 40).result(5)
         assert add(1, 2) == 3
 
 
@@ -257,3 +259,14 @@ def test_a_call_no_server_accepted_falls_back_even_when_that_is_known_late(dropp
         add(1, 2)
     gearoffload.configure(fallback="local")
     assert add(1, 2) == 3 and CALLS[-1] == ("add", 1, 2)
+
+
+def test_a_worker_without_a_key_refuses_to_start(tmp_path, monkeypatch):
+    (tmp_path / "keyless_tasks.py").write_text(
+        "import gearoffload\n@gearoffload.offload\ndef f(x):\n    return x\n")
+    monkeypatch.delenv("GEAROFFLOAD_SECRET_KEY")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    run = subprocess.run([sys.executable, "-m", "gearoffload.pool", "keyless_tasks",
+                          "--servers", "127.0.0.1:1", "--processes", "1"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "GEAROFFLOAD_SECRET_KEY" in run.stderr, run.stderr

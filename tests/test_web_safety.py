@@ -4,6 +4,7 @@ the app in a greenlet of this process."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import gevent
@@ -11,7 +12,7 @@ import pytest
 from flask import Flask, g, request, session
 from gevent.event import Event
 
-from conftest import ServerProcess, free_port, gevent_time_limit
+from conftest import ServerProcess, free_port, gevent_time_limit, start_worker
 from gearoffload import Worker
 from gearoffload.flask import GearOffload
 from gearoffload.offloading import configure_reset
@@ -90,7 +91,7 @@ def served() -> Iterator[tuple[Flask, str]]:
     server = ServerProcess("gearoffload").start()
     app = make_app(server.address)
     worker = Worker(server.address, concurrency=20, registry=registry_for(app))
-    greenlet = gevent.spawn(worker.work)
+    greenlet = start_worker(worker)
     yield app, server.address
     worker.stop(graceful=False)
     greenlet.join(5)
@@ -141,7 +142,7 @@ def test_a_stale_job_never_runs_after_its_caller_gave_up():
     server = ServerProcess("gearoffload").start()
     app = make_app(server.address)
     solo = Worker(server.address, concurrency=1, registry=registry_for(app))
-    working = gevent.spawn(solo.work)
+    working = start_worker(solo)
     try:
         BUSY.clear()
         client = app.test_client()
@@ -227,7 +228,7 @@ def test_only_the_owner_reads_a_background_job(served):
         return {"owner": session.get("user")}
 
     worker = Worker(servers, registry=registry_for(owned))
-    working = gevent.spawn(worker.work)
+    working = start_worker(worker)
     try:
         alice, bob = owned.test_client(), owned.test_client()
         alice.get("/login/alice")
@@ -239,6 +240,10 @@ def test_only_the_owner_reads_a_background_job(served):
                 break
             gevent.sleep(0.05)
         assert status["result"] == {"owner": "alice"}
+        # The id is signed, not encrypted: it carries a digest of the owner, not "alice".
+        import base64
+        payload = location.rsplit("/", 1)[1].split(".")[0]
+        assert b"alice" not in base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
         assert bob.get(location).status_code == 404  # not admitted to exist
         assert bob.get(location + "/result").status_code == 404
         assert owned.test_client().get(location).status_code == 404  # anonymous
@@ -299,7 +304,7 @@ def test_two_wsgi_apps_on_one_job_server_never_answer_for_each_other(served):
 
     gearoffload.configure(servers=servers, secret_key="k")
     workers = [Worker(servers, registry=registry_for(app, "")) for app in (first, second)]
-    working = [gevent.spawn(w.work) for w in workers]
+    working = [start_worker(w) for w in workers]
     try:
         answers = concurrently(*[
             (lambda m=m: WsgiClient(m).get("/x").text) for m in wrapped * 10])
@@ -309,3 +314,36 @@ def test_two_wsgi_apps_on_one_job_server_never_answer_for_each_other(served):
             worker.stop(graceful=False)
         gevent.joinall(working, timeout=5)
         configure_reset()
+
+
+def test_eager_mode_follows_testing_set_after_init_app():
+    app = make_app(f"127.0.0.1:{free_port()}")  # GearOffload(app) ran without TESTING
+    app.config["TESTING"] = True                # as the usual pytest fixture does
+    started = time.monotonic()
+    assert app.test_client().post("/search", data="late").text == "results for late"
+    assert time.monotonic() - started < 1 and RUNS == ["late"]
+
+
+def test_refusals_and_lost_jobs_answer_honestly():
+    from gearoffload.core import Seal, http_error
+    from gearoffload.errors import JobLost
+
+    # A job delayed past the signature's max age is not refused as old when it falls due.
+    seal = Seal("k", max_age=2)
+    delayed = seal.close(b"later", not_before=time.time() + 60)
+    assert seal.open(delayed) == b"later"
+    with pytest.raises(Exception, match="unsigned"):
+        Seal("k").open(Seal(None, allow_unsigned=True).close(b"x"))
+    with pytest.raises(ValueError, match="GEAROFFLOAD_SECRET_KEY"):
+        Seal(None).close(b"x")  # no key, unsigned not allowed: nothing is sent
+    # A job lost with its server (a drain, a crash) is a 503 to retry, not "worker failed".
+    answer = http_error(JobLost("job lost with its server"))
+    assert answer.status == 503 and answer.retry_after
+
+
+def test_the_middleware_reads_its_key_from_the_environment(monkeypatch):
+    from gearoffload.wsgi import OffloadMiddleware
+
+    monkeypatch.setenv("GEAROFFLOAD_SECRET_KEY", "from-env")
+    assert OffloadMiddleware(lambda e, s: [], servers="127.0.0.1:1").config.secret_key == \
+        "from-env"

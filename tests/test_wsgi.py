@@ -11,7 +11,7 @@ import pytest
 from gevent.event import Event
 from werkzeug.test import Client as WsgiClient
 
-from conftest import ServerProcess, free_port, gevent_time_limit
+from conftest import ServerProcess, free_port, gevent_time_limit, start_worker
 from gearoffload import Worker
 from gearoffload.pool import load_registry
 from gearoffload.wsgi import OffloadMiddleware, wsgi_runner
@@ -61,7 +61,7 @@ def server() -> Iterator[ServerProcess]:
     worker = Worker(server.address, concurrency=50)
     wrapped = wrap(server.address)
     worker.register("gearoffload.wsgi", wsgi_runner(wrapped, wrapped.offloader))
-    greenlet = gevent.spawn(worker.work)
+    greenlet = start_worker(worker)
     yield server
     worker.stop(graceful=False)
     greenlet.join(5)
@@ -140,7 +140,7 @@ def test_signed_middleware_requests(server):
     worker = Worker(server.address)
     good = wrap(server.address, function="signed.wsgi", secret_key="s3cret")
     worker.register("signed.wsgi", wsgi_runner(legacy_app, good.offloader))
-    greenlet = gevent.spawn(worker.work)
+    greenlet = start_worker(worker)
     try:
         assert WsgiClient(good).get("/item/1").text.startswith("worker GET /item/1")
         # Refused by the worker (WORK_FAIL, 502), never run: unsigned, or another key.
