@@ -26,7 +26,7 @@ cdef class _Attachment:
 cdef class _Submission:
     cdef public object client, function, unique, data, ptype, epoch, background, key, link
     cdef public object handle, replied, _created, finished, value, error, _waiters, jobs
-    cdef public object losses
+    cdef public object losses, drops
     cpdef packet(self)
     cpdef on_reply(self, link, packet)
     cpdef _replied(self)

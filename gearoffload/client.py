@@ -86,6 +86,9 @@ _BACKOFF_MAX = 1.0
 #: (the server closed it while idle, or restarted); one that dies sooner backs off, so
 #: that a server that drops us again and again is not hammered.
 _HEALTHY_AFTER = 1.0
+#: How many times a submission is sent again after its connection closed before the
+#: server accepted it (a server closing an idle connection as we send is one).
+_MAX_DROPS = 3
 _END = object()  # end of a job's update stream
 #: Results are as large as the worker makes them (docs/protocol.md §8: accept any payload size); the
 #: 32-bit size field is the only bound.
@@ -239,7 +242,7 @@ class _Submission:
 
     __slots__ = ("client", "function", "unique", "data", "ptype", "epoch", "background",
                  "key", "link", "handle", "replied", "_created", "finished", "value", "error",
-                 "_waiters", "jobs", "losses")
+                 "_waiters", "jobs", "losses", "drops")
 
     def __init__(self, client: Client, function: bytes, unique: bytes, data: bytes,
                  ptype: int, background: bool, epoch: int | None, key: tuple | None) -> None:
@@ -261,7 +264,8 @@ class _Submission:
         self.error: BaseException | None = None
         self._waiters: list[Waiter] | None = None  # greenlets in wait_finished()
         self.jobs: list[Job] = []
-        self.losses = 0
+        self.losses = 0  # lost with its server after it was accepted
+        self.drops = 0  # connections that closed while it waited for JOB_CREATED
 
     def packet(self) -> bytes:
         if self.epoch is not None:
@@ -995,7 +999,17 @@ class Client:
         resubmit: list[_Submission] = []
         for entry in pending:
             if isinstance(entry, _Submission):
-                if not entry.finished:
+                if entry.finished:
+                    continue
+                entry.drops += 1
+                if entry.drops > _MAX_DROPS:
+                    # A port that accepts and then drops us (a TLS-only server, another
+                    # service): with the back-off capped at 1 s, resending would go on
+                    # for ever.
+                    entry.finish(exc=NoServersAvailable(
+                        f"{link.name} closed the connection {entry.drops} times before "
+                        f"accepting the job ({reason})"))
+                else:
                     resubmit.append(entry)  # never accepted: not a loss, just send it again
             else:
                 entry.on_lost(link, reason)

@@ -30,7 +30,14 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 
-from conftest import ROOT, ServerProcess, gevent_time_limit, stop_process, working  # noqa: E402
+from conftest import (  # noqa: E402
+    ROOT,
+    ServerProcess,
+    gevent_time_limit,
+    poll_until,
+    stop_process,
+    working,
+)
 from gearoffload import AdminClient, Client, Worker, tls_context  # noqa: E402
 from gearoffload.errors import NoServersAvailable  # noqa: E402
 from gearoffload.protocol import PacketType as T  # noqa: E402
@@ -511,7 +518,8 @@ def test_workers_for_asks_over_mutual_tls(certs, mtls_srv):
     try:
         with working(upper_worker(mtls_srv, certs.tls("client"))), \
                 Client(mtls_srv.address, tls=certs.tls("client"), timeout=5) as client:
-            assert client.workers_for("upper", wait=3) == 1
+            # The worker registers as it connects: 0 until then, 1 within a second.
+            assert poll_until(lambda: client.workers_for("upper", wait=3) == 1, timeout=3)
             assert client.workers_for("nobody") == 0
         census.forget()
         with Client(mtls_srv.address, tls=certs.tls("rogue"), timeout=5) as rogue:
