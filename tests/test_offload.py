@@ -197,7 +197,7 @@ def test_configuration_errors_say_what_to_do(monkeypatch):
     with pytest.raises(ValueError, match="'raise'.*'local'"):
         gearoffload.configure(fallback="maybe")
     with pytest.raises(ValueError, match="needs a secret key"):
-        gearoffload.configure(format="pickle")
+        gearoffload.configure(format="pickle", secret_key=None)
     monkeypatch.setenv("GEAROFFLOAD_TIMEOUT", "soon")
     offloading.configure_reset()  # read the environment again
     with pytest.raises(ValueError, match="GEAROFFLOAD_TIMEOUT must be a number"):
@@ -238,6 +238,10 @@ def test_gearoffload_worker_finds_decorated_functions_by_import(our_server, tmp_
         import offtasks  # the web side imports the same module
 
         gearoffload.configure(servers=our_server.address)
+        client = offloading.get_client()
+        deadline = time.monotonic() + 20  # the pool forks, imports, registers
+        while client.workers_for("offtasks.whoami") != 1 and time.monotonic() < deadline:
+            gevent.sleep(0.1)
         value = offtasks.whoami("hello")
         assert value["greeting"] == "hello"
         assert value["pid"] != os.getpid()

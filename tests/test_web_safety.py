@@ -166,11 +166,11 @@ def test_g_values_travel_when_declared_and_the_error_says_why_otherwise(served):
     client = served[0].test_client()
     assert client.get("/tenant", headers={"X-Tenant": "acme"}).text == "tenant acme"
     with pytest.raises(Exception, match=r"g.tenant is not set on the worker.*carry_g"):
-        served[0].testing = True  # let the exception through the test client
+        served[0].config["PROPAGATE_EXCEPTIONS"] = True  # through the test client
         try:
             client.get("/forgot")
         finally:
-            served[0].testing = False
+            served[0].config["PROPAGATE_EXCEPTIONS"] = None
 
 
 def test_offload_above_route_fails_at_start_up():
@@ -299,11 +299,13 @@ def test_two_wsgi_apps_on_one_job_server_never_answer_for_each_other(served):
     wrapped = [OffloadMiddleware(app, servers=servers, secret_key="k") for app in
                (first, second)]
     assert wrapped[0].function != wrapped[1].function
-    configure_reset()
-    import gearoffload
+    from gearoffload.wsgi import default_wsgi_function, wsgi_runner
 
-    gearoffload.configure(servers=servers, secret_key="k")
-    workers = [Worker(servers, registry=registry_for(app, "")) for app in (first, second)]
+    workers = []
+    for app, middleware in zip((first, second), wrapped, strict=True):
+        worker = Worker(servers)  # as `gearoffload-worker --wsgi` registers each app
+        worker.register(default_wsgi_function(app), wsgi_runner(app, middleware.offloader))
+        workers.append(worker)
     working = [start_worker(w) for w in workers]
     try:
         answers = concurrently(*[

@@ -77,7 +77,7 @@ def test_a_view_no_worker_serves_is_a_503_within_a_second(web):
     started = time.monotonic()
     status, headers, body = request(web.port, "GET", "/unserved")
     elapsed = time.monotonic() - started
-    assert status == 503 and b"No worker serves 'webapp_e2e.unserved'" in body, body
+    assert status == 503 and b"No worker serves" in body and b"webapp_e2e.unserved" in body
     assert b"127.0.0.1" not in body  # the page names the function, not the servers
     assert elapsed < 1.0 and headers.get("retry-after")
 

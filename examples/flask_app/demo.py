@@ -55,6 +55,23 @@ def stop(children: list[subprocess.Popen]) -> None:
                 proc.wait(5)
 
 
+def wait_for_workers(address: str, timeout: float = 20.0) -> None:
+    """Until the pool has registered (a view asked before then would answer 503 at once:
+    no worker serves it)."""
+    from gearoffload.admin import AdminClient
+    from gearoffload.errors import GearmanError
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with AdminClient(address, timeout=2) as admin:
+                if any(row.workers for row in admin.status()):
+                    return
+        except GearmanError:
+            pass
+        time.sleep(0.1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 4730)),
@@ -88,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 [sys.executable, "-m", "gearoffload.pool", "--wsgi", "examples.flask_app:app",
                  "--servers", address, "--processes", str(args.processes),
                  "--concurrency", "20", "--log-level", "WARNING"], cwd=ROOT, env=env))
+            wait_for_workers(address)
 
         sys.path.insert(0, ROOT)
         from examples.flask_app.webapp import app
