@@ -22,7 +22,6 @@ Example::
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 from collections import OrderedDict
@@ -33,8 +32,8 @@ from gevent import monkey
 __all__ = ["MemoryResults", "Outcome", "RedisResults", "ResultBackend", "ServerResults",
            "open_results"]
 
-#: The states an ``Outcome`` can be in; ``unknown`` is never seen, lost, or expired.
-STATES = ("queued", "running", "done", "failed", "dead", "unknown")
+#: The states in which a job has ended (the others: queued, running, and unknown: never
+#: seen, lost, or expired).
 ENDED = ("done", "failed", "dead")
 
 
@@ -239,7 +238,3 @@ def open_results(spec: str, servers: list[str], ttl: float, tls: Any = None,
     raise ValueError(f"GEAROFFLOAD_RESULTS must be 'server' (our job server keeps them), "
                      f"'memory' (this process only) or a redis:// URL, not {spec!r}")
 
-
-def b64(data: bytes) -> str:
-    """Base64 text for JSON answers that carry bytes."""
-    return base64.b64encode(data).decode()
