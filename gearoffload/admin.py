@@ -48,6 +48,7 @@ __all__ = [
     "PriorityStatus",
     "WorkerInfo",
     "JobInfo",
+    "DeadJob",
     "KeptResult",
     "ResultsUnsupported",
 ]
@@ -258,6 +259,27 @@ class JobInfo:
     persisted: bool
 
 
+@dataclass(frozen=True)
+class DeadJob:
+    """A dead letter: a background job that used up its retries (``show dead jobs``;
+    ``AdminClient.dead_job`` fills in ``attempts``, ``died``, ``data`` and ``error``).
+
+    ``unique`` and ``function`` are as the server escapes them (``\\t``, ``\\n``).
+    ``data`` is the job's payload as submitted (a gearoffload job: its retry line and
+    seal, then the encoded arguments; ``gearoffload.core.describe_job`` reads it).
+    ``error`` is the last exception text, the worker's traceback included; ``died`` the
+    Unix time it was buried, 0 when unknown (restored from the store).
+    """
+
+    handle: str
+    function: str
+    unique: str
+    attempts: int
+    died: float = 0.0
+    data: bytes = b""
+    error: str = ""
+
+
 class AdminClient:
     """A connection to one server's text admin port (the Gearman port itself).
 
@@ -367,6 +389,56 @@ class AdminClient:
         ['report-2024-06', '']
         """
         return self._listing("show unique jobs", tabbed=False)
+
+    def dead_jobs(self) -> list[DeadJob]:
+        """``show dead jobs`` (a gearoffload extension): the dead letters, oldest first;
+        ``attempts`` there counts failed attempts only.
+
+        >>> admin.dead_jobs()                                    # doctest: +SKIP
+        [DeadJob(handle='H:web1:9', function='app.tasks.charge', unique='bg-...', attempts=4)]
+        """
+        rows = []
+        for line in self._listing("show dead jobs"):
+            handle, function, unique, failures = self._fields(line, 4, "show dead jobs")
+            rows.append(DeadJob(handle, function, unique, _int(failures)))
+        return rows
+
+    def dead_job(self, handle: str) -> DeadJob:
+        """``show dead job HANDLE``: one dead letter with its payload and last error
+        (``AdminError`` with code ``UNKNOWN_JOB`` when there is no such dead letter).
+
+        Example::
+
+            dead = admin.dead_job("H:web1:9")
+            print(dead.attempts, dead.error)     # the worker's traceback
+        """
+        command = f"show dead job {handle}"
+        line_bytes = self._line("show dead job", handle)
+        with self._lock:
+            self._send(line_bytes)
+            line = self._read_line(command)
+        if not line.startswith("OK\t"):
+            raise self._unexpected(line, command)
+        fields = line.split("\t")
+        if len(fields) != 7:
+            raise ProtocolError(f"unexpected reply to {command!r}: {line[:200]!r}")
+        _, function, unique, attempts, died, data, error = fields
+        try:
+            payload = b"" if data == "-" else base64.b64decode(data, validate=True)
+            text = b"" if error == "-" else base64.b64decode(error, validate=True)
+            when = float(died)
+        except (binascii.Error, ValueError):
+            raise ProtocolError(f"unexpected reply to {command!r}: {line[:200]!r}") from None
+        return DeadJob(handle, function, unique, _int(attempts), when, payload,
+                       text.decode("utf-8", "replace"))
+
+    def requeue_dead(self, handle: str) -> None:
+        """``requeue dead job HANDLE``: run a dead letter again, its retries renewed."""
+        self._ok("requeue dead job", handle)
+
+    def delete_dead(self, handle: str) -> None:
+        """``delete dead job HANDLE``: forget a dead letter (its kept result stays)."""
+        self._ok("delete dead job", handle)
 
     def version(self) -> str:
         """``version``: the server's version string, e.g. ``'1.1.20+ds'``."""

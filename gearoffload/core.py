@@ -51,6 +51,7 @@ from .errors import (
     NoWorkers,
 )
 from .results import ENDED, MemoryResults, Outcome, ResultBackend, open_results
+from .retry import RetryPolicy
 
 __all__ = ["BodyTooLarge", "HttpError", "JobExpired", "JobNotFound", "JobRef", "NoWorkers",
            "OffloadConfig", "Offloader", "StaleJob", "coalescing_key", "current_job", "http_error",
@@ -794,10 +795,12 @@ class Offloader:
 
     def start(self, function: str, payload: bytes, *, unique: str | None = None,
               priority: str = "normal", owner: str | None = None,
-              run_at: float | None = None) -> JobRef:
+              run_at: float | None = None, retry: RetryPolicy | None = None) -> JobRef:
         """Submit a background job (``SUBMIT_JOB_BG``) and return its ``JobRef`` once the
         server has acknowledged it. ``unique`` coalesces it with identical background
-        jobs; by default each job gets a random one."""
+        jobs; by default each job gets a random one. ``retry``: how the job server runs
+        it again when it fails (``gearoffload.retry``; not in eager mode, which runs it
+        once)."""
         # "bg-" tells the worker that the job is a background one (it records the outcome
         # where the backend wants it); the rest is a random token or the coalescing key.
         unique = "bg-" + (stable_hash(unique) if unique else secrets.token_urlsafe(24))
@@ -808,6 +811,8 @@ class Offloader:
             return ref
         # No "does a worker serve it?" here: the server keeps a background job durably
         # until a worker comes (deploy order, a worker restart), so accepting it is right.
+        if retry is not None:
+            sealed = retry.wrap(sealed)
         self.client.submit(function, sealed, unique=unique, priority=priority,
                            background=True, run_at=run_at)
         return ref
@@ -878,7 +883,7 @@ class Offloader:
         """The payload of a job this worker was handed, or ``JobFailed`` (logged with the
         handle) for a forged, unsigned, expired or stale one: it never runs."""
         try:
-            return self.seal.open(job.data)
+            return self.seal.open(RetryPolicy.strip(job.data))
         except StaleJob as exc:
             log.warning("job %s of %s not run: %s", job.handle, job.function, exc)
             raise

@@ -104,6 +104,7 @@ from .core import (
 from .core import outcome_fields as _outcome_fields
 from .errors import GearmanError, JobException, NoServersAvailable
 from .registry import TaskRegistry
+from .retry import retry_policy
 
 __all__ = ["GearOffload", "OffloadedView", "offload", "progress"]
 
@@ -125,10 +126,16 @@ class OffloadedView:
                  background: bool = False, timeout: float | None = None,
                  fallback: str | None = None, vary: Iterable[str] = (),
                  public: bool = False, ignore_query: Iterable[str] = (),
-                 carry_g: Iterable[str] = (), priority: str = "normal") -> None:
+                 carry_g: Iterable[str] = (), priority: str = "normal",
+                 retries: int = 0, backoff: float = 1.0, backoff_max: float = 300.0,
+                 jitter: bool = True) -> None:
         check_call_options(timeout, fallback)
         if isinstance(view, OffloadedView):
             raise TypeError(f"{view.name} is offloaded twice")
+        self.retry = retry_policy(retries, backoff, backoff_max, jitter)
+        if self.retry is not None and not background:
+            raise TypeError(f"{view.__module__}.{view.__qualname__}: retries= needs "
+                            "background=True (a waiting browser gets the failure at once)")
         self.view = view
         self.name = name or f"{view.__module__}.{view.__qualname__}"
         self.unique = unique
@@ -178,7 +185,8 @@ class OffloadedView:
         try:
             if self.background:
                 ref = state.offloader.start(self.name, payload, unique=unique,
-                                            priority=self.priority, owner=state.owner())
+                                            priority=self.priority, owner=state.owner(),
+                                            retry=self.retry)
                 return state.accepted(self, ref)
             timeout = self.timeout if self.timeout is not None else config.timeout
             raw = state.offloader.call(self.name, payload, unique=unique,
@@ -579,7 +587,8 @@ class GearOffload:
                 background: bool = False, timeout: float | None = None,
                 fallback: str | None = None, vary: Iterable[str] = (),
                 public: bool = False, ignore_query: Iterable[str] = (),
-                carry_g: Iterable[str] = (), priority: str = "normal") -> Any:
+                carry_g: Iterable[str] = (), priority: str = "normal", retries: int = 0,
+                backoff: float = 1.0, backoff_max: float = 300.0, jitter: bool = True) -> Any:
         """Decorator for a view (below ``@app.route``): its body runs on a worker.
 
         ``unique=True`` coalesces identical requests (see the module docstring: the
@@ -589,13 +598,19 @@ class GearOffload:
         status URL; ``carry_g`` names ``g`` attributes set by ``before_request`` that the
         view needs on the worker (JSON values); ``timeout`` (seconds) overrides
         ``GEAROFFLOAD_TIMEOUT``; ``fallback`` overrides ``GEAROFFLOAD_FALLBACK``; ``name``
-        the Gearman function name (default ``module.qualname``).
+        the Gearman function name (default ``module.qualname``). ``retries``,
+        ``backoff``, ``backoff_max``, ``jitter`` (background views only): as for
+        ``gearoffload.offload``.
 
         Example::
 
             @app.get("/page/<int:n>")
             @ext.offload(unique=True, ignore_query=["utm_*"], timeout=10)
             def page(n): ...
+
+            @app.post("/invoices/<int:n>/send")
+            @ext.offload(background=True, retries=3, backoff=5)
+            def send_invoice(n): ...
         """
         def decorate(fn: Callable[..., Any]) -> OffloadedView:
             for app in self._apps:
@@ -603,7 +618,9 @@ class GearOffload:
             offloaded = OffloadedView(fn, name=name, unique=unique, background=background,
                                       timeout=timeout, fallback=fallback, vary=vary,
                                       public=public, ignore_query=ignore_query,
-                                      carry_g=carry_g, priority=priority)
+                                      carry_g=carry_g, priority=priority,
+                                      retries=retries, backoff=backoff,
+                                      backoff_max=backoff_max, jitter=jitter)
             self.views.append(offloaded)
             return offloaded
 

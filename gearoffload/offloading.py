@@ -78,6 +78,7 @@ from .errors import NoServersAvailable
 from .registry import TaskRegistry
 from .registry import registry as default_registry
 from .results import Outcome
+from .retry import retry_policy
 
 __all__ = ["OffloadConfig", "OffloadedFunction", "OffloadedJob", "configure",
            "configure_reset", "current_job", "get_client", "get_config", "get_offloader",
@@ -190,8 +191,11 @@ class OffloadedFunction:
     def __init__(self, fn: Callable[..., Any], name: str | None = None,
                  unique: bool | Callable[..., str | bytes] = False,
                  timeout: float | None = None, fallback: str | None = None,
-                 priority: str = "normal", registry: TaskRegistry | None = None) -> None:
+                 priority: str = "normal", registry: TaskRegistry | None = None,
+                 retries: int = 0, backoff: float = 1.0, backoff_max: float = 300.0,
+                 jitter: bool = True) -> None:
         check_call_options(timeout, fallback)
+        self.retry = retry_policy(retries, backoff, backoff_max, jitter)
         self.fn = fn
         self.name = name or f"{fn.__module__}.{fn.__qualname__}"
         self.unique = unique
@@ -229,7 +233,7 @@ class OffloadedFunction:
         unique = self.unique_for(args, kwargs)
         ref = offloader.start(self.name, offloader.config.codec.dumps([list(args), kwargs]),
                               unique=str(unique) if unique else None, priority=self.priority,
-                              run_at=run_at)
+                              run_at=run_at, retry=self.retry)
         return OffloadedJob(ref, offloader, offloader.config.codec)
 
     def job(self, job_id: str) -> OffloadedJob:
@@ -296,19 +300,31 @@ def _run_at(delay: float | timedelta | None, at: datetime | None) -> float | Non
 def offload(fn: Callable[..., Any] | None = None, *, name: str | None = None,
             unique: bool | Callable[..., str | bytes] = False, timeout: float | None = None,
             fallback: str | None = None, priority: str = "normal",
-            registry: TaskRegistry | None = None) -> Any:
+            registry: TaskRegistry | None = None, retries: int = 0, backoff: float = 1.0,
+            backoff_max: float = 300.0, jitter: bool = True) -> Any:
     """Decorator: ``@offload`` or ``@offload(name=..., unique=..., timeout=...,
-    fallback=..., priority=...)``; see the module docstring.
+    fallback=..., priority=..., retries=...)``; see the module docstring.
+
+    ``retries``: how often the job server runs a failed *background* job again (a direct
+    call reports the failure to its caller at once), waiting ``backoff`` seconds doubled
+    per retry, at most ``backoff_max``, a random part of it with ``jitter``; then the job
+    is a dead letter (``gearoffload dead``).
 
     Example::
 
         @offload(unique=True)
         def thumbnail(image: bytes, width: int) -> bytes:
             ...
+
+        @offload(retries=5, backoff=2, backoff_max=600)
+        def charge(order_id: int) -> None:
+            ...                                  # charge.background(42)
     """
     def decorate(func: Callable[..., Any]) -> OffloadedFunction:
         return OffloadedFunction(func, name=name, unique=unique, timeout=timeout,
-                                 fallback=fallback, priority=priority, registry=registry)
+                                 fallback=fallback, priority=priority, registry=registry,
+                                 retries=retries, backoff=backoff, backoff_max=backoff_max,
+                                 jitter=jitter)
 
     return decorate(fn) if fn is not None else decorate
 

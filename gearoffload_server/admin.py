@@ -30,7 +30,8 @@ from .state import MAX_UNIQUE, JobServerState, Peer
 
 MAX_WORDS = 5
 #: Commands that change the server: only from loopback or ``--admin-allow`` networks.
-MUTATING = frozenset((b"cancel", b"create", b"drop", b"maxqueue", b"shutdown", b"requeue"))
+MUTATING = frozenset((b"cancel", b"create", b"drop", b"maxqueue", b"shutdown", b"requeue",
+                      b"delete"))
 _SPACES = re.compile(b" +")
 #: What a unique may not hold in ``result UNIQUE``: a line cannot carry spaces or line
 #: ends, and control bytes would let a reply be forged in a log or a terminal.
@@ -106,6 +107,7 @@ class AdminProtocol:
             b"version": lambda peer, words: b"OK %s\n" % self.config.version.encode(),
             b"shutdown": self._shutdown,
             b"requeue": self._requeue,
+            b"delete": self._delete,
             b"result": self._result,
         }
 
@@ -191,6 +193,8 @@ class AdminProtocol:
             lines = [b"%s\t%s\t%s\t%d\n" % (j.handle, escape(j.function.name),
                                               escape(j.unique), j.failures)
                      for j in self.state.dead.values()]
+        elif what[:2] == [b"dead", b"job"] and len(what) == 3:
+            return self._dead_job(words[3])
         else:
             return b"ERR UNKNOWN_SHOW_ARGUMENTS\r\n"
         lines.append(_END)
@@ -201,6 +205,35 @@ class AdminProtocol:
         if len(words) != 4 or [w.lower() for w in words[1:3]] != [b"dead", b"job"]:
             return _unknown(words[0])
         return _OK if self.state.requeue_dead(words[3]) else b"ERR UNKNOWN_JOB\r\n"
+
+    def _dead_job(self, handle: bytes) -> bytes:
+        """Extension: ``show dead job HANDLE`` answers one line, ``OK`` and six
+        tab-separated fields: FUNCTION UNIQUE ATTEMPTS DIED DATA ERROR (the last two in
+        base64, ``-`` when empty; DIED in Unix seconds, 0 when unknown: restored from the
+        store). docs/protocol.md, "Extension: dead letters"."""
+        state = self.state
+        job = state.dead.get(handle)
+        if job is None:
+            return b"ERR UNKNOWN_JOB\r\n"
+        info = state.dead_info.get(handle)
+        if info is not None:
+            attempts, died, error = info.attempts, info.died, info.error.encode()
+        else:  # restored from the store: its kept result may still say why
+            attempts, died, error = job.failures + job.retries, 0.0, b""
+            kept = state.results.get(job.unique) if state.results is not None and \
+                job.unique else None
+            if kept is not None and kept.state == b"dead" and kept.data:
+                error = kept.data
+        return b"OK\t%s\t%s\t%d\t%.3f\t%s\t%s\n" % (
+            escape(job.function.name), escape(job.unique), attempts, died,
+            base64.b64encode(job.data) if job.data else b"-",
+            base64.b64encode(error) if error else b"-")
+
+    def _delete(self, peer: Peer, words: list[bytes]) -> bytes:
+        """Extension: ``delete dead job HANDLE`` forgets a dead letter."""
+        if len(words) != 4 or [w.lower() for w in words[1:3]] != [b"dead", b"job"]:
+            return _unknown(words[0])
+        return _OK if self.state.delete_dead(words[3]) else b"ERR UNKNOWN_JOB\r\n"
 
     def _result(self, peer: Peer, words: list[bytes]) -> bytes:
         """Extension: ``result UNIQUE`` answers ``OK STATE NUMERATOR DENOMINATOR EXPIRES

@@ -14,7 +14,7 @@ cdef class Peer:
 cdef class Function:
     cdef public object name, queues, queued, ready, scheduled, running, total, dead
     cdef public object workers, sleepers, woken, limits, wake_timer, submitted, coalesced
-    cdef public object completed, failed, exceptions, latency, pinned
+    cdef public object completed, failed, exceptions, latency, pinned, retried
     cdef object __weakref__
 
 cdef class Job:
@@ -43,7 +43,7 @@ cdef class JobServerState:
     cdef public object config, scheduler, store, functions, jobs, peers, _uniques, _hyphen
     cdef public object _epochs, _epoch_timer, _epoch_timer_due, _prefix, _max_client_jobs
     cdef public object _counter, _dirty, draining, failures, on_shutdown, _handlers, _now
-    cdef public object dead, results, _stale
+    cdef public object dead, dead_info, results, _stale
     cdef object __weakref__
 
     # The methods every job goes through (submit, grab, complete).

@@ -36,10 +36,12 @@ from typing import Protocol
 
 from gearoffload.protocol import PT as T
 from gearoffload.protocol import REQ, RES, Packet, Router, encode
+from gearoffload.retry import MAGIC as RETRY_MAGIC
+from gearoffload.retry import RetryPolicy
 
 from .config import ServerConfig
 from .stats import BUCKETS as LATENCY_BUCKETS
-from .stats import DETAIL_CHARS, RECENT_FAILURES, Failure, LatencyHistogram
+from .stats import DETAIL_CHARS, RECENT_FAILURES, DeadLetter, Failure, LatencyHistogram
 from .stores import QueueStore, StoredJob
 
 log = logging.getLogger("gearoffload.server")
@@ -250,7 +252,7 @@ class Function:
     __slots__ = ("name", "queues", "queued", "ready", "scheduled", "running", "total",
                  "dead", "workers", "sleepers", "woken", "limits", "wake_timer",
                  "submitted", "coalesced", "completed", "failed", "exceptions", "latency",
-                 "pinned")
+                 "pinned", "retried")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
@@ -274,6 +276,7 @@ class Function:
         self.completed = 0            # WORK_COMPLETE
         self.failed = 0               # WORK_FAIL, WORK_EXCEPTION, failed after lost workers
         self.exceptions = 0           # of which WORK_EXCEPTION
+        self.retried = 0              # failed background attempts scheduled to run again
         # Runnable -> completed or failed. (A queue-wait histogram, runnable -> assigned,
         # would cost a clock read and an observe() more per job, about as much again as
         # this one: left out.)
@@ -533,6 +536,8 @@ class JobServerState:
         self._dirty: list[Peer] = []
         #: Background jobs that failed more than ``--retry-failed`` times, by handle.
         self.dead: dict[bytes, Job] = {}
+        #: What is known of each dead letter beyond its job: when it died, its last error.
+        self.dead_info: dict[bytes, DeadLetter] = {}
         #: Workers still running an attempt that timed out (CAN_DO_TIMEOUT) of a job that
         #: is to run again: handles by worker. Such a worker is not handed that job's
         #: retry while its own attempt may still run, and its late answer ends it quietly.
@@ -1242,7 +1247,8 @@ class JobServerState:
                 job.function.exceptions += 1
                 text = packet.args[1]
                 self._failed(job, "exception", text.decode(errors="replace"))
-            if job.background and self.config.retry_failed:
+            if job.background and (self.config.retry_failed or
+                                   job.data.startswith(RETRY_MAGIC)):
                 self._retry_or_bury(job, text)
             else:
                 if job.background:
@@ -1435,11 +1441,12 @@ class JobServerState:
     # -- retries and dead letters (--retry-failed, --retry-backoff) --------------------------
 
     def _retry_or_bury(self, job: Job, text: bytes = b"") -> None:
-        """A background job's worker answered WORK_FAIL or WORK_EXCEPTION (its clients, if
-        any coalesced onto it, were told and are detached). Run it again after a back-off
-        (``--retry-backoff`` seconds, doubled per failure), or once ``--retry-failed``
-        retries are used up, move it to the dead letters (``show dead jobs``); ``text``
-        (the exception's, or empty) is then kept as its ``dead`` result."""
+        """A background job's worker answered WORK_FAIL or WORK_EXCEPTION, or its attempt
+        timed out (its clients, if any coalesced onto it, were told and are detached). Run
+        it again after a back-off, or once its retries are used up, move it to the dead
+        letters (``show dead jobs``); ``text`` (the exception's, or empty) is then kept as
+        its ``dead`` result and in ``dead_info``. The job's own policy (``GOR1`` line,
+        ``gearoffload.retry``) wins over ``--retry-failed``/``--retry-backoff``."""
         func = job.function
         self._unassign(job)
         for client in job.clients:
@@ -1449,11 +1456,16 @@ class JobServerState:
         numerator, denominator = job.numerator, job.denominator
         job.numerator = job.denominator = 0
         name = func.name.decode(errors="replace")
-        if job.failures <= self.config.retry_failed and not job.abandoned:
-            delay = self.config.retry_backoff * (1 << (job.failures - 1))
-            log.info("job %s of %s failed (%d of %d retries); again in %gs",
-                     job.handle.decode(), name, job.failures, self.config.retry_failed, delay,
+        policy = RetryPolicy.parse(job.data)
+        if policy is None:
+            policy = RetryPolicy(self.config.retry_failed, self.config.retry_backoff,
+                                 float("inf"), False)
+        if job.failures <= policy.retries and not job.abandoned:
+            delay = policy.delay(job.failures)
+            log.info("job %s of %s failed (%d of %d retries); again in %.3gs",
+                     job.handle.decode(), name, job.failures, policy.retries, delay,
                      extra=_job_fields(job, "job.retry"))
+            func.retried += 1
             job.when = self.scheduler.now() + delay
             self._schedule(job)
             return
@@ -1468,12 +1480,14 @@ class JobServerState:
                 self.store.delete(job)
             return
         self.dead[job.handle] = job
+        self.dead_info[job.handle] = DeadLetter(self._now(), job.failures + job.retries,
+                                                text.decode(errors="replace"))
         job.numerator, job.denominator = numerator, denominator
         self._keep(job, KEPT_DEAD, text)
         job.numerator = job.denominator = 0
         if job.stored:
             self.store.mark_dead(job, True)
-        self._failed(job, "dead letter", f"failed {job.failures} times (--retry-failed)",
+        self._failed(job, "dead letter", f"failed {job.failures} times",
                      count=False)  # counted as failed when its last attempt failed
         log.warning("job %s of %s failed %d times: moved to the dead letters",
                     job.handle.decode(), name, job.failures,
@@ -1485,6 +1499,7 @@ class JobServerState:
         job = self.dead.pop(handle, None)
         if job is None:
             return False
+        self.dead_info.pop(handle, None)
         job.function = func = self.function(job.function.name)  # it may have been dropped
         job.failures = job.retries = 0
         job.abandoned = False
@@ -1497,4 +1512,15 @@ class JobServerState:
         if job.stored:
             self.store.mark_dead(job, False)
         self._enqueue(job)
+        return True
+
+    def delete_dead(self, handle: bytes) -> bool:
+        """Admin ``delete dead job H``: forget a dead letter (its row in the store too).
+        Its kept ``dead`` result stays until it expires: a reader still learns its end."""
+        job = self.dead.pop(handle, None)
+        if job is None:
+            return False
+        self.dead_info.pop(handle, None)
+        if job.stored:
+            self.store.delete(job)
         return True

@@ -70,6 +70,14 @@ class Failure(NamedTuple):
     detail: str        #: exception text, attempts, ... (truncated)
 
 
+class DeadLetter(NamedTuple):
+    """What the state knows of a dead letter beyond its job (admin ``show dead job``)."""
+
+    died: float        #: when it was buried (epoch seconds)
+    attempts: int      #: attempts in all: failed ones and ones whose worker was lost
+    error: str         #: the last exception text (with the worker's traceback), or ""
+
+
 #: Failures kept for the status page; older ones fall off.
 RECENT_FAILURES = 50
 #: Characters of exception text kept per failure.
