@@ -7,6 +7,9 @@
     gearoffload jobs                        # every job the server holds
     gearoffload submit resize '{"id": 7}'   # run a job, print its result
     gearoffload top                         # live view; q quits
+    gearoffload dead                        # dead letters: jobs that used up their retries
+    gearoffload dead show H:web1:9          # its arguments, attempts, error and traceback
+    gearoffload dead retry H:web1:9         # run it again (or: dead delete H:web1:9)
     gearoffload --servers h1:4730,h2:4730 submit report - --background --wait < in.json
 
 ``--servers`` defaults to ``$GEAROFFLOAD_SERVERS`` or ``127.0.0.1:4730``. Exit codes:
@@ -205,6 +208,82 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_dead(args: argparse.Namespace) -> int:
+    """``dead [list]``, ``dead show H``, ``dead retry H``, ``dead delete H``."""
+    if args.action == "list":
+        if args.handle:
+            raise _UsageError("dead list takes no handle")
+        results, code = _admin_each(args, lambda admin: admin.dead_jobs())
+        _print_rows(args, results, ["HANDLE", "FUNCTION", "UNIQUE", "FAILURES"],
+                    lambda d: [d.handle, d.function, d.unique, d.attempts])
+        return code
+    if not args.handle:
+        raise _UsageError(f"dead {args.action} needs the job's HANDLE (see: gearoffload dead)")
+    return _on_dead_job(args, args.handle)
+
+
+def _on_dead_job(args: argparse.Namespace, handle: str) -> int:
+    """Act on the dead letter ``handle`` on whichever server holds it (handles are per
+    server: the others answer UNKNOWN_JOB)."""
+    from .admin import AdminClient, AdminError
+
+    timeout = args.timeout if args.timeout is not None else ADMIN_TIMEOUT
+    unreachable = []
+    for server in _servers(args):
+        try:
+            with AdminClient(server, timeout=timeout, tls=args.tls) as admin:
+                if args.action == "show":
+                    _print_dead_job(args, server, admin.dead_job(handle))
+                elif args.action == "retry":
+                    admin.requeue_dead(handle)
+                    print(f"{handle}: queued again on {server}")
+                else:
+                    admin.delete_dead(handle)
+                    print(f"{handle}: deleted on {server}")
+                return 0
+        except AdminError as exc:
+            if exc.code != "UNKNOWN_JOB":
+                _error(f"{server}: {exc}")
+                return 1
+        except (NoServersAvailable, JobTimeout, ProtocolError) as exc:
+            unreachable.append(str(exc))
+    for text in unreachable:
+        _error(text)
+    _error(f"no dead letter {handle!r} on {', '.join(_servers(args))}"
+           + (" (some servers did not answer)" if unreachable else ""))
+    return 2 if unreachable else 1
+
+
+def _print_dead_job(args: argparse.Namespace, server: str, dead: Any) -> None:
+    from .core import describe_job
+
+    info = describe_job(dead.data)
+    died = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(dead.died)) \
+        if dead.died else "unknown (restored from the store)"
+    payload = info.pop("payload")
+    if args.json:
+        fields = dict(asdict(dead), server=server, **info)
+        fields["data"] = None if info["arguments"] is not None else \
+            payload.decode("utf-8", "backslashreplace")
+        print(json.dumps(fields, indent=2, default=repr))
+        return
+    arguments = info["arguments"]
+    shown = json.dumps(arguments, default=repr)[:2000] if arguments is not None else \
+        repr(payload[:200]) + (" ..." if len(payload) > 200 else "")
+    retry = info["retry"]
+    policy = (f"{retry['retries']} retries, backoff {retry['backoff']:g}s (at most "
+              f"{retry['backoff_max']:g}s)") if retry else "the server's --retry-failed"
+    print(f"handle:    {dead.handle} (on {server})\n"
+          f"function:  {dead.function}\n"
+          f"unique:    {dead.unique or '-'}\n"
+          f"attempts:  {dead.attempts}\n"
+          f"died:      {died}\n"
+          f"retry:     {policy}")
+    print(f"arguments: {shown}")
+    print("error:")
+    print("    " + "\n    ".join((dead.error or "(no exception text: WORK_FAIL)").splitlines()))
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from .client import Client
 
@@ -359,6 +438,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "--background, poll its status until the server is done with it)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("dead", parents=[common], help="dead letters: list, show, retry, delete",
+                       description="Background jobs that used up their retries (@offload("
+                       "retries=N), or the server's --retry-failed). Without arguments, list "
+                       "them; 'show H' prints one with its arguments, attempts, error and "
+                       "traceback; 'retry H' runs it again; 'delete H' forgets it.")
+    p.add_argument("action", nargs="?", default="list",
+                   choices=["list", "show", "retry", "delete"])
+    p.add_argument("handle", nargs="?", metavar="HANDLE", help="the job handle (from the list)")
+    p.add_argument("--json", action="store_true", help="JSON instead of text")
+    p.set_defaults(func=cmd_dead)
 
     from . import top
 

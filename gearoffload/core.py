@@ -54,7 +54,8 @@ from .results import ENDED, MemoryResults, Outcome, ResultBackend, open_results
 from .retry import RetryPolicy
 
 __all__ = ["BodyTooLarge", "HttpError", "JobExpired", "JobNotFound", "JobRef", "NoWorkers",
-           "OffloadConfig", "Offloader", "StaleJob", "coalescing_key", "current_job", "http_error",
+           "OffloadConfig", "Offloader", "StaleJob", "coalescing_key", "current_job",
+           "describe_job", "http_error",
            "progress", "run_as_task", "unique_key"]
 
 log = logging.getLogger("gearoffload.core")
@@ -439,6 +440,45 @@ class Seal:
         if deadline and now > deadline + CLOCK_SKEW:
             raise StaleJob(f"the caller gave up {now - deadline:.1f} s ago")
         return payload
+
+
+def describe_job(data: bytes) -> dict[str, Any]:
+    """What a gearoffload job's data says, for people (``gearoffload dead show``): its
+    retry policy, whether it is signed (the signature is *not* checked here), when it was
+    due, its caller's deadline, and its arguments when they decode (JSON or msgpack;
+    otherwise ``payload`` holds the raw bytes). Never raises.
+
+    Example::
+
+        >>> seal = Seal("k")
+        >>> info = describe_job(seal.close(Codec().dumps([[7], {}])))
+        >>> info["signed"], info["arguments"]
+        (True, [[7], {}])
+    """
+    info: dict[str, Any] = {"retry": None, "signed": None, "due": None, "deadline": None,
+                            "arguments": None, "payload": data}
+    policy = RetryPolicy.parse(data)
+    if policy is not None:
+        info["retry"] = policy._asdict()
+    body = RetryPolicy.strip(data)
+    head, body = body[:4], body[4:]
+    if head not in (_SIGNED, _UNSIGNED):
+        return info  # not a gearoffload job: only its bytes
+    info["signed"] = head == _SIGNED
+    if head == _SIGNED:
+        body = body.rpartition(b".")[0]  # itsdangerous: value, ".", signature
+    stamp, _, rest = body.partition(b":")
+    limit, _, payload = rest.partition(b":")
+    try:
+        info["due"], info["deadline"] = float(stamp), float(limit) or None
+    except ValueError:
+        return info
+    info["payload"] = payload
+    try:
+        info["arguments"] = CODEC.loads(payload)
+    except Exception:  # pickle without its key, or not ours: the bytes say enough
+        pass
+    return info
 
 
 # -- worker-side context ----------------------------------------------------------------
