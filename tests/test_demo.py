@@ -48,6 +48,17 @@ def test_demo_serves_every_piece_and_stops_its_children_on_sigint(tmp_path):
         assert "run by a worker" in body
         status, body = get(f"{base}/offloaded-function/20")
         assert "fib(20) = 6765, computed by worker" in body
+        # The flaky task fails twice; the job server retries it and the third run succeeds.
+        request = urllib.request.Request(f"{base}/flaky/start", data=b"fail=0", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            started = json.loads(response.read())
+        deadline = time.monotonic() + 15
+        while True:
+            flaky = json.loads(get(f"{base}/flaky/{started['id']}?token={started['token']}")[1])
+            if flaky["state"] in ("done", "failed", "dead") or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert (flaky["state"], flaky["runs"]) == ("done", 3), flaky
         # The job server's status endpoint counts what the views just offloaded.
         assert f"http://127.0.0.1:{status_port}/" in (tmp_path / "demo.log").read_text()
         status, body = get(f"http://127.0.0.1:{status_port}/status.json")

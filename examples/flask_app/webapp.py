@@ -7,6 +7,8 @@
   status URL.
 - ``/legacy/...``: a plain WSGI app from before Flask, offloaded by ``OffloadMiddleware``.
 - ``/offloaded-function/<n>``: a plain ``@offload`` function called from a normal view.
+- ``/flaky``: a background task that fails twice and succeeds on its third run
+  (``retries=3``), or always fails and ends as a dead letter (``gearoffload dead``).
 
 Run everything with ``make demo`` (or ``python -m examples.flask_app.demo``). By hand::
 
@@ -110,6 +112,8 @@ def index() -> str:
  <code>OffloadMiddleware</code>.</li>
 <li><a href="{{ url_for('function_demo', n=30) }}">/offloaded-function/30</a>: a plain
  <code>@offload</code> function called from a local view.</li>
+<li><a href="{{ url_for('flaky_page') }}">/flaky</a>: a task that fails and is retried
+ by the job server; one that always fails becomes a dead letter.</li>
 </ul>""", pid=os.getpid())
 
 
@@ -206,6 +210,60 @@ def function_demo(n: int) -> str:
     value = fibonacci(n)
     return page("<p>fib({{ v.n }}) = {{ v.fib }}, computed by worker {{ v.computed_by }}; "
                 "this view ran in web process {{ pid }}.</p>", v=value, pid=os.getpid())
+
+
+@offload(retries=3, backoff=1, backoff_max=10)
+def flaky_sync(token: str, always_fail: bool = False) -> dict:
+    """Syncs with a partner that is down for its first two calls: the job server retries
+    it after 1 s, then 2 s (with jitter). With ``always_fail`` it never recovers and,
+    after 3 retries, waits in the dead letters (``gearoffload dead``, the status page)."""
+    run = count_run(f"flaky-{token}")
+    if always_fail or run <= 2:
+        raise ConnectionError(f"partner API unavailable (run {run})")
+    return {"synced": True, "runs": run, "by": os.getpid()}
+
+
+@app.post("/flaky/start")
+def start_flaky() -> tuple[dict, int]:
+    import secrets
+
+    token = secrets.token_hex(8)  # names this submission's run counter
+    job = flaky_sync.background(token, always_fail=request.form.get("fail") == "1")
+    return {"id": job.id, "token": token}, 202
+
+
+@app.get("/flaky/<job_id>")
+def flaky_status(job_id: str) -> dict:
+    outcome = flaky_sync.job(job_id).outcome()
+    token = request.args.get("token", "")
+    return {"state": outcome.state, "runs": runs(f"flaky-{token}") if token.isalnum() else 0,
+            "error": (outcome.data or b"").decode(errors="replace").split("\n")[0]
+            if outcome.state in ("failed", "dead") else None}
+
+
+@app.get("/flaky")
+def flaky_page() -> str:
+    return page("""
+<p>A background <code>@offload(retries=3, backoff=1)</code> function. Its first two runs
+raise; the job server runs it again after a back-off, and the third run succeeds. One that
+always fails becomes a dead letter after 4 runs: see it with <code>gearoffload dead</code>
+or on the job server's status page.</p>
+<button onclick="go('0')">Run the flaky task</button>
+<button onclick="go('1')">Run one that always fails</button>
+<pre id="out"></pre>
+<script>
+async function go(fail) {
+  const out = document.getElementById("out");
+  const r = await (await fetch("{{ url_for('start_flaky') }}", {method: "POST",
+      body: new URLSearchParams({fail})})).json();
+  for (;;) {
+    const s = await (await fetch(`/flaky/${r.id}?token=${r.token}`)).json();
+    out.textContent = JSON.stringify(s, null, 2);
+    if (["done", "failed", "dead"].includes(s.state)) break;
+    await new Promise(ok => setTimeout(ok, 500));
+  }
+}
+</script>""")
 
 
 def legacy_app(environ: dict, start_response) -> list[bytes]:
