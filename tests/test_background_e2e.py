@@ -195,6 +195,14 @@ def test_acknowledged_jobs_survive_a_kill_9_of_the_job_server(web):
         assert status["state"] == "done" and status["result"]["steps"] == 2
 
 
+def test_a_background_view_that_fails_twice_is_retried_by_the_job_server(web):
+    token = f"t{time.monotonic_ns()}"
+    status, states, _ = web.poll(web.submit(f"/flaky/{token}"))
+    assert status["state"] == "done" and status["result"] == {"runs": 3}, status
+    assert states <= {"queued", "running", "done"}, states  # never "failed" in between
+    assert (web.tmp / f"flaky-{token}.runs").read_text().count("\n") == 3
+
+
 def test_bad_ids_big_results_and_unencodable_answers_get_json_errors(web):
     for bad in ("garbage", "x" * 1500, "WyJhIiwiYiIsbnVsbF0.AAAAAA.forgedsignature0000"):
         code, _, body = http(web.port, "GET", f"/_offload/jobs/{bad}")

@@ -59,6 +59,14 @@ def create_app(servers: str) -> Flask:
     def trivial():
         return "ok"
 
+    @app.post("/flaky/<token>")
+    @ext.offload(background=True, retries=2, backoff=0.1, jitter=False)
+    def flaky(token):
+        runs = count_run(f"flaky-{token}")
+        if runs < 3:
+            raise ConnectionError(f"partner down (run {runs})")
+        return {"runs": runs}
+
     @app.post("/big/<int:size>")
     @ext.offload(background=True)
     def big(size):
