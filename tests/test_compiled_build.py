@@ -144,7 +144,8 @@ def test_import_hashes_nothing():
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_a_build_of_other_sources_is_found_stale(tmp_path, name):
     """A .py edited since the build: its compiled module would run the old code, so
-    stale_builds() names it and the test suite refuses to start on it."""
+    stale_builds() names it and the test suite refuses to start on it; an import (a
+    ``git pull`` without ``make``) runs the newer .py instead, with a warning."""
     require_compiled(probe(ROOT, GEAROFFLOAD_PURE_PYTHON="0"))
     copy_packages(tmp_path)
     assert probe(tmp_path, GEAROFFLOAD_PURE_PYTHON="0")["stale"] == []  # as built
@@ -152,7 +153,11 @@ def test_a_build_of_other_sources_is_found_stale(tmp_path, name):
     source.write_text(source.read_text() + "\n# edited after the build\n")
     result = probe(tmp_path, GEAROFFLOAD_PURE_PYTHON="0")
     assert result["stale"] == [f"{MODULES[name]}.{name}"]
-    assert not result["warnings"]
+    assert result["compiled"][name] is False and result["file"][name].endswith(".py")
+    assert [w for w in result["warnings"] if "compiled build is older than" in w] == [
+        f"{MODULES[name]}.{name}: its compiled build is older than {name}.py or {name}.pxd "
+        "(sources changed since the last build); running the slower .py. Rebuild: make "
+        ".venv/.installed-stamp, or pip install -e ."]
 
 
 def test_the_suite_refuses_a_stale_build(tmp_path):
