@@ -1109,9 +1109,9 @@ class JobServerState:
     def _timed_out(self, job: Job, worker: Peer) -> None:
         """CAN_DO_TIMEOUT ran out: a failed attempt, as if the worker had answered
         WORK_FAIL (issue #17; the Perl server does the same). Its clients get WORK_FAIL; a
-        background job runs again after ``--retry-backoff`` while ``--retry-failed``
-        allows, then becomes a dead letter (at once with ``--retry-failed 0``: a job that
-        always outlives its timeout is kept, not lost and not retried forever)."""
+        background job runs again as its retry policy (or ``--retry-failed``) allows,
+        then becomes a dead letter (at once with no retries: a job that always outlives
+        its timeout is kept, not lost and not retried forever)."""
         if job.state != RUNNING or job.worker is not worker:
             return
         job.timer = None
