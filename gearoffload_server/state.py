@@ -13,7 +13,7 @@ the types declared in ``state.pxd`` (``gearoffload_server.STATE_COMPILED``). Met
 Example::
 
     >>> from gearoffload_server.state import JobServerState, ManualScheduler, Peer
-    >>> from gearoffload_server.config import ServerConfig
+    >>> from gearoffload_server.settings import ServerConfig
     >>> from gearoffload.protocol import Packet, REQ, PacketType as T
     >>> state = JobServerState(ServerConfig(handle_prefix="H:box"), ManualScheduler())
     >>> client = state.connect(Peer(fd=7, address="127.0.0.1"))
@@ -39,7 +39,7 @@ from gearoffload.protocol import REQ, RES, Packet, Router, encode
 from gearoffload.retry import MAGIC as RETRY_MAGIC
 from gearoffload.retry import RetryPolicy
 
-from .config import ServerConfig
+from .settings import ServerConfig
 from .stats import BUCKETS as LATENCY_BUCKETS
 from .stats import DETAIL_CHARS, RECENT_FAILURES, DeadLetter, Failure, LatencyHistogram
 from .stores import QueueStore, StoredJob
