@@ -6,9 +6,9 @@
 import cython
 
 cdef class Peer:
-    cdef public object fd, address, loopback, client_id, out, out_bytes, transport
+    cdef public object fd, address, loopback, client_id, out, out_bytes
     cdef public object exceptions, functions, timeouts, jobs, attached, sleep, rr
-    cdef public object last_exception, _dirty, _flagged, batch, waiting
+    cdef public object last_exception, _dirty, _flagged, waiting
     cdef object __weakref__
 
 cdef class Function:

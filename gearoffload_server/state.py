@@ -191,22 +191,21 @@ class _ManualTimer:
 class Peer:
     """One connection as the state sees it: a client, a worker, an admin, or all three.
 
-    ``out`` collects encoded replies until the I/O shell writes them; ``transport`` is
-    the shell's own handle on the connection and is never touched here.
+    ``out`` collects encoded replies until the I/O shell writes them. Only protocol state
+    lives here: the shell's connection (``transport.Connection``) owns its ``Peer``, and
+    which store batch a peer's replies wait for is ``commit.py``'s business.
     """
 
     __slots__ = (
-        "fd", "address", "loopback", "client_id", "out", "out_bytes", "transport",
+        "fd", "address", "loopback", "client_id", "out", "out_bytes",
         "exceptions", "functions", "timeouts", "jobs", "attached", "sleep", "rr",
-        "last_exception", "_dirty", "_flagged", "batch", "waiting",
+        "last_exception", "_dirty", "_flagged", "waiting",
     )
 
-    def __init__(self, fd: int = -1, address: str = "-", loopback: bool = True,
-                 transport: object = None) -> None:
+    def __init__(self, fd: int = -1, address: str = "-", loopback: bool = True) -> None:
         self.fd = fd
         self.address = address
         self.loopback = loopback
-        self.transport = transport
         self.client_id = b"-"
         self.out: list[bytes] = []
         self.out_bytes = 0
@@ -221,9 +220,6 @@ class Peer:
         self.last_exception: bytes | None = None
         self._dirty: list[Peer] | None = None
         self._flagged = False  # in ``_dirty`` since the last ``take_dirty()``
-        #: The newest store batch holding a job this peer was sent JOB_CREATED for: its
-        #: output must not be written before that batch is durable (``stores``).
-        self.batch = None
 
     def send(self, data: bytes) -> None:
         if not self._flagged and self._dirty is not None:
@@ -316,7 +312,7 @@ class Job:
         self.state = QUEUED
         self.coalesce = False  # indexed for coalescing (cleared when the window closes)
         self.stored = 0        # the store's id for this job's row, 0 when not stored
-        self.batch = None      # the store batch that saves it (see ``stores.Batch``)
+        self.batch = None      # the store batch that saves it (see ``commit.Batch``)
         #: When it became runnable: submitted, restored, requeued from the dead letters, or
         #: (epoch jobs, retries) fell due. Start of its latency (``Function.latency``).
         self.since = 0.0

@@ -326,7 +326,7 @@ def test_background_onto_foreground_job_is_saved_held_and_survives_the_client():
     h.send(bg, T.SUBMIT_JOB_BG, b"f", b"u", b"ignored")  # coalesces onto H:t:1
     job = h.state.jobs[b"H:t:1"]
     assert job.background and job.stored
-    assert bg.batch is store.batch  # its JOB_CREATED is held until the save is durable
+    assert store.held[bg] is store.batch  # its JOB_CREATED is held until the save is durable
     batch = store.commit()
     assert [row[2] for row in batch.saves] == [b"u"] and batch.acks[0][0] is bg
     assert h.received(bg) == [(T.JOB_CREATED, (b"H:t:1",))]

@@ -14,6 +14,7 @@ from gevent import monkey
 
 from gearoffload.protocol import RES, Decoder, encode_request
 from gearoffload.protocol import PacketType as T
+from gearoffload_server import commit as commit_module
 from gearoffload_server import server as server_module
 from gearoffload_server.config import ServerConfig
 from gearoffload_server.server import GearmanServer
@@ -159,7 +160,7 @@ def _complete_one_job(srv, store, client, worker) -> None:
 def test_deletes_linger_until_a_submission_needs_a_commit(gated, monkeypatch):
     """A batch of deletes alone waits (DELETE_LINGER) so that a drain commits many at
     once; a submission that arrives meanwhile is written at once, with those deletes."""
-    monkeypatch.setattr(server_module, "DELETE_LINGER", 30.0)
+    monkeypatch.setattr(commit_module, "DELETE_LINGER", 30.0)
     srv, store = gated
     client, worker = Conn(srv.server_port), Conn(srv.server_port)
     _complete_one_job(srv, store, client, worker)
@@ -174,7 +175,7 @@ def test_deletes_linger_until_a_submission_needs_a_commit(gated, monkeypatch):
 
 
 def test_lingering_deletes_are_written_after_the_linger(gated, monkeypatch):
-    monkeypatch.setattr(server_module, "DELETE_LINGER", 0.2)
+    monkeypatch.setattr(commit_module, "DELETE_LINGER", 0.2)
     srv, store = gated
     client, worker = Conn(srv.server_port), Conn(srv.server_port)
     _complete_one_job(srv, store, client, worker)
@@ -184,8 +185,8 @@ def test_lingering_deletes_are_written_after_the_linger(gated, monkeypatch):
 
 
 def test_lingering_ends_once_delete_batch_rows_are_waiting(gated, monkeypatch):
-    monkeypatch.setattr(server_module, "DELETE_LINGER", 30.0)
-    monkeypatch.setattr(server_module, "DELETE_BATCH", 2)
+    monkeypatch.setattr(commit_module, "DELETE_LINGER", 30.0)
+    monkeypatch.setattr(commit_module, "DELETE_BATCH", 2)
     srv, store = gated
     client, worker = Conn(srv.server_port), Conn(srv.server_port)
     client.sock.sendall(encode_request(T.SUBMIT_JOB_BG, b"f", b"", b"one") +

@@ -56,7 +56,7 @@ def test_background_jobs_are_saved_per_job_and_deleted_when_they_end():
     for _ in range(2):  # two empty uniques: two rows, never one (Q11)
         h.send(client, T.SUBMIT_JOB_BG, b"f", b"", b"x")
     h.send(client, T.SUBMIT_JOB, b"f", b"", b"foreground")  # not stored
-    assert client.batch is store.batch
+    assert store.held[client] is store.batch
     batch = store.commit()
     assert len(store.rows) == 2 and batch.done
     h.send(worker, T.GRAB_JOB)
@@ -73,7 +73,7 @@ def test_coalesced_submission_waits_for_the_batch_of_the_job():
     h.send(a, T.SUBMIT_JOB_BG, b"f", b"u", b"x")
     batch = store.take_batch()  # being written
     h.send(b, T.SUBMIT_JOB_BG, b"f", b"u", b"x")
-    assert b.batch is batch and len(batch.acks) == 2
+    assert store.held[b] is batch and len(batch.acks) == 2
     assert not store.batch.pending
 
 

@@ -9,7 +9,7 @@ All of these only append to the store's open ``Batch``; nothing touches the disk
 The I/O shell takes the batch (``take_batch()``) and hands it to ``write(batch)`` in a
 thread: one transaction per batch, so a burst of submissions costs one commit (group
 commit). A submitter's JOB_CREATED is held back until the batch holding its job is durable
-(``Peer.batch`` says which batch a peer waits for; see ``server.py``).
+(``QueueStore.held`` says which batch a peer waits for; ``commit.py`` owns all of that).
 
 Rows are keyed by a store-generated id per job, never by (function, unique) (Q11); handles
 are not stored: replay (``load()``) gives fresh handles through the state.
@@ -41,6 +41,8 @@ import itertools
 import os
 from typing import NamedTuple
 from urllib.parse import parse_qs, urlsplit
+
+from ..commit import Batch  # noqa: F401  (re-exported: the stores build and write batches)
 
 SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -79,54 +81,14 @@ class ResultRow(NamedTuple):
     too_large: int
 
 
-class Batch:
-    """Saves and deletes that become durable together, in one transaction.
-
-    ``acks`` lists every JOB_CREATED that refers to a job saved in this batch:
-    ``(peer, reply bytes, job, attached)``, ``attached`` true for a foreground submission
-    (the peer waits on the job); the reply object sits in ``peer.out``. Should the write
-    fail, each such reply is swapped for an ``ERROR QUEUE_ERROR`` (it is still in ``out``,
-    because a peer waiting for a batch is not written to) and the jobs are dropped.
-
-    ``result_puts`` are kept results to insert (``ResultRow`` fields) and
-    ``result_drops`` the ids of kept results to delete, after the inserts (a result may
-    be kept and dropped within one batch).
-    """
-
-    __slots__ = ("seq", "saves", "deletes", "marks", "acks", "result_puts", "result_drops",
-                 "done", "error")
-
-    def __init__(self, seq: int) -> None:
-        self.seq = seq
-        self.saves: list[tuple] = []   # rows: StoredJob fields
-        self.deletes: list[int] = []
-        self.marks: list[tuple[int, int]] = []  # (dead 0/1, id)
-        self.acks: list[tuple] = []
-        self.result_puts: list[tuple] = []
-        self.result_drops: list[int] = []
-        self.done = False
-        self.error: str | None = None
-
-    @property
-    def pending(self) -> bool:
-        return bool(self.saves or self.deletes or self.marks or self.result_puts or
-                    self.result_drops)
-
-    def ack(self, peer, reply: bytes, job, attached: bool = False) -> None:
-        """``reply``, about to go into ``peer.out``, tells of ``job`` (saved in this
-        batch); ``attached``: the submission was a foreground one."""
-        self.acks.append((peer, reply, job, attached))
-        waits = peer.batch
-        if waits is None or waits.seq < self.seq:
-            peer.batch = self
-
-
 class QueueStore:
     """The interface the state and the shell use; subclasses implement the disk side."""
 
     def __init__(self) -> None:
         self._seq = itertools.count(1)
-        self.batch = Batch(next(self._seq))
+        #: Peer -> the newest batch it waits for (``commit.py``): shared by all batches.
+        self.held: dict = {}
+        self.batch = Batch(next(self._seq), self.held)
         self._ids = itertools.count(1)
         self._result_ids = itertools.count(1)
 
@@ -168,7 +130,7 @@ class QueueStore:
     def take_batch(self) -> Batch:
         """Close the open batch for writing; later calls go into a fresh one."""
         batch = self.batch
-        self.batch = Batch(next(self._seq))
+        self.batch = Batch(next(self._seq), self.held)
         return batch
 
     # -- in a worker thread (or at start-up and shutdown) --------------------------------
