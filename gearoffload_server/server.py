@@ -175,6 +175,7 @@ class GearmanServer(StreamServer):
         conn = accept(self, sock, address)
         if conn is None:
             return
+        self.connections[conn.peer] = conn  # counts for --max-connections from now on
         if self.config.idle_timeout and self._sweeper is None:
             self._sweeper = gevent.spawn(self._sweep_idle)
         conn.serve()
@@ -266,7 +267,6 @@ class GearmanServer(StreamServer):
             what = "sent nothing" if not read else "idle"
             conn.abort(f"{what} for {timeout:g}s with nothing in flight (--idle-timeout)",
                        logging.INFO)
-
 
     # -- drain and stop --------------------------------------------------------------------
 

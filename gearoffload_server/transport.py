@@ -195,7 +195,6 @@ class Connection:
     def serve(self) -> None:
         """The connection's greenlet: register with the poll loop, wait for the end."""
         server = self.server
-        server.connections[self.peer] = self
         server.state.connect(self.peer)
         self.joined = True
         server.poller.register(self)
@@ -400,7 +399,6 @@ class TlsConnection(Connection):
         self._reader = gevent.getcurrent()
         try:
             if self._handshake():
-                self.server.connections[self.peer] = self
                 self.server.state.connect(self.peer)
                 self.joined = True
                 self._writer = gevent.spawn(self._write_loop)
