@@ -33,7 +33,8 @@ Missed slots (a scheduler down, late, or no job server reachable) follow ``misse
 
 - ``"last"`` (default): run only the latest slot that is due;
 - ``"all"``: run every due slot still inside the look-back window (at most 100);
-- ``"none"``: run a slot only within a short grace (``min(period, 60 s)``) of its time.
+- ``"none"``: run a slot only within a short grace of its time (half the period, at most
+  60 s).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ log = logging.getLogger("gearoffload.schedule")
 MISSED = ("last", "all", "none")
 #: At most this many missed slots of one task are submitted at once (``missed="all"``).
 MAX_CATCH_UP = 100
-#: ``missed="none"`` still runs a slot this late at most (capped by the period).
+#: ``missed="none"`` still runs a slot this late at most (and half a period at most).
 MAX_GRACE = 60.0
 
 
@@ -117,10 +118,15 @@ class Schedule:
             raise ValueError(f"tz= is not a known timezone name: {self.tz!r} (e.g. "
                              "'Europe/Paris', 'UTC')") from None
 
-    @property
-    def grace(self) -> float:
-        """How late a slot may still run with ``missed="none"``."""
-        return min(self.every, MAX_GRACE) if self.every is not None else MAX_GRACE
+    def grace(self, slot: float) -> float:
+        """How late ``slot`` may still run with ``missed="none"``: half the time since the
+        slot before it, at most a minute (so the latest slot is not always "on time")."""
+        if self.every is not None:
+            period = self.every
+        else:
+            before = self.slots(slot - 400 * 86400, slot - 0.001, limit=1)
+            period = slot - before[0] if before else MAX_GRACE * 2
+        return min(period / 2, MAX_GRACE)
 
     def slots(self, after: float, until: float, limit: int = MAX_CATCH_UP) -> list[float]:
         """The slots ``s`` with ``after < s <= until`` (Unix times), oldest first; only the
@@ -173,7 +179,7 @@ class Schedule:
         if self.missed == "last":
             slots = slots[-1:]
         elif self.missed == "none":
-            slots = [s for s in slots[-1:] if now - s <= self.grace]
+            slots = [s for s in slots[-1:] if now - s <= self.grace(s)]
         return slots, dropped
 
 
