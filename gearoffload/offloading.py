@@ -31,6 +31,8 @@ every decorated function under its wire name in ``gearoffload.registry.registry`
   may have run on a worker already).
 - ``background()`` submits a Gearman background job: it survives this process exiting, and
   its outcome is read through the result backend (``GEAROFFLOAD_RESULTS``) from any process.
+- ``every=`` or ``cron=`` (with ``tz=``, ``missed=``) make a periodic task, run once per
+  slot across the fleet by any number of schedulers (``gearoffload.schedule``).
 - With ``GEAROFFLOAD_SECRET_KEY`` every job is signed and expires; workers refuse forged,
   unsigned and expired jobs, and jobs whose caller has given up (its timeout passed).
 - A worker exception reaches the caller as ``JobException`` whose ``text`` is
@@ -186,7 +188,8 @@ class OffloadedFunction:
 
     Calling it submits a job and waits for the value; ``background()`` submits a Gearman
     background job and returns an ``OffloadedJob`` at once; ``local()`` calls the
-    function here. ``name`` is its Gearman function name.
+    function here. ``name`` is its Gearman function name; ``schedule`` its
+    ``gearoffload.schedule.Schedule`` when it is periodic, else None.
     """
 
     def __init__(self, fn: Callable[..., Any], name: str | None = None,
