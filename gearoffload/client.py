@@ -918,7 +918,9 @@ class Client:
                 raise ValueError("run_at jobs always run at normal priority")
             # SUBMIT_JOB_EPOCH is background by definition (docs/protocol.md §3.11)
             background = True
-            epoch = int(run_at.timestamp() if isinstance(run_at, datetime) else run_at)
+            # The epoch is whole seconds: rounded up, so a job never runs before it is
+            # due (at most a second after).
+            epoch = math.ceil(run_at.timestamp() if isinstance(run_at, datetime) else run_at)
         if unique is None:
             # Background jobs carry a UUID so that persistent stores keyed by unique do not
             # collide (docs/protocol.md §8); foreground ones go without, so they never

@@ -835,15 +835,22 @@ class Offloader:
 
     def start(self, function: str, payload: bytes, *, unique: str | None = None,
               priority: str = "normal", owner: str | None = None,
-              run_at: float | None = None, retry: RetryPolicy | None = None) -> JobRef:
+              run_at: float | None = None, retry: RetryPolicy | None = None,
+              once: bool = False) -> JobRef:
         """Submit a background job (``SUBMIT_JOB_BG``) and return its ``JobRef`` once the
         server has acknowledged it. ``unique`` coalesces it with identical background
         jobs; by default each job gets a random one. ``retry``: how the job server runs
         it again when it fails (``gearoffload.retry``; not in eager mode, which runs it
-        once)."""
-        # "bg-" tells the worker that the job is a background one (it records the outcome
-        # where the backend wants it); the rest is a random token or the coalescing key.
-        unique = "bg-" + (stable_hash(unique) if unique else secrets.token_urlsafe(24))
+        once). ``once=True`` (with a ``unique``): our job server does not run it again
+        while it keeps the result of an earlier run (a periodic task's slot,
+        ``gearoffload.schedule``)."""
+        # The prefix tells the worker that the job is a background one (it records the
+        # outcome where the backend wants it) and "once:" asks the server's run-once rule
+        # (docs/protocol.md); the rest is a random token or the coalescing key.
+        if once and not unique:
+            raise ValueError("once=True needs a unique key")
+        unique = ("once:" if once else "bg-") + (
+            stable_hash(unique) if unique else secrets.token_urlsafe(24))
         ref = JobRef(function, unique, owner, time.time())
         sealed = self.seal.close(payload, not_before=run_at)
         if self.config.eager:
@@ -961,6 +968,15 @@ class EagerJob:
 
     def send_warning(self, data: bytes | str) -> None:
         pass
+
+
+#: Uniques of the background jobs the offload layer submits (``Offloader.start``).
+BACKGROUND_PREFIXES = ("bg-", "once:")
+
+
+def is_background(unique: str) -> bool:
+    """Whether a job's unique says it is a background job of the offload layer."""
+    return unique.startswith(BACKGROUND_PREFIXES)
 
 
 def run_task(offloader: Offloader, job: Any, body: Callable[[bytes], bytes],

@@ -93,6 +93,7 @@ from .core import (
     check_runtime,
     coalescing_key,
     http_error,
+    is_background,
     progress,
     request_from_payload,
     request_payload,
@@ -216,7 +217,7 @@ class OffloadedView:
         contexts, and return the encoded response."""
         offloader = app.extensions["gearoffload"].offloader
         return run_task(offloader, job, functools.partial(self._respond, app),
-                        background=job.unique.startswith("bg-"))
+                        background=is_background(job.unique))
 
     def _respond(self, app: Flask, payload: bytes) -> bytes:
         environ, extra = request_from_payload(payload)

@@ -31,6 +31,8 @@ every decorated function under its wire name in ``gearoffload.registry.registry`
   may have run on a worker already).
 - ``background()`` submits a Gearman background job: it survives this process exiting, and
   its outcome is read through the result backend (``GEAROFFLOAD_RESULTS``) from any process.
+- ``every=`` or ``cron=`` (with ``tz=``, ``missed=``) make a periodic task, run once per
+  slot across the fleet by any number of schedulers (``gearoffload.schedule``).
 - With ``GEAROFFLOAD_SECRET_KEY`` every job is signed and expires; workers refuse forged,
   unsigned and expired jobs, and jobs whose caller has given up (its timeout passed).
 - A worker exception reaches the caller as ``JobException`` whose ``text`` is
@@ -67,6 +69,7 @@ from .core import (
     configure_default,
     configure_reset,
     current_job,
+    is_background,
     offloader_in_use,
     progress,
     run_as_task,
@@ -185,7 +188,8 @@ class OffloadedFunction:
 
     Calling it submits a job and waits for the value; ``background()`` submits a Gearman
     background job and returns an ``OffloadedJob`` at once; ``local()`` calls the
-    function here. ``name`` is its Gearman function name.
+    function here. ``name`` is its Gearman function name; ``schedule`` its
+    ``gearoffload.schedule.Schedule`` when it is periodic, else None.
     """
 
     def __init__(self, fn: Callable[..., Any], name: str | None = None,
@@ -193,9 +197,12 @@ class OffloadedFunction:
                  timeout: float | None = None, fallback: str | None = None,
                  priority: str = "normal", registry: TaskRegistry | None = None,
                  retries: int = 0, backoff: float = 1.0, backoff_max: float = 300.0,
-                 jitter: bool = True) -> None:
+                 jitter: bool = True, every: float | timedelta | None = None,
+                 cron: str | None = None, tz: str | None = None,
+                 missed: str = "last") -> None:
         check_call_options(timeout, fallback)
         self.retry = retry_policy(retries, backoff, backoff_max, jitter)
+        self.schedule = _schedule(fn, every, cron, tz, missed, unique)
         self.fn = fn
         self.name = name or f"{fn.__module__}.{fn.__qualname__}"
         self.unique = unique
@@ -275,7 +282,38 @@ class OffloadedFunction:
             args, kwargs = codec.loads(payload)[:2]
             return codec.dumps(self.fn(*args, **kwargs))
 
-        return run_task(offloader, job, body, background=job.unique.startswith("bg-"))
+        return run_task(offloader, job, body, background=is_background(job.unique))
+
+
+def _schedule(fn: Callable[..., Any], every: float | timedelta | None, cron: str | None,
+              tz: str | None, missed: str, unique: Any) -> Any:
+    """The ``Schedule`` of a periodic function (``gearoffload.schedule``), or None."""
+    if every is None and cron is None:
+        if tz is not None or missed != "last":
+            raise TypeError("tz= and missed= are for periodic tasks: add every= or cron=")
+        return None
+    import inspect
+
+    from .schedule import Schedule
+
+    name = getattr(fn, "__qualname__", repr(fn))
+    if unique:
+        raise TypeError(f"{name}: unique= does not apply to a periodic task (each slot has "
+                        "its own unique key)")
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        params = []
+    needed = [p.name for p in params if p.default is p.empty
+              and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if needed:
+        raise TypeError(f"{name}: a periodic task is called with no arguments, but it needs "
+                        f"{', '.join(needed)}")
+    if isinstance(every, timedelta):
+        every = every.total_seconds()
+    elif every is not None and (isinstance(every, bool) or not isinstance(every, (int, float))):
+        raise TypeError(f"every= must be a timedelta or a number of seconds, not {every!r}")
+    return Schedule(every=every, cron=cron, tz=tz, missed=missed)
 
 
 def _run_at(delay: float | timedelta | None, at: datetime | None) -> float | None:
@@ -301,14 +339,23 @@ def offload(fn: Callable[..., Any] | None = None, *, name: str | None = None,
             unique: bool | Callable[..., str | bytes] = False, timeout: float | None = None,
             fallback: str | None = None, priority: str = "normal",
             registry: TaskRegistry | None = None, retries: int = 0, backoff: float = 1.0,
-            backoff_max: float = 300.0, jitter: bool = True) -> Any:
+            backoff_max: float = 300.0, jitter: bool = True,
+            every: float | timedelta | None = None, cron: str | None = None,
+            tz: str | None = None, missed: str = "last") -> Any:
     """Decorator: ``@offload`` or ``@offload(name=..., unique=..., timeout=...,
-    fallback=..., priority=..., retries=...)``; see the module docstring.
+    fallback=..., priority=..., retries=..., every=...)``; see the module docstring.
 
     ``retries``: how often the job server runs a failed *background* job again (a direct
     call reports the failure to its caller at once), waiting ``backoff`` seconds doubled
     per retry, at most ``backoff_max``, a random part of it with ``jitter``; then the job
     is a dead letter (``gearoffload dead``).
+
+    ``every`` (a ``timedelta`` or seconds) or ``cron`` (with ``tz``, an IANA name; UTC
+    when not given; needs ``croniter``) makes a periodic task of a function that takes no
+    arguments: schedulers (``gearoffload-worker --schedule``, ``python -m
+    gearoffload.schedule``) run it once per slot across the fleet; ``missed`` (``"last"``,
+    ``"all"`` or ``"none"``) says what runs of the slots missed during an outage
+    (``gearoffload.schedule``).
 
     Example::
 
@@ -319,12 +366,16 @@ def offload(fn: Callable[..., Any] | None = None, *, name: str | None = None,
         @offload(retries=5, backoff=2, backoff_max=600)
         def charge(order_id: int) -> None:
             ...                                  # charge.background(42)
+
+        @offload(cron="*/5 * * * *", tz="Europe/Paris", missed="none")
+        def refresh_rates() -> None:
+            ...
     """
     def decorate(func: Callable[..., Any]) -> OffloadedFunction:
         return OffloadedFunction(func, name=name, unique=unique, timeout=timeout,
                                  fallback=fallback, priority=priority, registry=registry,
                                  retries=retries, backoff=backoff, backoff_max=backoff_max,
-                                 jitter=jitter)
+                                 jitter=jitter, every=every, cron=cron, tz=tz, missed=missed)
 
     return decorate(fn) if fn is not None else decorate
 

@@ -24,6 +24,9 @@ Where the tasks come from:
   views and the ``@offload`` functions (``gearoffload.offloading.registry_for``);
 - ``--wsgi module:app`` — also serve ``app`` as a WSGI app for ``OffloadMiddleware``.
 
+With ``--schedule``, one more process runs a ``gearoffload.schedule.Scheduler`` for the
+periodic tasks served (restarted if it dies, stopped on SIGTERM).
+
 Processes are for CPU-bound tasks (one core each); greenlets for I/O-bound ones.
 """
 
@@ -77,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> PoolConfig:
     parser.add_argument("--wsgi-function", default="",
                         help="function name the middleware uses (default: "
                              "gearoffload.wsgi:<the app's import name>, as the middleware's)")
+    parser.add_argument("--schedule", action="store_true",
+                        help="also run a scheduler for the periodic tasks (@offload(every=...)"
+                             " or cron=) in one more process; any number may run")
     for name, what in (("ca", "CA certificates that sign the servers' certificates"),
                        ("cert", "this worker's certificate, for mutual TLS"),
                        ("key", "the private key of --tls-cert")):
@@ -94,7 +100,8 @@ def parse_args(argv: list[str] | None = None) -> PoolConfig:
             drain_timeout=args.drain_timeout, client_id=args.client_id,
             log_level=args.log_level, log_format=args.log_format,
             wsgi_function=args.wsgi_function if args.wsgi else None,
-            tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+            tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            schedule=args.schedule)
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
@@ -157,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not config.servers_given:
         config = _app_servers(config)
+    if config.schedule:
+        from .schedule import periodic_tasks
+
+        if not periodic_tasks(registry):
+            sys.stderr.write(f"gearoffload-worker: --schedule: {config.target} has no "
+                             "periodic tasks (@offload(every=...) or cron=)\n")
+            return 2
     refusal = _unsealable(registry)
     if refusal:
         sys.stderr.write(f"gearoffload-worker: {refusal}\n")

@@ -54,6 +54,8 @@ class PoolConfig:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: --schedule: one more child process runs a ``Scheduler`` for the periodic tasks.
+    schedule: bool = False
 
     @property
     def tls(self) -> dict | None:
@@ -118,13 +120,47 @@ def _child(config: PoolConfig, registry: TaskRegistry, index: int) -> int:
     return 0
 
 
+def _scheduler_child(config: PoolConfig, registry: TaskRegistry) -> int:
+    """The body of the ``--schedule`` process: a ``Scheduler`` for the pool's periodic
+    tasks, submitting to the pool's servers with the offload settings in use."""
+    import dataclasses
+
+    import gevent
+
+    from .core import Offloader, offloader_in_use
+    from .schedule import Scheduler, periodic_tasks
+
+    settings = dataclasses.replace(offloader_in_use().config, servers=config.servers,
+                                   tls_ca=config.tls_ca, tls_cert=config.tls_cert,
+                                   tls_key=config.tls_key)
+    scheduler = Scheduler(periodic_tasks(registry), Offloader(settings))
+    gevent.signal_handler(signal.SIGTERM, scheduler.stop)
+    gevent.signal_handler(signal.SIGINT, scheduler.stop)
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            gevent.sleep(1.0)
+        log.warning("parent %d is gone; stopping the scheduler", parent)
+        scheduler.stop()
+
+    watcher = gevent.spawn(watch_parent)
+    try:
+        scheduler.run()
+    finally:
+        watcher.kill(block=False)
+    return 0
+
+
 def run_pool(config: PoolConfig, registry: TaskRegistry) -> int:
-    """Fork ``config.processes`` children, restart the ones that die, drain on SIGTERM."""
+    """Fork ``config.processes`` children (and, with ``config.schedule``, a scheduler
+    process), restart the ones that die, drain on SIGTERM."""
     import gevent
 
     children: dict[int, tuple[int, float]] = {}  # pid -> (slot index, start time)
     restart_at: dict[int, float] = {}  # slot index -> when to fork it again
-    delays = dict.fromkeys(range(config.processes), _RESTART_DELAY_START)
+    slots = config.processes + (1 if config.schedule else 0)  # the last one schedules
+    delays = dict.fromkeys(range(slots), _RESTART_DELAY_START)
     signals: list[int] = []
 
     # Plain Python handlers: they only record the signal. Forked children install their
@@ -142,21 +178,25 @@ def run_pool(config: PoolConfig, registry: TaskRegistry) -> int:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                code = _child(config, registry, index)
+                if index == config.processes:
+                    code = _scheduler_child(config, registry)
+                else:
+                    code = _child(config, registry, index)
             except BaseException:
                 log.exception("worker process crashed")
             finally:
                 logging.shutdown()
                 os._exit(code)
         children[pid] = (index, time.monotonic())
-        log.info("started worker process %d (pid %d)", index, pid)
+        log.info("started %s process %d (pid %d)",
+                 "scheduler" if index == config.processes else "worker", index, pid)
 
     # INFO, as every other line of a healthy start and stop (the default --log-level):
     # WARNING is for what an operator should look at.
     log.info("gearoffload-worker: %s on %s, %d processes x %d greenlets, tasks %s",
                 config.target, ",".join(config.servers), config.processes,
                 config.concurrency, ", ".join(registry.names()))
-    for index in range(config.processes):
+    for index in range(slots):
         fork(index)
 
     draining_since: float | None = None

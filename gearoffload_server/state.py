@@ -703,6 +703,14 @@ class JobServerState:
                 self._attach(job, peer)
             func.coalesced += 1
             return
+        if background and unique[:5] == b"once:" and self.results is not None \
+                and self.results.get(unique) is not None:
+            # Run-once unique (docs/protocol.md, "Extension: run-once uniques"): this
+            # slot already ran; a late copy is acknowledged and dropped.
+            peer.send(encode(RES, T.JOB_CREATED, (b"%s%d" % (self._prefix,
+                                                             next(self._counter)),)))
+            func.coalesced += 1
+            return
         limit = func.limits[priority]
         if limit and func.total >= limit:
             peer.send(_error(b"QUEUE_ERROR", b"Job queue is full"))

@@ -59,6 +59,11 @@ def test_demo_serves_every_piece_and_stops_its_children_on_sigint(tmp_path):
                 break
             time.sleep(0.2)
         assert (flaky["state"], flaky["runs"]) == ("done", 3), flaky
+        # The pool's scheduler (--schedule) ran the heartbeat's latest slot at start.
+        deadline = time.monotonic() + 10
+        while "by worker" not in (body := get(f"{base}/heartbeat")[1]):
+            assert time.monotonic() < deadline, body
+            time.sleep(0.2)
         # The job server's status endpoint counts what the views just offloaded.
         assert f"http://127.0.0.1:{status_port}/" in (tmp_path / "demo.log").read_text()
         status, body = get(f"http://127.0.0.1:{status_port}/status.json")

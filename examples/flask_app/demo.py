@@ -6,9 +6,10 @@
     PORT=4731 WEB_PORT=8080 python -m examples.flask_app.demo
     python -m examples.flask_app.demo --no-children    # only the web app (bring your own)
 
-Starts ``gearoffload-server`` and ``gearoffload-worker --wsgi examples.flask_app:app`` as
-child processes on 127.0.0.1, serves the app with gevent's ``WSGIServer``, prints the URLs,
-and on Ctrl-C or SIGTERM stops its children (by PID) and exits.
+Starts ``gearoffload-server`` and ``gearoffload-worker --wsgi examples.flask_app:app
+--schedule`` (which also schedules the app's periodic task) as child processes on
+127.0.0.1, serves the app with gevent's ``WSGIServer``, prints the URLs, and on Ctrl-C or
+SIGTERM stops its children (by PID) and exits.
 """
 
 from gevent import monkey
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             children.append(subprocess.Popen(
                 [sys.executable, "-m", "gearoffload.pool", "--wsgi", "examples.flask_app:app",
                  "--servers", address, "--processes", str(args.processes),
-                 "--concurrency", "20", "--log-level", "WARNING"], cwd=ROOT, env=env))
+                 "--concurrency", "20", "--log-level", "WARNING", "--schedule"],
+                cwd=ROOT, env=env))
             wait_for_workers(address)
 
         sys.path.insert(0, ROOT)
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                            ("/stampede", "100 concurrent requests, one worker run"),
                            ("/report", "background job with a progress bar"),
                            ("/legacy/hello?name=you", "legacy WSGI app via the middleware"),
-                           ("/offloaded-function/30", "an @offload function")):
+                           ("/offloaded-function/30", "an @offload function"),
+                           ("/heartbeat", "a periodic task, once every 30 s")):
             print(f"  {base}{path:<28} {what}", flush=True)
         if args.status_port and not args.no_children:
             status = f"http://127.0.0.1:{args.status_port}"

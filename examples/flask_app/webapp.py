@@ -9,11 +9,13 @@
 - ``/offloaded-function/<n>``: a plain ``@offload`` function called from a normal view.
 - ``/flaky``: a background task that fails twice and succeeds on its third run
   (``retries=3``), or always fails and ends as a dead letter (``gearoffload dead``).
+- ``/heartbeat``: a periodic task (``@offload(every=timedelta(seconds=30))``), run once
+  per slot by the worker pool's scheduler (``gearoffload-worker --schedule``).
 
 Run everything with ``make demo`` (or ``python -m examples.flask_app.demo``). By hand::
 
     gearoffload-server --port 4730 &
-    gearoffload-worker --wsgi examples.flask_app:app --servers 127.0.0.1:4730 &
+    gearoffload-worker --wsgi examples.flask_app:app --servers 127.0.0.1:4730 --schedule &
     GEAROFFLOAD_SERVERS=127.0.0.1:4730 python -m examples.flask_app.demo --no-children
 
 The worker serves the views, the ``@offload`` functions and (``--wsgi``) the legacy app.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from datetime import timedelta
 
 from flask import Flask, render_template_string, request
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
@@ -112,6 +115,8 @@ def index() -> str:
  <code>OffloadMiddleware</code>.</li>
 <li><a href="{{ url_for('function_demo', n=30) }}">/offloaded-function/30</a>: a plain
  <code>@offload</code> function called from a local view.</li>
+<li><a href="{{ url_for('heartbeat_page') }}">/heartbeat</a>: a periodic task, run once
+every 30 s across the fleet.</li>
 <li><a href="{{ url_for('flaky_page') }}">/flaky</a>: a task that fails and is retried
  by the job server; one that always fails becomes a dead letter.</li>
 </ul>""", pid=os.getpid())
@@ -264,6 +269,36 @@ async function go(fail) {
   }
 }
 </script>""")
+
+
+@offload(every=timedelta(seconds=30))
+def heartbeat() -> None:
+    """Runs once every 30 s across the fleet, however many schedulers run: appends the
+    time and the worker's pid to a file the ``/heartbeat`` page reads."""
+    os.makedirs(STATE_DIR, exist_ok=True)
+    with open(os.path.join(STATE_DIR, "heartbeat.log"), "a") as f:
+        f.write(f"{time.time():.3f} {os.getpid()}\n")
+
+
+def heartbeats() -> list[tuple[float, int]]:
+    try:
+        with open(os.path.join(STATE_DIR, "heartbeat.log")) as f:
+            return [(float(when), int(pid)) for when, pid in (line.split() for line in f)]
+    except FileNotFoundError:
+        return []
+
+
+@app.get("/heartbeat")
+def heartbeat_page() -> str:
+    beats = heartbeats()[-10:]
+    return page("""
+<p>A periodic task, <code>@offload(every=timedelta(seconds=30))</code>: the worker pool's
+scheduler (<code>gearoffload-worker --schedule</code>) submits each 30-second slot, and it
+runs once however many schedulers run. {{ total }} beats so far; the latest:</p>
+<ul>{% for when, pid in beats|reverse %}<li>{{ when }} by worker {{ pid }}</li>
+{% else %}<li>none yet</li>{% endfor %}</ul>""",
+                beats=[(time.strftime("%H:%M:%S", time.localtime(w)), p) for w, p in beats],
+                total=len(heartbeats()))
 
 
 def legacy_app(environ: dict, start_response) -> list[bytes]:
