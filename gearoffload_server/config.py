@@ -74,6 +74,8 @@ class ServerConfig:
     #: A background job that fails (WORK_FAIL/WORK_EXCEPTION) runs again this many times
     #: before it becomes a dead letter; 0 = never retried, dropped as in gearmand.
     retry_failed: int = 0
+    history_per_function: int = 100
+    history_max: int = 10000
     #: Seconds before the first retry, doubled for each further one.
     retry_backoff: float = 1.0
     #: Networks (besides loopback) whose peers may send mutating admin commands.
@@ -154,6 +156,9 @@ class ServerConfig:
                 parse_queue_url(self.queue)
             except ValueError as exc:
                 raise ConfigError(f"--queue: {exc}") from None
+        if not 0 <= self.history_max <= 10_000_000 or not 1 <= self.history_per_function:
+            raise ConfigError("--history-max must be between 0 (off) and 10000000, "
+                              "--history-per-function at least 1")
         if not 0 <= self.retry_failed <= 1000:
             raise ConfigError("--retry-failed must be between 0 (off) and 1000")
         if not 0 <= self.retry_backoff <= 86400:
@@ -298,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-backoff", type=float, default=1.0, metavar="SECONDS",
                    help="wait before the first retry, doubled for each further one "
                         "(default 1)")
+    p.add_argument("--history-max", type=int, default=10000, metavar="N",
+                   help="the job history (status page, admin 'show history') covers the "
+                        "last N job endings, in memory only (default 10000; 0: no history)")
+    p.add_argument("--history-per-function", type=int, default=100, metavar="N",
+                   help="of those, keep at most N per function (default 100)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM, how long running jobs may take to finish (default 10)")
     p.add_argument("--enable-shutdown", action="store_true",
@@ -379,6 +389,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             shutdown_timeout=ns.shutdown_timeout,
             retry_failed=ns.retry_failed,
             retry_backoff=ns.retry_backoff,
+            history_max=ns.history_max,
+            history_per_function=ns.history_per_function,
             admin_allow=tuple(ns.admin_allow),
             max_connections=ns.max_connections,
             idle_timeout=ns.idle_timeout,
