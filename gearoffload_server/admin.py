@@ -258,7 +258,8 @@ class AdminProtocol:
             where = _STATE_NAMES.get(job.state, b"?")
             lines.append(b"%s\t%s\t%s\t%s\t%.3f\t0\t%d\t-\n" % (
                 job.handle, escape(job.function.name), escape(job.unique), where,
-                job.submitted or job.since, job.failures + job.retries + 1))
+                job.submitted or job.since,
+                job.failures + job.retries + (job.state != DEAD)))  # a dead one ran them all
         lines.append(_END)
         return b"".join(lines)
 

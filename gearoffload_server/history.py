@@ -76,49 +76,53 @@ class JobHistory:
     def __init__(self, per_function: int = 100, max_total: int = 10000) -> None:
         self.per_function = per_function
         self.max_total = max_total
-        self.by_function: dict[bytes, deque[Entry]] = {}
+        self.by_function: dict[bytes, deque[tuple]] = {}
         #: Every recorded entry, oldest first; some may already have left their
         #: function's deque (its own bound), the slot still counts to ``max_total``.
-        self._order: deque[Entry] = deque()
-        self.recorded = 0
+        self._order: deque[tuple] = deque()
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.by_function.values())
 
     def record(self, handle: bytes, function: bytes, unique: bytes, outcome: str,
                submitted: float, ended: float, attempts: int, error: str) -> None:
-        """Add one entry (the hot path: WORK_COMPLETE calls it once per job)."""
-        entry = Entry(handle, function, unique, outcome, submitted, ended, attempts, error)
-        entries = self.by_function.get(function)
+        """Add one entry."""
+        self.add((handle, function, unique, outcome, submitted, ended, attempts, error))
+
+    def add(self, entry: tuple) -> None:
+        """Add one entry given as the fields of ``Entry`` in a plain tuple: the hot path
+        (WORK_COMPLETE, once per job) builds it in the compiled state, where a tuple
+        costs a fraction of a named tuple's Python-level ``__new__``."""
+        entries = self.by_function.get(entry[1])
         if entries is None:
-            entries = self.by_function[function] = deque(maxlen=self.per_function)
+            entries = self.by_function[entry[1]] = deque(maxlen=self.per_function)
         entries.append(entry)
         order = self._order
         order.append(entry)
-        self.recorded += 1
         if len(order) > self.max_total:
             oldest = order.popleft()
-            entries = self.by_function[oldest.function]
+            entries = self.by_function[oldest[1]]
             if entries and entries[0] is oldest:
                 entries.popleft()
                 if not entries:
-                    del self.by_function[oldest.function]
+                    del self.by_function[oldest[1]]
 
     def recent(self, function: bytes | None = None, limit: int = 0) -> list[Entry]:
         """Entries of ``function`` (or of all functions), newest first."""
         if function is not None:
-            entries = list(reversed(self.by_function.get(function, ())))
+            rows = list(reversed(self.by_function.get(function, ())))
         else:
-            entries = sorted((e for d in self.by_function.values() for e in d),
-                             key=lambda e: e.ended, reverse=True)
-        return entries[:limit] if limit else entries
+            rows = sorted((e for d in self.by_function.values() for e in d),
+                          key=lambda e: e[5], reverse=True)
+        return [Entry._make(e) for e in (rows[:limit] if limit else rows)]
 
     def find(self, key: bytes) -> list[Entry]:
         """Entries whose handle or unique is ``key``, oldest first."""
         if not key:
             return []
-        return sorted((e for d in self.by_function.values() for e in d
-                       if e.handle == key or e.unique == key), key=lambda e: e.ended)
+        return [Entry._make(e) for e in sorted(
+            (e for d in self.by_function.values() for e in d if e[0] == key or e[2] == key),
+            key=lambda e: e[5])]
 
     def functions(self) -> list[bytes]:
         """Functions with entries, sorted."""

@@ -1249,10 +1249,10 @@ class JobServerState:
             latency.sum += seconds
             history = self.history
             if history is not None:
-                history.record(job.handle, func.name, job.unique,
-                               "cancelled" if job.abandoned else "done",
-                               job.submitted or job.since, now,
-                               job.failures + job.retries + 1, "")
+                history.add((job.handle, func.name, job.unique,
+                             "cancelled" if job.abandoned else "done",
+                             job.submitted or job.since, now,
+                             job.failures + job.retries + 1, ""))
             if job.background:  # the only extra test a foreground job pays
                 self._keep(job, KEPT_DONE, packet.args[1])
             self._remove(job)

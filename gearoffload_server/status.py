@@ -170,7 +170,8 @@ def history_snapshot(state: JobServerState, key: bytes = b"",
             found.append({"handle": _text(job.handle), "function": _text(job.function.name),
                           "unique": _text(job.unique), "outcome": _WHERE.get(job.state, "?"),
                           "submitted": job.submitted or job.since, "ended": 0.0,
-                          "duration": 0.0, "attempts": job.failures + job.retries + 1,
+                          "duration": 0.0,
+                          "attempts": job.failures + job.retries + (job.state != 4),
                           "error": ""})
     return {"enabled": history is not None, "functions": functions, "dead": dead,
             "dead_total": len(state.dead), "query": _text(key), "found": found}

@@ -123,7 +123,7 @@ const seconds = (t) => t < 10 ? t.toFixed(3) + " s" : t.toFixed(1) + " s";
 function errorCell(text, key) {
   if (!text) return cell("");
   const details = el("details");
-  const lines = text.split("\n");
+  const lines = text.split("\\n");
   // A traceback's last line names the exception: the summary of a folded error.
   details.appendChild(el("summary", lines.filter((l) => l.trim()).pop() || text));
   details.appendChild(el("pre", text, "trace"));
