@@ -67,3 +67,10 @@ def test_error_text_keeps_its_first_lines_truncated():
     assert kept.startswith("line 0\nline 1")
     assert len(first_lines("x" * 100_000)) == ERROR_CHARS + 1
     assert first_lines("") == ""
+
+
+def test_doctests():
+    import doctest
+
+    from gearoffload_server import history
+    assert doctest.testmod(history).failed == 0
