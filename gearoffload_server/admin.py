@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 from .history import Entry
 from .state import DEAD, MAX_UNIQUE, QUEUED, RUNNING, SCHEDULED, JobServerState, Peer
+from .status import jobs_named
 
 MAX_WORDS = 5
 #: Commands that change the server: only from loopback or ``--admin-allow`` networks.
@@ -251,10 +252,7 @@ class AdminProtocol:
         state = self.state
         history = state.history
         lines = [_history_line(e) for e in (history.find(key) if history else [])]
-        now = [j for j in state.jobs.values() if j.handle == key or j.unique == key] \
-            if key not in state.jobs else [state.jobs[key]]
-        now += [j for j in state.dead.values() if j.handle == key or j.unique == key]
-        for job in now:
+        for job in jobs_named(state, key):
             where = _STATE_NAMES.get(job.state, b"?")
             lines.append(b"%s\t%s\t%s\t%s\t%.3f\t0\t%d\t-\n" % (
                 job.handle, escape(job.function.name), escape(job.unique), where,

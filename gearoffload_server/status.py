@@ -132,6 +132,19 @@ def _entry(e: Entry) -> dict[str, Any]:
     return row
 
 
+def jobs_named(state: JobServerState, key: bytes) -> list:
+    """The live jobs and dead letters whose handle or unique key is ``key``: by index
+    (handle, or the unique-key index of coalescing), never a scan of the queues; dead
+    letters are scanned (they are few, and ``show dead jobs`` lists them all anyway)."""
+    if key in state.jobs:
+        found = [state.jobs[key]]
+    else:
+        indexed = state._uniques.get(key)
+        found = [] if indexed is None else list(indexed) if isinstance(indexed, list) \
+            else [indexed]
+    return found + [j for j in state.dead.values() if j.handle == key or j.unique == key]
+
+
 def history_snapshot(state: JobServerState, key: bytes = b"",
                      shown: int = HISTORY_SHOWN) -> dict[str, Any]:
     """The job history, the dead letters, and the jobs whose handle or unique is
@@ -163,10 +176,7 @@ def history_snapshot(state: JobServerState, key: bytes = b"",
     found = None
     if key:
         found = [_entry(e) for e in history.find(key)] if history is not None else []
-        live = [state.jobs[key]] if key in state.jobs else [
-            j for j in state.jobs.values() if j.unique == key]
-        live += [j for j in state.dead.values() if j.handle == key or j.unique == key]
-        for job in live:
+        for job in jobs_named(state, key):
             found.append({"handle": _text(job.handle), "function": _text(job.function.name),
                           "unique": _text(job.unique), "outcome": _WHERE.get(job.state, "?"),
                           "submitted": job.submitted or job.since, "ended": 0.0,
