@@ -821,6 +821,7 @@ class JobServerState:
         if job.state == RUNNING:
             job.abandoned = True  # let the worker finish; its results go nowhere
         else:
+            self._ended(job, "cancelled", "every client waiting on it left")
             self._remove(job)  # nobody will ever read the result (Q5: at once)
 
     # -- queues ------------------------------------------------------------------------

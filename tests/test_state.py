@@ -437,3 +437,13 @@ def test_history_is_off_with_history_max_0():
     h.send(worker, T.WORK_COMPLETE, handle, b"")
     assert h.state.history is None
     assert h.admin_text(b"show history") == b".\n"
+
+
+def test_history_says_cancelled_when_every_client_of_a_queued_job_left():
+    h = Harness()
+    client = h.peer()
+    h.send(client, T.SUBMIT_JOB, b"nobody", b"gone", b"x")
+    h.state.disconnect(client)
+    [entry] = h.state.history.find(b"gone")
+    assert (entry.outcome, entry.attempts, entry.error) == (
+        "cancelled", 1, "every client waiting on it left")
