@@ -49,6 +49,7 @@ __all__ = [
     "WorkerInfo",
     "JobInfo",
     "DeadJob",
+    "HistoryEntry",
     "KeptResult",
     "ResultsUnsupported",
 ]
@@ -280,6 +281,33 @@ class DeadJob:
     error: str = ""
 
 
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One ending in the server's job history (``show history``, ``find job``), or, from
+    ``find_job``, where a job still is now (``outcome`` ``queued``, ``running``,
+    ``scheduled`` or ``dead``; ``ended`` 0).
+
+    ``outcome``: ``done``, ``failed``, ``dead``, ``lost``, ``timeout``, ``cancelled``, or
+    a failed attempt that runs again: ``retrying`` (a failure), ``requeued`` (its worker
+    was lost). ``attempts`` counts this one: 3 for the third run. ``submitted`` and
+    ``ended`` are Unix times; ``error`` the first lines of the error, if any.
+    """
+
+    handle: str
+    function: str
+    unique: str
+    outcome: str
+    submitted: float
+    ended: float
+    attempts: int
+    error: str = ""
+
+    @property
+    def duration(self) -> float:
+        """Seconds from submission to this ending (0 for a job not ended)."""
+        return max(self.ended - self.submitted, 0.0) if self.ended else 0.0
+
+
 class AdminClient:
     """A connection to one server's text admin port (the Gearman port itself).
 
@@ -439,6 +467,60 @@ class AdminClient:
     def delete_dead(self, handle: str) -> None:
         """``delete dead job HANDLE``: forget a dead letter (its kept result stays)."""
         self._ok("delete dead job", handle)
+
+    def retries(self) -> dict[str, tuple[int, int, int]]:
+        """``show retries`` (a gearoffload extension; gearmand answers ``AdminError``):
+        per function, (scheduled jobs: delayed or waiting to retry, failed attempts
+        retried since the server started, dead letters).
+
+        >>> admin.retries()                                      # doctest: +SKIP
+        {'app.tasks.charge': (2, 17, 1)}
+        """
+        out = {}
+        for line in self._listing("show retries"):
+            name, scheduled, retried, dead = self._fields(line, 4, "show retries")
+            out[name] = (_int(scheduled), _int(retried), _int(dead))
+        return out
+
+    def history(self, function: str | None = None) -> list[HistoryEntry]:
+        """``show history [FUNCTION]`` (a gearoffload extension): recently ended jobs,
+        newest first, of one function or all; failed attempts that run again too.
+
+        >>> [(e.outcome, e.attempts) for e in admin.history("app.tasks.charge")]  # doctest: +SKIP
+        [('done', 3), ('retrying', 2), ('retrying', 1)]
+        """
+        command = "show history"
+        if function is not None:
+            command = self._line(command, function).decode(_ENCODING, _ERRORS).strip()
+        return [self._history_entry(line, "show history")
+                for line in self._listing(command)]
+
+    def find_job(self, key: str) -> list[HistoryEntry]:
+        """``find job KEY``: the history of the job whose handle or unique key is
+        ``key``, oldest first, then where it is now if it is still queued, running,
+        scheduled or a dead letter. Empty when the server knows nothing of it.
+
+        Example::
+
+            for e in admin.find_job("order-42"):
+                print(e.attempts, e.outcome, e.error)
+        """
+        command = self._line("find job", key).decode(_ENCODING, _ERRORS).strip()
+        return [self._history_entry(line, "find job") for line in self._listing(command)]
+
+    @staticmethod
+    def _history_entry(line: str, command: str) -> HistoryEntry:
+        fields = line.split("\t")
+        if len(fields) != 8:
+            raise ProtocolError(f"unexpected {command!r} line {line[:200]!r}")
+        handle, function, unique, outcome, submitted, ended, attempts, error = fields
+        try:
+            text = "" if error == "-" else base64.b64decode(error, validate=True).decode(
+                "utf-8", "replace")
+            return HistoryEntry(handle, function, unique, outcome, float(submitted),
+                                float(ended), _int(attempts), text)
+        except (binascii.Error, ValueError):
+            raise ProtocolError(f"unexpected {command!r} line {line[:200]!r}") from None
 
     def version(self) -> str:
         """``version``: the server's version string, e.g. ``'1.1.20+ds'``."""

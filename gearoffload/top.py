@@ -1,8 +1,10 @@
 """``gearoffload top``: a live terminal view of one or more job servers.
 
 Polls each server through the text admin protocol (``status``, ``workers``, ``version``),
-so it works against gearmand too, and redraws a full-screen frame every ``--interval``
-seconds::
+so it works against gearmand too, and our servers' ``show retries`` for the SCHED
+(delayed jobs and retries not yet due), RETRIED (failed attempts run again) and DEAD
+(dead letters) columns (``-`` against gearmand), and redraws a full-screen frame every
+``--interval`` seconds::
 
     gearoffload top                               # $GEAROFFLOAD_SERVERS or 127.0.0.1:4730
     gearoffload --servers h1:4730,h2:4730 top --interval 2
@@ -29,7 +31,7 @@ from typing import IO
 
 import gevent
 
-from .admin import AdminClient, FunctionStatus, WorkerInfo
+from .admin import AdminClient, AdminError, FunctionStatus, WorkerInfo
 from .errors import GearmanError
 from .tls import TlsOption
 
@@ -43,7 +45,8 @@ LEAVE = "\x1b[?25h\x1b[?1049l"
 HOME = "\x1b[H"
 CLEAR_LINE = "\x1b[K"
 CLEAR_BELOW = "\x1b[J"
-HEADERS = ("FUNCTION", "QUEUED", "RUNNING", "WORKERS", "dQUEUED/s", "dRUNNING/s")
+HEADERS = ("FUNCTION", "QUEUED", "RUNNING", "WORKERS", "SCHED", "RETRIED", "DEAD",
+           "dQUEUED/s", "dRUNNING/s")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class Sample:
     functions: tuple[FunctionStatus, ...] = ()
     connections: tuple[WorkerInfo, ...] = ()
     error: str | None = None
+    #: ``show retries`` per function: (scheduled, retried, dead letters); ``None`` when
+    #: the server does not know the command (gearmand).
+    retries: dict[str, tuple[int, int, int]] | None = None
 
     @property
     def up(self) -> bool:
@@ -83,6 +89,7 @@ class Poller:
         self.server = server
         self.admin = AdminClient(server, timeout=timeout, tls=tls)
         self._version = ""  # asked once per connection: it does not change
+        self._retries = True  # the server answers ``show retries`` (not gearmand)
 
     def poll(self) -> Sample:
         now = time.monotonic()
@@ -91,12 +98,19 @@ class Poller:
                 self._version = self.admin.version()
             functions = tuple(self.admin.status())
             connections = tuple(self.admin.workers())
+            retries = None
+            if self._retries:
+                try:
+                    retries = self.admin.retries()
+                except AdminError:
+                    self._retries = False  # gearmand: those columns stay "-"
         except (GearmanError, OSError) as exc:
             self.admin.close()
             self._version = ""
+            self._retries = True
             return Sample(self.server, now, error=" ".join(str(exc).split()) or
                           type(exc).__name__)
-        return Sample(self.server, now, self._version, functions, connections)
+        return Sample(self.server, now, self._version, functions, connections, None, retries)
 
     def close(self) -> None:
         self.admin.close()
@@ -112,6 +126,9 @@ class FunctionRow:
     workers: int
     queued_rate: float | None = None
     running_rate: float | None = None
+    scheduled: int | None = None  # delayed jobs and retries not yet due
+    retried: int | None = None    # failed attempts run again, since the server started
+    dead: int | None = None       # dead letters
 
 
 def function_rows(current: Sample, previous: Sample | None = None) -> list[FunctionRow]:
@@ -130,15 +147,23 @@ def function_rows(current: Sample, previous: Sample | None = None) -> list[Funct
         before = {f.name: f for f in previous.functions}
         elapsed = current.at - previous.at
     rows = []
-    for f in current.functions:
+    extra = current.retries
+    functions = list(current.functions)
+    if extra:  # a function may be gone from ``status`` and still have dead letters
+        listed = {f.name for f in functions}
+        functions += [FunctionStatus(name, 0, 0, 0) for name in extra if name not in listed]
+    for f in functions:
         queued_rate = running_rate = None
         if elapsed > 0:
             old = before.get(f.name)
             old_queued, old_running = (old.queued, old.running) if old else (0, 0)
             queued_rate = (f.queued - old_queued) / elapsed
             running_rate = (f.running - old_running) / elapsed
+        scheduled = retried = dead = None
+        if extra is not None:
+            scheduled, retried, dead = extra.get(f.name, (0, 0, 0))
         rows.append(FunctionRow(f.name, f.queued, f.running, f.workers, queued_rate,
-                                running_rate))
+                                running_rate, scheduled, retried, dead))
     rows.sort(key=lambda r: (-r.queued, -r.running, r.name))
     return rows
 
@@ -147,6 +172,10 @@ def _rate(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:+.1f}" if value else "0"
+
+
+def _count_cell(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def _header(sample: Sample) -> str:
@@ -162,7 +191,8 @@ def _header(sample: Sample) -> str:
 
 def _table(rows: Sequence[FunctionRow]) -> list[str]:
     cells = [list(HEADERS)] + [
-        [r.name, str(r.queued), str(r.running), str(r.workers), _rate(r.queued_rate),
+        [r.name, str(r.queued), str(r.running), str(r.workers), _count_cell(r.scheduled),
+         _count_cell(r.retried), _count_cell(r.dead), _rate(r.queued_rate),
          _rate(r.running_rate)] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(HEADERS))]
     return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)

@@ -26,7 +26,9 @@ import re
 import time
 from collections.abc import Callable
 
-from .state import MAX_UNIQUE, JobServerState, Peer
+from .history import Entry
+from .state import DEAD, MAX_UNIQUE, QUEUED, RUNNING, SCHEDULED, JobServerState, Peer
+from .status import jobs_named
 
 MAX_WORDS = 5
 #: Commands that change the server: only from loopback or ``--admin-allow`` networks.
@@ -62,6 +64,18 @@ def escape(value: bytes) -> bytes:
     return _UNSAFE.sub(lambda m: _ESCAPES[m.group()], value)
 
 
+_STATE_NAMES = {QUEUED: b"queued", SCHEDULED: b"scheduled", RUNNING: b"running",
+                DEAD: b"dead"}
+
+
+def _history_line(e: Entry) -> bytes:
+    """HANDLE FUNCTION UNIQUE OUTCOME SUBMITTED ENDED ATTEMPTS ERROR (base64, ``-``)."""
+    error = e.error.encode()
+    return b"%s\t%s\t%s\t%s\t%.3f\t%.3f\t%d\t%s\n" % (
+        e.handle, escape(e.function), escape(e.unique), e.outcome.encode(), e.submitted,
+        e.ended, e.attempts, base64.b64encode(error) if error else b"-")
+
+
 def split_words(line: bytes) -> list[bytes]:
     """Split an admin line as gearmand does: on runs of spaces only (a tab is part of a
     word); a leading space gives an empty first word; trailing spaces are ignored."""
@@ -83,6 +97,25 @@ def _incomplete(command: bytes) -> bytes:
 def _atoi(text: bytes) -> int:
     match = re.match(rb"\s*([+-]?\d+)", text)
     return int(match.group(1)) if match else 0
+
+
+def admitted(address_text: str, allow: tuple) -> bool:
+    """Is ``address_text`` loopback or in one of the ``allow`` networks (``--admin-allow``)?
+    The rule for changing the server: the admin port's mutating commands and the status
+    page's buttons (``http.py``).
+
+    >>> admitted("127.0.0.1", ()), admitted("10.1.2.3", ()), admitted("::ffff:127.0.0.1", ())
+    (True, False, True)
+    """
+    try:
+        address = ipaddress.ip_address(address_text.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack listener sees ::ffff:10.1.2.3
+    if address.is_loopback:
+        return True
+    return any(address in net for net in allow if net.version == address.version)
 
 
 class AdminProtocol:
@@ -109,6 +142,7 @@ class AdminProtocol:
             b"requeue": self._requeue,
             b"delete": self._delete,
             b"result": self._result,
+            b"find": self._find,
         }
 
     def _log_refusal(self, peer: Peer, name: bytes) -> None:
@@ -145,18 +179,8 @@ class AdminProtocol:
 
     def may_change(self, peer: Peer) -> bool:
         """May ``peer`` send mutating commands: loopback, or in an ``--admin-allow`` net."""
-        if peer.loopback:
-            return True
-        try:
-            address = ipaddress.ip_address(peer.address.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped  # a dual-stack listener sees ::ffff:10.1.2.3
-        if address.is_loopback:
-            return True
-        return any(address in net for net in self.config.admin_allow
-                   if net.version == address.version)
+        return peer.loopback or admitted(peer.address, self.config.admin_allow)
+
 
     def _status(self, peer: Peer, words: list[bytes]) -> bytes:
         lines = [b"%s\t%d\t%d\t%d\n" % (f.name, f.total, f.running, len(f.workers))
@@ -195,8 +219,45 @@ class AdminProtocol:
                      for j in self.state.dead.values()]
         elif what[:2] == [b"dead", b"job"] and len(what) == 3:
             return self._dead_job(words[3])
+        elif what == [b"retries"]:
+            # Extension: FUNCTION SCHEDULED RETRIED DEAD per function (gearoffload top).
+            dead: dict[bytes, int] = {}
+            for job in self.state.dead.values():
+                dead[job.function.name] = dead.get(job.function.name, 0) + 1
+            names = dict.fromkeys([*self.state.functions, *dead])
+            lines = []
+            for name in names:
+                func = self.state.functions.get(name)
+                lines.append(b"%s\t%d\t%d\t%d\n" % (
+                    escape(name), func.scheduled if func else 0, func.retried if func else 0,
+                    dead.get(name, 0)))
+        elif what[0] == b"history" and len(what) <= 2:
+            # Extension: the job history, newest first (docs/protocol.md).
+            history = self.state.history
+            entries = [] if history is None else history.recent(
+                words[2] if len(words) > 2 else None)
+            lines = [_history_line(e) for e in entries]
         else:
             return b"ERR UNKNOWN_SHOW_ARGUMENTS\r\n"
+        lines.append(_END)
+        return b"".join(lines)
+
+    def _find(self, peer: Peer, words: list[bytes]) -> bytes:
+        """Extension: ``find job KEY``: the history entries of the job whose handle or
+        unique is KEY, oldest first, then a line for where it is now (``queued``,
+        ``running``, ``scheduled``, ``dead``), if it is still there."""
+        if len(words) != 3 or words[1].lower() != b"job":
+            return _unknown(words[0])
+        key = words[2]
+        state = self.state
+        history = state.history
+        lines = [_history_line(e) for e in (history.find(key) if history else [])]
+        for job in jobs_named(state, key):
+            where = _STATE_NAMES.get(job.state, b"?")
+            lines.append(b"%s\t%s\t%s\t%s\t%.3f\t0\t%d\t-\n" % (
+                job.handle, escape(job.function.name), escape(job.unique), where,
+                job.submitted or job.since,
+                job.failures + job.retries + (job.state != DEAD)))  # a dead one ran them all
         lines.append(_END)
         return b"".join(lines)
 

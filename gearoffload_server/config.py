@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-backoff", type=float, default=1.0, metavar="SECONDS",
                    help="wait before the first retry, doubled for each further one "
                         "(default 1)")
+    p.add_argument("--history-max", type=int, default=10000, metavar="N",
+                   help="the job history (status page, admin 'show history') covers the "
+                        "last N job endings, in memory only (default 10000; 0: no history)")
+    p.add_argument("--history-per-function", type=int, default=100, metavar="N",
+                   help="of those, keep at most N per function (default 100)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM, how long running jobs may take to finish (default 10)")
     p.add_argument("--enable-shutdown", action="store_true",
@@ -199,6 +204,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             shutdown_timeout=ns.shutdown_timeout,
             retry_failed=ns.retry_failed,
             retry_backoff=ns.retry_backoff,
+            history_max=ns.history_max,
+            history_per_function=ns.history_per_function,
             admin_allow=tuple(ns.admin_allow),
             max_connections=ns.max_connections,
             idle_timeout=ns.idle_timeout,

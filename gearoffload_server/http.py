@@ -6,9 +6,17 @@
 - ``/healthz``: ``200 ok`` while serving, ``503 draining`` once SIGTERM started the
   shutdown (for load balancers and Kubernetes probes);
 - ``/``: the live status page (``status_page.py``), fed by ``/status.json``
-  (``status.py``).
+  (``status.py``) and ``/history.json`` (the job history, the dead letters, and with
+  ``?q=KEY`` a search by handle or unique key).
 
-Only GET and HEAD; nothing here changes the server. It reveals function names, handles,
+GET and HEAD, except the status page's two buttons: ``POST /dead/retry`` and ``POST
+/dead/delete`` (a JSON body ``{"handle": ...}``) run or forget a dead letter. They are
+refused (403) unless the viewer's address is loopback or admitted by ``--admin-allow``
+(the rule of the admin port's mutating commands, ``admin.admitted``) and the request
+comes from the page itself: its ``Origin`` (or, without one, its ``Referer``) is this
+endpoint's own, and it carries the ``X-Gearoffload-Action`` header, which a cross-site
+form cannot send and a cross-site script cannot send without a CORS preflight that is
+never granted. Otherwise nothing here changes the server. It reveals function names, handles,
 unique keys and exception texts, so keep it on loopback or a private network (the
 default address is ``--host``, itself 127.0.0.1 by default).
 
@@ -40,20 +48,24 @@ import json
 import logging
 import socket
 from collections.abc import Callable, Iterable
+from urllib.parse import parse_qs, urlsplit
 
 import gevent
 from gevent.lock import BoundedSemaphore
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
+from .admin import admitted
 from .metrics import CONTENT_TYPE_LATEST, MAX_FUNCTIONS, render
 from .state import JobServerState
-from .status import snapshot
+from .status import history_snapshot, snapshot
 from .status_page import CONTENT_SECURITY_POLICY, PAGE
 
 log = logging.getLogger("gearoffload.http")
 
 #: Scrapes (/metrics, /status.json) built at once; more wait for a slot.
 MAX_SCRAPES = 4
+#: The largest body a status page button sends.
+MAX_ACTION_BODY = 4096
 #: Open HTTP connections; beyond it a newcomer evicts the oldest idle one.
 MAX_CONNECTIONS = 256
 #: Seconds any read or write on an HTTP connection may block.
@@ -79,11 +91,21 @@ class ObservabilityApp:
             "/metrics": self._metrics,
             "/healthz": self._healthz,
         }
+        #: The status page's buttons (POST): handle -> done.
+        self._actions: dict[str, Callable[[bytes], bool]] = {
+            "/dead/retry": state.requeue_dead,
+            "/dead/delete": state.delete_dead,
+        }
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
-        route = self._routes.get(environ.get("PATH_INFO") or "/")
-        if route is None:
+        path = environ.get("PATH_INFO") or "/"
+        route = self._routes.get(path)
+        if method == "POST" and path in self._actions:
+            status, ctype, body, extra = self._act(environ, self._actions[path])
+        elif path == "/history.json" and method in ("GET", "HEAD"):
+            status, ctype, body, extra = self._history(environ)
+        elif route is None:
             status, ctype, body, extra = "404 Not Found", "text/plain", b"not found\n", []
         elif method not in ("GET", "HEAD"):
             status, ctype, body, extra = ("405 Method Not Allowed", "text/plain",
@@ -112,6 +134,60 @@ class ObservabilityApp:
         with self._scrapes:
             body = render(self.state, self.max_functions, self._pause)
         return "200 OK", CONTENT_TYPE_LATEST, body, []
+
+    def _history(self, environ: dict) -> tuple[str, str, bytes, list]:
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        key = query.get("q", [""])[0].strip().encode()[:256]
+        with self._scrapes:
+            body = json.dumps(history_snapshot(self.state, key), separators=(",", ":"))
+        return "200 OK", "application/json", body.encode(), []
+
+    def _act(self, environ: dict, action: Callable[[bytes], bool]
+             ) -> tuple[str, str, bytes, list]:
+        """A status page button: admitted viewer, same origin, then the action."""
+        refused = self._refusal(environ)
+        if refused:
+            log.warning("status page %s from %s refused: %s", environ.get("PATH_INFO"),
+                        environ.get("REMOTE_ADDR"), refused,
+                        extra={"event": "http.refused", "peer": environ.get("REMOTE_ADDR")})
+            return "403 Forbidden", "text/plain", refused.encode() + b"\n", []
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = -1
+        if not 0 < length <= MAX_ACTION_BODY:
+            return "400 Bad Request", "text/plain", b"a JSON body {\"handle\": ...}\n", []
+        try:
+            handle = json.loads(environ["wsgi.input"].read(length))["handle"]
+            if not isinstance(handle, str) or not handle:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            return "400 Bad Request", "text/plain", b"a JSON body {\"handle\": ...}\n", []
+        if not action(handle.encode()):
+            return "404 Not Found", "text/plain", b"no such dead letter\n", []
+        log.info("status page %s %s by %s", environ.get("PATH_INFO"), handle,
+                 environ.get("REMOTE_ADDR"), extra={"event": "http.dead_letter",
+                                                    "handle": handle})
+        return "200 OK", "application/json", b'{"ok":true}', []
+
+    def _refusal(self, environ: dict) -> str:
+        """Why a button's POST is refused, or ``""``."""
+        if not admitted(environ.get("REMOTE_ADDR", ""), self.state.config.admin_allow):
+            return ("refused: only loopback or --admin-allow addresses may retry or "
+                    "delete dead letters")
+        host = environ.get("HTTP_HOST", "")
+        origin = environ.get("HTTP_ORIGIN")
+        if origin is None:
+            referer = environ.get("HTTP_REFERER")
+            if referer is None:
+                return "refused: no Origin or Referer (a request from the status page has one)"
+            parts = urlsplit(referer)
+            origin = f"{parts.scheme}://{parts.netloc}"
+        if not host or origin not in (f"http://{host}", f"https://{host}"):
+            return f"refused: cross-origin request (Origin {origin[:100]!r}, Host {host[:100]!r})"
+        if environ.get("HTTP_X_GEAROFFLOAD_ACTION") != "1":
+            return "refused: the X-Gearoffload-Action header is missing"
+        return ""
 
     def _healthz(self) -> tuple[str, str, bytes, list]:
         if self.state.draining:

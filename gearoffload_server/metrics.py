@@ -74,6 +74,8 @@ class StateCollector(Collector):
              "failed"),
             ("gearoffload_jobs_exceptions", "Of the failed jobs, those answered with "
              "WORK_EXCEPTION.", "exceptions"),
+            ("gearoffload_jobs_retried", "Failed attempts of background jobs scheduled to "
+             "run again (a retry policy or --retry-failed).", "retried"),
         )
         for name, doc, attr in counters:
             family = CounterMetricFamily(name, doc, labels=["function"])
@@ -210,6 +212,8 @@ _COUNTERS = (
      "failed"),
     ("gearoffload_jobs_exceptions_total", "Of the failed jobs, those answered with "
      "WORK_EXCEPTION.", "exceptions"),
+    ("gearoffload_jobs_retried_total", "Failed attempts of background jobs scheduled to "
+     "run again (a retry policy or --retry-failed).", "retried"),
 )
 _BOUNDS = [*(floatToGoString(b) for b in LATENCY_BUCKETS), "+Inf"]
 

@@ -76,6 +76,10 @@ class ServerConfig:
     #: A background job that fails (WORK_FAIL/WORK_EXCEPTION) runs again this many times
     #: before it becomes a dead letter; 0 = never retried, dropped as in gearmand.
     retry_failed: int = 0
+    #: The job history (``history.JobHistory``): the last N job endings, in memory; 0 = off.
+    history_max: int = 10000
+    #: Of those, at most N per function.
+    history_per_function: int = 100
     #: Seconds before the first retry, doubled for each further one.
     retry_backoff: float = 1.0
     #: Networks (besides loopback) whose peers may send mutating admin commands.
@@ -156,6 +160,9 @@ class ServerConfig:
                 parse_queue_url(self.queue)
             except ValueError as exc:
                 raise ConfigError(f"--queue: {exc}") from None
+        if not 0 <= self.history_max <= 10_000_000 or not 1 <= self.history_per_function:
+            raise ConfigError("--history-max must be between 0 (off) and 10000000, "
+                              "--history-per-function at least 1")
         if not 0 <= self.retry_failed <= 1000:
             raise ConfigError("--retry-failed must be between 0 (off) and 1000")
         if not 0 <= self.retry_backoff <= 86400:

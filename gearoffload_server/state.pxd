@@ -20,7 +20,7 @@ cdef class Function:
 cdef class Job:
     cdef public object handle, function, unique, data, priority, background, reducer, when
     cdef public object clients, worker, numerator, denominator, retries, abandoned, timer
-    cdef public object state, coalesce, stored, batch, failures, since
+    cdef public object state, coalesce, stored, batch, failures, since, submitted
     cdef object __weakref__
 
 cdef class Kept:
@@ -43,7 +43,7 @@ cdef class JobServerState:
     cdef public object config, scheduler, store, functions, jobs, peers, _uniques, _hyphen
     cdef public object _epochs, _epoch_timer, _epoch_timer_due, _prefix, _max_client_jobs
     cdef public object _counter, _dirty, draining, failures, on_shutdown, _handlers, _now
-    cdef public object dead, dead_info, results, _stale
+    cdef public object dead, dead_info, results, _stale, history
     cdef object __weakref__
 
     # The methods every job goes through (submit, grab, complete).

@@ -39,6 +39,7 @@ from gearoffload.protocol import REQ, RES, Packet, Router, encode
 from gearoffload.retry import MAGIC as RETRY_MAGIC
 from gearoffload.retry import RetryPolicy
 
+from .history import JobHistory, first_lines
 from .settings import ServerConfig
 from .stats import BUCKETS as LATENCY_BUCKETS
 from .stats import DETAIL_CHARS, RECENT_FAILURES, DeadLetter, Failure, LatencyHistogram
@@ -289,7 +290,7 @@ class Job:
     __slots__ = ("handle", "function", "unique", "data", "priority", "background",
                  "reducer", "when", "clients", "worker", "numerator", "denominator",
                  "retries", "abandoned", "timer", "state", "coalesce", "stored", "batch",
-                 "failures", "since")
+                 "failures", "since", "submitted")
 
     def __init__(self, handle: bytes, function: Function, unique: bytes, data: bytes,
                  priority: int, background: bool, reducer: bytes | None, when: int) -> None:
@@ -316,6 +317,7 @@ class Job:
         #: When it became runnable: submitted, restored, requeued from the dead letters, or
         #: (epoch jobs, retries) fell due. Start of its latency (``Function.latency``).
         self.since = 0.0
+        self.submitted = 0.0   # when first submitted (the history's), 0.0 when unknown
 
     def __repr__(self) -> str:
         return f"<Job {self.handle!r} {self.function.name!r} state={self.state}>"
@@ -548,6 +550,11 @@ class JobServerState:
         self.results: KeptResults | None = KeptResults(
             config.result_ttl, config.result_max_size, config.result_memory, scheduler.now,
             self) if config.result_ttl > 0 else None
+        #: Recently ended jobs (``--history-max``, ``--history-per-function``); ``None``
+        #: with ``--history-max 0``.
+        self.history: JobHistory | None = JobHistory(
+            config.history_per_function, config.history_max) if config.history_max > 0 \
+            else None
         #: Called by admin ``shutdown [graceful]`` when enabled; set by the I/O shell.
         self.on_shutdown: Callable[[bool], None] | None = None
         self._handlers: list[Callable[[Peer, Packet], None]] = [self._invalid_command] * 43
@@ -720,7 +727,7 @@ class JobServerState:
         self.jobs[handle] = job
         func.total += 1
         func.submitted += 1
-        job.since = now = self._now()
+        job.since = job.submitted = now = self._now()
         if unique:
             self._index(job)
         created = encode(RES, T.JOB_CREATED, (handle,))
@@ -818,6 +825,7 @@ class JobServerState:
         if job.state == RUNNING:
             job.abandoned = True  # let the worker finish; its results go nowhere
         else:
+            self._ended(job, "cancelled", "every client waiting on it left")
             self._remove(job)  # nobody will ever read the result (Q5: at once)
 
     # -- queues ------------------------------------------------------------------------
@@ -1127,9 +1135,10 @@ class JobServerState:
         if job.clients:
             self._relay_to_clients(job, encode(RES, T.WORK_FAIL, (job.handle,)))
         if not job.background:
+            self._ended(job, "timeout", "no result within CAN_DO_TIMEOUT")
             self._remove(job)
             return
-        self._retry_or_bury(job)
+        self._retry_or_bury(job, timeout=True)
         if job.state == SCHEDULED:  # to run again: not beside this attempt on this worker
             stale = self._stale.get(worker)
             if stale is None:
@@ -1166,12 +1175,16 @@ class JobServerState:
                          "(--job-retries)")
             if job.background:
                 self._keep(job, KEPT_FAILED, b"")
+            self._ended(job, "lost", f"worker lost; failed after {job.retries} attempts "
+                        "(--job-retries)", counted=1)
             self._remove(job)
             return
         if job.abandoned or (not job.clients and not job.background):
             # Cancelled, or its clients left while it ran: nobody wants a rerun.
+            self._ended(job, "lost", "worker lost", counted=1)
             self._remove(job)
             return
+        self._ended(job, "requeued", "worker lost: requeued", counted=1)
         self._unassign(job)
         job.numerator = job.denominator = 0
         self._enqueue(job)
@@ -1234,10 +1247,17 @@ class JobServerState:
             func = job.function
             func.completed += 1
             # LatencyHistogram.observe(), inlined: this runs once per job.
-            seconds = self._now() - job.since
+            now = self._now()
+            seconds = now - job.since
             latency = func.latency
             latency.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
             latency.sum += seconds
+            history = self.history
+            if history is not None:
+                history.add((job.handle, func.name, job.unique,
+                             "cancelled" if job.abandoned else "done",
+                             job.submitted or job.since, now,
+                             job.failures + job.retries + 1, ""))
             if job.background:  # the only extra test a foreground job pays
                 self._keep(job, KEPT_DONE, packet.args[1])
             self._remove(job)
@@ -1257,7 +1277,23 @@ class JobServerState:
             else:
                 if job.background:
                     self._keep(job, KEPT_FAILED, text)
+                self._ended(job, "failed", text)
                 self._remove(job)
+
+    def _ended(self, job: Job, outcome: str, text: bytes | str = b"",
+               counted: int = 0) -> None:
+        """Record an ending (or a failed attempt to run again) in the history; ``counted``
+        is 1 when this attempt is already in ``job.failures``/``job.retries``. Off the hot
+        path: WORK_COMPLETE records its own."""
+        history = self.history
+        if history is None:
+            return
+        if isinstance(text, bytes):
+            text = text.decode(errors="replace")
+        history.record(job.handle, job.function.name, job.unique,
+                       "cancelled" if job.abandoned and outcome != "dead" else outcome,
+                       job.submitted or job.since, self._now(),
+                       job.failures + job.retries + 1 - counted, first_lines(text))
 
     def _keep(self, job: Job, state: bytes, data: bytes) -> None:
         """Keep the outcome of an ending background job for admin ``result`` (when
@@ -1342,6 +1378,7 @@ class JobServerState:
             job.abandoned = True
             self._unindex(job)  # the coalescing window closes with the cancel
         else:
+            self._ended(job, "cancelled")
             self._remove(job)
         return True
 
@@ -1444,7 +1481,7 @@ class JobServerState:
 
     # -- retries and dead letters (--retry-failed, --retry-backoff) --------------------------
 
-    def _retry_or_bury(self, job: Job, text: bytes = b"") -> None:
+    def _retry_or_bury(self, job: Job, text: bytes = b"", timeout: bool = False) -> None:
         """A background job's worker answered WORK_FAIL or WORK_EXCEPTION, or its attempt
         timed out (its clients, if any coalesced onto it, were told and are detached). Run
         it again after a back-off, or once its retries are used up, move it to the dead
@@ -1458,6 +1495,7 @@ class JobServerState:
         job.clients = []
         job.failures += 1
         numerator, denominator = job.numerator, job.denominator
+        error = text or (b"no result within CAN_DO_TIMEOUT" if timeout else b"")
         job.numerator = job.denominator = 0
         name = func.name.decode(errors="replace")
         policy = RetryPolicy.parse(job.data)
@@ -1470,6 +1508,7 @@ class JobServerState:
                      job.handle.decode(), name, job.failures, policy.retries, delay,
                      extra=_job_fields(job, "job.retry"))
             func.retried += 1
+            self._ended(job, "retrying", error, counted=1)
             job.when = self.scheduler.now() + delay
             self._schedule(job)
             return
@@ -1479,6 +1518,7 @@ class JobServerState:
         self._unindex(job)
         if not func.total and not func.workers and not func.pinned:
             self._reclaim(func)
+        self._ended(job, "dead", error, counted=1)
         if job.abandoned:  # cancelled while it ran: gone, not dead
             if job.stored:
                 self.store.delete(job)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .history import Entry
 from .metrics import CHUNK, MAX_FUNCTIONS, PRIORITIES, label, no_pause, pick_functions
 from .state import JobServerState
 
@@ -109,3 +110,78 @@ def snapshot(state: JobServerState, started: float | None = None,
         "running_total": len(held),
         "failures": failures,
     }
+
+
+#: Per function, the history entries ``/history.json`` lists (newest first).
+HISTORY_SHOWN = 20
+#: Dead letters ``/history.json`` lists at most (the total is reported beside them).
+MAX_DEAD = 200
+#: The error text of a dead letter shown at most (a traceback).
+DEAD_ERROR_CHARS = 20000
+_WHERE = {0: "queued", 1: "scheduled", 2: "running", 4: "dead"}
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "backslashreplace")
+
+
+def _entry(e: Entry) -> dict[str, Any]:
+    row = e.as_dict()
+    row["handle"], row["function"], row["unique"] = (_text(e.handle), _text(e.function),
+                                                     _text(e.unique))
+    return row
+
+
+def jobs_named(state: JobServerState, key: bytes) -> list:
+    """The live jobs and dead letters whose handle or unique key is ``key``: by index
+    (handle, or the unique-key index of coalescing), never a scan of the queues; dead
+    letters are scanned (they are few, and ``show dead jobs`` lists them all anyway)."""
+    if key in state.jobs:
+        found = [state.jobs[key]]
+    else:
+        indexed = state._uniques.get(key)
+        found = [] if indexed is None else list(indexed) if isinstance(indexed, list) \
+            else [indexed]
+    return found + [j for j in state.dead.values() if j.handle == key or j.unique == key]
+
+
+def history_snapshot(state: JobServerState, key: bytes = b"",
+                     shown: int = HISTORY_SHOWN) -> dict[str, Any]:
+    """The job history, the dead letters, and the jobs whose handle or unique is
+    ``key`` (``/history.json``; ``?q=KEY``). O(history + dead letters), off the hot path.
+
+    >>> from gearoffload_server.state import ManualScheduler
+    >>> from gearoffload_server.config import ServerConfig
+    >>> history_snapshot(JobServerState(ServerConfig(), ManualScheduler()))["dead"]
+    []
+    """
+    history = state.history
+    functions = {} if history is None else {
+        _text(name): [_entry(e) for e in history.recent(name, shown)]
+        for name in history.functions()}
+    dead = []
+    for handle, job in list(state.dead.items())[:MAX_DEAD]:
+        info = state.dead_info.get(handle)
+        error = info.error if info is not None else ""
+        if not error and state.results is not None and job.unique:
+            kept = state.results.get(job.unique)
+            if kept is not None and kept.state == b"dead" and kept.data:
+                error = kept.data.decode(errors="replace")
+        dead.append({"handle": _text(handle), "function": _text(job.function.name),
+                     "unique": _text(job.unique),
+                     "attempts": info.attempts if info is not None else
+                     job.failures + job.retries,
+                     "died": info.died if info is not None else 0.0,
+                     "error": error[:DEAD_ERROR_CHARS]})
+    found = None
+    if key:
+        found = [_entry(e) for e in history.find(key)] if history is not None else []
+        for job in jobs_named(state, key):
+            found.append({"handle": _text(job.handle), "function": _text(job.function.name),
+                          "unique": _text(job.unique), "outcome": _WHERE.get(job.state, "?"),
+                          "submitted": job.submitted or job.since, "ended": 0.0,
+                          "duration": 0.0,
+                          "attempts": job.failures + job.retries + (job.state != 4),
+                          "error": ""})
+    return {"enabled": history is not None, "functions": functions, "dead": dead,
+            "dead_total": len(state.dead), "query": _text(key), "found": found}

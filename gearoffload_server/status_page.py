@@ -1,7 +1,8 @@
 """The live status page served at ``/``: one self-contained HTML document.
 
 No external asset (the machines it runs on may have no internet): the CSS and the script
-are inline, and the script polls ``/status.json`` every second and rebuilds the tables
+are inline, and the script polls ``/status.json`` and ``/history.json`` every second
+and rebuilds the tables
 with ``textContent`` only, so a function name or an exception text can never become
 markup. ``CONTENT_SECURITY_POLICY`` allows exactly this script and style (by hash) and
 requests to the same origin, nothing else.
@@ -34,6 +35,13 @@ td.empty { color: #888; font-style: italic; }
 progress { width: 9em; vertical-align: middle; }
 code { font-size: .95em; }
 td.detail { max-width: 40em; overflow-wrap: anywhere; }
+pre.trace { max-width: 60em; max-height: 30em; overflow: auto; white-space: pre-wrap;
+  font-size: .9em; background: #f4f4f4; padding: .4em; }
+.outcome-done { color: #1b5e20; }
+.outcome-failed, .outcome-dead, .outcome-lost, .outcome-timeout { color: #b00020; }
+.outcome-retrying, .outcome-requeued { color: #a65e00; }
+#action-state.refused { color: #b00020; }
+button { margin-right: .4em; }
 """
 
 _SCRIPT = """
@@ -110,11 +118,97 @@ function render(s) {
     return tr;
   }), "no failure recorded");
 }
+const opened = new Set();  // dead letters whose error is expanded: kept across refreshes
+const seconds = (t) => t < 10 ? t.toFixed(3) + " s" : t.toFixed(1) + " s";
+function errorCell(text, key) {
+  if (!text) return cell("");
+  const details = el("details");
+  const lines = text.split("\\n");
+  // A traceback's last line names the exception: the summary of a folded error.
+  details.appendChild(el("summary", lines.filter((l) => l.trim()).pop() || text));
+  details.appendChild(el("pre", text, "trace"));
+  if (key) {
+    details.open = opened.has(key);
+    details.addEventListener("toggle", () => {
+      if (details.open) opened.add(key); else opened.delete(key);
+    });
+  }
+  return cell(details, "detail");
+}
+function historyRow(e) {
+  const tr = el("tr");
+  tr.dataset.handle = e.handle;
+  tr.dataset.outcome = e.outcome;
+  tr.append(cell(e.ended ? clock(e.ended) : "-"), cell(e.function), cell(el("code", e.handle)),
+    cell(e.unique), cell(e.outcome, "outcome outcome-" + e.outcome),
+    cell(e.ended ? seconds(e.duration) : "-", "n"), cell(e.attempts, "n attempts"),
+    errorCell(e.error));
+  return tr;
+}
+async function act(what, handle) {
+  const state = $("action-state");
+  try {
+    const response = await fetch("dead/" + what, {method: "POST", cache: "no-store",
+      headers: {"Content-Type": "application/json", "X-Gearoffload-Action": "1"},
+      body: JSON.stringify({handle: handle})});
+    const text = (await response.text()).trim();
+    state.textContent = response.ok ? what + " " + handle + ": done" : text;
+    state.className = response.ok ? "" : "refused";
+  } catch (err) {
+    state.textContent = what + " " + handle + ": " + err.message;
+    state.className = "refused";
+  }
+  pollHistory();
+}
+function button(text, what, handle) {
+  const b = el("button", text, what);
+  b.type = "button";
+  b.addEventListener("click", () => act(what, handle));
+  return b;
+}
+let query = "";
+function renderHistory(h) {
+  $("history-off").textContent = h.enabled ? "" : "(off: --history-max 0)";
+  const rows = [];
+  for (const entries of Object.values(h.functions)) rows.push(...entries);
+  rows.sort((a, b) => b.ended - a.ended);
+  fill("history", rows.map(historyRow), "no job ended yet");
+  $("dead-total").textContent = h.dead_total > h.dead.length ?
+    "(" + h.dead.length + " of " + h.dead_total + " shown)" : "";
+  fill("dead", h.dead.map((d) => {
+    const tr = el("tr");
+    tr.dataset.handle = d.handle;
+    const actions = el("span");
+    actions.append(button("Retry", "retry", d.handle), button("Delete", "delete", d.handle));
+    tr.append(cell(d.function), cell(el("code", d.handle)), cell(d.unique),
+      cell(d.attempts, "n"), cell(d.died ? clock(d.died) : "-"),
+      errorCell(d.error, d.handle), cell(actions));
+    return tr;
+  }), "no dead letter");
+  if (h.found === null) {
+    $("found-section").hidden = true;
+  } else {
+    $("found-section").hidden = false;
+    fill("found", h.found.map(historyRow), "nothing known of " + h.query);
+  }
+}
+async function pollHistory() {
+  const response = await fetch("history.json?q=" + encodeURIComponent(query),
+    {cache: "no-store"});
+  if (!response.ok) throw new Error("HTTP " + response.status);
+  renderHistory(await response.json());
+}
+$("search").addEventListener("submit", (event) => {
+  event.preventDefault();
+  query = $("q").value.trim();
+  pollHistory();
+});
 async function poll() {
   try {
     const response = await fetch("status.json", {cache: "no-store"});
     if (!response.ok) throw new Error("HTTP " + response.status);
     render(await response.json());
+    await pollHistory();
     $("state").textContent = "updated " + clock(Date.now() / 1000);
     $("state").className = "";
     $("state").dataset.polls = (+$("state").dataset.polls || 0) + 1;  // seen by tests
@@ -168,6 +262,30 @@ _BODY = """<!doctype html>
 <thead><tr><th>time</th><th>function</th><th>handle</th><th>unique</th><th>what</th>
 <th>detail</th></tr></thead>
 <tbody id="failures"></tbody>
+</table>
+<h2>Dead letters <span id="dead-total"></span></h2>
+<p id="action-state"></p>
+<table>
+<thead><tr><th>function</th><th>handle</th><th>unique</th><th class="n">attempts</th>
+<th>died</th><th>error</th><th></th></tr></thead>
+<tbody id="dead"></tbody>
+</table>
+<h2>Job history <span id="history-off"></span></h2>
+<form id="search"><label>find a job by handle or unique key
+<input id="q" name="q" size="40"></label> <button type="submit">Find</button></form>
+<div id="found-section" hidden>
+<h2>Found</h2>
+<table>
+<thead><tr><th>ended</th><th>function</th><th>handle</th><th>unique</th><th>outcome</th>
+<th class="n">duration</th><th class="n">attempts</th><th>error</th></tr></thead>
+<tbody id="found"></tbody>
+</table>
+</div>
+<h2>Recent jobs</h2>
+<table>
+<thead><tr><th>ended</th><th>function</th><th>handle</th><th>unique</th><th>outcome</th>
+<th class="n">duration</th><th class="n">attempts</th><th>error</th></tr></thead>
+<tbody id="history"></tbody>
 </table>
 <script>{script}</script>
 </body>

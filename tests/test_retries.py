@@ -120,6 +120,15 @@ def test_a_killed_worker_then_two_failures_then_success(stack):
     assert len(starts(runs, "flaky")) == 4
     with AdminClient(server.address) as admin:
         assert admin.dead_jobs() == []
+        # The history shows every attempt, found by the job's id (its unique key).
+        history = admin.find_job(job.id)
+    assert [(e.attempts, e.outcome) for e in history] == \
+        [(1, "requeued"), (2, "retrying"), (3, "retrying"), (4, "done")], history
+    assert "flaky failure on run 2" in history[1].error
+    assert "flaky failure on run 3" in history[2].error
+    assert {e.handle for e in history} == {history[0].handle}
+    assert all(e.function == "retrytasks.flaky" and e.ended >= e.submitted > 0
+               for e in history)
 
 
 def test_a_task_that_always_fails_becomes_a_dead_letter_and_the_cli_retries_it(stack):

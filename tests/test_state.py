@@ -352,3 +352,98 @@ def test_admin_workers_and_status_from_state(h):
     assert b"%d 127.0.0.1 myworker1 : fb fa\n" % w.fd in text
     assert text.endswith(b" : \n.\n") is False and text.endswith(b":\n.\n")
     assert sorted(h.admin_text(b"status").splitlines()) == [b".", b"fa\t0\t0\t1", b"fb\t0\t0\t1"]
+
+
+# -- the job history (gearoffload_server.history) --------------------------------------
+
+def _run_once(h: Harness, worker: Peer, handle: bytes) -> None:
+    h.send(worker, T.GRAB_JOB_UNIQ)
+    [(ptype, args)] = h.received(worker)
+    assert ptype == T.JOB_ASSIGN_UNIQ and args[0] == handle
+
+
+def test_history_shows_the_attempts_of_a_job_lost_once_failed_twice_then_done():
+    h = Harness(retry_failed=2, retry_backoff=0.1)
+    client = h.peer()
+    h.send(client, T.SUBMIT_JOB_BG, b"flaky", b"order-7", b"data")
+    [(_, (handle,))] = h.received(client)
+    submitted = h.clock.now()
+    lost = h.worker(b"flaky")
+    _run_once(h, lost, handle)
+    h.state.disconnect(lost)            # the worker dies mid-job: requeued
+    worker = h.worker(b"flaky")
+    for attempt in (2, 3):
+        _run_once(h, worker, handle)
+        h.send(worker, T.WORK_EXCEPTION, handle, b"Traceback...\nValueError: boom %d" % attempt)
+        h.send(worker, T.WORK_FAIL, handle)
+        h.clock.advance(1.0)             # the retry falls due
+    _run_once(h, worker, handle)
+    h.clock.advance(0.5)
+    h.send(worker, T.WORK_COMPLETE, handle, b"ok")
+    entries = h.state.history.find(b"order-7")
+    assert [(e.outcome, e.attempts) for e in entries] == [
+        ("requeued", 1), ("retrying", 2), ("retrying", 3), ("done", 4)]
+    assert entries[1].error.endswith("ValueError: boom 2")
+    assert entries[-1].submitted == submitted and entries[-1].duration == pytest.approx(2.5)
+    assert h.state.history.find(handle) == entries
+    # The same through the admin text protocol: HANDLE FUNCTION UNIQUE OUTCOME ...
+    lines = h.admin_text(b"find job order-7").decode().splitlines()
+    assert lines[-1] == "."
+    assert [line.split("\t")[3] for line in lines[:-1]] == [
+        "requeued", "retrying", "retrying", "done"]
+    shown = h.admin_text(b"show history flaky").decode().splitlines()
+    assert shown[0].split("\t")[3:4] == ["done"] and len(shown) == 5
+    assert h.admin_text(b"show retries") == b"flaky\t0\t2\t0\n.\n"
+
+
+def test_history_records_dead_letters_failures_and_cancels():
+    h = Harness(retry_failed=1, retry_backoff=0.1)
+    client = h.peer()
+    worker = h.worker(b"bad")
+    h.send(client, T.SUBMIT_JOB_BG, b"bad", b"doomed", b"x")
+    [(_, (dead,))] = h.received(client)
+    for _ in range(2):
+        _run_once(h, worker, dead)
+        h.send(worker, T.WORK_FAIL, dead)
+        h.clock.advance(1.0)
+    assert dead in h.state.dead
+    assert [(e.outcome, e.attempts) for e in h.state.history.find(dead)] == [
+        ("retrying", 1), ("dead", 2)]
+    assert h.admin_text(b"show retries") == b"bad\t0\t1\t1\n.\n"
+    # A foreground job that fails is not retried: "failed".
+    h.send(client, T.SUBMIT_JOB, b"bad", b"fg", b"x")
+    [(_, (fg,))] = h.received(client)
+    _run_once(h, worker, fg)
+    h.send(worker, T.WORK_FAIL, fg)
+    assert h.received(client) == [(T.WORK_FAIL, (fg,))]
+    assert [e.outcome for e in h.state.history.find(b"fg")] == ["failed"]
+    # A queued job cancelled by the admin: "cancelled".
+    h.send(client, T.SUBMIT_JOB_BG, b"bad", b"later", b"x")
+    [(_, (later,))] = h.received(client)
+    assert h.state.cancel(later)
+    assert [e.outcome for e in h.state.history.find(b"later")] == ["cancelled"]
+    # A dead letter still shows where it is now.
+    found = h.admin_text(b"find job doomed").decode().splitlines()
+    assert found[-2].split("\t")[3] == "dead"
+
+
+def test_history_is_off_with_history_max_0():
+    h = Harness(history_max=0)
+    client = h.peer()
+    worker = h.worker(b"f")
+    h.send(client, T.SUBMIT_JOB_BG, b"f", b"u", b"x")
+    [(_, (handle,))] = h.received(client)
+    _run_once(h, worker, handle)
+    h.send(worker, T.WORK_COMPLETE, handle, b"")
+    assert h.state.history is None
+    assert h.admin_text(b"show history") == b".\n"
+
+
+def test_history_says_cancelled_when_every_client_of_a_queued_job_left():
+    h = Harness()
+    client = h.peer()
+    h.send(client, T.SUBMIT_JOB, b"nobody", b"gone", b"x")
+    h.state.disconnect(client)
+    [entry] = h.state.history.find(b"gone")
+    assert (entry.outcome, entry.attempts, entry.error) == (
+        "cancelled", 1, "every client waiting on it left")

@@ -35,7 +35,7 @@ def table(output: str) -> dict[str, list[str]]:
     rows = {}
     for line in output.splitlines():
         cells = line.split()
-        if len(cells) == 6 and cells[0] != "FUNCTION":
+        if len(cells) == 9 and cells[0] != "FUNCTION":
             rows[cells[0]] = cells[1:]
     return rows
 
@@ -73,9 +73,11 @@ def test_once_shows_queued_running_and_workers(server):
     assert result.returncode == 0, result.stderr
     assert "\x1b" not in result.stdout  # plain text for scripts
     rows = table(result.stdout)
-    assert rows["top_queued"] == ["5", "0", "0", "-", "-"]
-    assert rows["top_busy"] == ["2", "1", "2", "-", "-"]
-    assert rows["top_idle"] == ["0", "0", "1", "-", "-"]
+    # SCHED RETRIED DEAD: ours answers ``show retries``; gearmand does not ("-").
+    extra = ["0", "0", "0"] if server.kind == "gearoffload" else ["-", "-", "-"]
+    assert rows["top_queued"] == ["5", "0", "0", *extra, "-", "-"]
+    assert rows["top_busy"] == ["2", "1", "2", *extra, "-", "-"]
+    assert rows["top_idle"] == ["0", "0", "1", *extra, "-", "-"]
     names = [line.split()[0] for line in result.stdout.splitlines()
              if line.startswith("top_")]
     assert names == ["top_queued", "top_busy", "top_idle"]  # by queued jobs
@@ -118,6 +120,25 @@ def test_rates_come_from_successive_samples():
     assert (row.queued, row.running) == (1, 3)
     assert row.queued_rate == pytest.approx(-3.5) and row.running_rate == pytest.approx(0.5)
     assert function_rows(second, Sample("h:1", 11.0, error="down"))[0].queued_rate is None
+
+
+def test_retries_dead_letters_and_scheduled_columns():
+    sample = Sample("h:1", 0.0, "1.0", (FunctionStatus("f", 1, 0, 1),), (),
+                    retries={"f": (2, 7, 0), "gone": (0, 3, 4)})
+    rows = {r.name: r for r in function_rows(sample)}
+    assert (rows["f"].scheduled, rows["f"].retried, rows["f"].dead) == (2, 7, 0)
+    # A function with dead letters only (no longer in ``status``) still has its row.
+    assert (rows["gone"].queued, rows["gone"].retried, rows["gone"].dead) == (0, 3, 4)
+    lines = render([sample], {}, 1.0)
+    header = next(line for line in lines if line.startswith("FUNCTION"))
+    assert header.split()[4:7] == ["SCHED", "RETRIED", "DEAD"]
+    assert next(line for line in lines if line.startswith("gone")).split()[1:7] == \
+        ["0", "0", "0", "0", "3", "4"]
+    # Against gearmand (no ``show retries``) the columns say "-".
+    plain = Sample("h:1", 0.0, "1.0", (FunctionStatus("f", 1, 0, 1),))
+    assert function_rows(plain)[0].dead is None
+    assert next(line for line in render([plain], {}, 1.0)
+                if line.startswith("f ")).split()[4:7] == ["-", "-", "-"]
 
 
 def test_frame_fits_the_terminal():
