@@ -752,8 +752,9 @@ class JobServerState:
             self.store.save(job, peer, created)
 
     def _named_function(self, peer: Peer, name: bytes) -> Function | None:
-        """The function a packet names (created on first use, §3.2), or ``None`` after
-        answering ERROR for an empty or over-long name (gearmand takes any, §1.5)."""
+        """The function a packet names (created on first use, docs/protocol.md §3.2), or
+        ``None`` after answering ERROR for an empty or over-long name (gearmand takes any,
+        docs/protocol.md §1.5)."""
         if not name or len(name) > MAX_FUNCTION_NAME:
             peer.send(_error(b"INVALID_FUNCTION_NAME",
                              b"Function name must be 1 to 512 bytes long"))
@@ -1078,7 +1079,7 @@ class JobServerState:
 
     def _next_job(self, peer: Peer) -> Job | None:
         """Global priority across the worker's functions, round-robin among them (the
-        gearmand 2.0 rule, §3.5), FIFO within a priority."""
+        gearmand 2.0 rule, docs/protocol.md §3.5), FIFO within a priority."""
         funcs = peer.functions
         count = len(funcs)
         if count == 1:

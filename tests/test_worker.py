@@ -208,7 +208,8 @@ def test_graceful_stop_finishes_running_jobs_and_grabs_no_more(server):
 def test_a_draining_worker_does_not_hold_up_new_jobs(server):
     """A worker asleep with a long job still running is told to drain; a new job must not
     wait for that drain (a server that wakes one sleeper per job may pick the draining
-    worker, which therefore still answers that NOOP with a GRAB, §3.6 rule 4)."""
+    worker, which therefore still answers that NOOP with a GRAB: docs/protocol.md §3.6
+    rule 4)."""
     started = Event()
 
     def long(job):
