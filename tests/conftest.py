@@ -417,6 +417,47 @@ def start_worker(worker, timeout: float = 10.0) -> gevent.Greenlet:
     return greenlet
 
 
+@contextmanager
+def tasks_on_a_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str,
+                    source: str, server: ServerProcess, secret: str,
+                    env: dict[str, str]) -> Iterator[tuple[object, dict[str, str]]]:
+    """A tasks module written from ``source`` into ``tmp_path``, served by a real
+    one-process ``gearoffload-worker`` pool and imported here with the same settings (to
+    submit). ``env`` is added to both. Yields ``(module, the pool's environment)`` once the
+    pool serves every task of the module; stops the pool and ``server`` after."""
+    from gearoffload import offloading
+    from gearoffload.admin import AdminClient
+
+    (tmp_path / f"{module}.py").write_text(source)
+    pool_env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}",
+                    GEAROFFLOAD_SECRET_KEY=secret, GEAROFFLOAD_SERVERS=server.address, **env)
+    pool_bin = Path(sys.executable).parent / "gearoffload-worker"
+    command = [str(pool_bin)] if pool_bin.exists() else [sys.executable, "-m",
+                                                         "gearoffload.pool"]
+    log = open(tmp_path / "pool.log", "wb")
+    pool = subprocess.Popen([*command, module, "--processes", "1", "--concurrency", "1"],
+                            cwd=tmp_path, stdout=log, stderr=log, env=pool_env)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    sys.modules.pop(module, None)
+    tasks = importlib.import_module(module)
+    offloading.configure(servers=[server.address], secret_key=secret, timeout=10)
+    try:
+        names = {task.name for task in vars(tasks).values()
+                 if isinstance(task, offloading.OffloadedFunction)}
+        with AdminClient(server.address) as admin:
+            assert poll_until(lambda: names <= {s.name for s in admin.status() if s.workers},
+                              15), (tmp_path / "pool.log").read_text()
+        yield tasks, pool_env
+    finally:
+        offloading.configure_reset()
+        sys.modules.pop(module, None)
+        stop_process(pool, signal.SIGKILL)
+        log.close()
+        server.stop()
+
+
 @pytest.fixture(params=["gearoffload", "gearmand"])
 def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     """Each test runs once against our server and once against gearmand."""

@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 from test_http import HttpServer
 
-from conftest import ROOT, ServerProcess, need_tool, poll_until, stop_process
-from gearoffload import offloading
+from conftest import ServerProcess, need_tool, poll_until, tasks_on_a_pool
 from gearoffload.admin import AdminClient
 from gearoffload.protocol import PacketType as T
 from gearoffload_server.config import ServerConfig, _network
@@ -31,7 +30,6 @@ from gearoffload_server.http import ObservabilityApp
 from gearoffload_server.state import JobServerState, ManualScheduler
 
 SECRET = "history-test-key"
-POOL = Path(sys.executable).parent / "gearoffload-worker"
 CHROMIUM_TIMEOUT = 90
 
 
@@ -321,35 +319,12 @@ var rows = (body, handle) => [...document.querySelectorAll("#" + body + " tr")]
 def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple]:
     """Our server with its HTTP port, a one-process worker pool on the tasks module."""
     need_tool("chromium", "chromium")
-    (tmp_path / "histtasks.py").write_text(textwrap.dedent(TASKS))
     runs = tmp_path / "runs"
     runs.mkdir()
     server = HttpServer().start()
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}",
-               GEAROFFLOAD_SECRET_KEY=SECRET, GEAROFFLOAD_SERVERS=server.address,
-               HISTORY_TEST_DIR=str(runs))
-    command = [str(POOL)] if POOL.exists() else [sys.executable, "-m", "gearoffload.pool"]
-    log = open(tmp_path / "pool.log", "wb")
-    pool = subprocess.Popen([*command, "histtasks", "--processes", "1", "--concurrency", "1"],
-                            cwd=tmp_path, stdout=log, stderr=log, env=env)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("HISTORY_TEST_DIR", str(runs))
-    sys.modules.pop("histtasks", None)
-    import histtasks
-
-    offloading.configure(servers=[server.address], secret_key=SECRET, timeout=10)
-    try:
-        with AdminClient(server.address) as admin:
-            assert poll_until(lambda: any(s.workers for s in admin.status()
-                                          if s.name == "histtasks.charge"), 15), \
-                (tmp_path / "pool.log").read_text()
+    with tasks_on_a_pool(tmp_path, monkeypatch, "histtasks", textwrap.dedent(TASKS), server,
+                         SECRET, {"HISTORY_TEST_DIR": str(runs)}) as (histtasks, _):
         yield server, histtasks, runs
-    finally:
-        offloading.configure_reset()
-        sys.modules.pop("histtasks", None)
-        stop_process(pool, signal.SIGKILL)
-        log.close()
-        server.stop()
 
 
 def test_browser_history_lists_the_failed_job_and_retry_runs_the_dead_letter(stack):

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, ServerProcess, poll_until, stop_process
+from conftest import ServerProcess, poll_until, tasks_on_a_pool
 from gearoffload import offloading
 from gearoffload.admin import AdminClient, AdminError
 from gearoffload.core import Seal, describe_job
 from gearoffload.retry import RetryPolicy, retry_policy
 
 SECRET = "retry-test-key"
-POOL = Path(sys.executable).parent / "gearoffload-worker"
 CLI = Path(sys.executable).parent / "gearoffload"
 
 # The tasks, imported by the test (to submit) and by the worker pool (to run). Each run
@@ -71,35 +70,12 @@ def doomed(order):
 def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple]:
     """Our server, a one-process worker pool on the tasks module, and the tasks imported
     here with the same settings."""
-    (tmp_path / "retrytasks.py").write_text(textwrap.dedent(TASKS))
     runs = tmp_path / "runs"
     runs.mkdir()
     server = ServerProcess("gearoffload").start()
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}",
-               GEAROFFLOAD_SECRET_KEY=SECRET, GEAROFFLOAD_SERVERS=server.address,
-               RETRY_TEST_DIR=str(runs))
-    command = [str(POOL)] if POOL.exists() else [sys.executable, "-m", "gearoffload.pool"]
-    log = open(tmp_path / "pool.log", "wb")
-    pool = subprocess.Popen([*command, "retrytasks", "--processes", "1", "--concurrency", "1"],
-                            cwd=tmp_path, stdout=log, stderr=log, env=env)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("RETRY_TEST_DIR", str(runs))
-    sys.modules.pop("retrytasks", None)
-    import retrytasks
-
-    offloading.configure(servers=[server.address], secret_key=SECRET, timeout=10)
-    try:
-        with AdminClient(server.address) as admin:
-            assert poll_until(lambda: any(s.workers for s in admin.status()
-                                          if s.name == "retrytasks.flaky"), 15), \
-                (tmp_path / "pool.log").read_text()
+    with tasks_on_a_pool(tmp_path, monkeypatch, "retrytasks", textwrap.dedent(TASKS), server,
+                         SECRET, {"RETRY_TEST_DIR": str(runs)}) as (retrytasks, env):
         yield server, retrytasks, runs, env
-    finally:
-        offloading.configure_reset()
-        sys.modules.pop("retrytasks", None)
-        stop_process(pool, signal.SIGKILL)
-        log.close()
-        server.stop()
 
 
 def starts(runs: Path, name: str) -> list[int]:
