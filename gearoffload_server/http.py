@@ -138,8 +138,10 @@ class ObservabilityApp:
     def _history(self, environ: dict) -> tuple[str, str, bytes, list]:
         query = parse_qs(environ.get("QUERY_STRING", ""))
         key = query.get("q", [""])[0].strip().encode()[:256]
+        with_data = admitted(environ.get("REMOTE_ADDR", ""), self.state.config.admin_allow)
         with self._scrapes:
-            body = json.dumps(history_snapshot(self.state, key), separators=(",", ":"))
+            body = json.dumps(history_snapshot(self.state, key, with_data=with_data),
+                              separators=(",", ":"))
         return "200 OK", "application/json", body.encode(), []
 
     def _act(self, environ: dict, action: Callable[[bytes], bool]

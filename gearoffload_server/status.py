@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from gearoffload.retry import RetryPolicy
+
 from .history import Entry
 from .metrics import CHUNK, MAX_FUNCTIONS, PRIORITIES, label, no_pause, pick_functions
 from .state import JobServerState
@@ -118,11 +120,19 @@ HISTORY_SHOWN = 20
 MAX_DEAD = 200
 #: The error text of a dead letter shown at most (a traceback).
 DEAD_ERROR_CHARS = 20000
+#: The start of a dead letter's data shown (its arguments, for an admitted viewer).
+DEAD_DATA_BYTES = 2000
 _WHERE = {0: "queued", 1: "scheduled", 2: "running", 4: "dead"}
 
 
 def _text(value: bytes) -> str:
     return value.decode("utf-8", "backslashreplace")
+
+
+def _data(data: bytes) -> str:
+    """The start of a job's data as text, without the retry line a job server reads (a
+    gearoffload job's JSON arguments are then readable inside its seal)."""
+    return _text(RetryPolicy.strip(data)[:DEAD_DATA_BYTES])
 
 
 def _entry(e: Entry) -> dict[str, Any]:
@@ -146,9 +156,11 @@ def jobs_named(state: JobServerState, key: bytes) -> list:
 
 
 def history_snapshot(state: JobServerState, key: bytes = b"",
-                     shown: int = HISTORY_SHOWN) -> dict[str, Any]:
+                     shown: int = HISTORY_SHOWN, with_data: bool = False) -> dict[str, Any]:
     """The job history, the dead letters, and the jobs whose handle or unique is
     ``key`` (``/history.json``; ``?q=KEY``). O(history + dead letters), off the hot path.
+    ``with_data`` adds the start of each dead letter's data (``data``; else ``None``):
+    a job's arguments may be personal, so only viewers the admin port would admit see it.
 
     >>> from gearoffload_server.state import ManualScheduler
     >>> from gearoffload_server.config import ServerConfig
@@ -172,7 +184,9 @@ def history_snapshot(state: JobServerState, key: bytes = b"",
                      "attempts": info.attempts if info is not None else
                      job.failures + job.retries,
                      "died": info.died if info is not None else 0.0,
-                     "error": error[:DEAD_ERROR_CHARS]})
+                     "error": error[:DEAD_ERROR_CHARS],
+                     "data": _data(job.data) if with_data else None,
+                     "size": len(job.data)})
     found = None
     if key:
         found = [_entry(e) for e in history.find(key)] if history is not None else []

@@ -135,6 +135,20 @@ function errorCell(text, key) {
   }
   return cell(details, "detail");
 }
+function dataCell(d) {
+  // null: the viewer is not one the admin port admits, and a job's arguments may be
+  // personal (the server sends no data then).
+  if (d.data === null) return cell(d.size + " B (hidden)", "data");
+  const details = el("details");
+  details.appendChild(el("summary", d.size + " B"));
+  details.appendChild(el("pre", d.data, "trace"));
+  const key = "data " + d.handle;
+  details.open = opened.has(key);
+  details.addEventListener("toggle", () => {
+    if (details.open) opened.add(key); else opened.delete(key);
+  });
+  return cell(details, "data");
+}
 function historyRow(e) {
   const tr = el("tr");
   tr.dataset.handle = e.handle;
@@ -182,7 +196,7 @@ function renderHistory(h) {
     actions.append(button("Retry", "retry", d.handle), button("Delete", "delete", d.handle));
     tr.append(cell(d.function), cell(el("code", d.handle)), cell(d.unique),
       cell(d.attempts, "n"), cell(d.died ? clock(d.died) : "-"),
-      errorCell(d.error, d.handle), cell(actions));
+      errorCell(d.error, d.handle), dataCell(d), cell(actions));
     return tr;
   }), "no dead letter");
   if (h.found === null) {
@@ -267,7 +281,7 @@ _BODY = """<!doctype html>
 <p id="action-state"></p>
 <table>
 <thead><tr><th>function</th><th>handle</th><th>unique</th><th class="n">attempts</th>
-<th>died</th><th>error</th><th></th></tr></thead>
+<th>died</th><th>error</th><th>data</th><th></th></tr></thead>
 <tbody id="dead"></tbody>
 </table>
 <h2>Job history <span id="history-off"></span></h2>

@@ -150,6 +150,24 @@ def test_history_json_lists_dead_letters_and_searches():
     assert [f["outcome"] for f in data["found"]] == ["dead"]
 
 
+def test_a_dead_letters_data_is_shown_only_to_admitted_viewers():
+    """A job's arguments may be personal: /history.json gives a dead letter's data to the
+    viewers the admin port would let change the server, and its size to the others."""
+    app, state, handle = _app("10.0.0.0/8")
+    state.dead[handle].data = b"GOR1 2 1 300 1\nGOU1123.0:0:[[\"alice@example.com\"],{}]"
+
+    def dead(remote: str) -> dict:
+        env = {"REQUEST_METHOD": "GET", "PATH_INFO": "/history.json", "REMOTE_ADDR": remote}
+        return json.loads(b"".join(app(env, lambda s, h: None)))["dead"][0]
+
+    for admitted_viewer in ("127.0.0.1", "10.1.2.3"):
+        shown = dead(admitted_viewer)
+        assert shown["data"] == 'GOU1123.0:0:[["alice@example.com"],{}]'  # no retry line
+        assert shown["size"] == len(state.dead[handle].data)
+    hidden = dead("192.0.2.7")
+    assert hidden["data"] is None and hidden["size"] == shown["size"]
+
+
 def test_a_cross_origin_post_over_http_is_refused():
     server = HttpServer().start()
     try:
@@ -351,6 +369,8 @@ def test_browser_history_lists_the_failed_job_and_retry_runs_the_dead_letter(sta
         assert seen["history"][0]["cells"][6] == "2"  # attempts
         [row] = seen["dead"]
         assert row["cells"][0] == "histtasks.charge" and row["cells"][3] == "2"
+        # Its data (the arguments, JSON inside the seal): shown, as the viewer is loopback.
+        assert "[[7],{}]" in row["cells"][6]
         assert "Traceback" in seen["trace"] and "histtasks.py" in seen["trace"]
         assert seen["bold"] == 0  # the error's markup is text, not markup
 
