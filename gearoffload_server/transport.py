@@ -46,7 +46,7 @@ import socket
 import struct
 import termios
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import gevent
 from gevent import monkey, ssl
@@ -58,7 +58,9 @@ from gearoffload.protocol import RES, Decoder, PacketType, encode
 from .state import AWAKE, Peer
 
 if TYPE_CHECKING:
-    from .server import GearmanServer
+    from .admin import AdminProtocol
+    from .settings import ServerConfig
+    from .state import JobServerState
 
 log = logging.getLogger("gearoffload.server")
 
@@ -73,7 +75,23 @@ CLOSE_FLUSH_TIMEOUT = 5.0
 HANDSHAKE_TIMEOUT = 10.0
 
 
-def accept(server: GearmanServer, sock: socket.socket, address: tuple) -> Connection | None:
+class Shell(Protocol):
+    """What a connection uses of the server that accepted it (``server.GearmanServer``):
+    the state it feeds, the admin protocol, the poll loop, the replies held for a commit,
+    the connections map it leaves, and ``flush`` after it changed the state on its own."""
+
+    config: ServerConfig
+    state: JobServerState
+    admin: AdminProtocol
+    poller: Poller
+    held: dict[Peer, object]
+    connections: dict[Peer, Connection]
+    tls_context: ssl.SSLContext | None
+
+    def flush(self) -> None: ...
+
+
+def accept(server: Shell, sock: socket.socket, address: tuple) -> Connection | None:
     """The connection for an accepted socket: TLS when the server has a TLS context."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if server.tls_context is None:
@@ -162,7 +180,7 @@ class Connection:
                  "closed", "done", "nread", "joined", "_on_packet", "_on_line",
                  "_seen", "_quiet_since", "_partial_mark", "_partial_since", "_unsent")
 
-    def __init__(self, server: GearmanServer, sock: socket.socket, address: tuple) -> None:
+    def __init__(self, server: Shell, sock: socket.socket, address: tuple) -> None:
         self.server = server
         self.sock = sock
         self.fd = sock.fileno()
@@ -387,7 +405,7 @@ class TlsConnection(Connection):
 
     __slots__ = ("_reader", "_writer", "_wakeup", "_reaper")
 
-    def __init__(self, server: GearmanServer, sock, address: tuple) -> None:
+    def __init__(self, server: Shell, sock, address: tuple) -> None:
         super().__init__(server, sock, address)
         self._reader: gevent.Greenlet | None = None
         self._writer: gevent.Greenlet | None = None
