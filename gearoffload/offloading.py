@@ -189,7 +189,7 @@ class OffloadedFunction:
     Calling it submits a job and waits for the value; ``background()`` submits a Gearman
     background job and returns an ``OffloadedJob`` at once; ``local()`` calls the
     function here. ``name`` is its Gearman function name; ``schedule`` its
-    ``gearoffload.schedule.Schedule`` when it is periodic, else None.
+    ``gearoffload.periodic.Schedule`` when it is periodic, else None.
     """
 
     def __init__(self, fn: Callable[..., Any], name: str | None = None,
@@ -287,14 +287,14 @@ class OffloadedFunction:
 
 def _schedule(fn: Callable[..., Any], every: float | timedelta | None, cron: str | None,
               tz: str | None, missed: str, unique: Any) -> Any:
-    """The ``Schedule`` of a periodic function (``gearoffload.schedule``), or None."""
+    """The ``Schedule`` of a periodic function (``gearoffload.periodic``), or None."""
     if every is None and cron is None:
         if tz is not None or missed != "last":
             raise TypeError("tz= and missed= are for periodic tasks: add every= or cron=")
         return None
     import inspect
 
-    from .schedule import Schedule
+    from .periodic import Schedule
 
     name = getattr(fn, "__qualname__", repr(fn))
     if unique:
@@ -355,7 +355,7 @@ def offload(fn: Callable[..., Any] | None = None, *, name: str | None = None,
     arguments: schedulers (``gearoffload-worker --schedule``, ``python -m
     gearoffload.schedule``) run it once per slot across the fleet; ``missed`` (``"last"``,
     ``"all"`` or ``"none"``) says what runs of the slots missed during an outage
-    (``gearoffload.schedule``).
+    (``gearoffload.periodic``).
 
     Example::
 

@@ -18,8 +18,8 @@ from conftest import ServerProcess, free_port, gevent_time_limit, start_worker
 from gearoffload import Worker
 from gearoffload.errors import JobFailed
 from gearoffload.flask import GearOffload, offload, progress
+from gearoffload.loading import registry_for
 from gearoffload.offloading import current_job
-from gearoffload.pool import registry_for
 
 TEST_TIME_LIMIT = 30
 RUNS: dict[str, int] = {}

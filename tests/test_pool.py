@@ -20,7 +20,8 @@ import pytest
 
 from conftest import ROOT, gevent_time_limit
 from gearoffload import Client, TaskRegistry, Worker
-from gearoffload.pool import PoolConfig, load_registry, parse_args
+from gearoffload.loading import load_registry
+from gearoffload.pool import PoolConfig, parse_args
 
 TEST_TIME_LIMIT = 40
 SCRIPT = Path(sys.executable).parent / "gearoffload-worker"

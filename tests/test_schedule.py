@@ -27,9 +27,10 @@ from gearoffload.codec import stable_hash
 from gearoffload.core import OffloadConfig
 from gearoffload.errors import NoServersAvailable
 from gearoffload.offloading import configure_reset
+from gearoffload.periodic import MAX_CATCH_UP, Schedule, slot_unique
 from gearoffload.protocol import PacketType as T
 from gearoffload.registry import TaskRegistry
-from gearoffload.schedule import MAX_CATCH_UP, Schedule, Scheduler, slot_unique
+from gearoffload.schedule import Scheduler
 
 time_limit = gevent_time_limit(40)
 

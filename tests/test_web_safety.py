@@ -15,8 +15,8 @@ from gevent.event import Event
 from conftest import ServerProcess, free_port, gevent_time_limit, start_worker
 from gearoffload import Worker
 from gearoffload.flask import GearOffload
+from gearoffload.loading import registry_for
 from gearoffload.offloading import configure_reset
-from gearoffload.pool import registry_for
 
 RUNS: list[str] = []
 BUSY = Event()

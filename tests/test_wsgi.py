@@ -13,7 +13,7 @@ from werkzeug.test import Client as WsgiClient
 
 from conftest import ServerProcess, free_port, gevent_time_limit, start_worker
 from gearoffload import Worker
-from gearoffload.pool import load_registry
+from gearoffload.loading import load_registry
 from gearoffload.wsgi import OffloadMiddleware, wsgi_runner
 
 TEST_TIME_LIMIT = 30
