@@ -920,7 +920,13 @@ class Client:
             background = True
             # The epoch is whole seconds: rounded up, so a job never runs before it is
             # due (at most a second after).
-            epoch = math.ceil(run_at.timestamp() if isinstance(run_at, datetime) else run_at)
+            when = run_at.timestamp() if isinstance(run_at, datetime) else run_at
+            if isinstance(when, bool) or not isinstance(when, (int, float)):
+                raise TypeError(f"run_at must be a Unix time or a datetime, not "
+                                f"{type(run_at).__name__} {run_at!r}")
+            if not math.isfinite(when):
+                raise ValueError(f"run_at must be a finite Unix time, not {run_at!r}")
+            epoch = math.ceil(when)
         if unique is None:
             # Background jobs carry a UUID so that persistent stores keyed by unique do not
             # collide (docs/protocol.md §8); foreground ones go without, so they never

@@ -743,12 +743,32 @@ class JobRef(NamedTuple):
 _thread_local = monkey.get_original("threading", "local")
 
 
-def check_call_options(timeout: float | None, fallback: str | None) -> None:
-    """Validate the per-call options of ``@offload`` and of views."""
+#: The priorities of a job (Gearman's three queues per function).
+PRIORITIES = ("normal", "high", "low")
+
+
+def check_call_options(timeout: Any, fallback: Any, priority: Any = "normal") -> float | None:
+    """Validate the per-call options of ``@offload`` and of views when they are declared
+    (``TypeError`` for a wrong type, ``ValueError`` for a bad value); returns the timeout
+    in seconds (a ``timedelta`` is accepted, as for every duration).
+
+    Example::
+
+        >>> check_call_options(30, None, "high")
+        30.0
+    """
+    from .checks import duration
+
     if fallback is not None and fallback not in FALLBACKS:
-        raise ValueError(f"fallback must be 'raise' or 'local', not {fallback!r}")
-    if timeout is not None and not timeout > 0:
-        raise ValueError("timeout must be a positive number of seconds")
+        raise ValueError(f"fallback= must be 'raise' or 'local', not {fallback!r}")
+    if not isinstance(priority, str):
+        raise TypeError(f"priority= must be 'normal', 'high' or 'low', not "
+                        f"{type(priority).__name__} {priority!r}")
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority= must be 'normal', 'high' or 'low', not {priority!r}")
+    if timeout is None:
+        return None
+    return duration("timeout", timeout, exclusive=True, unit=" (None: GEAROFFLOAD_TIMEOUT)")
 
 
 class Offloader:

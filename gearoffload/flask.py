@@ -72,6 +72,7 @@ import functools
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -81,6 +82,7 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, default_exceptions
 from werkzeug.test import stream_encode_multipart
 
+from .checks import flag, names
 from .core import (
     CODEC,
     BodyTooLarge,
@@ -128,11 +130,23 @@ class OffloadedView:
                  fallback: str | None = None, vary: Iterable[str] = (),
                  public: bool = False, ignore_query: Iterable[str] = (),
                  carry_g: Iterable[str] = (), priority: str = "normal",
-                 retries: int = 0, backoff: float = 1.0, backoff_max: float = 300.0,
-                 jitter: bool = True) -> None:
-        check_call_options(timeout, fallback)
+                 retries: int = 0, backoff: float | timedelta | None = None,
+                 backoff_max: float | timedelta | None = None,
+                 jitter: bool | None = None) -> None:
         if isinstance(view, OffloadedView):
             raise TypeError(f"{view.name} is offloaded twice")
+        # The same checks as @offload's (TypeError: wrong type; ValueError: bad value),
+        # when the decorator runs rather than at the first request.
+        timeout = check_call_options(timeout, fallback, priority)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError(f"name= must be a non-empty str, not {name!r}")
+        if not (isinstance(unique, (bool, str)) or callable(unique)):
+            raise TypeError(f"unique= must be True, False, a key (str) or a callable of the "
+                            f"view arguments, not {type(unique).__name__} {unique!r}")
+        background = flag("background", background)
+        public = flag("public", public)
+        vary, ignore_query = names("vary", vary), names("ignore_query", ignore_query)
+        carry_g = names("carry_g", carry_g)
         self.retry = retry_policy(retries, backoff, backoff_max, jitter)
         if self.retry is not None and not background:
             raise TypeError(f"{view.__module__}.{view.__qualname__}: retries= needs "
@@ -589,7 +603,9 @@ class GearOffload:
                 fallback: str | None = None, vary: Iterable[str] = (),
                 public: bool = False, ignore_query: Iterable[str] = (),
                 carry_g: Iterable[str] = (), priority: str = "normal", retries: int = 0,
-                backoff: float = 1.0, backoff_max: float = 300.0, jitter: bool = True) -> Any:
+                backoff: float | timedelta | None = None,
+                backoff_max: float | timedelta | None = None,
+                jitter: bool | None = None) -> Any:
         """Decorator for a view (below ``@app.route``): its body runs on a worker.
 
         ``unique=True`` coalesces identical requests (see the module docstring: the
@@ -601,6 +617,8 @@ class GearOffload:
         ``GEAROFFLOAD_TIMEOUT``; ``fallback`` overrides ``GEAROFFLOAD_FALLBACK``; ``name``
         the Gearman function name (default ``module.qualname``). ``retries``,
         ``backoff``, ``backoff_max``, ``jitter`` (background views only): as for
+        ``gearoffload.offload``. Every setting is checked when the decorator runs
+        (``TypeError`` for a wrong type, ``ValueError`` for a bad value), as for
         ``gearoffload.offload``.
 
         Example::

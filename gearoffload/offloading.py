@@ -56,9 +56,10 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
+from .checks import duration
 from .codec import Codec, stable_hash
 from .core import (
     JobRef,
@@ -196,11 +197,18 @@ class OffloadedFunction:
                  unique: bool | Callable[..., str | bytes] = False,
                  timeout: float | None = None, fallback: str | None = None,
                  priority: str = "normal", registry: TaskRegistry | None = None,
-                 retries: int = 0, backoff: float = 1.0, backoff_max: float = 300.0,
-                 jitter: bool = True, every: float | timedelta | None = None,
-                 cron: str | None = None, tz: str | None = None,
-                 missed: str = "last") -> None:
-        check_call_options(timeout, fallback)
+                 retries: int = 0, backoff: float | timedelta | None = None,
+                 backoff_max: float | timedelta | None = None, jitter: bool | None = None,
+                 every: float | timedelta | None = None, cron: str | None = None,
+                 tz: str | None = None, missed: str = "last") -> None:
+        if not callable(fn):
+            raise TypeError(f"@offload decorates a function, not {type(fn).__name__} {fn!r}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError(f"name= must be a non-empty str, not {name!r}")
+        if not (isinstance(unique, bool) or callable(unique)):
+            raise TypeError(f"unique= must be True, False or a callable that returns the "
+                            f"key, not {type(unique).__name__} {unique!r}")
+        timeout = check_call_options(timeout, fallback, priority)
         self.retry = retry_policy(retries, backoff, backoff_max, jitter)
         self.schedule = _schedule(fn, every, cron, tz, missed, unique)
         self.fn = fn
@@ -233,10 +241,23 @@ class OffloadedFunction:
     def background(self, *args: Any, delay: float | timedelta | None = None,
                    at: datetime | None = None, **kwargs: Any) -> OffloadedJob:
         """Submit the call as a Gearman background job and return an ``OffloadedJob`` once
-        the server has it (it then survives this process). ``delay`` (seconds) or ``at``
-        (an aware ``datetime``) run it later. No local fallback."""
-        offloader = get_offloader()
+        the server has it (it then survives this process). ``delay`` (seconds, or a
+        ``timedelta``; finite, >= 0) or ``at`` (an aware ``datetime``) run it later; a
+        delayed job runs at normal priority (Gearman's ``SUBMIT_JOB_EPOCH`` has no other).
+        No local fallback.
+
+        Example::
+
+            job = render_report.background("2026-11", delay=timedelta(minutes=5))
+            job = render_report.background("2026-12", at=datetime(2026, 12, 1, 3,
+                                                                  tzinfo=timezone.utc))
+        """
         run_at = _run_at(delay, at)
+        if run_at is not None and self.priority != "normal":
+            raise ValueError(f"{self.name} has priority={self.priority!r}: a delayed job "
+                             "(delay= or at=) always runs at normal priority (Gearman's "
+                             "SUBMIT_JOB_EPOCH has no other)")
+        offloader = get_offloader()
         unique = self.unique_for(args, kwargs)
         ref = offloader.start(self.name, offloader.config.codec.dumps([list(args), kwargs]),
                               unique=str(unique) if unique else None, priority=self.priority,
@@ -309,49 +330,81 @@ def _schedule(fn: Callable[..., Any], every: float | timedelta | None, cron: str
     if needed:
         raise TypeError(f"{name}: a periodic task is called with no arguments, but it needs "
                         f"{', '.join(needed)}")
-    if isinstance(every, timedelta):
-        every = every.total_seconds()
-    elif every is not None and (isinstance(every, bool) or not isinstance(every, (int, float))):
-        raise TypeError(f"every= must be a timedelta or a number of seconds, not {every!r}")
     return Schedule(every=every, cron=cron, tz=tz, missed=missed)
 
 
-def _run_at(delay: float | timedelta | None, at: datetime | None) -> float | None:
-    """The Unix time a delayed job is due, from ``delay`` or an aware ``at``."""
+#: The latest a delayed job may be due: the end of the year 9999, the last time a
+#: ``datetime`` (so ``at=``) can name. The job server takes any 64-bit epoch.
+MAX_DUE = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
+
+
+def _run_at(delay: Any, at: Any) -> float | None:
+    """The Unix time a delayed job is due, from ``delay`` (seconds or a ``timedelta``:
+    finite, >= 0) or ``at`` (an aware ``datetime``); ``TypeError``/``ValueError`` naming
+    the argument otherwise."""
     import time
 
     if delay is not None and at is not None:
         raise TypeError("give delay= or at=, not both")
     if at is not None:
+        if not isinstance(at, datetime):
+            raise TypeError(f"at= must be an aware datetime, not {type(at).__name__} "
+                            f"{at!r}{_at_hint(at)}")
         if at.tzinfo is None or at.utcoffset() is None:
             raise ValueError("at= must be an aware datetime (say its timezone, e.g. "
                              "datetime(..., tzinfo=timezone.utc)); a naive one is ambiguous")
         return at.timestamp()
     if delay is not None:
-        seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
-        if seconds < 0:
-            raise ValueError("delay must be >= 0 seconds")
-        return time.time() + seconds
+        now = time.time()
+        seconds = duration("delay", delay)
+        if now + seconds > MAX_DUE:
+            raise ValueError(f"delay= must be at most {MAX_DUE - now:.0f} seconds (due by "
+                             f"the end of the year 9999), not {delay!r}; for a point in "
+                             "time, use at=")
+        return now + seconds
     return None
+
+
+def _at_hint(at: Any) -> str:
+    """What to write instead of a value that is not a ``datetime``."""
+    import numbers
+
+    if isinstance(at, str):
+        return " (parse it: datetime.fromisoformat(text), with its timezone)"
+    if isinstance(at, date):
+        return " (a date has no time of day: datetime(y, m, d, tzinfo=timezone.utc))"
+    if isinstance(at, numbers.Real) and not isinstance(at, bool):
+        return (" (a Unix time is datetime.fromtimestamp(t, timezone.utc); for seconds "
+                "from now, use delay=)")
+    return ""
 
 
 def offload(fn: Callable[..., Any] | None = None, *, name: str | None = None,
             unique: bool | Callable[..., str | bytes] = False, timeout: float | None = None,
             fallback: str | None = None, priority: str = "normal",
-            registry: TaskRegistry | None = None, retries: int = 0, backoff: float = 1.0,
-            backoff_max: float = 300.0, jitter: bool = True,
+            registry: TaskRegistry | None = None, retries: int = 0,
+            backoff: float | timedelta | None = None,
+            backoff_max: float | timedelta | None = None, jitter: bool | None = None,
             every: float | timedelta | None = None, cron: str | None = None,
             tz: str | None = None, missed: str = "last") -> Any:
     """Decorator: ``@offload`` or ``@offload(name=..., unique=..., timeout=...,
     fallback=..., priority=..., retries=..., every=...)``; see the module docstring.
 
-    ``retries``: how often the job server runs a failed *background* job again (a direct
-    call reports the failure to its caller at once), waiting ``backoff`` seconds doubled
-    per retry, at most ``backoff_max``, a random part of it with ``jitter``; then the job
-    is a dead letter (``gearoffload dead``).
+    Every setting is checked here, when the decorator runs: ``TypeError`` for a wrong
+    type (``priority=1``, ``jitter="no"``, ``every="10"``), ``ValueError`` for a bad value
+    (``priority="urgent"``, ``backoff_max`` below ``backoff``). Durations (``timeout``,
+    ``backoff``, ``backoff_max``, ``every``) are seconds or a ``timedelta``.
 
-    ``every`` (a ``timedelta`` or seconds) or ``cron`` (with ``tz``, an IANA name; UTC
-    when not given; needs ``croniter``) makes a periodic task of a function that takes no
+    ``retries``: how often our job server runs a failed *background* job again (a direct
+    call reports the failure to its caller at once), waiting ``backoff`` seconds (default
+    1) doubled per retry, at most ``backoff_max`` (default 300), a random part of it with
+    ``jitter`` (default True); then the job is a dead letter (``gearoffload dead``).
+    ``backoff``, ``backoff_max`` and ``jitter`` need ``retries``. With ``retries=0``
+    (the default) a failing background job ends ``failed``. gearmand ignores the policy.
+
+    ``every`` (a ``timedelta`` or seconds, at least 1 second) or ``cron`` (five fields,
+    or an alias such as ``"@daily"``; with ``tz``, an IANA name; UTC when not given;
+    needs ``croniter``) makes a periodic task of a function that takes no
     arguments: schedulers (``gearoffload-worker --schedule``, ``python -m
     gearoffload.schedule``) run it once per slot across the fleet; ``missed`` (``"last"``,
     ``"all"`` or ``"none"``) says what runs of the slots missed during an outage

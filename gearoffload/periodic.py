@@ -22,11 +22,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from .checks import duration
 from .codec import stable_hash
 
-__all__ = ["MAX_CATCH_UP", "MAX_GRACE", "MISSED", "Schedule", "slot_key", "slot_unique"]
+__all__ = ["CRON_ALIASES", "MAX_CATCH_UP", "MAX_GRACE", "MIN_EVERY", "MISSED", "Schedule",
+           "check_cron", "slot_key", "slot_unique"]
 
 MISSED = ("last", "all", "none")
+#: The shortest ``every=``: a scheduler passes about once a second (its ``--tick``).
+MIN_EVERY = 1.0
+#: The ``cron=`` aliases accepted (croniter's, each five fields: ``@daily`` is
+#: ``0 0 * * *``). ``@reboot`` has no slots and is refused.
+CRON_ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight",
+                "@hourly")
 #: At most this many missed slots of one task are submitted at once (``missed="all"``).
 MAX_CATCH_UP = 100
 #: ``missed="none"`` still runs a slot this late at most (and half a period at most).
@@ -54,23 +62,24 @@ class Schedule:
     def __post_init__(self) -> None:
         if (self.every is None) == (self.cron is None):
             raise TypeError("a periodic task needs every= or cron=, not both")
+        if not isinstance(self.missed, str):
+            raise TypeError(f"missed= must be 'last', 'all' or 'none', not "
+                            f"{type(self.missed).__name__} {self.missed!r}")
         if self.missed not in MISSED:
             raise ValueError(f"missed= must be 'last', 'all' or 'none', not {self.missed!r}")
         if self.every is not None:
-            if not isinstance(self.every, (int, float)) or not self.every > 0 \
-                    or math.isinf(self.every):
-                raise ValueError(f"every= must be a positive duration, not {self.every!r}")
+            # seconds as a float: slots are then floats whatever was given (a timedelta)
+            object.__setattr__(self, "every", duration(
+                "every", self.every, minimum=MIN_EVERY,
+                unit=" (the schedulers pass about once a second)"))
             if self.tz is not None:
                 raise TypeError("tz= goes with cron=; every= slots are aligned on the Unix "
                                 "epoch (UTC)")
             return
-        try:
-            from croniter import croniter
-        except ImportError:
-            raise ImportError("cron= needs croniter: pip install 'gearoffload[schedule]'") \
-                from None
-        if not isinstance(self.cron, str) or not croniter.is_valid(self.cron):
-            raise ValueError(f"cron= is not a valid cron expression: {self.cron!r}")
+        check_cron(self.cron)
+        if self.tz is not None and not isinstance(self.tz, str):
+            raise TypeError(f"tz= must be an IANA timezone name (str), not "
+                            f"{type(self.tz).__name__} {self.tz!r}")
         self.zone  # noqa: B018 - a bad timezone name fails at decoration time
 
     @property
@@ -134,7 +143,7 @@ class Schedule:
             >>> Schedule(every=10).due(100.0, 135.0, 600)
             ([130.0], 0)
             >>> Schedule(every=10).due(100.0, 735.0, 600)
-            ([730.0], 13)
+            ([730.0], 3)
         """
         oldest = now - lookback
         start = oldest if last is None else max(last, oldest)
@@ -147,6 +156,44 @@ class Schedule:
         elif self.missed == "none":
             slots = [s for s in slots[-1:] if now - s <= self.grace(s)]
         return slots, dropped
+
+
+def check_cron(cron: Any) -> None:
+    """Refuse what ``cron=`` must not be: not a string, not five fields (a sixth field
+    is read by croniter as *seconds*, so a Quartz-style ``"0 0 3 * * *"`` would run every
+    second from 03:00:00 to 03:00:59), random (``R``) or hashed (``H``) fields (each
+    scheduler would draw its own slots), or what croniter does not parse. The aliases
+    of ``CRON_ALIASES`` stand for five fields.
+
+    Example::
+
+        >>> check_cron("0 3 * * *"); check_cron("@daily")
+        >>> check_cron("0 0 3 * * *")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: cron= takes five fields (...), not 6 in '0 0 3 * * *': seconds ...
+    """
+    if not isinstance(cron, str):
+        raise TypeError(f"cron= must be a cron expression (str), not {type(cron).__name__} "
+                        f"{cron!r}")
+    try:
+        from croniter import croniter
+    except ImportError:
+        raise ImportError("cron= needs croniter: pip install 'gearoffload[schedule]'") \
+            from None
+    fields = cron.split()
+    if cron.strip().startswith("@"):
+        if cron.strip().lower() not in CRON_ALIASES:
+            raise ValueError(f"cron= alias {cron!r} is not one of {', '.join(CRON_ALIASES)}")
+    elif len(fields) != 5:
+        raise ValueError(f"cron= takes five fields (minute hour day-of-month month "
+                         f"day-of-week), not {len(fields)} in {cron!r}: seconds (Quartz "
+                         f"style) and years are not supported")
+    elif any(field[:1].lower() in ("r", "h") for field in fields):
+        raise ValueError(f"cron= {cron!r}: random (R) and hashed (H) fields are not "
+                         "supported: every scheduler must compute the same slots")
+    if not croniter.is_valid(cron):
+        raise ValueError(f"cron= is not a valid cron expression: {cron!r}")
 
 
 def slot_unique(name: str, slot: float) -> str:

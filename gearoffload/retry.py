@@ -23,7 +23,9 @@ Example::
 """
 from __future__ import annotations
 
+import numbers
 import random
+from datetime import timedelta
 from typing import NamedTuple
 
 #: What a job with a retry policy starts with.
@@ -102,21 +104,48 @@ class RetryPolicy(NamedTuple):
         return data
 
 
-def retry_policy(retries: int = 0, backoff: float = 1.0, backoff_max: float = 300.0,
-                 jitter: bool = True) -> RetryPolicy | None:
+def retry_policy(retries: int = 0, backoff: float | timedelta | None = None,
+                 backoff_max: float | timedelta | None = None,
+                 jitter: bool | None = None) -> RetryPolicy | None:
     """The checked policy a decorator declares; ``None`` for ``retries=0`` (no retries,
-    and no line in front of the job). ``ValueError`` names a bad setting at import time,
-    not when the first job fails.
+    and no line in front of the job). A setting left at ``None`` takes its default
+    (``backoff=1``, ``backoff_max=300``, ``jitter=True``). Refused when the decorator
+    runs, not when the first job fails: a wrong type (``TypeError``: ``retries="3"``,
+    ``jitter="no"``), a value out of range, ``backoff_max`` below ``backoff``, or
+    ``backoff``/``backoff_max``/``jitter`` without ``retries`` (they would do nothing).
 
     >>> retry_policy(0) is None
     True
+    >>> retry_policy(3, backoff=2)
+    RetryPolicy(retries=3, backoff=2.0, backoff_max=300.0, jitter=True)
     >>> retry_policy(-1)
     Traceback (most recent call last):
     ...
-    ValueError: retries must be an int between 0 and 1000, not -1
+    ValueError: retries= must be between 0 and 1000, not -1
     """
-    policy = RetryPolicy(retries, backoff, backoff_max, jitter).check()
-    return policy if retries else None
+    from .checks import duration, flag
+
+    if isinstance(retries, bool) or not isinstance(retries, numbers.Integral):
+        raise TypeError(f"retries= must be an int, not {type(retries).__name__} {retries!r}")
+    if not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(f"retries= must be between 0 and {MAX_RETRIES}, not {retries!r}")
+    given = [name for name, value in (("backoff", backoff), ("backoff_max", backoff_max),
+                                      ("jitter", jitter)) if value is not None]
+    defaults = RetryPolicy()
+    low = duration("backoff", defaults.backoff if backoff is None else backoff,
+                   maximum=MAX_BACKOFF)
+    high = duration("backoff_max", defaults.backoff_max if backoff_max is None
+                    else backoff_max, maximum=MAX_BACKOFF)
+    jitter = flag("jitter", defaults.jitter if jitter is None else jitter)
+    if given and not retries:
+        raise ValueError(f"{'= and '.join(given)}= apply to retries: give retries=N (N >= 1) "
+                         "too, or leave them out")
+    if high < low:
+        raise ValueError(f"backoff_max= ({high:g} s) is below backoff= ({low:g} s): it is "
+                         "the longest wait between two attempts")
+    if not retries:
+        return None
+    return RetryPolicy(int(retries), low, high, jitter).check()
 
 
 def _num(value: float) -> bytes:

@@ -428,3 +428,23 @@ def test_a_server_that_never_accepts_the_job_is_503_or_local_fallback(dropping_s
     assert response.status_code == 503 and response.headers["Retry-After"] == "5"
     app = make_app(dropping_server, GEAROFFLOAD_FALLBACK="local")
     assert app.test_client().get("/text").text == "hello from here"
+
+
+@pytest.mark.parametrize(("options", "error", "text"), [
+    ({"priority": "urgent"}, ValueError, "priority= must be 'normal', 'high' or 'low'"),
+    ({"background": "yes"}, TypeError, "background= must be True or False"),
+    ({"public": 1}, TypeError, "public= must be True or False"),
+    ({"vary": "Accept-Language"}, TypeError, r"vary= takes a list of names, not the string"),
+    ({"carry_g": "tenant"}, TypeError, r"write \['tenant'\]"),
+    ({"ignore_query": [1]}, TypeError, "ignore_query= takes names"),
+    ({"unique": 3}, TypeError, "unique= must be True, False, a key"),
+    ({"timeout": "10"}, TypeError, "timeout= must be a number of seconds"),
+    ({"background": True, "retries": 2, "jitter": "off"}, TypeError, "jitter="),
+    ({"background": True, "backoff": 5}, ValueError, "backoff= apply to retries"),
+])
+def test_view_settings_are_checked_when_the_decorator_runs(options, error, text):
+    ext = GearOffload()
+    with pytest.raises(error, match=text):
+        ext.offload(lambda: "x", **options)
+    with pytest.raises(error, match=text):  # the module-level decorator: the same checks
+        offload(lambda: "x", **options)

@@ -11,6 +11,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import date, datetime, timedelta, timezone
 
 import gevent
 import gevent.subprocess
@@ -274,3 +275,82 @@ def test_a_worker_without_a_key_refuses_to_start(tmp_path, monkeypatch):
                           "--servers", "127.0.0.1:1", "--processes", "1"], env=env,
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "GEAROFFLOAD_SECRET_KEY" in run.stderr, run.stderr
+
+
+# -- settings checked when the decorator runs; delay= and at= when a job is submitted ------
+
+def declare(fn=lambda: None, **options):
+    return gearoffload.offload(registry=TaskRegistry(), **options)(fn)
+
+
+@pytest.mark.parametrize(("options", "error", "text"), [
+    ({"priority": "urgent"}, ValueError, "priority= must be 'normal', 'high' or 'low', "
+                                         "not 'urgent'"),
+    ({"priority": 1}, TypeError, "priority= must be .* not int 1"),
+    ({"jitter": "no", "retries": 2}, TypeError, "jitter= must be True or False, not str"),
+    ({"backoff": 5}, ValueError, "backoff= apply to retries"),
+    ({"retries": 3, "backoff": 60, "backoff_max": 10}, ValueError, "below backoff="),
+    ({"timeout": "30"}, TypeError, "timeout= must be a number of seconds or a timedelta"),
+    ({"timeout": 0}, ValueError, "timeout= must be positive"),
+    ({"timeout": float("inf")}, ValueError, "timeout= must be a finite"),
+    ({"fallback": "maybe"}, ValueError, "fallback= must be 'raise' or 'local'"),
+    ({"unique": "key"}, TypeError, "unique= must be True, False or a callable"),
+    ({"name": 42}, TypeError, "name= must be a non-empty str"),
+    ({"every": "10"}, TypeError, "every= must be a number of seconds or a timedelta, not "
+                                 "str '10'"),
+])
+def test_offload_settings_are_checked_when_the_decorator_runs(options, error, text):
+    with pytest.raises(error, match=text):
+        declare(**options)
+
+
+def test_durations_are_seconds_or_timedeltas_everywhere():
+    task = declare(timeout=timedelta(seconds=90), retries=2, backoff=timedelta(seconds=5))
+    assert task.timeout == 90.0 and task.retry.backoff == 5.0
+    assert declare(every=timedelta(minutes=1)).schedule.every == 60.0
+
+
+@pytest.mark.parametrize(("when", "error", "text"), [
+    ({"delay": "5"}, TypeError, "delay= must be a number of seconds or a timedelta, not "
+                                "str '5'"),
+    ({"delay": "abc"}, TypeError, "delay= must be a number of seconds"),
+    ({"delay": True}, TypeError, "delay= must be a number of seconds .* not bool True"),
+    ({"delay": float("nan")}, ValueError, "delay= must be a finite number of seconds"),
+    ({"delay": float("inf")}, ValueError, "delay= must be a finite number of seconds"),
+    ({"delay": -1}, ValueError, "delay= must be 0 or more"),
+    ({"delay": 1e12}, ValueError, "delay= must be at most .* year 9999.* use at="),
+    ({"at": "2030-01-01T00:00:00Z"}, TypeError, r"at= must be an aware datetime, not str "
+                                                r".*datetime.fromisoformat"),
+    ({"at": time.time() + 3}, TypeError, r"not float .*fromtimestamp\(t, timezone.utc\); "
+                                         r"for seconds from now, use delay="),
+    ({"at": date(2030, 1, 1)}, TypeError, "a date has no time of day"),
+    ({"at": datetime(2030, 1, 1)}, ValueError, "naive one is ambiguous"),
+    ({"delay": 1, "at": datetime.now().astimezone()}, TypeError,
+     "not both"),
+])
+def test_bad_delay_or_at_is_refused_naming_the_argument(when, error, text):
+    # No server is configured: the arguments are refused before anything is sent.
+    gearoffload.configure(servers="127.0.0.1:1", connect_timeout=0.2)
+    with pytest.raises(error, match=text):
+        add.background(1, 2, **when)
+
+
+def test_a_delayed_job_of_a_high_priority_function_is_refused_clearly():
+    urgent = declare(priority="high", name="urgent.task")
+    with pytest.raises(ValueError, match="priority='high': a delayed job .* normal priority"):
+        urgent.background(delay=5)
+
+
+def test_delay_and_at_forms_reach_the_server(our_server):
+    """The accepted forms: seconds (int, float), a timedelta, an aware datetime; the job
+    server holds each as a scheduled job (admin ``status`` counts it)."""
+    from gearoffload.admin import AdminClient
+
+    gearoffload.configure(servers=our_server.address)
+    tomorrow = datetime.now(timezone.utc) + timedelta(days=1)
+    for when in ({"delay": 3600}, {"delay": 0.5}, {"delay": timedelta(hours=2)},
+                 {"at": tomorrow}, {"at": tomorrow.astimezone()}):
+        assert add.background(1, 2, **when).id.startswith("bg-")
+    with AdminClient(our_server.address) as admin:
+        counts = {s.name: s.total for s in admin.status()}
+    assert counts[add.name] == 5

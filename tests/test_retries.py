@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from conftest import ServerProcess, poll_until, tasks_on_a_pool
 from gearoffload import offloading
 from gearoffload.admin import AdminClient, AdminError
 from gearoffload.core import Seal, describe_job
+from gearoffload.registry import TaskRegistry
 from gearoffload.retry import RetryPolicy, retry_policy
 
 SECRET = "retry-test-key"
@@ -191,17 +193,39 @@ def test_a_malformed_policy_is_ignored(header):
     assert RetryPolicy.parse(header) is None
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"retries": -1}, "retries must be an int between 0 and 1000"),
-    ({"retries": 1.5}, "retries must be an int"),
-    ({"retries": 2, "backoff": -1}, "backoff must be between 0 and 86400"),
-    ({"retries": 2, "backoff_max": "60"}, "backoff_max must be between"),
+@pytest.mark.parametrize("settings, error, message", [
+    ({"retries": -1}, ValueError, "retries= must be between 0 and 1000"),
+    ({"retries": 1.5}, TypeError, "retries= must be an int"),
+    ({"retries": "3"}, TypeError, "retries= must be an int, not str '3'"),
+    ({"retries": 2, "backoff": -1}, ValueError, "backoff= must be 0 or more"),
+    ({"retries": 2, "backoff": float("nan")}, ValueError, "backoff= must be a finite"),
+    ({"retries": 2, "backoff": 1e9}, ValueError, "backoff= must be at most 86400"),
+    ({"retries": 2, "backoff_max": "60"}, TypeError, "backoff_max= must be a number of "
+                                                     "seconds or a timedelta, not str"),
+    ({"retries": 2, "jitter": "no"}, TypeError, "jitter= must be True or False"),
+    ({"retries": 2, "backoff": 60, "backoff_max": 10}, ValueError,
+     r"backoff_max= \(10 s\) is below backoff= \(60 s\)"),
+    ({"backoff": 5}, ValueError, "backoff= apply to retries: give retries=N"),
+    ({"retries": 0, "jitter": False}, ValueError, "jitter= apply to retries"),
 ])
-def test_bad_retry_settings_are_refused_when_declared(settings, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_retry_settings_are_refused_when_declared(settings, error, message):
+    from gearoffload.flask import GearOffload
+
+    with pytest.raises(error, match=message):
         retry_policy(**settings)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         offloading.offload(lambda: None, name="bad.retries", **settings)
+    with pytest.raises(error, match=message):  # a background view: the same rules
+        GearOffload().offload(lambda: None, background=True, **settings)
+
+
+def test_retry_settings_take_timedeltas_and_defaults():
+    assert retry_policy(2, backoff=timedelta(seconds=30), backoff_max=timedelta(hours=1)) \
+        == RetryPolicy(2, 30.0, 3600.0, True)
+    assert retry_policy(2) == RetryPolicy(2, 1.0, 300.0, True)
+    assert offloading.offload(lambda: None, name="ok.retries", registry=TaskRegistry(),
+                              retries=3, jitter=False).retry == RetryPolicy(3, 1.0, 300.0,
+                                                                             False)
 
 
 def test_retries_on_a_foreground_view_are_refused():

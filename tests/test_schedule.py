@@ -96,9 +96,26 @@ def declare(fn=lambda: None, **options):
 
 
 @pytest.mark.parametrize(("options", "error", "text"), [
-    ({"every": timedelta(0)}, ValueError, "positive"),
-    ({"every": -5}, ValueError, "positive"),
-    ({"every": "5m"}, TypeError, "timedelta or a number"),
+    ({"every": timedelta(0)}, ValueError, "at least 1 second"),
+    ({"every": -5}, ValueError, "at least 1 second"),
+    ({"every": 0.001}, ValueError, r"every= must be at least 1 second \(the schedulers "
+                                   r"pass about once a second\), not 0.001"),
+    ({"every": timedelta(milliseconds=500)}, ValueError, "at least 1 second"),
+    ({"every": float("nan")}, ValueError, "finite"),
+    ({"every": "5m"}, TypeError, "a number of seconds or a timedelta"),
+    ({"every": "10"}, TypeError, "a number of seconds or a timedelta, not str '10'"),
+    ({"every": True}, TypeError, "not bool True"),
+    ({"cron": "0 0 * * * *"}, ValueError, r"five fields .* not 6 .* seconds \(Quartz "
+                                          r"style\) and years are not supported"),
+    ({"cron": "0 0 3 * * *"}, ValueError, "five fields"),
+    ({"cron": "0 0 3 * * * 2030"}, ValueError, "not 7"),
+    ({"cron": "0 3 * *"}, ValueError, "not 4"),
+    ({"cron": "R * * * *"}, ValueError, r"random \(R\) and hashed \(H\)"),
+    ({"cron": "H 3 * * *"}, ValueError, "random"),
+    ({"cron": "@reboot"}, ValueError, "alias '@reboot' is not one of"),
+    ({"cron": 5}, TypeError, "cron= must be a cron expression"),
+    ({"cron": "* * * * *", "tz": 1}, TypeError, "tz= must be an IANA timezone name"),
+    ({"every": 60, "missed": None}, TypeError, "missed= must be"),
     ({"every": 60, "cron": "* * * * *"}, TypeError, "not both"),
     ({"every": 60, "missed": "first"}, ValueError, "'last', 'all' or 'none'"),
     ({"every": 60, "tz": "Europe/Paris"}, TypeError, "tz= goes with cron="),
@@ -112,6 +129,17 @@ def test_bad_periodic_declarations_are_refused(options, error, text):
         pytest.importorskip("croniter")
     with pytest.raises(error, match=text):
         declare(**options)
+
+
+def test_five_fields_aliases_and_one_second_are_accepted():
+    pytest.importorskip("croniter")
+    for cron in ("0 3 * * *", " */5  * * * mon-fri ", "0 0 L * *", "@daily", "@Hourly"):
+        assert declare(cron=cron).schedule.cron == cron
+    day = 86400.0
+    # @daily is 0 0 * * *: one slot a day, at midnight in the timezone
+    assert Schedule(cron="@daily", tz="UTC").slots(0, 3 * day) == [day, 2 * day, 3 * day]
+    assert declare(every=1).schedule.every == 1.0
+    assert Schedule(every=timedelta(seconds=1.5)).slots(0, 3) == [1.5, 3.0]
 
 
 def test_periodic_task_takes_no_arguments():
@@ -363,7 +391,7 @@ def test_worker_pool_with_schedule_runs_the_periodic_tasks(fleet, tmp_path):
     (tmp_path / "every_second.py").write_text(
         "import os\nfrom gearoffload import offload\n"
         "from gearoffload.offloading import current_job\n\n"
-        "@offload(every=0.5, missed='none')\ndef beat():\n"
+        "@offload(every=1, missed='none')\ndef beat():\n"
         "    with open(os.environ['PERIODIC_LOG'], 'a') as f:\n"
         "        f.write(current_job().unique + '\\n')\n")
     env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
