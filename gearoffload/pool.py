@@ -90,11 +90,18 @@ def parse_args(argv: list[str] | None = None) -> PoolConfig:
         parser.add_argument(f"--tls-{name}", default=os.environ.get(env), metavar="PEM",
                             help=f"connect with TLS: {what} (default: ${env})")
     args = parser.parse_args(argv)
+    servers = args.servers or os.environ.get("GEAROFFLOAD_SERVERS") or "127.0.0.1:4730"
+    if not args.servers:
+        # The environment's servers are checked as the offload settings are (one line,
+        # exit 2): not on the command line, so no usage text.
+        refusal = _bad_servers(servers, "GEAROFFLOAD_SERVERS")
+        if refusal:
+            sys.stderr.write(f"gearoffload-worker: {refusal}\n")
+            raise SystemExit(2)
     try:
         return PoolConfig(
             target=args.target,
-            servers=tuple(s.strip() for s in (args.servers or os.environ.get(
-                "GEAROFFLOAD_SERVERS", "127.0.0.1:4730")).split(",") if s.strip()),
+            servers=tuple(s.strip() for s in servers.split(",") if s.strip()),
             servers_given=bool(args.servers),
             processes=args.processes, concurrency=args.concurrency,
             drain_timeout=args.drain_timeout, client_id=args.client_id,
@@ -107,11 +114,26 @@ def parse_args(argv: list[str] | None = None) -> PoolConfig:
         raise  # unreachable: parser.error exits
 
 
+def _bad_servers(servers: str, source: str) -> str | None:
+    """Why ``servers`` (a ``host:port,...`` list from ``source``) cannot be used."""
+    from .connection import parse_address
+
+    for server in (s.strip() for s in servers.split(",")):
+        if not server:
+            continue
+        try:
+            parse_address(server)
+        except ValueError as exc:
+            return f"{source}: {exc}; expected host:port[,host:port...]"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``gearoffload-worker``."""
     from gevent import monkey
 
     monkey.patch_all()  # entry point: patch first, so task code's blocking I/O cooperates
+    from .core import offloader_in_use
 
     config = parse_args(argv)
     handler = logging.StreamHandler()
@@ -124,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ImportError, AttributeError, TypeError, ValueError) as exc:
         sys.stderr.write(f"gearoffload-worker: cannot load tasks from {config.target}: "
                          f"{exc}\n")
+        return 2
+    try:
+        # The offload settings (GEAROFFLOAD_* or the Flask app's) are read here, once:
+        # a bad one is one line and exit 2, not a traceback in every worker process.
+        offloader_in_use()
+    except ValueError as exc:
+        sys.stderr.write(f"gearoffload-worker: {exc}\n")
         return 2
     if not config.servers_given:
         config = _app_servers(config)

@@ -249,12 +249,16 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    from .offloading import get_offloader
+
     tasks: dict[str, OffloadedFunction] = {}
     try:
         for target in args.targets:
             for task in periodic_tasks(load_registry(target)):
                 tasks[task.name] = task
-        scheduler = Scheduler(tasks.values(), clock=clock, tick=args.tick)
+        # The settings (GEAROFFLOAD_* or a Flask app's) are read now: a bad one is one
+        # line and exit 2 here, not a traceback at every pass.
+        scheduler = Scheduler(tasks.values(), get_offloader(), clock=clock, tick=args.tick)
     except (ImportError, AttributeError, TypeError, ValueError) as exc:
         sys.stderr.write(f"gearoffload.schedule: {exc}\n")
         return 2

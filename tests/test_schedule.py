@@ -408,6 +408,31 @@ def test_worker_pool_with_schedule_runs_the_periodic_tasks(fleet, tmp_path):
     assert out.returncode == 2
 
 
+@pytest.mark.parametrize(("env", "text"), [
+    ({"GEAROFFLOAD_RESULT_TTL": "abc"}, "GEAROFFLOAD_RESULT_TTL must be a number, not 'abc'"),
+    ({"GEAROFFLOAD_SERVERS": "nonsense:port"},
+     "GEAROFFLOAD_SERVERS: bad port in server address 'nonsense:port'"),
+    ({"GEAROFFLOAD_FALLBACK": "maybe"}, "GEAROFFLOAD_FALLBACK must be 'raise'"),
+])
+@pytest.mark.parametrize("command", [
+    [sys.executable, "-m", "gearoffload.schedule", "periodic_tasks"],
+    [str(BIN / "gearoffload-worker"), "periodic_tasks", "--schedule", "--processes", "1"],
+], ids=["schedule", "worker"])
+def test_commands_refuse_bad_settings_at_start_in_one_line(command, env, text):
+    """A bad GEAROFFLOAD_* variable: one line and exit 2 at start, as a bad option, not a
+    scheduler logging tracebacks at every pass nor a worker's raw traceback."""
+    import gevent.subprocess
+
+    out = gevent.subprocess.run(command, cwd=TESTS, capture_output=True, text=True,
+                                timeout=30, env={
+                                    **os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}",
+                                    "GEAROFFLOAD_SECRET_KEY": SECRET, **env})
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr
+    assert len(lines) == 1 and text in lines[0], out.stderr
+    assert lines[0].startswith(("gearoffload.schedule: ", "gearoffload-worker: "))
+
+
 # -- delayed jobs --------------------------------------------------------------------------
 
 @pytest.fixture
