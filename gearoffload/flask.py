@@ -587,6 +587,31 @@ class GearOffload:
                        hashlib.sha256)
         return mac.hexdigest()[:32]
 
+    def job_unique(self, job_id: str, app: Flask | None = None) -> str:
+        """The unique key, on the job server, of the background job ``job_id`` names (the
+        ``id`` of a 202 answer, the last part of its status URL): what an operator gives
+        the admin command ``find job`` (or ``AdminClient.find_job``) to read the job's
+        history. The id's signature is checked with the app's key (``app``: the current
+        app, else the first one ``init_app`` saw); ``JobNotFound`` for a forged or
+        garbage id. ``flask gearoffload job ID`` prints it too.
+
+        Example::
+
+            unique = ext.job_unique(job_id)              # 'bg-...'
+            with AdminClient("127.0.0.1:4730") as admin:
+                history = admin.find_job(unique)
+        """
+        from flask import has_app_context
+
+        if app is None:
+            if has_app_context():
+                app = current_app._get_current_object()
+            elif self._apps:
+                app = self._apps[0]
+            else:
+                raise RuntimeError("job_unique needs an app: call init_app first")
+        return app.extensions["gearoffload"].offloader.read_id(job_id).unique
+
     def _check_order(self, app: Flask, fn: Callable[..., Any] | None = None) -> None:
         """``@ext.offload`` above ``@app.route`` registers the plain view: refuse it."""
         registered = set(app.view_functions.values())
@@ -681,5 +706,22 @@ def _cli_group() -> Any:
                 "factory?): run gearoffload-worker module:app yourself")
         args = [sys.executable, "-m", "gearoffload.pool", f"{app.import_name}:{names[0]}"]
         os.execv(sys.executable, [*args, *pool_args])
+
+    @group.command("job")
+    @click.argument("job_id")
+    def job(job_id: str) -> None:
+        """Show what a background job id names: its function and its unique key on the
+        job server (give that to the admin command 'find job')."""
+        from datetime import datetime
+
+        try:
+            ref = _state().offloader.read_id(job_id)
+        except JobNotFound:
+            raise click.ClickException("unknown job id (forged, truncated, or signed with "
+                                       "another secret key)") from None
+        submitted = datetime.fromtimestamp(ref.created).astimezone()
+        click.echo(f"function   {ref.function}\nunique     {ref.unique}\n"
+                   f"submitted  {submitted.isoformat(timespec='seconds')}\n"
+                   f"owner      {ref.owner or '-'}")
 
     return group

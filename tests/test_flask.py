@@ -430,6 +430,34 @@ def test_a_server_that_never_accepts_the_job_is_503_or_local_fallback(dropping_s
     assert app.test_client().get("/text").text == "hello from here"
 
 
+def test_a_background_job_id_leads_to_the_servers_history(client):
+    """An operator with a job id (from a 202 answer or a status URL) gets its unique key
+    (``ext.job_unique``, or ``flask gearoffload job ID``) and finds the job in the job
+    server's history with ``find job``."""
+    from gearoffload.admin import AdminClient
+    from gearoffload.core import JobNotFound
+
+    app = client.application
+    ext = app.extensions["gearoffload"].ext
+    job_id = client.post("/job/1", json={"who": "ops"}).json["id"]
+    for _ in range(100):
+        if client.get(f"/_offload/jobs/{job_id}").json["state"] == "done":
+            break
+        gevent.sleep(0.05)
+    unique = ext.job_unique(job_id)  # outside a request: the app init_app saw
+    assert unique.startswith("bg-") and unique not in job_id
+    with AdminClient(app.config["GEAROFFLOAD_SERVERS"]) as admin:
+        history = admin.find_job(unique)
+    assert history and history[-1].unique == unique and history[-1].outcome == "done"
+    assert history[-1].function.endswith(".job")
+    shown = app.test_cli_runner().invoke(args=["gearoffload", "job", job_id])
+    assert shown.exit_code == 0 and f"unique     {unique}" in shown.output
+    refused = app.test_cli_runner().invoke(args=["gearoffload", "job", job_id[:-3] + "xyz"])
+    assert refused.exit_code == 1 and "unknown job id" in refused.output
+    with pytest.raises(JobNotFound):
+        ext.job_unique("not-an-id")
+
+
 @pytest.mark.parametrize(("options", "error", "text"), [
     ({"priority": "urgent"}, ValueError, "priority= must be 'normal', 'high' or 'low'"),
     ({"background": "yes"}, TypeError, "background= must be True or False"),
