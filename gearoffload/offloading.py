@@ -148,7 +148,9 @@ class OffloadedJob:
 
     @property
     def id(self) -> str:
-        """The job's unique key: what ``OffloadedFunction.job(id)`` takes back."""
+        """The job's unique key on the job server: what ``OffloadedFunction.job(id)``
+        takes back, and what the admin command ``find job`` (``AdminClient.find_job``)
+        looks up in the server's history."""
         return self.ref.unique
 
     def outcome(self) -> Outcome:
