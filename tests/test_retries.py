@@ -80,6 +80,26 @@ def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple]:
         yield server, retrytasks, runs, env
 
 
+def test_on_gearmand_the_policy_is_stripped_and_a_failed_job_is_dropped(tmp_path, monkeypatch):
+    """docs/offload.md: retries are our job server's. Through gearmand, a job declaring
+    ``retries=2`` reaches the worker (which strips the ``GOR1`` line before it opens the
+    seal, so it runs), fails once, and is dropped: no second run, nothing left queued."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    server = ServerProcess("gearmand").start()
+    with tasks_on_a_pool(tmp_path, monkeypatch, "retrytasks", textwrap.dedent(TASKS), server,
+                         SECRET, {"RETRY_TEST_DIR": str(runs)}) as (tasks, _):
+        tasks.doomed.background(7)
+        assert poll_until(lambda: len(starts(runs, "doomed")) == 1, 10), \
+            (tmp_path / "pool.log").read_text()
+        time.sleep(1.5)  # retries 0.1 s and 0.2 s later would have run by now
+        assert len(starts(runs, "doomed")) == 1
+        with AdminClient(server.address) as admin:
+            counts = {s.name: s.total for s in admin.status()}
+        assert counts.get("retrytasks.doomed", 0) == 0
+    assert "cannot charge order 7" in (tmp_path / "pool.log").read_text()
+
+
 def starts(runs: Path, name: str) -> list[int]:
     path = runs / name
     return [int(line.split()[1]) for line in path.read_text().splitlines()] \
