@@ -590,10 +590,10 @@ class GearOffload:
     def job_unique(self, job_id: str, app: Flask | None = None) -> str:
         """The unique key, on the job server, of the background job ``job_id`` names (the
         ``id`` of a 202 answer, the last part of its status URL): what an operator gives
-        the admin command ``find job`` (or ``AdminClient.find_job``) to read the job's
-        history. The id's signature is checked with the app's key (``app``: the current
-        app, else the first one ``init_app`` saw); ``JobNotFound`` for a forged or
-        garbage id. ``flask gearoffload job ID`` prints it too.
+        ``gearoffload find`` (the admin command ``find job``, ``AdminClient.find_job``)
+        to read the job's history. The id's signature is checked with the app's key
+        (``app``: the current app, else the first one ``init_app`` saw); ``JobNotFound``
+        for a forged or garbage id. ``flask gearoffload job ID`` prints it too.
 
         Example::
 
@@ -711,7 +711,7 @@ def _cli_group() -> Any:
     @click.argument("job_id")
     def job(job_id: str) -> None:
         """Show what a background job id names: its function and its unique key on the
-        job server (give that to the admin command 'find job')."""
+        job server (give that to 'gearoffload find')."""
         from datetime import datetime
 
         try:
