@@ -22,7 +22,7 @@ import pytest
 from test_http import HttpServer
 
 from conftest import ServerProcess, need_tool, poll_until, tasks_on_a_pool
-from gearoffload.admin import AdminClient
+from gearoffload.admin import AdminClient, HistoryDisabled
 from gearoffload.protocol import PacketType as T
 from gearoffload_server.config import ServerConfig, _network
 from gearoffload_server.http import ObservabilityApp
@@ -76,6 +76,34 @@ def test_admin_history_find_job_and_retries_over_a_real_server():
                 admin.find_job("two words")
         client.close()
         worker.close()
+    finally:
+        server.stop()
+
+
+def test_history_off_is_said_not_shown_as_an_empty_history():
+    """``--history-max 0``: ``show history`` and a ``find job`` that finds nothing answer
+    ERR HISTORY_DISABLED (not ``.``, which reads as "nothing ended"); ``find job`` still
+    tells where a live job is; AdminClient raises HistoryDisabled with a clear text."""
+    server = ServerProcess("gearoffload", ["--history-max", "0"]).start()
+    try:
+        with server.connect() as conn:
+            assert conn.admin("show history") == (
+                b"ERR HISTORY_DISABLED This+server+keeps+no+job+history+(--history-max+0)"
+                b"\r\n")
+            assert conn.admin("find job nothing").startswith(b"ERR HISTORY_DISABLED ")
+            conn.send(T.SUBMIT_JOB_BG, b"off.fn", b"live", b"x")
+            [handle] = conn.expect(T.JOB_CREATED)
+        with AdminClient(server.address) as admin:
+            with pytest.raises(HistoryDisabled, match="keeps no job history: it runs with "
+                               "--history-max 0"):
+                admin.history()
+            with pytest.raises(HistoryDisabled):
+                admin.history("off.fn")
+            with pytest.raises(HistoryDisabled):
+                admin.find_job("nothing")
+            [entry] = admin.find_job("live")
+            assert (entry.handle, entry.outcome) == (handle.decode(), "queued")
+            assert admin.status()  # the connection is still in step
     finally:
         server.stop()
 
