@@ -39,7 +39,7 @@ from gearoffload.protocol import REQ, RES, Packet, Router, encode
 from gearoffload.retry import MAGIC as RETRY_MAGIC
 from gearoffload.retry import RetryPolicy
 
-from .history import JobHistory, first_lines
+from .history import JobHistory, short_error
 from .settings import ServerConfig
 from .stats import BUCKETS as LATENCY_BUCKETS
 from .stats import DETAIL_CHARS, RECENT_FAILURES, DeadLetter, Failure, LatencyHistogram
@@ -1294,7 +1294,7 @@ class JobServerState:
         history.record(job.handle, job.function.name, job.unique,
                        "cancelled" if job.abandoned and outcome != "dead" else outcome,
                        job.submitted or job.since, self._now(),
-                       job.failures + job.retries + 1 - counted, first_lines(text))
+                       job.failures + job.retries + 1 - counted, short_error(text))
 
     def _keep(self, job: Job, state: bytes, data: bytes) -> None:
         """Keep the outcome of an ending background job for admin ``result`` (when
@@ -1316,7 +1316,7 @@ class JobServerState:
             func.failed += 1
             func.latency.observe(now - job.since)
         self.failures.append(Failure(now, job.function.name, job.handle, job.unique, what,
-                                     detail[:DETAIL_CHARS]))
+                                     short_error(detail)[:DETAIL_CHARS]))
 
     @staticmethod
     def _relay_to_clients(job: Job, data: bytes) -> None:
