@@ -10,6 +10,8 @@
     gearoffload dead                        # dead letters: jobs that used up their retries
     gearoffload dead show H:web1:9          # its arguments, attempts, error and traceback
     gearoffload dead retry H:web1:9         # run it again (or: dead delete H:web1:9)
+    gearoffload history [FUNCTION]          # how recent jobs ended, newest first
+    gearoffload find bg-3f2a...             # one job's attempts, by handle or unique key
     gearoffload --servers h1:4730,h2:4730 submit report - --background --wait < in.json
 
 ``--servers`` defaults to ``$GEAROFFLOAD_SERVERS`` or ``127.0.0.1:4730``. Exit codes:
@@ -169,11 +171,18 @@ def _print_rows(args: argparse.Namespace, results: list[tuple[str, Any]] | None,
         return
     if args.json:
         rows = [dict(asdict(row), server=server) for server, row in results]
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, default=_json_bytes))
         return
     several = len(_servers(args)) > 1
     table = [([server] if several else []) + cells(row) for server, row in results]
     print(format_table((["SERVER"] if several else []) + headers, table))
+
+
+def _json_bytes(value: Any) -> str:
+    """Bytes in --json output (a dead letter's payload): text, undecodable bytes escaped."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return repr(value)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -223,24 +232,18 @@ def cmd_dead(args: argparse.Namespace) -> int:
 
 
 def _on_dead_job(args: argparse.Namespace, handle: str) -> int:
-    """Act on the dead letter ``handle`` on whichever server holds it (handles are per
-    server: the others answer UNKNOWN_JOB)."""
+    """Act on the dead letter ``handle`` on the server that holds it. Handles are per
+    server: when several servers hold one, ``show`` prints each, and ``retry`` and
+    ``delete`` refuse to guess (name the server with ``--servers``)."""
     from .admin import AdminClient, AdminError
 
     timeout = args.timeout if args.timeout is not None else ADMIN_TIMEOUT
     unreachable = []
+    holders = []
     for server in _servers(args):
         try:
             with AdminClient(server, timeout=timeout, tls=args.tls) as admin:
-                if args.action == "show":
-                    _print_dead_job(args, server, admin.dead_job(handle))
-                elif args.action == "retry":
-                    admin.requeue_dead(handle)
-                    print(f"{handle}: queued again on {server}")
-                else:
-                    admin.delete_dead(handle)
-                    print(f"{handle}: deleted on {server}")
-                return 0
+                holders.append((server, admin.dead_job(handle)))
         except AdminError as exc:
             if exc.code != "UNKNOWN_JOB":
                 _error(f"{server}: {exc}")
@@ -249,24 +252,98 @@ def _on_dead_job(args: argparse.Namespace, handle: str) -> int:
             unreachable.append(str(exc))
     for text in unreachable:
         _error(text)
-    _error(f"no dead letter {handle!r} on {', '.join(_servers(args))}"
-           + (" (some servers did not answer)" if unreachable else ""))
-    return 2 if unreachable else 1
+    if not holders:
+        _error(f"no dead letter {handle!r} on {', '.join(_servers(args))}"
+               + (" (some servers did not answer)" if unreachable else ""))
+        return 2 if unreachable else 1
+    if args.action == "show":
+        if args.json:  # one object, or a list of them when several servers hold the handle
+            shown = [_dead_job_fields(server, dead) for server, dead in holders]
+            print(json.dumps(shown[0] if len(shown) == 1 else shown, indent=2,
+                             default=repr))
+            return 0
+        for server, dead in holders:
+            _print_dead_job(server, dead)
+        return 0
+    if len(holders) > 1:
+        _error(f"{handle} is a dead letter on {len(holders)} servers "
+               f"({', '.join(server for server, _ in holders)}): say which with "
+               f"--servers HOST:PORT (gearoffload dead show {handle} prints each)")
+        return 2
+    server = holders[0][0]
+    try:
+        with AdminClient(server, timeout=timeout, tls=args.tls) as admin:
+            if args.action == "retry":
+                admin.requeue_dead(handle)
+                print(f"{handle}: queued again on {server}")
+            else:
+                admin.delete_dead(handle)
+                print(f"{handle}: deleted on {server}")
+    except AdminError as exc:  # retried or deleted by someone else meanwhile
+        _error(f"{server}: {exc}")
+        return 1
+    except (NoServersAvailable, JobTimeout, ProtocolError) as exc:
+        _error(str(exc))
+        return 2
+    return 0
 
 
-def _print_dead_job(args: argparse.Namespace, server: str, dead: Any) -> None:
+def cmd_history(args: argparse.Namespace) -> int:
+    """``history [FUNCTION]``: how recent jobs ended, newest first."""
+    results, code = _admin_each(args, lambda admin: admin.history(args.function))
+    if results is not None:
+        results.sort(key=lambda row: row[1].ended, reverse=True)
+        results = results[:args.limit]
+    _print_history(args, results)
+    return code
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    """``find KEY``: a job's history and where it is now, by handle or unique key (an
+    ``@offload`` job's ``id`` is its unique key)."""
+    results, code = _admin_each(args, lambda admin: admin.find_job(args.key))
+    if results == [] and not code:
+        _error(f"no job {args.key!r} in the history or the queues of "
+               f"{', '.join(_servers(args))}")
+        return 1
+    _print_history(args, results)
+    return code
+
+
+def _print_history(args: argparse.Namespace, results: list[tuple[str, Any]] | None) -> None:
+    def clock(t: float) -> str:
+        return time.strftime("%H:%M:%S", time.localtime(t)) if t else "-"
+
+    def last_line(text: str) -> str:  # a traceback's last line names the exception
+        lines = [line for line in text.splitlines() if line.strip()]
+        return lines[-1][:80] if lines else "-"
+
+    _print_rows(args, results,
+                ["ENDED", "FUNCTION", "HANDLE", "UNIQUE", "OUTCOME", "SECONDS", "ATTEMPTS",
+                 "ERROR"],
+                lambda e: [clock(e.ended), e.function, e.handle, e.unique or "-", e.outcome,
+                           f"{e.duration:.3f}" if e.ended else "-", e.attempts,
+                           last_line(e.error)])
+
+
+def _dead_job_fields(server: str, dead: Any) -> dict[str, Any]:
+    from .core import describe_job
+
+    info = describe_job(dead.data)
+    payload = info.pop("payload")
+    fields = dict(asdict(dead), server=server, **info)
+    fields["data"] = None if info["arguments"] is not None else \
+        payload.decode("utf-8", "backslashreplace")
+    return fields
+
+
+def _print_dead_job(server: str, dead: Any) -> None:
     from .core import describe_job
 
     info = describe_job(dead.data)
     died = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(dead.died)) \
         if dead.died else "unknown (restored from the store)"
     payload = info.pop("payload")
-    if args.json:
-        fields = dict(asdict(dead), server=server, **info)
-        fields["data"] = None if info["arguments"] is not None else \
-            payload.decode("utf-8", "backslashreplace")
-        print(json.dumps(fields, indent=2, default=repr))
-        return
     arguments = info["arguments"]
     shown = json.dumps(arguments, default=repr)[:2000] if arguments is not None else \
         repr(payload[:200]) + (" ..." if len(payload) > 200 else "")
@@ -373,6 +450,16 @@ def _error(message: str, prefix: bool = True) -> None:
     sys.stderr.flush()
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _timeout(text: str) -> float:
     try:
         value = float(text)
@@ -449,6 +536,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("handle", nargs="?", metavar="HANDLE", help="the job handle (from the list)")
     p.add_argument("--json", action="store_true", help="JSON instead of text")
     p.set_defaults(func=cmd_dead)
+
+    p = sub.add_parser("history", parents=[common], help="how recent jobs ended",
+                       description="The job history of our job servers (gearoffload-server "
+                       "--history-max): recently ended jobs, newest first, with outcome "
+                       "(done, failed, dead, lost, timeout, cancelled; retrying or requeued "
+                       "for an attempt that runs again), duration, attempts and the error's "
+                       "last line (--json: all of it).")
+    p.add_argument("function", nargs="?", metavar="FUNCTION", help="only this function")
+    p.add_argument("--limit", type=_count, default=50, metavar="N",
+                   help="show the newest N (default 50)")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("find", parents=[common], help="a job's history, by handle or unique",
+                       description="Every attempt of the job whose handle or unique key is "
+                       "KEY (an @offload job's id is its unique key), oldest first, then "
+                       "where it is now if it is still queued, scheduled, running or a dead "
+                       "letter.")
+    p.add_argument("key", metavar="KEY", help="a job handle or unique key")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.set_defaults(func=cmd_find)
 
     from . import top
 

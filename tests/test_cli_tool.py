@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import ROOT, ServerProcess, free_port, missing, stop_process
+from conftest import ROOT, ServerProcess, free_port, missing, poll_until, stop_process
 from gearoffload.admin import AdminClient
 from gearoffload.cli import Progress, format_table
 
@@ -280,3 +280,84 @@ def test_format_table_aligns_numbers_right():
     assert format_table(["NAME", "N"], [["a", 1], ["bbb", 100]]).splitlines() == [
         "NAME    N", "a       1", "bbb   100"]
     assert format_table(["NAME", "N"], []) == "NAME  N"
+
+
+@pytest.fixture
+def two_servers_with_a_dead_letter() -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """Two of our servers (the same --job-handle-prefix, as two servers on one host have
+    by default), each with one dead letter: a cli_raise job retried once, then buried.
+    Both dead letters have the handle H:test:1."""
+    servers = [ServerProcess("gearoffload", ["--retry-failed", "1", "--retry-backoff", "0"])
+               .start() for _ in range(2)]
+    worker = subprocess.Popen([sys.executable, "-c", WORKER,
+                               ",".join(s.address for s in servers)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for server in servers:
+            result = run("submit", "cli_raise", f"order on {server.port}", "--background",
+                         servers=server.address)
+            assert result.returncode == 0, result.stderr_text
+            assert result.stdout_text.strip() == "H:test:1"
+        for server in servers:
+            with AdminClient(server.address, timeout=5) as admin:
+                assert poll_until(lambda: admin.dead_jobs(), 15), "no dead letter"
+        yield servers[0], servers[1]
+    finally:
+        stop_process(worker, timeout=5)
+        for server in servers:
+            server.stop()
+
+
+def test_dead_letters_on_two_servers_json_show_and_an_ambiguous_handle(
+        two_servers_with_a_dead_letter):
+    a, b = two_servers_with_a_dead_letter
+    both = f"{a.address},{b.address}"
+    listed = run("dead", "--json", servers=both)
+    assert listed.returncode == 0, listed.stderr_text
+    rows = json.loads(listed.stdout_text)
+    assert {(r["server"], r["handle"], r["function"]) for r in rows} == \
+        {(a.address, "H:test:1", "cli_raise"), (b.address, "H:test:1", "cli_raise")}
+
+    shown = json.loads(run("dead", "show", "H:test:1", "--json", servers=both).stdout_text)
+    assert sorted(d["server"] for d in shown) == sorted([a.address, b.address])
+    assert {d["data"] for d in shown} == {f"order on {a.port}", f"order on {b.port}"}
+    assert all("ValueError: kaput" in d["error"] for d in shown)
+
+    # retry and delete do not guess which server's H:test:1 is meant.
+    for action in ("delete", "retry"):
+        refused = run("dead", action, "H:test:1", servers=both)
+        assert refused.returncode == 2
+        assert "on 2 servers" in one_line(refused.stderr_text) and "--servers" in \
+            refused.stderr_text
+    with AdminClient(a.address) as admin:
+        assert [d.handle for d in admin.dead_jobs()] == ["H:test:1"]
+
+    deleted = run("dead", "delete", "H:test:1", servers=a.address)
+    assert deleted.returncode == 0 and f"deleted on {a.address}" in deleted.stdout_text
+    with AdminClient(a.address) as admin:
+        assert admin.dead_jobs() == []
+    # Now only b holds it: the two-server form finds it there.
+    shown = run("dead", "show", "H:test:1", servers=both)
+    assert shown.returncode == 0 and f"(on {b.address})" in shown.stdout_text
+
+
+def test_history_and_find_show_each_attempt(two_servers_with_a_dead_letter):
+    a, _ = two_servers_with_a_dead_letter
+    table = run("history", "cli_raise", servers=a.address)
+    assert table.returncode == 0, table.stderr_text
+    lines = table.stdout_text.splitlines()
+    assert lines[0].split() == ["ENDED", "FUNCTION", "HANDLE", "UNIQUE", "OUTCOME",
+                                "SECONDS", "ATTEMPTS", "ERROR"]
+    # newest first: buried on the second attempt, after a first that was retried
+    assert [line.split()[4] for line in lines[1:]] == ["dead", "retrying"]
+    assert all(line.rstrip().endswith("ValueError: kaput") for line in lines[1:])
+
+    found = json.loads(run("find", "H:test:1", "--json", servers=a.address).stdout_text)
+    assert [(e["outcome"], e["attempts"]) for e in found] == \
+        [("retrying", 1), ("dead", 2), ("dead", 2)]  # its history, then where it is now
+    assert found[-1]["ended"] == 0
+
+    nothing = run("find", "no-such-job", servers=a.address)
+    assert nothing.returncode == 1
+    assert "no job 'no-such-job'" in one_line(nothing.stderr_text)
+    assert run("history", "--limit", "0", servers=a.address).returncode == 2
