@@ -38,7 +38,7 @@ from gevent.lock import RLock
 
 from .connection import Address, format_address, parse_address
 from .errors import GearmanError, JobTimeout, NoServersAvailable, ProtocolError, ServerError
-from .protocol import Decoder
+from .protocol import MAX_LINE_SIZE, Decoder
 from .tls import TlsOption, client_context, tls_error_text, wrap_client
 
 __all__ = [
@@ -52,12 +52,16 @@ __all__ = [
     "HistoryEntry",
     "KeptResult",
     "ResultsUnsupported",
+    "HistoryDisabled",
 ]
 
 RECV_SIZE = 64 * 1024
 #: Admin replies are lines; a ``workers`` line of a worker with thousands of functions is
 #: long, so the client accepts much longer lines than a server does.
 MAX_REPLY_LINE = 16 * 1024 * 1024
+#: ``ERR`` codes after which the server closes the connection: the client drops it too,
+#: so that the next command reconnects instead of failing on the closed socket.
+_CLOSING_ERRORS = frozenset({"LINE_TOO_LONG"})
 _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"
 #: What ``result`` refuses to send (the server refuses it too): a unique in an admin line
@@ -116,6 +120,27 @@ class AdminError(ServerError):
         if code and code.replace("_", "").isalnum() and code.upper() == code:
             return cls(code, text.replace("+", " "), command)
         return cls("", rest.replace("+", " "), command)  # gearmand's code-less errors
+
+
+class HistoryDisabled(AdminError):
+    """The job server keeps no job history: it runs with ``--history-max 0`` (it answered
+    ``ERR HISTORY_DISABLED``). ``history()`` raises it, and ``find_job()`` when the job
+    is not queued, running, scheduled or dead either (else it returns that line alone).
+
+    Example::
+
+        try:
+            entries = admin.history()
+        except HistoryDisabled as exc:
+            print(exc)   # ... keeps no job history: it runs with --history-max 0 ...
+    """
+
+    def __init__(self, code: str, text: str, command: str = "", server: str = "") -> None:
+        super().__init__(code, text, command)
+        where = f"the job server at {server}" if server else "the job server"
+        self.args = (f"{where} keeps no job history: it runs with --history-max 0; start "
+                     f"it with --history-max N to keep the last N endings (admin command "
+                     f"{command!r})",)
 
 
 class ResultsUnsupported(AdminError):
@@ -269,7 +294,7 @@ class DeadJob:
     ``data`` is the job's payload as submitted (a gearoffload job: its retry line and
     seal, then the encoded arguments; ``gearoffload.core.describe_job`` reads it).
     ``error`` is the last exception text, the worker's traceback included; ``died`` the
-    Unix time it was buried, 0 when unknown (restored from the store).
+    Unix time it was buried, 0 when unknown (stored by an older server version).
     """
 
     handle: str
@@ -485,6 +510,7 @@ class AdminClient:
     def history(self, function: str | None = None) -> list[HistoryEntry]:
         """``show history [FUNCTION]`` (a gearoffload extension): recently ended jobs,
         newest first, of one function or all; failed attempts that run again too.
+        Raises ``HistoryDisabled`` when the server keeps no history (``--history-max 0``).
 
         >>> [(e.outcome, e.attempts) for e in admin.history("app.tasks.charge")]  # doctest: +SKIP
         [('done', 3), ('retrying', 2), ('retrying', 1)]
@@ -493,12 +519,14 @@ class AdminClient:
         if function is not None:
             command = self._line(command, function).decode(_ENCODING, _ERRORS).strip()
         return [self._history_entry(line, "show history")
-                for line in self._listing(command)]
+                for line in self._history_listing(command)]
 
     def find_job(self, key: str) -> list[HistoryEntry]:
         """``find job KEY``: the history of the job whose handle or unique key is
         ``key``, oldest first, then where it is now if it is still queued, running,
-        scheduled or a dead letter. Empty when the server knows nothing of it.
+        scheduled or a dead letter. Empty when the server knows nothing of it; with the
+        history off (``--history-max 0``) only where it is now, ``HistoryDisabled`` when
+        it is nowhere. ``ValueError`` for a key that is not one word.
 
         Example::
 
@@ -506,7 +534,16 @@ class AdminClient:
                 print(e.attempts, e.outcome, e.error)
         """
         command = self._line("find job", key).decode(_ENCODING, _ERRORS).strip()
-        return [self._history_entry(line, "find job") for line in self._listing(command)]
+        return [self._history_entry(line, "find job")
+                for line in self._history_listing(command)]
+
+    def _history_listing(self, command: str) -> list[str]:
+        try:
+            return self._listing(command)
+        except AdminError as exc:
+            if exc.code == "HISTORY_DISABLED":
+                raise HistoryDisabled(exc.code, exc.text, command, self.name) from None
+            raise
 
     @staticmethod
     def _history_entry(line: str, command: str) -> HistoryEntry:
@@ -604,7 +641,7 @@ class AdminClient:
         if line.startswith("OK "):
             return KeptResult.parse(line)
         if line.startswith("ERR "):
-            error = AdminError.from_line(line, command)
+            error = self._error(line, command)
             if error.code in ("UNKNOWN_COMMAND", "RESULTS_DISABLED"):
                 raise ResultsUnsupported(error.code, error.text, command, self.name)
             raise error
@@ -622,10 +659,25 @@ class AdminClient:
 
     @staticmethod
     def _line(command: str, *args: str) -> bytes:
+        """The line to send; ``ValueError`` for an argument that is not a word or a line
+        the server would refuse as too long (it would also close the connection)."""
         for arg in args:
             if not arg or any(c in arg for c in " \t\r\n\0"):
                 raise ValueError(f"admin arguments must be non-empty words, not {arg!r}")
-        return " ".join((command, *args)).encode(_ENCODING, _ERRORS) + b"\r\n"
+        line = " ".join((command, *args)).encode(_ENCODING, _ERRORS)
+        if len(line) > MAX_LINE_SIZE:
+            raise ValueError(f"admin command {line[:40].decode(_ENCODING, _ERRORS)!r}... is "
+                             f"{len(line)} bytes long; a server takes lines of at most "
+                             f"{MAX_LINE_SIZE} bytes")
+        return line + b"\r\n"
+
+    def _error(self, line: str, command: str) -> AdminError:
+        """The ``AdminError`` of an ``ERR`` reply; drops the connection when the server
+        closes it after that error, so that the next command reconnects."""
+        error = AdminError.from_line(line, command)
+        if error.code in _CLOSING_ERRORS:
+            self.close()
+        return error
 
     def _listing(self, command: str, tabbed: bool = True) -> list[str]:
         """Send a listing command; return its lines (without the closing ``.``)."""
@@ -647,7 +699,7 @@ class AdminClient:
                 # function or handle starting with "ERR " still has tabs in its line.
                 if not lines and (line == "ERR" or line.startswith("ERR ")) and (
                         not tabbed or "\t" not in line):
-                    raise AdminError.from_line(line, command)
+                    raise self._error(line, command)
                 lines.append(line)
 
     def _value(self, command: str) -> str:
@@ -671,7 +723,7 @@ class AdminClient:
 
     def _unexpected(self, line: str, command: str) -> GearmanError:
         if line == "ERR" or line.startswith("ERR "):
-            return AdminError.from_line(line, command)
+            return self._error(line, command)
         self.close()  # we no longer know where the replies are
         return ProtocolError(f"unexpected reply to {command!r}: {line!r}")
 

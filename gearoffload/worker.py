@@ -665,8 +665,13 @@ class Worker:
                      extra=_job_fields(job, "task.failed"))
             job._send(T.WORK_FAIL)
         except Exception as exc:
-            log.warning("task %s raised on job %s", job.function, job.handle, exc_info=True,
-                        extra=_job_fields(job, "task.raised"))
+            # A TaskError carries the task's traceback as its message and its exception as
+            # its cause: logging it would print that traceback twice (chained, then in the
+            # message). Its cause alone is the task's traceback, once.
+            cause = exc.__cause__ if getattr(exc, "job_text", None) else None
+            log.warning("task %s raised on job %s", job.function, job.handle,
+                        exc_info=(type(cause), cause, cause.__traceback__) if cause is not None
+                        else True, extra=_job_fields(job, "task.raised"))
             # A task may carry its own text (the web layer sends its traceback).
             text = (getattr(exc, "job_text", None) or f"{type(exc).__name__}: {exc}").encode(
                 "utf-8", "replace")

@@ -94,6 +94,12 @@ def _incomplete(command: bytes) -> bytes:
             + command + b"\r\n")
 
 
+#: ``show history`` on a server with ``--history-max 0``: an answer, not an empty listing
+#: (which would read as "nothing ended yet").
+_HISTORY_OFF = (b"ERR HISTORY_DISABLED This+server+keeps+no+job+history+(--history-max+0)"
+                b"\r\n")
+
+
 def _atoi(text: bytes) -> int:
     match = re.match(rb"\s*([+-]?\d+)", text)
     return int(match.group(1)) if match else 0
@@ -234,8 +240,9 @@ class AdminProtocol:
         elif what[0] == b"history" and len(what) <= 2:
             # Extension: the job history, newest first (docs/protocol.md).
             history = self.state.history
-            entries = [] if history is None else history.recent(
-                words[2] if len(words) > 2 else None)
+            if history is None:
+                return _HISTORY_OFF
+            entries = history.recent(words[2] if len(words) > 2 else None)
             lines = [_history_line(e) for e in entries]
         else:
             return b"ERR UNKNOWN_SHOW_ARGUMENTS\r\n"
@@ -245,9 +252,14 @@ class AdminProtocol:
     def _find(self, peer: Peer, words: list[bytes]) -> bytes:
         """Extension: ``find job KEY``: the history entries of the job whose handle or
         unique is KEY, oldest first, then a line for where it is now (``queued``,
-        ``running``, ``scheduled``, ``dead``), if it is still there."""
-        if len(words) != 3 or words[1].lower() != b"job":
+        ``running``, ``scheduled``, ``dead``), if it is still there. With the history off
+        (``--history-max 0``) only that line, if any: ``ERR HISTORY_DISABLED`` when the
+        job is not there either (an empty answer would read as "no such job")."""
+        if len(words) > 1 and words[1].lower() != b"job":
             return _unknown(words[0])
+        if len(words) != 3:
+            return (b"ERR INVALID_ARGUMENTS Usage:+find+job+HANDLE_OR_UNIQUE+(one+key)"
+                    b"\r\n")
         key = words[2]
         state = self.state
         history = state.history
@@ -258,6 +270,8 @@ class AdminProtocol:
                 job.handle, escape(job.function.name), escape(job.unique), where,
                 job.submitted or job.since,
                 job.failures + job.retries + (job.state != DEAD)))  # a dead one ran them all
+        if history is None and not lines:
+            return _HISTORY_OFF
         lines.append(_END)
         return b"".join(lines)
 
@@ -270,8 +284,8 @@ class AdminProtocol:
     def _dead_job(self, handle: bytes) -> bytes:
         """Extension: ``show dead job HANDLE`` answers one line, ``OK`` and six
         tab-separated fields: FUNCTION UNIQUE ATTEMPTS DIED DATA ERROR (the last two in
-        base64, ``-`` when empty; DIED in Unix seconds, 0 when unknown: restored from the
-        store). docs/protocol.md, "Extension: dead letters"."""
+        base64, ``-`` when empty; DIED in Unix seconds, 0 when unknown: restored from a
+        store written by an older version). docs/protocol.md, "Extension: dead letters"."""
         state = self.state
         job = state.dead.get(handle)
         if job is None:
@@ -279,7 +293,7 @@ class AdminProtocol:
         info = state.dead_info.get(handle)
         if info is not None:
             attempts, died, error = info.attempts, info.died, info.error.encode()
-        else:  # restored from the store: its kept result may still say why
+        else:  # stored by an older version: its kept result may still say why
             attempts, died, error = job.failures + job.retries, 0.0, b""
             kept = state.results.get(job.unique) if state.results is not None and \
                 job.unique else None

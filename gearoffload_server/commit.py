@@ -59,23 +59,27 @@ class Batch:
     ``result_puts`` are kept results to insert (``ResultRow`` fields) and
     ``result_drops`` the ids of kept results to delete, after the inserts (a result may
     be kept and dropped within one batch). ``held`` is the store's map of peers to the
-    newest batch they wait for (shared by all its batches).
+    newest batch they wait for (shared by all its batches). ``last_handle``, set by the
+    committer as it takes the batch, is the highest handle number issued so far (0: not
+    known): the store keeps it so that handles are not reused after a restart.
     """
 
     __slots__ = ("seq", "saves", "deletes", "marks", "acks", "result_puts", "result_drops",
-                 "done", "error", "held")
+                 "done", "error", "held", "last_handle")
 
     def __init__(self, seq: int, held: dict | None = None) -> None:
         self.seq = seq
         self.saves: list[tuple] = []   # rows: StoredJob fields
         self.deletes: list[int] = []
-        self.marks: list[tuple[int, int]] = []  # (dead 0/1, id)
+        #: (dead 0/1, died, attempts, failures, error, id): a dead letter, or a requeue
+        self.marks: list[tuple] = []
         self.acks: list[tuple] = []
         self.result_puts: list[tuple] = []
         self.result_drops: list[int] = []
         self.done = False
         self.error: str | None = None
         self.held = {} if held is None else held
+        self.last_handle = 0
 
     @property
     def pending(self) -> bool:
@@ -135,6 +139,7 @@ class GroupCommit:
                     self._lingering.wait(DELETE_LINGER)
                     self._lingering = None
                 batch = store.take_batch()
+                batch.last_handle = self.state.last_handle()
                 cuts = {ack[0]: len(ack[0].out) for ack in batch.acks}
                 started = time.perf_counter()
                 try:
@@ -187,9 +192,12 @@ class GroupCommit:
         committer = self._committer
         if committer is not None:
             committer.join(10.0)
-        if store.batch.pending and self._committer is None:
+        if self._committer is None:
+            # Always once, even with no rows: the last handle issued must be on disk.
+            batch = store.take_batch()
+            batch.last_handle = self.state.last_handle()
             try:
-                store.write(store.take_batch())
+                store.write(batch)
             except Exception as exc:
                 log.error("queue store: final write failed: %s", exc,
                           extra={"event": "store.write_failed"})

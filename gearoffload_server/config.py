@@ -157,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mutual TLS: refuse connections without a client certificate "
                         "signed by --tls-ca")
     p.add_argument("--http-port", type=int, default=0, metavar="PORT",
-                   help="also serve read-only HTTP on this port: Prometheus /metrics, "
-                        "/healthz and a live status page at / (default 0: off)")
+                   help="also serve HTTP on this port: Prometheus /metrics, /healthz and "
+                        "a live status page at / whose dead-letter Retry/Delete buttons "
+                        "work for loopback and --admin-allow viewers (default 0: off)")
     p.add_argument("--http-host", default="", metavar="ADDRESS",
                    help="address of the HTTP endpoint (default: the same as --host); do "
                         "not expose it publicly: it shows function names, unique keys and "

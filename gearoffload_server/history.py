@@ -16,10 +16,11 @@ server, and of those at most ``per_function`` per function. Nothing is written t
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from typing import NamedTuple
 
-#: The error text kept per entry: its first lines, truncated.
+#: The error text kept per entry (``short_error``): at most this many lines and characters.
 ERROR_LINES = 5
 ERROR_CHARS = 1000
 
@@ -49,6 +50,72 @@ class Entry(NamedTuple):
                 "outcome": self.outcome, "submitted": self.submitted, "ended": self.ended,
                 "duration": round(self.duration, 6), "attempts": self.attempts,
                 "error": self.error}
+
+
+_FRAME = re.compile(r'^\s*File "([^"\n]*)", line \d+')
+#: Frames that are not the application's code: the worker framework (gearoffload's own
+#: package), the standard library, installed packages.
+_NOT_USER = re.compile(r"[/\\](?:gearoffload|site-packages|dist-packages|"
+                       r"lib[/\\]python[\d.]+)[/\\]")
+
+
+def short_error(text: str) -> str:
+    """The error text worth keeping per entry: for a Python traceback, the exception
+    line(s), then the innermost frame of the application's code (not gearoffload's, the
+    standard library's or an installed package's) and the innermost frame of all, where
+    it was raised, when that is another one; the first frames of a worker's traceback
+    are always the framework's. Other text: its first lines (``first_lines``). At most
+    ``ERROR_LINES`` lines and ``ERROR_CHARS`` characters.
+
+    >>> tb = ('RuntimeError: no stock\\n\\nTraceback (most recent call last):\\n'
+    ...       '  File "/venv/gearoffload/core.py", line 994, in run_task\\n'
+    ...       '    result = run_as_task(job, lambda: body(payload))\\n'
+    ...       '  File "/srv/app/tasks.py", line 12, in charge\\n'
+    ...       '    raise RuntimeError("no stock")\\n'
+    ...       'RuntimeError: no stock\\n')
+    >>> print(short_error(tb))
+    RuntimeError: no stock
+      File "/srv/app/tasks.py", line 12, in charge
+        raise RuntimeError("no stock")
+    """
+    if not text:
+        return ""
+    lines = text.rstrip("\n").split("\n")
+    frames: list[tuple[int, int]] = []  # (first line, end) of each frame, outermost first
+    i = 0
+    while i < len(lines):
+        match = _FRAME.match(lines[i])
+        if match is None:
+            i += 1
+            continue
+        indent = len(lines[i]) - len(lines[i].lstrip())
+        end = i + 1
+        # Its source line, and the ^^^ markers Python 3.11+ puts under it.
+        while end < len(lines) and lines[end].strip() and \
+                len(lines[end]) - len(lines[end].lstrip()) > indent:
+            end += 1
+        frames.append((i, end))
+        i = end
+    if not frames:
+        return first_lines(text)
+    last_end = frames[-1][1]
+    exception = [line for line in lines[last_end:] if line.strip()] or [lines[0]]
+    if len(exception) > 2:
+        exception = exception[:2] + ["…"]
+    shown = [frames[-1]]
+    for frame in reversed(frames):
+        if not _NOT_USER.search(_FRAME.match(lines[frame[0]])[1]):
+            if frame is not frames[-1]:
+                shown.insert(0, frame)
+            break
+    kept: list[str] = []
+    for first, end in reversed(shown):  # innermost first, after the exception
+        block = [line for line in lines[first:end] if line.strip().strip("^~")]
+        if len(exception) + len(kept) + len(block) > ERROR_LINES and kept:
+            break
+        kept = block + kept
+    short = "\n".join(exception + kept)
+    return short if len(short) <= ERROR_CHARS else short[:ERROR_CHARS] + "…"
 
 
 def first_lines(text: str) -> str:

@@ -1,4 +1,5 @@
-"""The read-only HTTP endpoint beside the Gearman port (``--http-port``).
+"""The HTTP endpoint beside the Gearman port (``--http-port``): read-only but for the
+status page's two dead-letter buttons.
 
 ``ObservabilityApp`` is a small WSGI app over the job state:
 
@@ -16,7 +17,8 @@ refused (403) unless the viewer's address is loopback or admitted by ``--admin-a
 comes from the page itself: its ``Origin`` (or, without one, its ``Referer``) is this
 endpoint's own, and it carries the ``X-Gearoffload-Action`` header, which a cross-site
 form cannot send and a cross-site script cannot send without a CORS preflight that is
-never granted. Otherwise nothing here changes the server. It reveals function names, handles,
+never granted. Other methods get 405 (with ``Allow``). Nothing else here changes the
+server. It reveals function names, handles,
 unique keys and exception texts, so keep it on loopback or a private network (the
 default address is ``--host``, itself 127.0.0.1 by default).
 
@@ -101,15 +103,20 @@ class ObservabilityApp:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO") or "/"
         route = self._routes.get(path)
-        if method == "POST" and path in self._actions:
-            status, ctype, body, extra = self._act(environ, self._actions[path])
-        elif path == "/history.json" and method in ("GET", "HEAD"):
-            status, ctype, body, extra = self._history(environ)
-        elif route is None:
+        if path in self._actions:
+            if method == "POST":
+                status, ctype, body, extra = self._act(environ, self._actions[path])
+            else:
+                status, ctype, body, extra = ("405 Method Not Allowed", "text/plain",
+                                              b"a status page button: POST only\n",
+                                              [("Allow", "POST")])
+        elif route is None and path != "/history.json":
             status, ctype, body, extra = "404 Not Found", "text/plain", b"not found\n", []
         elif method not in ("GET", "HEAD"):
             status, ctype, body, extra = ("405 Method Not Allowed", "text/plain",
                                           b"read-only: GET or HEAD\n", [("Allow", "GET, HEAD")])
+        elif route is None:
+            status, ctype, body, extra = self._history(environ)
         else:
             status, ctype, body, extra = route()
         headers = [("Content-Type", ctype), ("Content-Length", str(len(body))),
@@ -152,7 +159,7 @@ class ObservabilityApp:
             log.warning("status page %s from %s refused: %s", environ.get("PATH_INFO"),
                         environ.get("REMOTE_ADDR"), refused,
                         extra={"event": "http.refused", "peer": environ.get("REMOTE_ADDR")})
-            return "403 Forbidden", "text/plain", refused.encode() + b"\n", []
+            return "403 Forbidden", "text/plain", b"refused: " + refused.encode() + b"\n", []
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
@@ -173,22 +180,22 @@ class ObservabilityApp:
         return "200 OK", "application/json", b'{"ok":true}', []
 
     def _refusal(self, environ: dict) -> str:
-        """Why a button's POST is refused, or ``""``."""
+        """Why a button's POST is refused (the caller says "refused: "), or ``""``."""
         if not admitted(environ.get("REMOTE_ADDR", ""), self.state.config.admin_allow):
-            return ("refused: only loopback or --admin-allow addresses may retry or "
+            return ("only loopback or --admin-allow addresses may retry or "
                     "delete dead letters")
         host = environ.get("HTTP_HOST", "")
         origin = environ.get("HTTP_ORIGIN")
         if origin is None:
             referer = environ.get("HTTP_REFERER")
             if referer is None:
-                return "refused: no Origin or Referer (a request from the status page has one)"
+                return "no Origin or Referer (a request from the status page has one)"
             parts = urlsplit(referer)
             origin = f"{parts.scheme}://{parts.netloc}"
         if not host or origin not in (f"http://{host}", f"https://{host}"):
-            return f"refused: cross-origin request (Origin {origin[:100]!r}, Host {host[:100]!r})"
+            return f"cross-origin request (Origin {origin[:100]!r}, Host {host[:100]!r})"
         if environ.get("HTTP_X_GEAROFFLOAD_ACTION") != "1":
-            return "refused: the X-Gearoffload-Action header is missing"
+            return "the X-Gearoffload-Action header is missing"
         return ""
 
     def _healthz(self) -> tuple[str, str, bytes, list]:

@@ -39,6 +39,9 @@ __all__ = ["CONTENT_TYPE_LATEST", "StateCollector", "exposition", "metrics_regis
            "pick_functions", "render"]
 
 PRIORITIES = ("high", "normal", "low")
+#: A job is buried once its own retry policy, or the server's default, is used up.
+DEAD_LETTERS_HELP = ("Background jobs kept as dead letters: their retries "
+                     "(@offload(retries=...), else --retry-failed) used up.")
 
 
 def label(name: bytes) -> str:
@@ -106,8 +109,7 @@ class StateCollector(Collector):
             latency.add_metric([fname], func.latency.cumulative(), func.latency.sum)
         yield from (depth, scheduled, running, workers, latency)
 
-        dead = GaugeMetricFamily("gearoffload_dead_letters",
-                                 "Background jobs kept as dead letters (--retry-failed).",
+        dead = GaugeMetricFamily("gearoffload_dead_letters", DEAD_LETTERS_HELP,
                                  labels=["function"])
         per_function: dict[bytes, int] = {}
         for job in state.dead.values():
@@ -298,8 +300,7 @@ def render(state: JobServerState, limit: int = MAX_FUNCTIONS,
         "Seconds from submission (or, for epoch jobs and retries, from falling due) to "
         "WORK_COMPLETE or failure."))
     parts.extend(latency)
-    parts.append(_head("gearoffload_dead_letters", "gauge",
-                       "Background jobs kept as dead letters (--retry-failed)."))
+    parts.append(_head("gearoffload_dead_letters", "gauge", DEAD_LETTERS_HELP))
     parts.extend(f'gearoffload_dead_letters{{function="{_escape(label(name))}"}} {go(count)}\n'
                  for name, count in dead.items())
     for metric, doc, value in (

@@ -154,7 +154,7 @@ class GearmanServer(StreamServer):
         self.held = store.held
         self.commit = GroupCommit(store, self.state, self.connections,
                                   self.config.max_output_buffer)
-        self.restored = self.state.restore(store.load())
+        self.restored = self.state.restore(store.load(), store.last_handle)
         if self.state.results is not None:
             self.restored_results = self.state.restore_results(
                 store.load_results(time.time()))

@@ -101,7 +101,8 @@ class ServerConfig:
     tls_ca: str | None = None
     #: Refuse connections without a client certificate signed by ``tls_ca``.
     tls_require_client_cert: bool = False
-    #: Port of the read-only HTTP endpoint (/metrics, /healthz, status page); 0 = off.
+    #: Port of the HTTP endpoint (/metrics, /healthz, status page and its two dead-letter
+    #: buttons); 0 = off.
     http_port: int = 0
     #: Address of the HTTP endpoint; empty = the same as ``host``.
     http_host: str = ""

@@ -39,7 +39,7 @@ from gearoffload.protocol import REQ, RES, Packet, Router, encode
 from gearoffload.retry import MAGIC as RETRY_MAGIC
 from gearoffload.retry import RetryPolicy
 
-from .history import JobHistory, first_lines
+from .history import JobHistory, short_error
 from .settings import ServerConfig
 from .stats import BUCKETS as LATENCY_BUCKETS
 from .stats import DETAIL_CHARS, RECENT_FAILURES, DeadLetter, Failure, LatencyHistogram
@@ -1294,7 +1294,7 @@ class JobServerState:
         history.record(job.handle, job.function.name, job.unique,
                        "cancelled" if job.abandoned and outcome != "dead" else outcome,
                        job.submitted or job.since, self._now(),
-                       job.failures + job.retries + 1 - counted, first_lines(text))
+                       job.failures + job.retries + 1 - counted, short_error(text))
 
     def _keep(self, job: Job, state: bytes, data: bytes) -> None:
         """Keep the outcome of an ending background job for admin ``result`` (when
@@ -1316,7 +1316,7 @@ class JobServerState:
             func.failed += 1
             func.latency.observe(now - job.since)
         self.failures.append(Failure(now, job.function.name, job.handle, job.unique, what,
-                                     detail[:DETAIL_CHARS]))
+                                     short_error(detail)[:DETAIL_CHARS]))
 
     @staticmethod
     def _relay_to_clients(job: Job, data: bytes) -> None:
@@ -1386,24 +1386,43 @@ class JobServerState:
 
     # -- the queue store (docs/protocol.md §3.13) ------------------------------------------
 
-    def restore(self, rows: Iterable[StoredJob]) -> int:
-        """Replay stored background jobs at start-up, oldest first: fresh handles
-        (docs/protocol.md §3.13), the unique index (so coalescing works for them), counters
-        and queues as if just submitted; epoch jobs keep their due time; dead letters stay
-        dead letters. Returns
-        how many rows were restored."""
+    def restore(self, rows: Iterable[StoredJob], last_handle: int = 0) -> int:
+        """Replay stored background jobs at start-up, oldest first: each keeps the handle
+        it was given (a row saved before handles were stored gets a fresh one), so a
+        client that holds it across the restart still finds the job; the unique index
+        (so coalescing works for them), counters and queues as if just submitted; epoch
+        jobs keep their due time; dead letters stay dead letters, with their death time,
+        attempts and last error. New handles continue past ``last_handle`` (the highest
+        number issued before, ``QueueStore.last_handle``) and past every restored one:
+        a handle never names two jobs across restarts (docs/protocol.md §3.13).
+        Returns how many rows were restored."""
+        rows = list(rows)
+        prefix = self._prefix
+        highest = last_handle
+        for row in rows:
+            if row.handle.startswith(prefix) and row.handle[len(prefix):].isdigit():
+                highest = max(highest, int(row.handle[len(prefix):]))
+        if highest:
+            self._counter = itertools.count(max(highest + 1, self.last_handle() + 1))
         now = self.scheduler.now()
         count = 0
         for row in rows:
             func = self.function(row.function)
-            handle = b"%s%d" % (self._prefix, next(self._counter))
+            handle = row.handle
+            if not handle or handle in self.jobs or handle in self.dead:
+                handle = b"%s%d" % (self._prefix, next(self._counter))
             job = Job(handle, func, row.unique, row.data, row.priority, True, row.reducer,
                       row.when)
             job.stored = row.id
             job.since = now
             if row.dead:
                 job.state = DEAD
+                job.failures = row.failures
+                job.retries = max(row.attempts - row.failures, 0)
                 self.dead[handle] = job
+                if row.died:
+                    self.dead_info[handle] = DeadLetter(
+                        row.died, row.attempts, row.error.decode(errors="replace"))
                 count += 1
                 continue
             self.jobs[handle] = job
@@ -1416,6 +1435,13 @@ class JobServerState:
                 self._enqueue(job)
             count += 1
         return count
+
+    def last_handle(self) -> int:
+        """The highest handle number issued so far (0: none). Read by the committer once
+        per store batch, never per job."""
+        issued = next(self._counter)
+        self._counter = itertools.count(issued)
+        return issued - 1
 
     def store_failed(self, batch, text: bytes) -> int:
         """The store could not write ``batch``. Every JOB_CREATED that referred to one of
@@ -1525,13 +1551,14 @@ class JobServerState:
                 self.store.delete(job)
             return
         self.dead[job.handle] = job
-        self.dead_info[job.handle] = DeadLetter(self._now(), job.failures + job.retries,
+        died = self._now()
+        self.dead_info[job.handle] = DeadLetter(died, job.failures + job.retries,
                                                 text.decode(errors="replace"))
         job.numerator, job.denominator = numerator, denominator
         self._keep(job, KEPT_DEAD, text)
         job.numerator = job.denominator = 0
         if job.stored:
-            self.store.mark_dead(job, True)
+            self.store.mark_dead(job, True, died, text)
         self._failed(job, "dead letter", f"failed {job.failures} times",
                      count=False)  # counted as failed when its last attempt failed
         log.warning("job %s of %s failed %d times: moved to the dead letters",

@@ -123,9 +123,12 @@ const seconds = (t) => t < 10 ? t.toFixed(3) + " s" : t.toFixed(1) + " s";
 function errorCell(text, key) {
   if (!text) return cell("");
   const details = el("details");
-  const lines = text.split("\\n");
-  // A traceback's last line names the exception: the summary of a folded error.
-  details.appendChild(el("summary", lines.filter((l) => l.trim()).pop() || text));
+  const lines = text.split("\\n").filter((l) => l.trim());
+  // The summary of a folded error is its exception: the first line of a short error (the
+  // history's: exception, then frame) or of a gearoffload worker's traceback text, the
+  // last line of a bare traceback.
+  const bare = !lines.length || /^(\\s|Traceback\\b)/.test(lines[0]);
+  details.appendChild(el("summary", (bare ? lines[lines.length - 1] : lines[0]) || text));
   details.appendChild(el("pre", text, "trace"));
   if (key) {
     details.open = opened.has(key);

@@ -163,6 +163,36 @@ def test_bad_arguments_are_refused_before_sending(admin):
         admin.maxqueue("f", "1")  # type: ignore[arg-type]
 
 
+def test_an_over_long_line_is_refused_before_sending_and_the_next_call_works(our_server):
+    with AdminClient(our_server.address, timeout=5) as admin:
+        with pytest.raises(ValueError, match="8191 bytes"):
+            admin.find_job("x" * 9000)
+        assert admin.find_job("y") == []  # the same client, the same connection
+
+
+def test_after_line_too_long_from_the_server_the_next_call_reconnects(our_server,
+                                                                     monkeypatch):
+    """A server with a smaller line limit than the client's answers ERR LINE_TOO_LONG
+    and closes the connection (ours does, past 8191 bytes): the client drops it too."""
+    import gearoffload.admin
+
+    monkeypatch.setattr(gearoffload.admin, "MAX_LINE_SIZE", 1 << 20)
+    with AdminClient(our_server.address, timeout=5) as client:
+        with pytest.raises(AdminError) as caught:
+            client.find_job("x" * 9000)
+        assert caught.value.code == "LINE_TOO_LONG"
+        assert client.find_job("y") == []  # was: NoServersAvailable, connection reset
+        assert client.find_job("z") == []
+
+
+def test_find_job_without_a_key_is_a_usage_error(our_server):
+    with our_server.connect() as conn:
+        for line in ("find job", "find", "find job a b"):
+            reply = conn.admin(line)
+            assert reply.startswith(b"ERR INVALID_ARGUMENTS Usage:+find+job+"), (line, reply)
+        assert conn.admin("find jobs x").startswith(b"ERR UNKNOWN_COMMAND")
+
+
 def test_reconnects_after_the_server_restarts():
     first = ServerProcess("gearoffload").start()
     second = ServerProcess("gearoffload")

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from gearoffload_server.history import ERROR_CHARS, ERROR_LINES, JobHistory, first_lines
+import json
+
+from gearoffload.core import traceback_text
+from gearoffload_server.history import (
+    ERROR_CHARS,
+    ERROR_LINES,
+    JobHistory,
+    first_lines,
+    short_error,
+)
 
 
 def add(h: JobHistory, n: int, function: bytes = b"f", outcome: str = "done",
@@ -67,6 +76,64 @@ def test_error_text_keeps_its_first_lines_truncated():
     assert kept.startswith("line 0\nline 1")
     assert len(first_lines("x" * 100_000)) == ERROR_CHARS + 1
     assert first_lines("") == ""
+
+
+def _charge(order: int) -> None:
+    raise RuntimeError(f"no stock for order {order}")
+
+
+def _parse(text: str) -> object:
+    return json.loads(text)
+
+
+def _text_of(call) -> str:
+    """The text a gearoffload worker sends for an exception (core.traceback_text)."""
+    try:
+        call()
+    except Exception as exc:
+        return traceback_text(exc)
+    raise AssertionError("no exception")
+
+
+def test_short_error_is_the_exception_line_and_the_users_frame():
+    text = _text_of(lambda: _charge(7))
+    assert text.splitlines()[2] == "Traceback (most recent call last):"  # the framework's
+    short = short_error(text).splitlines()
+    assert short[0] == "RuntimeError: no stock for order 7"
+    assert short[1].endswith(", in _charge") and "test_history.py" in short[1]
+    assert short[2].strip() == 'raise RuntimeError(f"no stock for order {order}")'
+    assert len(short) == 3
+
+
+def test_short_error_of_a_library_exception_shows_the_users_frame_and_where_it_broke():
+    short = short_error(_text_of(lambda: _parse("{bad"))).splitlines()
+    assert short[0].startswith("json.decoder.JSONDecodeError: Expecting property name")
+    assert short[1].endswith(", in _parse") and short[2].strip() == "return json.loads(text)"
+    assert "json" in short[3] and len(short) <= ERROR_LINES
+
+
+def test_short_error_of_a_chained_exception_is_the_last_one_raised():
+    def chained():
+        try:
+            _charge(1)
+        except RuntimeError as exc:
+            raise KeyError("order 1") from exc
+
+    short = short_error(_text_of(chained)).splitlines()
+    assert short[0] == "KeyError: 'order 1'" and short[1].endswith(", in chained")
+
+
+def test_short_error_of_other_text_is_its_first_lines():
+    assert short_error("") == ""
+    assert short_error("ValueError: boom") == "ValueError: boom"
+    assert short_error("a\nb\nc\nd\ne\nf\ng") == first_lines("a\nb\nc\nd\ne\nf\ng")
+    huge = 'Traceback (most recent call last):\n  File "a.py", line 1, in f\n    x()\n' + \
+        "E: " + "x" * 5000
+    assert len(short_error(huge)) == ERROR_CHARS + 1
+    many = 'Traceback (most recent call last):\n  File "a.py", line 1, in f\n    x()\n' + \
+        "E: one\ntwo\nthree\nfour"
+    assert short_error(many).splitlines() == ["E: one", "two", "…", '  File "a.py", line 1, '
+                                              "in f", "    x()"]
 
 
 def test_doctests():

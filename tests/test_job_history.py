@@ -22,7 +22,7 @@ import pytest
 from test_http import HttpServer
 
 from conftest import ServerProcess, need_tool, poll_until, tasks_on_a_pool
-from gearoffload.admin import AdminClient
+from gearoffload.admin import AdminClient, HistoryDisabled
 from gearoffload.protocol import PacketType as T
 from gearoffload_server.config import ServerConfig, _network
 from gearoffload_server.http import ObservabilityApp
@@ -76,6 +76,34 @@ def test_admin_history_find_job_and_retries_over_a_real_server():
                 admin.find_job("two words")
         client.close()
         worker.close()
+    finally:
+        server.stop()
+
+
+def test_history_off_is_said_not_shown_as_an_empty_history():
+    """``--history-max 0``: ``show history`` and a ``find job`` that finds nothing answer
+    ERR HISTORY_DISABLED (not ``.``, which reads as "nothing ended"); ``find job`` still
+    tells where a live job is; AdminClient raises HistoryDisabled with a clear text."""
+    server = ServerProcess("gearoffload", ["--history-max", "0"]).start()
+    try:
+        with server.connect() as conn:
+            assert conn.admin("show history") == (
+                b"ERR HISTORY_DISABLED This+server+keeps+no+job+history+(--history-max+0)"
+                b"\r\n")
+            assert conn.admin("find job nothing").startswith(b"ERR HISTORY_DISABLED ")
+            conn.send(T.SUBMIT_JOB_BG, b"off.fn", b"live", b"x")
+            [handle] = conn.expect(T.JOB_CREATED)
+        with AdminClient(server.address) as admin:
+            with pytest.raises(HistoryDisabled, match="keeps no job history: it runs with "
+                               "--history-max 0"):
+                admin.history()
+            with pytest.raises(HistoryDisabled):
+                admin.history("off.fn")
+            with pytest.raises(HistoryDisabled):
+                admin.find_job("nothing")
+            [entry] = admin.find_job("live")
+            assert (entry.handle, entry.outcome) == (handle.decode(), "queued")
+            assert admin.status()  # the connection is still in step
     finally:
         server.stop()
 
@@ -182,6 +210,34 @@ def test_a_cross_origin_post_over_http_is_refused():
         assert b"cross-origin" in refused.value.read()
     finally:
         server.stop()
+
+
+def test_a_button_is_post_only_and_a_refusal_is_logged_in_one_phrase():
+    """GET /dead/retry is 405 with Allow: POST (was 404 "not found"); a POST without
+    Origin or Referer is refused, and the server's log line says "refused" once."""
+    server = HttpServer().start()
+    try:
+        import urllib.request
+        for path in ("/dead/retry", "/dead/delete"):
+            status, headers, body = server.get(path)
+            assert (status, headers["Allow"]) == (405, "POST"), (path, body)
+            assert server.get(path, "HEAD")[0] == 405
+        status, headers, _ = server.get("/history.json", "DELETE")
+        assert (status, headers["Allow"]) == (405, "GET, HEAD")
+        assert server.get("/nothing")[0] == 404
+        request = urllib.request.Request(
+            server.url + "/dead/retry", data=b'{"handle": "H:1"}', method="POST",
+            headers={"X-Gearoffload-Action": "1", "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=5)
+        assert refused.value.code == 403
+        assert refused.value.read() == (b"refused: no Origin or Referer (a request from the "
+                                        b"status page has one)\n")
+    finally:
+        server.stop()
+    log = server.stderr_text()
+    assert "/dead/retry from 127.0.0.1 refused: no Origin or Referer" in log, log
+    assert "refused: refused" not in log
 
 
 # -- in a real browser ------------------------------------------------------------------------
@@ -360,12 +416,17 @@ def test_browser_history_lists_the_failed_job_and_retry_runs_the_dead_letter(sta
             await wait(() => rows("history", {handle}).length >= 2, "the history");
             const trace = document.querySelector(
                 "#dead tr[data-handle='" + {handle} + "'] pre.trace").textContent;
+            const summary = [...document.querySelectorAll("#history tr")].find(
+                (tr) => tr.dataset.handle === {handle}).querySelector("summary").textContent;
             return {{dead: rows("dead", {handle}), history: rows("history", {handle}),
-                     trace: trace, bold: document.querySelectorAll("#dead b").length}};
+                     trace: trace, bold: document.querySelectorAll("#dead b").length,
+                     summary: summary}};
         }})()""")
         # The history lists the failed attempts: retried once, then dead, with the error.
         assert [r["outcome"] for r in seen["history"]] == ["dead", "retrying"]
         assert "ValueError: cannot charge order 7 <b>bold</b>" in seen["history"][0]["cells"][7]
+        # Folded, the short error shows its exception line (not the frame's source line).
+        assert seen["summary"] == "ValueError: cannot charge order 7 <b>bold</b>"
         assert seen["history"][0]["cells"][6] == "2"  # attempts
         [row] = seen["dead"]
         assert row["cells"][0] == "histtasks.charge" and row["cells"][3] == "2"

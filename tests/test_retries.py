@@ -294,3 +294,27 @@ def test_the_server_follows_the_job_policy_over_its_own_flags():
     assert h.admin_text(b"delete dead job " + handle) == b"OK\r\n"
     assert not h.state.dead and not h.state.dead_info
     assert h.admin_text(b"delete dead job " + handle) == b"ERR UNKNOWN_JOB\r\n"
+
+
+def test_the_short_error_is_the_exception_and_the_tasks_frame_and_the_log_says_it_once(
+        stack, tmp_path):
+    """The history's (and find_job's) error of a failed attempt: the exception line and
+    the task's own frame, not the worker framework's first frames. The pool's log prints
+    each failed attempt's traceback once."""
+    server, tasks, runs, _ = stack
+    tasks.doomed.background(8)
+    with AdminClient(server.address) as admin:
+        assert poll_until(lambda: admin.dead_jobs(), 15), "no dead letter"
+        history = admin.history("retrytasks.doomed")
+    assert [e.outcome for e in history] == ["dead", "retrying", "retrying"]
+    for entry, run in zip(history, (3, 2, 1), strict=True):
+        lines = entry.error.splitlines()
+        assert lines[0] == f"ValueError: cannot charge order 8 (run {run})", entry.error
+        assert lines[1].strip().startswith('File "') and \
+            lines[1].endswith(", in doomed") and "retrytasks.py" in lines[1], entry.error
+        assert lines[2].strip().startswith("raise ValueError("), entry.error
+        assert "gearoffload" not in entry.error, entry.error
+    log = (tmp_path / "pool.log").read_text()
+    assert log.count("ValueError: cannot charge order 8") == 3, log  # was 9: 3 per attempt
+    assert log.count("Traceback (most recent call last)") == 3, log
+    assert "TaskError" not in log, log

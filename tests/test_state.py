@@ -436,7 +436,12 @@ def test_history_is_off_with_history_max_0():
     _run_once(h, worker, handle)
     h.send(worker, T.WORK_COMPLETE, handle, b"")
     assert h.state.history is None
-    assert h.admin_text(b"show history") == b".\n"
+    # Said, not shown as an empty history (which reads as "nothing ended yet").
+    assert h.admin_text(b"show history").startswith(b"ERR HISTORY_DISABLED ")
+    assert h.admin_text(b"find job u").startswith(b"ERR HISTORY_DISABLED ")
+    h.send(client, T.SUBMIT_JOB_BG, b"f", b"live", b"x")
+    found = h.admin_text(b"find job live").decode().splitlines()
+    assert [line.split("\t")[3] for line in found[:-1]] == ["queued"] and found[-1] == "."
 
 
 def test_history_says_cancelled_when_every_client_of_a_queued_job_left():

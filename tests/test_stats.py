@@ -64,6 +64,23 @@ def test_submit_coalesce_complete_fail_exception_counters():
     assert failures[0].function == b"f" and failures[0].unique == b"u1"
 
 
+def test_a_failures_detail_and_history_error_are_the_exception_and_the_tasks_frame():
+    h = Harness()
+    client, worker = h.peer(), h.worker(b"f")
+    h.send(client, T.SUBMIT_JOB, b"f", b"u", b"x")
+    h.send(worker, T.GRAB_JOB)
+    framework = "".join(f'  File "/venv/lib/python3.11/site-packages/gearoffload/core.py", '
+                        f'line {n}, in run_task\n    body()\n' for n in range(20))
+    text = (b"KeyError: 'sku'\n\nTraceback (most recent call last):\n" + framework.encode() +
+            b'  File "/srv/app/tasks.py", line 9, in charge\n    price = prices[sku]\n'
+            b"            ~~~~~~^^^^^\nKeyError: 'sku'\n")
+    h.send(worker, T.WORK_EXCEPTION, b"H:t:1", text)
+    short = "KeyError: 'sku'\n  File \"/srv/app/tasks.py\", line 9, in charge\n" \
+        "    price = prices[sku]"
+    assert h.state.failures[-1].detail == short
+    assert h.state.history.recent(b"f")[0].error == short
+
+
 def test_lost_worker_timeout_and_dead_letter_are_recorded():
     h = Harness(job_retries=1, retry_failed=1, retry_backoff=1)
     client = h.peer()
@@ -121,3 +138,18 @@ def test_status_lists_the_oldest_running_jobs_first_and_caps_them(monkeypatch):
     assert [(r["handle"], r["age"]) for r in snap["running"]] == [("H:t:1", 3.0),
                                                                    ("H:t:2", 2.0)]
     assert snap["functions"][0]["running"] == 3
+
+
+def test_the_dead_letters_help_names_per_job_retries_in_both_renderings():
+    """/metrics's HELP for gearoffload_dead_letters: a job's own retries
+    (@offload(retries=...)) come first, --retry-failed is only the default."""
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    h = Harness()
+    registry = CollectorRegistry()
+    registry.register(metrics.StateCollector(h.state))
+    help_line = ("# HELP gearoffload_dead_letters Background jobs kept as dead letters: "
+                 "their retries (@offload(retries=...), else --retry-failed) used up.")
+    assert help_line in metrics.render(h.state).decode().splitlines()
+    assert help_line in generate_latest(registry).decode().splitlines()

@@ -8,6 +8,7 @@ this file starts (stopped by PID only).
 
 from __future__ import annotations
 
+import base64
 import itertools
 import os
 import signal
@@ -307,7 +308,8 @@ def test_dead_letters_survive_a_restart_and_can_be_requeued(store_url):
         w.send(T.ECHO_REQ, b"sync")
         w.expect(T.ECHO_RES)
         assert c.admin("status") == b"f\t0\t0\t1\n.\n"
-        assert c.admin("show dead jobs").endswith(b"\tf\tu\t2\n.\n")
+        dead_line = c.admin("show dead jobs").splitlines()[0]
+        assert dead_line.endswith(b"\tf\tu\t2")
         c.send(T.SUBMIT_JOB_BG, b"g", b"", b"sync")  # acknowledged once durable, and
         c.expect(T.JOB_CREATED)                      # batches are written in order
     server.proc.send_signal(signal.SIGKILL)
@@ -316,11 +318,81 @@ def test_dead_letters_survive_a_restart_and_can_be_requeued(store_url):
     server = start(db)
     with server.connect() as c:
         listing = c.admin("show dead jobs").splitlines()
-        assert len(listing) == 2 and listing[0].endswith(b"\tf\tu\t0")
-        handle = listing[0].split(b"\t")[0]
+        # Its handle and failure count survive the crash (they used to be H:...:1 and 0).
+        assert listing == [dead_line, b"."]
+        handle = dead_line.split(b"\t")[0]
         assert c.admin(f"requeue dead job {handle.decode()}") == b"OK\r\n"
         assert c.admin("show dead jobs") == b".\n"
     assert drain(server.port) == [b"flaky"]
+
+
+def fail_until_dead(worker: RawConn, times: int, text: bytes) -> bytes:
+    """Grab the next job of ``f`` ``times`` times (waiting out back-offs) and answer
+    WORK_EXCEPTION ``text`` each time; returns its handle."""
+    for _ in range(times):
+        deadline = time.monotonic() + 5
+        while True:
+            worker.send(T.GRAB_JOB)
+            packet = worker.recv()
+            if packet.type == T.JOB_ASSIGN or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert packet.type == T.JOB_ASSIGN, packet
+        worker.send(T.WORK_EXCEPTION, packet.args[0], text)
+    worker.send(T.ECHO_REQ, b"sync")
+    worker.expect(T.ECHO_RES)
+    return packet.args[0]
+
+
+def dead_job(client: RawConn, handle: bytes) -> tuple[int, float, bytes]:
+    """``show dead job HANDLE``: (attempts, died, error)."""
+    reply = client.admin(f"show dead job {handle.decode()}")
+    ok, _function, _unique, attempts, died, _data, error = reply.rstrip(b"\n").split(b"\t")
+    assert ok == b"OK", reply
+    return int(attempts), float(died), base64.b64decode(error) if error != b"-" else b""
+
+
+def test_restart_keeps_dead_letters_whole_and_never_reuses_a_handle(store_url):
+    """The user's report: two dead letters (3 and 2 failures), SIGTERM, start again on
+    the same store. Each keeps its handle, failures, death time and error; a queued job
+    keeps its handle (GET_STATUS on it still finds it); new handles continue past every
+    handle issued before, foreground ones included."""
+    server = start(store_url, "--retry-failed", "2", "--retry-backoff", "0.05")
+    with server.connect() as c, server.connect() as w:
+        w.send(T.CAN_DO, b"f")
+        c.send(T.SUBMIT_JOB_BG, b"f", b"a", b"three")
+        first, = c.expect(T.JOB_CREATED)
+        assert fail_until_dead(w, 3, b"ValueError: three\n  File \"app.py\"") == first
+        for n in range(5):  # foreground handles in between: never stored
+            c.send(T.SUBMIT_JOB_BG if n == 4 else T.SUBMIT_JOB, b"g", b"", b"fg%d" % n)
+            if n < 4:
+                fg, = c.expect(T.JOB_CREATED)
+        queued, = c.expect(T.JOB_CREATED)       # the last one: background, stays queued
+        # Its own policy (@offload(retries=1)): dead after 2 failures.
+        c.send(T.SUBMIT_JOB_BG, b"f", b"b", b"GOR1 1 0.05 1 0\ntwo")
+        second, = c.expect(T.JOB_CREATED)
+        assert fail_until_dead(w, 2, b"KeyError: two") == second
+        before = {h: dead_job(c, h) for h in (first, second)}
+        assert before[first][0] == 3 and before[first][1] > 0 and before[second][0] == 2
+        assert before[first][2] == b'ValueError: three\n  File "app.py"'
+        listing = c.admin("show dead jobs")
+        c.send(T.SUBMIT_JOB, b"h", b"", b"last")  # the highest handle before the stop
+        last, = c.expect(T.JOB_CREATED)
+    assert server.stop() == 0
+
+    server = start(store_url)
+    with server.connect() as c:
+        assert c.admin("show dead jobs") == listing
+        assert {h: dead_job(c, h) for h in (first, second)} == before
+        c.send(T.GET_STATUS, queued)
+        assert c.expect(T.STATUS_RES) == (queued, b"1", b"0", b"0", b"0")
+        c.send(T.GET_STATUS, fg)  # a foreground job of before: gone, and not renamed
+        assert c.expect(T.STATUS_RES) == (fg, b"0", b"0", b"0", b"0")
+        c.send(T.SUBMIT_JOB, b"h", b"", b"new")
+        new, = c.expect(T.JOB_CREATED)
+        number = int(new.rsplit(b":", 1)[1])
+        assert number > int(last.rsplit(b":", 1)[1]), (new, last)
+    server.stop()
 
 
 def assert_foreground_works(client: RawConn, worker: RawConn, function: bytes) -> None:

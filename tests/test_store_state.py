@@ -31,13 +31,19 @@ class RowsStore(QueueStore):
     def write(self, batch):
         for row in batch.saves:
             self.rows[row[0]] = StoredJob(*row)
-        for dead, ident in batch.marks:
-            self.rows[ident] = self.rows[ident]._replace(dead=dead)
+        for dead, died, attempts, failures, error, ident in batch.marks:
+            self.rows[ident] = self.rows[ident]._replace(
+                dead=dead, died=died, attempts=attempts, failures=failures, error=error)
+        if batch.last_handle:
+            self.last_handle = batch.last_handle
         for ident in batch.deletes:
             self.rows.pop(ident, None)
 
-    def commit(self):
+    def commit(self, state=None):
+        """What the committer does (``commit.GroupCommit``), at once."""
         batch = self.take_batch()
+        if state is not None:
+            batch.last_handle = state.last_handle()
         self.write(batch)
         batch.done = True
         return batch
@@ -144,8 +150,8 @@ def test_sqlite_store_round_trip_and_ids_continue(tmp_path):
     store.close()
     store = open_store("sqlite://" + path + "?synchronous=normal")
     rows = store.load()
-    assert rows == [StoredJob(1, b"f", b"e", 1, b"d1", 2000000, None),
-                    StoredJob(2, b"f", b"", 1, b"d2", 0, b"red")]
+    assert rows == [StoredJob(1, b"f", b"e", 1, b"d1", 2000000, None, b"H:t:1"),
+                    StoredJob(2, b"f", b"", 1, b"d2", 0, b"red", b"H:t:2")]
     h = harness(store)
     h.send(h.peer(), T.SUBMIT_JOB_BG, b"f", b"", b"d3")
     assert store.batch.saves[0][0] == 3
@@ -204,14 +210,21 @@ def test_failed_background_job_retries_with_backoff_then_becomes_a_dead_letter()
     run(T.WORK_FAIL)  # third failure: retries used up
     assert h.admin_text(b"status") == b"f\t0\t0\t1\n.\n"
     assert h.admin_text(b"show dead jobs") == b"H:t:1\tf\tu\t3\n.\n"
-    store.commit()
+    store.commit(h.state)
     assert [r.dead for r in store.rows.values()] == [1]
 
     # After a restart the dead letter is still one, not a queued job.
+    # Its handle, failures, death time and error stay too (a restart used to lose them).
+    died = h.state.dead_info[b"H:t:1"].died
     h2 = harness(RowsStore(store.load()), retry_failed=2)
-    assert h2.state.restore(h2.state.store.load()) == 1
+    assert h2.state.restore(h2.state.store.load(), store.last_handle) == 1
     assert h2.admin_text(b"status") == b"f\t0\t0\t0\n.\n"
-    assert h2.admin_text(b"show dead jobs") == b"H:t:1\tf\tu\t0\n.\n"
+    assert h2.admin_text(b"show dead jobs") == b"H:t:1\tf\tu\t3\n.\n"
+    assert h2.state.dead_info[b"H:t:1"] == (died, 3, "")
+    # New handles continue past every handle issued before the restart (H:t:2 was a
+    # foreground job, never stored): none names two jobs.
+    h2.send(client2 := h2.peer(), T.SUBMIT_JOB, b"f", b"", b"x")
+    assert h2.received(client2) == [(T.JOB_CREATED, (b"H:t:3",))]
 
     assert h.admin_text(b"requeue dead job H:t:9") == b"ERR UNKNOWN_JOB\r\n"
     assert h.admin_text(b"requeue dead job H:t:1") == b"OK\r\n"
@@ -231,3 +244,34 @@ def test_redis_rows_round_trip():
                 (8, b"fn:x", b"u\x00nique", 0, b"", 1893456000, b"reduce"),
                 (9, b"f", b"u", 2, bytes(range(256)) * 3, 0, b"")]:
         assert _unpack(row[0], _pack(row), 1) == StoredJob(*row, dead=1)
+
+
+def test_sqlite_file_of_an_older_version_gains_the_new_columns(tmp_path):
+    """A queue file written before handles and dead-letter data were stored opens, its
+    rows load (fresh handles for them), and new rows keep their handles."""
+    import sqlite3
+
+    path = str(tmp_path / "old.db")
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE gearoffload_jobs (id INTEGER PRIMARY KEY, function BLOB NOT "
+               "NULL, unique_key BLOB NOT NULL, priority INTEGER NOT NULL, data BLOB NOT "
+               "NULL, due INTEGER NOT NULL, reducer BLOB, dead INTEGER NOT NULL DEFAULT 0)")
+    db.execute("INSERT INTO gearoffload_jobs VALUES (4, x'66', x'75', 1, x'64', 0, NULL, 1)")
+    db.commit()
+    db.close()
+    store = open_store("sqlite://" + path)
+    assert store.load() == [StoredJob(4, b"f", b"u", 1, b"d", 0, None, dead=1)]
+    assert store.last_handle == 0
+    h = harness(store)
+    assert h.state.restore(store.load(), store.last_handle) == 1
+    assert h.admin_text(b"show dead jobs") == b"H:t:1\tf\tu\t0\n.\n"
+    h.send(client := h.peer(), T.SUBMIT_JOB_BG, b"f", b"", b"new")
+    assert h.received(client) == [(T.JOB_CREATED, (b"H:t:2",))]
+    batch = store.take_batch()
+    batch.last_handle = h.state.last_handle()
+    store.write(batch)
+    store.close()
+    store = open_store("sqlite://" + path)
+    assert [row.handle for row in store.load()] == [b"", b"H:t:2"]
+    assert store.last_handle == 2
+    store.close()

@@ -11,8 +11,13 @@ thread: one transaction per batch, so a burst of submissions costs one commit (g
 commit). A submitter's JOB_CREATED is held back until the batch holding its job is durable
 (``QueueStore.held`` says which batch a peer waits for; ``commit.py`` owns all of that).
 
-Rows are keyed by a store-generated id per job, never by (function, unique) (Q11); handles
-are not stored: replay (``load()``) gives fresh handles through the state.
+Rows are keyed by a store-generated id per job, never by (function, unique) (Q11). Each
+row also keeps the job's handle, and a dead letter its death time, attempts and last
+error (``mark_dead``): replay (``load()``) gives a job back its handle, so a client that
+holds it across a restart (GET_STATUS, ``show dead job``) still finds that job. The store
+also keeps the highest handle number the server issued (``last_handle``, written with
+each batch and at shutdown), so that new handles after a restart continue past every
+handle a client may have been told before it, stored or not.
 
 ``--queue`` URLs:
 
@@ -45,6 +50,9 @@ from urllib.parse import parse_qs, urlsplit
 from ..commit import Batch  # noqa: F401  (re-exported: the stores build and write batches)
 
 SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+#: Bytes of a dead letter's last error kept in the store (the status page and ``show
+#: dead job`` show less; a worker's traceback fits).
+DEAD_ERROR_BYTES = 16384
 
 
 class StoreError(Exception):
@@ -61,7 +69,12 @@ class StoredJob(NamedTuple):
     data: bytes
     when: int
     reducer: bytes | None
-    dead: int = 0   # 1: failed more than --retry-failed times (a dead letter)
+    handle: bytes = b""   # b"": saved before handles were stored (a fresh one is given)
+    dead: int = 0   # 1: its retries (per-job or --retry-failed) are used up: a dead letter
+    died: float = 0.0     # dead letters: when it was buried (epoch seconds), 0.0 unknown
+    attempts: int = 0     # dead letters: attempts in all
+    failures: int = 0     # dead letters: of which failed (not lost workers)
+    error: bytes = b""    # dead letters: the last exception text (up to DEAD_ERROR_BYTES)
 
 
 class ResultRow(NamedTuple):
@@ -91,6 +104,9 @@ class QueueStore:
         self.batch = Batch(next(self._seq), self.held)
         self._ids = itertools.count(1)
         self._result_ids = itertools.count(1)
+        #: The highest handle number issued before this start (``load()`` reads it): the
+        #: state's handles continue past it.
+        self.last_handle = 0
 
     # -- on the event loop ---------------------------------------------------------------
 
@@ -102,7 +118,7 @@ class QueueStore:
         job.batch = batch
         # The row is built here: the job may end (and lose its id) while a thread writes.
         batch.saves.append((ident, job.function.name, job.unique, job.priority, job.data,
-                            job.when, job.reducer))
+                            job.when, job.reducer, job.handle))
         batch.ack(peer, reply, job)
 
     def delete(self, job) -> None:
@@ -110,9 +126,11 @@ class QueueStore:
         self.batch.deletes.append(job.stored)
         job.stored = 0
 
-    def mark_dead(self, job, dead: bool) -> None:
-        """A stored job became a dead letter (``True``) or was requeued (``False``)."""
-        self.batch.marks.append((int(dead), job.stored))
+    def mark_dead(self, job, dead: bool, died: float = 0.0, error: bytes = b"") -> None:
+        """A stored job became a dead letter (``True``; when it ``died``, its attempts
+        and failures as counted now, its last ``error``) or was requeued (``False``)."""
+        self.batch.marks.append((int(dead), died, job.failures + job.retries, job.failures,
+                                 error[:DEAD_ERROR_BYTES], job.stored))
 
     def keep_result(self, unique: bytes, entry) -> int:
         """Write the kept result ``entry`` (``state.Kept``) of ``unique`` with the open
@@ -136,7 +154,8 @@ class QueueStore:
     # -- in a worker thread (or at start-up and shutdown) --------------------------------
 
     def load(self) -> list[StoredJob]:
-        """Every stored job, oldest first. Called once, before the first ``save``."""
+        """Every stored job, oldest first, and ``last_handle`` set. Called once, before
+        the first ``save``."""
         raise NotImplementedError
 
     def load_results(self, now: float) -> list[ResultRow]:
@@ -147,7 +166,8 @@ class QueueStore:
         return []
 
     def write(self, batch: Batch) -> None:
-        """Make ``batch`` durable in one transaction, or raise ``StoreError``."""
+        """Make ``batch`` durable in one transaction, or raise ``StoreError``; with its
+        ``last_handle`` (when not 0) as the highest handle number issued."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -6,6 +6,12 @@ otherwise, so that several servers share one Redis without seeing each other's j
 - ``PREFIX:jobs`` — a hash, field = the store-generated job id (decimal; never
   function+unique, docs/protocol.md Q11), value = the packed row (``_pack``);
 - ``PREFIX:dead`` — a set of the ids that are dead letters;
+- ``PREFIX:handles`` — a hash, field = job id, value = the job's handle (kept across a
+  restart; rows saved by older versions have none and get a fresh one);
+- ``PREFIX:deadinfo`` — a hash, field = the id of a dead letter, value = when it died,
+  its attempts and its last error (``_pack_dead``);
+- ``PREFIX:lasthandle`` — the highest handle number the server issued (written with each
+  batch), so that handles after a restart continue past it;
 - ``PREFIX:results`` — a hash, field = the store-generated id of a kept result of a
   background job (``--result-ttl``), value = the packed result with its unique
   (``_pack_result``); expired ones are deleted after start-up.
@@ -44,7 +50,7 @@ _NO_REDUCER = 0xFFFFFFFF
 
 
 def _pack(row: tuple) -> bytes:
-    _id, function, unique, priority, data, when, reducer = row
+    _id, function, unique, priority, data, when, reducer = row[:7]  # the handle: apart
     return b"".join((
         _HEAD.pack(priority, when, len(function), len(unique),
                    _NO_REDUCER if reducer is None else len(reducer)),
@@ -86,7 +92,20 @@ def _unpack(ident: int, raw: bytes, dead: int) -> StoredJob:
     if nr != _NO_REDUCER:
         reducer = raw[at:at + nr]
         at += nr
-    return StoredJob(ident, function, unique, priority, raw[at:], when, reducer, dead)
+    return StoredJob(ident, function, unique, priority, raw[at:], when, reducer, dead=dead)
+
+
+# died (epoch seconds), attempts, failures; then the last error
+_DEAD_HEAD = struct.Struct("!dII")
+
+
+def _pack_dead(died: float, attempts: int, failures: int, error: bytes) -> bytes:
+    return _DEAD_HEAD.pack(died, attempts, failures) + error
+
+
+def _unpack_dead(raw: bytes) -> tuple[float, int, int, bytes]:
+    died, attempts, failures = _DEAD_HEAD.unpack_from(raw)
+    return died, attempts, failures, raw[_DEAD_HEAD.size:]
 
 
 def _original_socket():
@@ -141,6 +160,9 @@ class RedisStore(QueueStore):
         self.jobs_key = f"{prefix}:jobs"
         self.dead_key = f"{prefix}:dead"
         self.results_key = f"{prefix}:results"
+        self.handles_key = f"{prefix}:handles"
+        self.dead_info_key = f"{prefix}:deadinfo"
+        self.last_handle_key = f"{prefix}:lasthandle"
         pool = redis.ConnectionPool(
             connection_class=_Connection, host=self.host, port=self.port, db=self.db,
             username=parts.username or None, password=parts.password or None,
@@ -164,15 +186,26 @@ class RedisStore(QueueStore):
         try:
             rows = self.client.hgetall(self.jobs_key)
             dead = {int(i) for i in self.client.smembers(self.dead_key)}
+            handles = {int(i): h for i, h in self.client.hgetall(self.handles_key).items()}
+            dead_info = {int(i): _unpack_dead(raw) for i, raw in
+                         self.client.hgetall(self.dead_info_key).items()}
+            self.last_handle = int(self.client.get(self.last_handle_key) or 0)
         except redis.RedisError as exc:
             raise StoreError(f"cannot read the redis queue at {self.describe_where()} "
                              f"({self.jobs_key}): {_one_line(exc)}") from None
-        except ValueError:
+        except (ValueError, struct.error):
             raise StoreError(f"{self.jobs_key} in {self.describe_where()} is not a "
                              "gearoffload queue; use another ?prefix=") from None
         try:
             jobs = sorted((int(i), raw) for i, raw in rows.items())
-            result = [_unpack(i, raw, int(i in dead)) for i, raw in jobs]
+            result = []
+            for i, raw in jobs:
+                row = _unpack(i, raw, int(i in dead))._replace(handle=handles.get(i, b""))
+                if i in dead_info:
+                    died, attempts, failures, error = dead_info[i]
+                    row = row._replace(died=died, attempts=attempts, failures=failures,
+                                       error=error)
+                result.append(row)
         except (ValueError, struct.error):
             raise StoreError(f"{self.jobs_key} in {self.describe_where()} is not a "
                              "gearoffload queue; use another ?prefix=") from None
@@ -209,14 +242,22 @@ class RedisStore(QueueStore):
             pipe.hdel(self.results_key, *batch.result_drops)
         if batch.saves:
             pipe.hset(self.jobs_key, mapping={row[0]: _pack(row) for row in batch.saves})
-        for dead, ident in batch.marks:
+            pipe.hset(self.handles_key, mapping={row[0]: row[7] for row in batch.saves})
+        for dead, died, attempts, failures, error, ident in batch.marks:
             if dead:
                 pipe.sadd(self.dead_key, ident)
+                pipe.hset(self.dead_info_key, ident,
+                          _pack_dead(died, attempts, failures, error))
             else:
                 pipe.srem(self.dead_key, ident)
+                pipe.hdel(self.dead_info_key, ident)
         if batch.deletes:
             pipe.hdel(self.jobs_key, *batch.deletes)
+            pipe.hdel(self.handles_key, *batch.deletes)
             pipe.srem(self.dead_key, *batch.deletes)
+            pipe.hdel(self.dead_info_key, *batch.deletes)
+        if batch.last_handle:
+            pipe.set(self.last_handle_key, batch.last_handle)
         try:
             pipe.execute()
         except redis.RedisError as exc:

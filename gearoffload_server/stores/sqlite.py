@@ -21,7 +21,23 @@ CREATE TABLE IF NOT EXISTS gearoffload_jobs (
     data BLOB NOT NULL,
     due INTEGER NOT NULL,        -- epoch time of SUBMIT_JOB_EPOCH jobs, else 0
     reducer BLOB,                -- reduce jobs only
-    dead INTEGER NOT NULL DEFAULT 0  -- 1: a dead letter (--retry-failed used up)
+    dead INTEGER NOT NULL DEFAULT 0  -- 1: a dead letter (its retries used up)
+)
+"""
+#: Columns added since the first release (``ALTER TABLE`` on an older file at start-up):
+#: the job's handle, kept across restarts, and what a dead letter needs to be shown.
+_ADDED_COLUMNS = (
+    ("handle", "BLOB"),                             # NULL: saved by an older version
+    ("died", "REAL NOT NULL DEFAULT 0"),            # dead letters: epoch seconds
+    ("attempts", "INTEGER NOT NULL DEFAULT 0"),     # dead letters: attempts in all
+    ("failures", "INTEGER NOT NULL DEFAULT 0"),     # dead letters: failed attempts
+    ("error", "BLOB"),                              # dead letters: the last error
+)
+#: Key/value facts about the server: ``last_handle``, the highest handle number issued.
+_META_SCHEMA = """
+CREATE TABLE IF NOT EXISTS gearoffload_meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 )
 """
 #: Kept results of background jobs (--result-ttl, state.KeptResults). Appended by id and
@@ -61,7 +77,12 @@ class SqliteStore(QueueStore):
             # as soon as the WAL file appears).
             db.execute("BEGIN IMMEDIATE")
             db.execute(_SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(gearoffload_jobs)")}
+            for name, kind in _ADDED_COLUMNS:
+                if name not in have:
+                    db.execute(f"ALTER TABLE gearoffload_jobs ADD COLUMN {name} {kind}")
             db.execute(_RESULTS_SCHEMA)
+            db.execute(_META_SCHEMA)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             hint = (" (is another server using it? give each server its own --queue)"
@@ -73,9 +94,14 @@ class SqliteStore(QueueStore):
         return f"sqlite {self.path}"
 
     def load(self) -> list[StoredJob]:
-        rows = [StoredJob(*row) for row in self.db.execute(
-            "SELECT id, function, unique_key, priority, data, due, reducer, dead "
-            "FROM gearoffload_jobs ORDER BY id")]
+        rows = [StoredJob(i, f, u, p, d, w, r, h or b"", dead, died, n, fails, e or b"")
+                for i, f, u, p, d, w, r, h, dead, died, n, fails, e in self.db.execute(
+                    "SELECT id, function, unique_key, priority, data, due, reducer, handle, "
+                    "dead, died, attempts, failures, error FROM gearoffload_jobs "
+                    "ORDER BY id")]
+        mark = self.db.execute(
+            "SELECT value FROM gearoffload_meta WHERE key = 'last_handle'").fetchone()
+        self.last_handle = mark[0] if mark else 0
         self._ids = itertools.count(rows[-1].id + 1 if rows else 1)
         return rows
 
@@ -106,12 +132,16 @@ class SqliteStore(QueueStore):
             if batch.saves:
                 db.executemany(
                     "INSERT INTO gearoffload_jobs (id, function, unique_key, priority, data, "
-                    "due, reducer) VALUES (?, ?, ?, ?, ?, ?, ?)", batch.saves)
+                    "due, reducer, handle) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", batch.saves)
             if batch.marks:
-                db.executemany("UPDATE gearoffload_jobs SET dead = ? WHERE id = ?", batch.marks)
+                db.executemany("UPDATE gearoffload_jobs SET dead = ?, died = ?, attempts = ?, "
+                               "failures = ?, error = ? WHERE id = ?", batch.marks)
             if batch.deletes:
                 db.executemany("DELETE FROM gearoffload_jobs WHERE id = ?",
                                [(i,) for i in batch.deletes])
+            if batch.last_handle:
+                db.execute("INSERT OR REPLACE INTO gearoffload_meta (key, value) "
+                           "VALUES ('last_handle', ?)", (batch.last_handle,))
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             try:
