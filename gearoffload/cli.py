@@ -145,7 +145,7 @@ def _admin_each(args: argparse.Namespace,
                 query: Callable[[Any], list]) -> tuple[list | None, int]:
     """Run ``query(admin)`` on every server: ([(server, row)...], exit code); ``None``
     instead of the list when no server answered."""
-    from .admin import AdminClient
+    from .admin import AdminClient, HistoryDisabled
 
     results: list[tuple[str, Any]] = []
     code = 0
@@ -156,6 +156,9 @@ def _admin_each(args: argparse.Namespace,
             with AdminClient(server, timeout=timeout, tls=args.tls) as admin:
                 results.extend((server, row) for row in query(admin))
             answered += 1
+        except HistoryDisabled as exc:  # its text names the server
+            _error(str(exc))
+            code = max(code, 1)
         except ServerError as exc:
             _error(f"{server}: {exc}")
             code = max(code, 1)
@@ -342,7 +345,7 @@ def _print_dead_job(server: str, dead: Any) -> None:
 
     info = describe_job(dead.data)
     died = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(dead.died)) \
-        if dead.died else "unknown (restored from the store)"
+        if dead.died else "unknown (stored by an older version)"
     payload = info.pop("payload")
     arguments = info["arguments"]
     shown = json.dumps(arguments, default=repr)[:2000] if arguments is not None else \

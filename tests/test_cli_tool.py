@@ -361,3 +361,15 @@ def test_history_and_find_show_each_attempt(two_servers_with_a_dead_letter):
     assert nothing.returncode == 1
     assert "no job 'no-such-job'" in one_line(nothing.stderr_text)
     assert run("history", "--limit", "0", servers=a.address).returncode == 2
+
+
+def test_history_on_a_server_without_one_says_so_in_one_line():
+    server = ServerProcess("gearoffload", ["--history-max", "0"]).start()
+    try:
+        for args in (["history"], ["find", "H:test:1"]):
+            result = run(*args, servers=server.address)
+            assert result.returncode == 1
+            line = one_line(result.stderr_text)
+            assert "--history-max 0" in line and line.count(server.address) == 1, line
+    finally:
+        server.stop()
