@@ -20,7 +20,7 @@ sent; a peer whose newest batch is B is released entirely. All output that names
 not-yet-durable job as created goes to such a held peer (only submissions produce it), so
 no acknowledgement leaves early, and other peers' output (workers, foreground clients) is
 never delayed. Should the write fail, the held replies are still in ``out`` and become
-ERROR QUEUE_ERROR (``JobServerState.store_failed``, which also drops the jobs).
+ERROR QUEUE_ERROR (``fail_batch``; the state drops the jobs: ``store_failed``).
 
 Example (the shell's side; ``connections`` maps a ``Peer`` to its connection)::
 
@@ -36,6 +36,8 @@ import time
 
 import gevent
 from gevent.event import Event
+
+from gearoffload.protocol import RES, PacketType, encode
 
 log = logging.getLogger("gearoffload.server")
 
@@ -150,8 +152,8 @@ class GroupCommit:
                                   (time.perf_counter() - started) * 1000)
                 except Exception as exc:  # StoreError, or a bug: never acknowledge
                     batch.error = str(exc)
-                    dropped = self.state.store_failed(
-                        batch, b"Job could not be saved: " + str(exc).encode())
+                    dropped = fail_batch(self.state, batch,
+                                         b"Job could not be saved: " + str(exc).encode())
                     log.error("queue store write failed (%s): %d submissions refused with "
                               "QUEUE_ERROR, %d deletes lost (those jobs may run again "
                               "after a restart)", exc, dropped, len(batch.deletes),
@@ -202,3 +204,25 @@ class GroupCommit:
                 log.error("queue store: final write failed: %s", exc,
                           extra={"event": "store.write_failed"})
         store.close()
+
+
+def fail_batch(state, batch: Batch, text: bytes) -> int:
+    """``batch`` could not be written: each JOB_CREATED about one of its jobs, still held
+    in its peer's ``out``, becomes ``ERROR QUEUE_ERROR text``, and the state drops the
+    jobs (``JobServerState.store_failed``). Returns how many jobs were dropped.
+
+    Example::
+
+        dropped = fail_batch(state, store.take_batch(), b"Job could not be saved: disk full")
+    """
+    error = encode(RES, PacketType.ERROR, (b"QUEUE_ERROR", text))
+    replies: dict = {}
+    for peer, reply, _job, _attached in batch.acks:
+        replies.setdefault(peer, set()).add(id(reply))
+    for peer, ids in replies.items():
+        out = peer.out
+        for i, item in enumerate(out):
+            if id(item) in ids:  # the very reply object, not an equal one
+                out[i] = error
+                peer.out_bytes += len(error) - len(item)
+    return state.store_failed(batch)

@@ -1443,16 +1443,14 @@ class JobServerState:
         self._counter = itertools.count(issued)
         return issued - 1
 
-    def store_failed(self, batch, text: bytes) -> int:
-        """The store could not write ``batch``. Every JOB_CREATED that referred to one of
-        its jobs is still in its peer's ``out`` (a peer waiting for a batch is not written
-        to; ``batch.acks`` names each reply object) and becomes ``ERROR QUEUE_ERROR``;
-        the jobs leave the server. Returns how many jobs were dropped."""
-        error = _error(b"QUEUE_ERROR", text)
+    def store_failed(self, batch) -> int:
+        """The store could not write ``batch``: its jobs leave the server, and the
+        submissions told JOB_CREATED about them no longer wait on them (their replies
+        become ERROR: ``commit.fail_batch``, which calls this). A foreground job that a
+        background submission promoted stays its own clients'. Returns how many jobs were
+        dropped."""
         jobs: dict[Job, None] = {}
-        replies: dict[Peer, set[int]] = {}
-        for peer, reply, job, attached in batch.acks:
-            replies.setdefault(peer, set()).add(id(reply))
+        for peer, _reply, job, attached in batch.acks:
             jobs[job] = None
             if attached and peer.attached.get(job):
                 # A foreground submission told ERROR: it no longer waits on the job.
@@ -1461,12 +1459,6 @@ class JobServerState:
                 peer.attached[job] -= 1
                 if not peer.attached[job]:
                     del peer.attached[job]
-        for peer, ids in replies.items():
-            out = peer.out
-            for i, item in enumerate(out):
-                if id(item) in ids:  # the very reply object, not an equal one
-                    out[i] = error
-                    peer.out_bytes += len(error) - len(item)
         dropped = 0
         for job in jobs:
             job.stored = 0  # there is no row to delete

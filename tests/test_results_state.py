@@ -16,6 +16,7 @@ from test_store_state import RowsStore
 from conftest import compiled_and_source
 from gearoffload.admin import KeptResult
 from gearoffload.protocol import PacketType as T
+from gearoffload_server.commit import fail_batch
 from gearoffload_server.state import ENTRY_OVERHEAD, KeptResults, ManualScheduler
 from gearoffload_server.stores import ResultRow
 
@@ -362,7 +363,7 @@ def test_failed_save_of_a_promoted_job_refuses_the_background_submission_only():
     h.send(bg, T.SUBMIT_JOB_BG, b"f", b"u", b"x")
     h.send(late, T.SUBMIT_JOB, b"f", b"u", b"x")  # foreground, onto the unsaved job
     batch = store.take_batch()
-    assert h.state.store_failed(batch, b"disk full") == 0  # the job stays, for fg
+    assert fail_batch(h.state, batch, b"disk full") == 0  # the job stays, for fg
     assert h.received(bg) == [(T.ERROR, (b"QUEUE_ERROR", b"disk full"))]
     assert h.received(late) == [(T.ERROR, (b"QUEUE_ERROR", b"disk full"))]
     job = h.state.jobs[b"H:t:1"]

@@ -6,6 +6,7 @@ from test_state import Harness
 
 from conftest import compiled_and_source
 from gearoffload.protocol import PacketType as T
+from gearoffload_server.commit import fail_batch
 from gearoffload_server.stores import (
     QueueStore,
     StoredJob,
@@ -93,7 +94,7 @@ def test_failed_write_turns_job_created_into_queue_error_and_drops_the_jobs():
     h.send(other, T.SUBMIT_JOB, b"f", b"u1", b"x")  # foreground onto the unsaved job
     h.send(client, T.ECHO_REQ, b"after")
     batch = store.take_batch()
-    assert h.state.store_failed(batch, b"Job could not be saved: disk full") == 2
+    assert fail_batch(h.state, batch, b"Job could not be saved: disk full") == 2
     got = h.received(client)
     assert [t for t, _ in got] == [T.ECHO_RES, T.ERROR, T.ERROR, T.ECHO_RES]
     assert got[1][1] == (b"QUEUE_ERROR", b"Job could not be saved: disk full")
