@@ -47,7 +47,7 @@ from .settings import ServerConfig
 from .state import JobServerState, Peer
 from .stores import open_store
 from .tls import server_context
-from .transport import Connection, Poller, accept, in_flight, unsent
+from .transport import Connection, Poller, accept
 
 log = logging.getLogger("gearoffload.server")
 
@@ -220,7 +220,7 @@ class GearmanServer(StreamServer):
         """--idle-timeout, with the semantics of Redis's ``timeout``: close a connection
         that has a packet or admin line half-sent for longer than the timeout (a byte at a
         time never completes one), or that has sent nothing for that long while nothing of
-        it is in flight (see ``_in_flight``). One greenlet for all connections, waking
+        it is in flight (``Connection.check_idle``). One greenlet for all connections, waking
         every quarter of the timeout (at most 5 s); the poll loop's only cost is counting
         the bytes it reads. A sweep yields to the loop every ``SWEEP_CHUNK`` connections."""
         timeout = self.config.idle_timeout
@@ -233,40 +233,9 @@ class GearmanServer(StreamServer):
                     if i and not i % SWEEP_CHUNK:
                         gevent.sleep(0)
                     if not conn.closing and conn.joined:
-                        self._check_idle(conn, now, timeout)
+                        conn.check_idle(now, timeout)
         finally:
             self._sweeper = None
-
-    @staticmethod
-    def _check_idle(conn: Connection, now: float, timeout: float) -> None:
-        read = conn.nread
-        if read != conn._seen:
-            conn._seen = read
-            conn._quiet_since = now
-        buffered = conn.decoder.buffered
-        if buffered:
-            # Bytes consumed only move when a whole packet or line is taken, so the same
-            # figure on two sweeps means the same partial item is still waiting.
-            consumed = read - buffered
-            if consumed != conn._partial_mark:
-                conn._partial_mark = consumed
-                conn._partial_since = now
-            elif now - conn._partial_since >= timeout:
-                conn.abort(f"a partial packet or line not completed within {timeout:g}s "
-                           "(--idle-timeout)", logging.INFO)
-            return
-        conn._partial_mark = -1
-        if now - conn._quiet_since >= timeout and not in_flight(conn):
-            # Replies the peer is still taking count as activity too (Redis counts its
-            # writes): a slow download is not idleness; output that does not move is.
-            left = unsent(conn)
-            if left and left != conn._unsent:
-                conn._unsent = left
-                conn._quiet_since = now
-                return
-            what = "sent nothing" if not read else "idle"
-            conn.abort(f"{what} for {timeout:g}s with nothing in flight (--idle-timeout)",
-                       logging.INFO)
 
     # -- drain and stop --------------------------------------------------------------------
 

@@ -8,8 +8,8 @@ same for both kinds:
 - ``wake()``: send what the state queued for the peer, never blocking the caller;
 - ``release(n)``: send the first ``n`` queued replies of a held peer (``commit.py``);
 - ``abort(reason)``: disconnect now, dropping unsent output; ``close(reason)``: leave;
-- ``backlog``, ``closing``, ``joined``, ``nread``, ``decoder``: what ``flush`` and the
-  ``--idle-timeout`` sweep read.
+- ``check_idle(now, timeout)``: one ``--idle-timeout`` sweep of this connection;
+- ``backlog``, ``closing``, ``joined``: what ``flush`` and the sweep read.
 
 A ``Connection`` owns its ``Peer`` (the protocol state) and is found from it through the
 shell's ``connections`` map. A plain one is read by the ``Poller``, one greenlet for all:
@@ -353,6 +353,40 @@ class Connection:
         finally:
             self.done.set()
 
+    def check_idle(self, now: float, timeout: float) -> None:
+        """One sweep of ``--idle-timeout`` (the shell's ``_sweep_idle``): abort when a
+        packet or line has stayed half-sent for ``timeout``, or when the peer sent nothing
+        for that long while nothing of it is in flight (``in_flight``) and none of its
+        replies moved."""
+        read = self.nread
+        if read != self._seen:
+            self._seen = read
+            self._quiet_since = now
+        buffered = self.decoder.buffered
+        if buffered:
+            # Bytes consumed only move when a whole packet or line is taken, so the same
+            # figure on two sweeps means the same partial item is still waiting.
+            consumed = read - buffered
+            if consumed != self._partial_mark:
+                self._partial_mark = consumed
+                self._partial_since = now
+            elif now - self._partial_since >= timeout:
+                self.abort(f"a partial packet or line not completed within {timeout:g}s "
+                           "(--idle-timeout)", logging.INFO)
+            return
+        self._partial_mark = -1
+        if now - self._quiet_since >= timeout and not in_flight(self):
+            # Replies the peer is still taking count as activity too (Redis counts its
+            # writes): a slow download is not idleness; output that does not move is.
+            left = unsent(self)
+            if left and left != self._unsent:
+                self._unsent = left
+                self._quiet_since = now
+                return
+            what = "sent nothing" if not read else "idle"
+            self.abort(f"{what} for {timeout:g}s with nothing in flight (--idle-timeout)",
+                       logging.INFO)
+
     def abort(self, reason: str, level: int = logging.WARNING) -> None:
         """Disconnect this peer (it misbehaved, or we are stopping); the poll loop then
         sees the end of its input and closes it."""
@@ -575,8 +609,6 @@ def in_flight(conn: Connection) -> bool:
     (or just woken) waiting for work, or replies held until its jobs are durable."""
     peer = conn.peer
     return bool(peer.jobs or peer.waiting or peer.sleep != AWAKE or peer in conn._held)
-
-
 
 
 def _error_reply(exc: ProtocolError, binary: bool) -> bytes:
