@@ -567,7 +567,7 @@ class GearOffload:
         # An @offload call in a plain view (``report.background(...)``) with every job server
         # down gets the 503 an offloaded view gets, not a 500; the app's own handler for
         # these errors, registered before, is kept.
-        handlers = app.error_handler_spec.setdefault(None, {}).setdefault(None, {})
+        handlers = app.error_handler_spec.get(None, {}).get(None, {})  # read only
         for unavailable in (NoServersAvailable, NoWorkers, JobLost):
             if unavailable not in handlers:
                 app.register_error_handler(unavailable, _unavailable)
