@@ -498,14 +498,14 @@ class TlsConnection(Connection):
                 plain = tls_read(RECV_SIZE)
             except ssl.SSLWantReadError:
                 break  # the rest of a record is still on its way
-            except ssl.SSLZeroReturnError:  # the peer's close_notify; close() answers it
-                self.close("closed by peer")
-                return
+            except ssl.SSLZeroReturnError:  # close_notify once ours has gone: not here
+                plain = b""
             except ssl.SSLError as exc:  # costs this connection only
                 self.close(f"socket error: {exc}")
                 return
-            if not plain:
-                break
+            if not plain:  # the peer's close_notify; close() answers it
+                self.close("closed by peer")
+                return
             self.nread += len(plain)  # plaintext: what --idle-timeout's partial check counts
             try:
                 dispatch(plain, self._on_packet, self._on_line)
