@@ -534,6 +534,8 @@ class TlsConnection(Connection):
             timer.kill(block=False)
         self.server.state.connect(self.peer)
         self.joined = True
+        # --idle-timeout counts from here: the handshake had its own timer.
+        self._quiet_since = time.monotonic()
         self._send_raw(self._outgoing.read())  # TLS 1.3 session tickets
         return True
 
