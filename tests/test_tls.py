@@ -420,6 +420,22 @@ def test_end_of_handshake_and_first_packets_in_one_write(certs, tls_srv):
     client.sock.close()
 
 
+def test_tls_1_2_peer(certs, tls_srv):
+    """Under TLS 1.2 the server's handshake ends by sending its Finished: it must leave."""
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    with working(upper_worker(tls_srv, context)):
+        assert round_trip(tls_srv, context) == b"PING"
+    client = BioClient(tls_srv.port, certs.ca)
+    client.tls = context.wrap_bio(client.incoming, client.outgoing,
+                                  server_hostname="127.0.0.1")
+    client.handshake()
+    assert client.tls.version() == "TLSv1.2"
+    client.send(encode_request(T.ECHO_REQ, b"twelve"))
+    assert client.packet() == (T.ECHO_RES, b"twelve")
+    client.sock.close()
+
+
 def test_5_mib_payload_through_a_worker_over_tls_both_ways(certs, tls_srv):
     """More than the kernel takes at once, in both directions: the backlog and EPOLLOUT
     path carries TLS records, in order."""
