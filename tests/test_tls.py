@@ -518,6 +518,9 @@ def test_protocol_error_gets_its_error_reply_then_close_notify(certs, tls_srv):
 
 
 def test_port_probe_sending_garbage_is_one_log_line(certs, tls_srv):
+    # The test's own wait for the port was a probe too (connect, close): its INFO line
+    # first, so that it is not counted below.
+    assert poll_until(lambda: "before the handshake ended" in tls_srv.stderr_text())
     seen = len(tls_srv.stderr_text().splitlines())
     probe = socket.create_connection(("127.0.0.1", tls_srv.port), timeout=5)
     probe.sendall(b"\x00\xffnot TLS at all\r\n" * 20)
