@@ -361,19 +361,32 @@ class _Supervisor:
         # spawn passes them).
         argv = [sys.executable, *subprocess._args_from_interpreter_flags(), "-m",
                 "gearoffload._poolchild", self.kind(slot), str(slot)]
-        pid = os.fork()
-        if pid == 0:
-            try:
-                # Ignored from the first instruction: a terminal's hangup reaches the whole
-                # process group, and reloading is the parent's business.
-                signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                if announce:
-                    os.set_inheritable(self.ready_w, True)
-                os.execve(sys.executable, argv, env)
-            except BaseException as exc:
-                os.write(2, f"gearoffload-worker: cannot start {argv}: {exc}\n".encode())
-            finally:
-                os._exit(127)
+        # Blocked across the fork: a signal that reached the child before its exec would
+        # run the parent's handler there, which only records it: a SIGTERM from a reload
+        # in the same pass was lost so, and that process served for ever.
+        pid = -1
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    # SIGHUP ignored from the first instruction: a terminal's hangup reaches
+                    # the whole process group, and reloading is the parent's business.
+                    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    # A SIGTERM pending already ends the child here: it has no job yet.
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+                    if announce:
+                        os.set_inheritable(self.ready_w, True)
+                    os.execve(sys.executable, argv, env)
+                except BaseException as exc:
+                    os.write(2, f"gearoffload-worker: cannot start {argv}: {exc}\n".encode())
+                finally:
+                    os._exit(127)
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         self.children[pid] = _Child(slot, generation, time.monotonic())
         log.info("started %s process %d (pid %d)", self.kind(slot), slot, pid)
 
