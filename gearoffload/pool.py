@@ -58,7 +58,9 @@ log = logging.getLogger("gearoffload.pool")
 def parse_args(argv: list[str] | None = None) -> PoolConfig:
     parser = argparse.ArgumentParser(
         prog="gearoffload-worker",
-        description="Serve the tasks of a Python module with N processes x M greenlets.")
+        description="Serve the tasks of a Python module with N processes x M greenlets.",
+        epilog="Signals: SIGTERM or SIGINT drain (running jobs finish) and exit; SIGHUP "
+               "reloads: fresh processes import the tasks anew, then the old ones drain.")
     parser.add_argument("target", help="module to import (myapp.tasks) or module:attr, "
                         "attr being a Worker or a TaskRegistry")
     parser.add_argument("--servers", default="",
