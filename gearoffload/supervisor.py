@@ -116,14 +116,14 @@ def configure_logging(config: PoolConfig) -> None:
 
 
 def _child(config: PoolConfig, registry: TaskRegistry, index: int,
-           ready: Callable[[], None] | None = None) -> int:
+           ready: Callable[[], None] | None = None, parent: int | None = None) -> int:
     """The body of one worker process. ``ready`` (a reload's process) is called once the
     servers list this process's registrations: the old processes may leave then."""
     import gevent
 
     from .worker import Worker
 
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
     prefix = config.client_id or socket.gethostname()
     client_id = f"{prefix}-{index}-{os.getpid()}"
     worker = Worker(list(config.servers), client_id=client_id,
@@ -185,7 +185,7 @@ def _announce(config: PoolConfig, client_id: str, names: list[str],
 
 
 def _scheduler_child(config: PoolConfig, registry: TaskRegistry,
-                     ready: Callable[[], None] | None = None) -> int:
+                     ready: Callable[[], None] | None = None, parent: int | None = None) -> int:
     """The body of the ``--schedule`` process: a ``Scheduler`` for the pool's periodic
     tasks, submitting to the pool's servers with the offload settings in use."""
     import dataclasses
@@ -201,7 +201,7 @@ def _scheduler_child(config: PoolConfig, registry: TaskRegistry,
     scheduler = Scheduler(periodic_tasks(registry), Offloader(settings))
     gevent.signal_handler(signal.SIGTERM, scheduler.stop)
     gevent.signal_handler(signal.SIGINT, scheduler.stop)
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
 
     def watch_parent() -> None:
         while os.getppid() == parent:
@@ -251,9 +251,11 @@ def child_main(argv: list[str]) -> int:
         log.error("cannot load tasks from %s: %s: %s", config.target, type(exc).__name__, exc)
         return 2
     try:
+        # The parent's PID from the spec, not getppid(): a parent that died while this
+        # child imported the tasks is noticed too.
         if kind == "scheduler":
-            return _scheduler_child(config, registry, ready)
-        return _child(config, registry, slot, ready)
+            return _scheduler_child(config, registry, ready, spec["parent"])
+        return _child(config, registry, slot, ready, spec["parent"])
     except Exception:
         log.exception("%s process crashed", kind)
         return 1
@@ -355,7 +357,7 @@ class _Supervisor:
         import json
 
         spec = {"config": dataclasses.asdict(self.config), "path": sys.path,
-                "ready_fd": self.ready_w if announce else None}
+                "parent": os.getpid(), "ready_fd": self.ready_w if announce else None}
         env = dict(os.environ, **{_CHILD_ENV: json.dumps(spec)})
         # The parent's -X and -W options hold in its children too (as multiprocessing's
         # spawn passes them).
@@ -374,7 +376,10 @@ class _Supervisor:
                     # the whole process group, and reloading is the parent's business.
                     signal.signal(signal.SIGHUP, signal.SIG_IGN)
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    # Ignored until the child's own handler (a Ctrl-C reaches the whole
+                    # group; the parent's SIGTERM follows): no KeyboardInterrupt traceback
+                    # from the middle of an import.
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
                     # A SIGTERM pending already ends the child here: it has no job yet.
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
                     if announce:
