@@ -242,8 +242,12 @@ def child_main(argv: list[str]) -> int:
         os.set_inheritable(ready_fd, False)  # the parent's pipe, not the tasks'
 
         def ready() -> None:
-            os.write(ready_fd, f"{os.getpid()}\n".encode())
-            os.close(ready_fd)
+            try:
+                os.write(ready_fd, f"{os.getpid()}\n".encode())
+            except OSError:
+                pass  # the parent is gone: watch_parent drains this process
+            finally:
+                os.close(ready_fd)
 
     try:
         registry = load_registry(config.target, config.wsgi_function)
