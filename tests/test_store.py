@@ -421,10 +421,13 @@ def test_unwritable_store_refuses_with_queue_error_and_recovers(tmp_path):
     server = start(db)
     wal = tmp_path / "queue.db-wal"
     files = [db, wal]
-    # The port accepts just before the store is opened: wait for its files to exist.
-    deadline = time.monotonic() + 10
-    while not wal.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    # The port accepts before the store is opened, but answers only after: an ECHO answered
+    # means the store's start-up writes (schema, added columns) are done, so the flag
+    # below hits the batches only (set during them, the server would refuse to start).
+    with server.connect() as probe:
+        probe.send(T.ECHO_REQ, b"ready?")
+        assert probe.expect(T.ECHO_RES) == (b"ready?",)
+    assert wal.exists()
     if not all(immutable(f, True) for f in files):
         for f in files:
             immutable(f, False)
