@@ -4,8 +4,10 @@ One multiplexed connection per server is shared by every greenlet. Replies to
 submissions are matched by order (docs/protocol.md §3.3, §8); ``WORK_*`` packets are routed by
 (server, handle) to every waiter. Jobs with a unique go to the server picked by a
 consistent hash of (function, unique), so coalescing holds across a fleet; jobs without
-one are spread round-robin. A dead server is skipped (and retried with back-off), and a
-foreground job lost with its server is resubmitted once, with the same unique.
+one are spread round-robin. A dead server is skipped by every client of the process for
+``DOWN_INTERVAL`` and then tried again; with none left a submission fails at once
+(``NoServersAvailable``). A foreground job lost with its server is resubmitted once, with
+the same unique.
 
 Example::
 
@@ -483,11 +485,11 @@ class _Link:
         self._connecting = None
         self.conn = conn
         self.connected_at = time.monotonic()
+        self.last_error = ""
         if self.down_since is not None:
             log.info("connected to %s again after %.1fs", self.name,
                      self.connected_at - self.down_since)
             self.down_since = None
-            self.last_error = ""
         # The back-off starts over once the server has answered (_on_packet), not here: a
         # port that accepts and then drops us (a TLS-only server, another service) must
         # look like a server that is down, with growing back-off, or a submission would
@@ -595,6 +597,7 @@ class _Link:
             self.retry_at = 0.0
         else:
             self.mark_down()
+            self.last_error = f"lost the connection: {reason}"
         if not self.client._closed:
             # A server may close a connection idle between packets (--idle-timeout):
             # nothing was lost then, and the next submission reconnects.
@@ -727,12 +730,15 @@ class Client:
 
     ``servers`` is ``"host:port"``, a comma-separated string, or a list of them.
     ``timeout`` bounds every wait (``Job.result()``, ``status()``; seconds, ``None`` =
-    wait forever); ``connect_timeout`` bounds how long a submission waits for some server
-    to accept it before ``NoServersAvailable``. With ``exceptions=True`` the client asks
-    servers for WORK_EXCEPTION, so a worker's exception text reaches ``JobException``;
-    otherwise it arrives as ``JobFailed``. ``tls``: ``None`` (plain TCP), ``True`` (TLS,
-    system CA certificates), an ``ssl.SSLContext``, or ``gearoffload.tls_context()``'s
-    arguments as a dict, e.g. ``{"ca": "ca.pem", "cert": "me.pem", "key": "me.key"}``.
+    wait forever); ``connect_timeout`` bounds one connect attempt, and how long a job lost
+    with its server waits for a server to be resubmitted to. A server that cannot be
+    reached is skipped by every client of the process for ``DOWN_INTERVAL`` (0.5-1 s),
+    and a submission with every server down raises ``NoServersAvailable`` at once. With
+    ``exceptions=True`` the client asks servers for WORK_EXCEPTION, so a worker's
+    exception text reaches ``JobException``; otherwise it arrives as ``JobFailed``.
+    ``tls``: ``None`` (plain TCP), ``True`` (TLS, system CA certificates), an
+    ``ssl.SSLContext``, or ``gearoffload.tls_context()``'s arguments as a dict, e.g.
+    ``{"ca": "ca.pem", "cert": "me.pem", "key": "me.key"}``.
 
     Example::
 
@@ -1021,10 +1027,11 @@ class Client:
     def _route(self, sub: _Submission, deadline: float, patient: bool = False) -> None:
         """Send ``sub`` to the first available server, else raise ``NoServersAvailable``.
 
-        A server whose last connect attempt failed is down until its next try: unless
-        ``patient`` (a resubmission, whose caller already waits for its job), nobody
-        waits for it, so with every server down the caller knows at once. A server only
-        backing off (its connection closed soon after it opened) is waited for, until
+        A server that is down (its connect failed, or its connection died young and it
+        backs off) is not waited for: with every candidate down the caller knows at once,
+        as a web request must (a 503 now, not after a second of retries). Only a
+        ``patient`` caller (the resubmission of a job lost with its server: its caller
+        already waits for the result) waits for the next try of some server, until
         ``deadline``.
         """
         links = self._links
@@ -1060,14 +1067,20 @@ class Client:
                 except OSError:  # includes ConnectionError: that server is down
                     continue
                 return
-            waits = [link.retry_at for link in candidates
-                     if patient or link.down_since is None]
             now = time.monotonic()
-            if not waits or min(waits) >= deadline or now >= deadline:
-                raise NoServersAvailable("no job server reachable: " + ", ".join(
-                    [f"{link.name} ({link.last_error})" if link.last_error else link.name
-                     for link in candidates]))
-            gevent.sleep(max(0.0, min(waits) - now))
+            if patient:
+                next_try = min([link.retry_at for link in candidates])
+                if next_try < deadline and now < deadline:
+                    gevent.sleep(max(0.0, next_try - now))
+                    continue
+            elif any([link.available(now) and link.down_since is None
+                      for link in candidates]):
+                # Its connection closed during this pass (without failing a connect):
+                # it may be reconnected to at once.
+                continue
+            raise NoServersAvailable("no job server reachable: " + ", ".join(
+                [f"{link.name} ({link.last_error})" if link.last_error else link.name
+                 for link in candidates]))
 
     def _connection_lost(self, link: _Link, pending: list, attachments: list[_Attachment],
                          reason: BaseException | None) -> None:
@@ -1114,7 +1127,11 @@ class Client:
             log.info("resubmitting %s job (unique %r)", sub.function.decode("utf-8", "replace"),
                      sub.unique.decode("utf-8", "replace"))
             try:
-                self._route(sub, deadline, patient=True)
+                # Patient only for a job its server had accepted (the caller waits for its
+                # result anyway). One that was never accepted (sent as its connection
+                # closed: a server that died while the client was idle) is a new
+                # submission: with every server down it fails at once, like one.
+                self._route(sub, deadline, patient=sub.losses > 0)
             except NoServersAvailable as exc:
                 if sub.losses:
                     # It was accepted (and may have run) before its server went: a failed
