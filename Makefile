@@ -28,8 +28,10 @@ TEST_JOBS ?= 4
 test: $(STAMP) lint
 	$(PY) -m pytest -q -n $(TEST_JOBS) $(PYTEST_ARGS)
 
+# exec: the demo replaces the recipe's shell, so the SIGTERM make sends its child on
+# `kill -TERM <make>` reaches the demo (a shell in between died and orphaned it).
 demo: $(STAMP)
-	PORT=$(PORT) $(PY) -m examples.flask_app.demo
+	PORT=$(PORT) exec $(PY) -m examples.flask_app.demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -105,7 +105,7 @@ from .core import (
     with_remote_traceback,
 )
 from .core import outcome_fields as _outcome_fields
-from .errors import GearmanError, JobException, NoServersAvailable
+from .errors import GearmanError, JobException, JobLost, NoServersAvailable, NoWorkers
 from .registry import TaskRegistry
 from .retry import retry_policy
 
@@ -434,6 +434,12 @@ def _state() -> _AppState:
     return state
 
 
+def _unavailable(exc: GearmanError) -> HTTPException:
+    """The app-wide answer to ``NoServersAvailable``, ``NoWorkers`` and
+    ``JobLost`` raised by a view: 503 with ``Retry-After``, logged once."""
+    return _http_exception(exc, request.endpoint or "-")
+
+
 def _json_error(exc: GearmanError) -> Response:
     answer = http_error(exc)
     response = jsonify({"error": answer.message, "status": answer.status})
@@ -558,6 +564,13 @@ class GearOffload:
         blueprint.add_url_rule("/jobs/<job_id>/result", "job_result", _job_result)
         app.register_blueprint(blueprint)
         app.cli.add_command(_cli_group())
+        # An @offload call in a plain view (``report.background(...)``) with every job server
+        # down gets the 503 an offloaded view gets, not a 500; the app's own handler for
+        # these errors, registered before, is kept.
+        handlers = app.error_handler_spec.get(None, {}).get(None, {})  # read only
+        for unavailable in (NoServersAvailable, NoWorkers, JobLost):
+            if unavailable not in handlers:
+                app.register_error_handler(unavailable, _unavailable)
 
         from flask import appcontext_popped, appcontext_pushed
 

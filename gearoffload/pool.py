@@ -8,11 +8,17 @@
 With ``--tls-ca`` (and ``--tls-cert``/``--tls-key`` for mutual TLS), or the variables
 ``GEAROFFLOAD_TLS_CA/CERT/KEY``, the workers connect with TLS (docs/tls.md).
 
-The module (or ``module:attr``) is imported once in the parent, then N children are forked,
-each running a ``Worker`` with M greenlets. A child that dies is restarted with back-off
-(and logged). On SIGTERM (or SIGINT) the pool drains: every child stops grabbing, finishes
-its running jobs and exits; then the parent exits. A second signal, or ``--drain-timeout``,
-kills what is left (the servers requeue those jobs).
+The parent imports the module (or ``module:attr``) to check it, then starts N children,
+each a fresh interpreter that imports it again and runs a ``Worker`` with M greenlets (not
+a plain fork: the children run the code as it is on disk when they start, which is what
+a reload needs). A child that dies is restarted with back-off (and logged). On SIGTERM
+(or SIGINT) the pool drains: every child stops grabbing, finishes its running jobs and
+exits; then the parent exits. A second signal, or ``--drain-timeout``, kills what is left
+(the servers requeue those jobs). On SIGHUP the pool reloads, as gunicorn does: it starts
+fresh children (which import the code anew: a deploy is picked up), and once every one is
+registered with the servers it drains the old ones (SIGTERM: their running jobs finish);
+the pool serves throughout. If the new children cannot start (the new code does not
+import), the reload is abandoned, logged, and the old children keep serving.
 
 Where the tasks come from:
 
@@ -25,7 +31,7 @@ Where the tasks come from:
 - ``--wsgi module:app`` — also serve ``app`` as a WSGI app for ``OffloadMiddleware``.
 
 With ``--schedule``, one more process runs a ``gearoffload.schedule.Scheduler`` for the
-periodic tasks served (restarted if it dies, stopped on SIGTERM).
+periodic tasks served (restarted if it dies, stopped on SIGTERM, replaced on SIGHUP).
 
 Processes are for CPU-bound tasks (one core each); greenlets for I/O-bound ones.
 """
@@ -39,8 +45,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from .loading import load_registry
-from .logfmt import make_formatter
-from .supervisor import PoolConfig, run_pool
+from .supervisor import PoolConfig, configure_logging, run_pool
 
 if TYPE_CHECKING:  # imported lazily at run time: main() must monkey-patch first
     from .registry import TaskRegistry
@@ -53,7 +58,9 @@ log = logging.getLogger("gearoffload.pool")
 def parse_args(argv: list[str] | None = None) -> PoolConfig:
     parser = argparse.ArgumentParser(
         prog="gearoffload-worker",
-        description="Serve the tasks of a Python module with N processes x M greenlets.")
+        description="Serve the tasks of a Python module with N processes x M greenlets.",
+        epilog="Signals: SIGTERM or SIGINT drain (running jobs finish) and exit; SIGHUP "
+               "reloads: fresh processes import the tasks anew, then the old ones drain.")
     parser.add_argument("target", help="module to import (myapp.tasks) or module:attr, "
                         "attr being a Worker or a TaskRegistry")
     parser.add_argument("--servers", default="",
@@ -132,11 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from .core import offloader_in_use
 
     config = parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(make_formatter(
-        config.log_format, "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
-        pid=True))
-    logging.basicConfig(level=config.log_level, handlers=[handler])
+    configure_logging(config)
     try:
         registry = load_registry(config.target, config.wsgi_function)
     except (ImportError, AttributeError, TypeError, ValueError) as exc:

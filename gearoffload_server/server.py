@@ -2,8 +2,8 @@
 
 Four other modules do the work; this one wires them and owns the order of events:
 
-- ``transport.py``: a connection per socket, plain (read by the poll loop) or TLS (a
-  reader greenlet of its own), behind one interface;
+- ``transport.py``: a connection per socket, plain or TLS (a filter on the plain one),
+  all read by one poll loop, behind one interface;
 - ``state.py``: the job state (the protocol), fed packet by packet, writing replies into
   each ``Peer.out``;
 - ``commit.py``: the store's group commits and the replies that wait for them;

@@ -1477,7 +1477,9 @@ class JobServerState:
         """What is known of the job with unique ``unique``: ``(state, numerator,
         denominator, kept)``. A live job wins (``queued``, also while scheduled or waiting
         for a retry, or ``running``, with its progress); else its kept outcome (``done``,
-        ``failed``, ``dead``, with ``kept`` set); else ``unknown``."""
+        ``failed``, ``dead``, with ``kept`` set); else a dead letter with that unique, kept
+        or not (it waits for a person longer than ``--result-ttl``; found by a scan of the
+        dead letters, on this path only); else ``unknown``."""
         entry = self._uniques.get(unique) if unique else None
         if entry is not None:
             if type(entry) is Job:
@@ -1488,7 +1490,15 @@ class JobServerState:
             return state, job.numerator, job.denominator, None
         kept = self.results.get(unique) if self.results is not None and unique else None
         if kept is None:
-            return b"unknown", 0, 0, None
+            dead = next((j for j in self.dead.values() if j.unique == unique), None) \
+                if unique and self.dead else None
+            if dead is None:
+                return b"unknown", 0, 0, None
+            info = self.dead_info.get(dead.handle)
+            text = info.error.encode() if info is not None else b""
+            # Read as kept while the dead letter lasts: each read says another TTL.
+            kept = Kept(KEPT_DEAD, 0, 0, self.scheduler.now() + self.config.result_ttl,
+                        text, 0, len(text))
         return kept.state, kept.numerator, kept.denominator, kept
 
     def restore_results(self, rows: Iterable[tuple]) -> int:

@@ -17,14 +17,16 @@ def server_context(cert: str, key: str | None = None, ca: str | None = None,
     """A server-side context: TLS 1.2 or newer, our certificate chain, and with ``ca``
     client certificates checked against it (required, or optional but verified).
 
-    gevent's ``SSLContext``, so that its sockets cooperate with the event loop whether or
-    not the process is monkey-patched. Raises ``OSError``/``ssl.SSLError`` on a file that
-    cannot be read or is not what it should be.
+    The server makes no TLS sockets from it: each ``TlsConnection`` gets an ``SSLObject``
+    from ``wrap_bio`` and the poll loop does the I/O (``transport.py``); gevent's class is
+    kept so that a socket wrapped with it elsewhere would still cooperate with the loop.
+    Raises ``OSError``/``ssl.SSLError`` on a file that cannot be read or is not what it
+    should be.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    # Renegotiation would let a TLS 1.2 read need a write (and the reverse) behind the
-    # back of the connection's reader and writer greenlets.
+    # Renegotiation would let a TLS 1.2 write of a reply need the peer's answer first
+    # (SSLWantReadError from SSLObject.write), which the poll loop does not wait for.
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     context.load_cert_chain(cert, key or None)
     if ca:

@@ -1,5 +1,5 @@
 """Connections: one interface for plain and TLS sockets, and the poll loop that reads
-the plain ones.
+them all.
 
 The shell (``server.py``) makes a connection with ``accept()`` and calls ``serve()`` in the
 greenlet gevent gave the socket; after that it only ever calls the interface below, the
@@ -12,7 +12,7 @@ same for both kinds:
 - ``backlog``, ``closing``, ``joined``: what ``flush`` and the sweep read.
 
 A ``Connection`` owns its ``Peer`` (the protocol state) and is found from it through the
-shell's ``connections`` map. A plain one is read by the ``Poller``, one greenlet for all:
+shell's ``connections`` map. Every one is read by the ``Poller``, one greenlet for all:
 it reads every socket that is ready (a chunk each), decodes every whole packet or admin
 line in it, applies them to the state, and when the round is done the shell sends each
 peer everything the round produced for it in one non-blocking write. Compared with a
@@ -22,14 +22,17 @@ job (see benchmarks/README.md). Output the kernel does not take at once waits in
 connection's backlog for EPOLLOUT, so a client that never reads blocks nobody (and is
 disconnected once ``--max-output-buffer`` bytes pile up for it).
 
-TLS cannot be read from the raw descriptor, so a ``TlsConnection`` (``--tls-cert``) has its
-own reader greenlet, and a writer greenlet that drains its backlog; it flushes after each
-read, as the poller does after each round. Behind the interface above the shell does not
-see the difference.
+A ``TlsConnection`` (``--tls-cert``) is the same connection with TLS as a filter: the
+poll loop reads its raw bytes into an ``ssl.MemoryBIO``, an ``SSLObject`` turns them into
+plaintext for the same decoder, and its output is encrypted into records that take the
+same non-blocking path (backlog, EPOLLOUT). It joins the state once its handshake has
+succeeded, within ``--idle-timeout`` (``HANDSHAKE_TIMEOUT`` when that is 0). Behind the
+interface above the shell does not see the difference, and the plain path pays nothing
+for it: the TLS class overrides only where plaintext meets the socket.
 
 Example (what ``GearmanServer.handle`` does)::
 
-    conn = accept(server, sock, address)   # None: the TLS wrap failed (already logged)
+    conn = accept(server, sock, address)   # None: TLS could not start (already logged)
     if conn is not None:
         conn.serve()                       # returns once the connection is over
 """
@@ -97,18 +100,16 @@ def accept(server: Shell, sock: socket.socket, address: tuple) -> Connection | N
     if server.tls_context is None:
         return Connection(server, sock, address)
     try:
-        tls_sock = server.tls_context.wrap_socket(
-            sock, server_side=True, do_handshake_on_connect=False)
-    except (OSError, ValueError) as exc:  # e.g. reset before we got to it
+        return TlsConnection(server, sock, address)
+    except (OSError, ValueError) as exc:  # ssl.SSLError: e.g. out of memory in OpenSSL
         log.info("%s: cannot start TLS: %s", address[0], exc,
                  extra={"event": "tls.handshake_failed", "peer": address[0]})
         sock.close()
         return None
-    return TlsConnection(server, tls_sock, address)
 
 
 class Poller:
-    """The poll loop: one greenlet reads every plain connection that is ready, then calls
+    """The poll loop: one greenlet reads every connection that is ready, then calls
     ``after_round`` (the shell's ``flush``) once. Started by the first ``register``."""
 
     def __init__(self, after_round) -> None:
@@ -271,7 +272,7 @@ class Connection:
     def wake(self) -> None:
         """Send what the state queued for this peer, without ever blocking the caller."""
         if self.backlog is not None:
-            return  # on_writable() (TLS: the writer greenlet) sends ``peer.out`` after it
+            return  # on_writable() sends ``peer.out`` after it
         # Peer.take_output(), inlined: calling it cost 0.4 µs per job (echo A/B, measured).
         peer = self.peer
         out = peer.out
@@ -334,7 +335,7 @@ class Connection:
         self._log_close(reason)
         server = self.server
         held = self.peer in self._held
-        server.poller.unregister(self)  # a no-op for TLS connections: never registered
+        server.poller.unregister(self)
         if self.joined:
             server.state.disconnect(self.peer)
             server.flush()  # a last ERROR for this peer; requeues may have woken workers
@@ -425,171 +426,202 @@ class Connection:
 
 
 class TlsConnection(Connection):
-    """One accepted TLS socket (``--tls-cert``): a greenlet of its own reads it, another
-    writes it.
+    """One accepted TLS socket (``--tls-cert``): a plain ``Connection`` with TLS as a
+    filter between the descriptor and the decoder, read by the same poll loop.
 
-    TLS cannot be read with ``os.read`` on the descriptor, so these connections stay out of
-    the poll loop: ``serve()`` does the handshake (bounded by ``--idle-timeout``, or
-    ``HANDSHAKE_TIMEOUT``), then reads with the SSL socket's ``recv`` and hands the data to
-    the same decoder and state, flushing after each read. Writes never block the caller:
-    ``wake()``/``release()`` append to ``backlog`` and the writer greenlet drains it with
-    ``sendall``; while it is busy, new output stays in ``peer.out``, so
-    ``--max-output-buffer`` and held (group-commit) output work as for plain connections.
+    The stdlib's ``SSLObject`` over two ``MemoryBIO``: what ``os.read`` returns goes into
+    ``_incoming``; the handshake, then ``read()`` until it wants more, turn it into
+    plaintext for the decoder (one raw chunk may hold several records, or the end of the
+    handshake and the first packets). Every write of plaintext goes through
+    ``SSLObject.write`` and whatever ``_outgoing`` then holds takes the plain connection's
+    non-blocking path (``backlog``, EPOLLOUT); so does what the handshake and reads
+    produce (session tickets, alerts). Records leave in the order the ``SSLObject`` made
+    them, which TLS requires: raw bytes queue behind ``backlog`` when there is one.
+
+    The state learns of the peer (``joined``) once the handshake has succeeded; a timer
+    bounds the handshake by ``--idle-timeout`` (``HANDSHAKE_TIMEOUT`` when that is 0),
+    and the idle sweep skips connections that have not joined.
     """
 
-    __slots__ = ("_reader", "_writer", "_wakeup", "_reaper")
+    __slots__ = ("_tls", "_incoming", "_outgoing", "_timer")
 
-    def __init__(self, server: Shell, sock, address: tuple) -> None:
+    def __init__(self, server: Shell, sock: socket.socket, address: tuple) -> None:
         super().__init__(server, sock, address)
-        self._reader: gevent.Greenlet | None = None
-        self._writer: gevent.Greenlet | None = None
-        self._wakeup = Event()
-        self._reaper: gevent.Greenlet | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = server.tls_context.wrap_bio(self._incoming, self._outgoing,
+                                                server_side=True)
+        self._timer: gevent.Greenlet | None = None
 
     def serve(self) -> None:
-        """The connection's greenlet: handshake, then read until the end."""
-        self._reader = gevent.getcurrent()
+        """The connection's greenlet: register with the poll loop (the handshake happens
+        there, bounded by a timer), wait for the end."""
+        timeout = self.server.config.idle_timeout or HANDSHAKE_TIMEOUT
+        self._timer = gevent.spawn_later(timeout, self._handshake_timeout, timeout)
+        self.server.poller.register(self)
         try:
-            if self._handshake():
-                self.server.state.connect(self.peer)
-                self.joined = True
-                self._writer = gevent.spawn(self._write_loop)
-                self._read_loop()
-        except gevent.GreenletExit:
-            pass  # abort() from another greenlet
+            self.done.wait()
         finally:
             self.close("")
-            self.done.wait()
             self.sock.close()
 
-    def _handshake(self) -> bool:
-        config = self.server.config
-        timeout = config.idle_timeout or HANDSHAKE_TIMEOUT
-        try:
-            with gevent.Timeout(timeout, TimeoutError(f"no TLS handshake within {timeout:g}s")):
-                self.sock.do_handshake()
-        except (OSError, ValueError) as exc:  # ssl.SSLError, a reset, our TimeoutError
-            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-            # A peer gone before a word (port probes, health checks) is not worth a warning.
-            gone = isinstance(exc, (ssl.SSLEOFError, ConnectionResetError))
-            log.log(logging.INFO if gone else logging.WARNING,
-                    "%s fd=%d TLS handshake failed: %s", self.peer.address, self.fd, reason,
-                    extra={"event": "tls.handshake_failed", "peer": self.peer.address,
-                           "fd": self.fd})
-            return False
-        return not self.closing
+    def _handshake_timeout(self, timeout: float) -> None:
+        self._timer = None
+        if not self.joined and not self.closed:
+            self._handshake_failed(f"no TLS handshake within {timeout:g}s", gone=False)
 
-    def _read_loop(self) -> None:
-        recv = self.sock.recv
+    def on_readable(self) -> None:
+        try:
+            data = os.read(self.fd, RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if self.joined or self.closing:
+                self.close(f"socket error: {exc}")
+            else:  # a reset during the handshake: a peer gone, not worth a warning
+                self._handshake_failed(str(exc), gone=isinstance(exc, ConnectionResetError))
+            return
+        if not data:
+            if self.joined or self.closing:
+                self.close("" if self.closing else "closed by peer")
+            else:  # port probes and health checks leave before a word
+                self._handshake_failed("closed by the peer before the handshake ended",
+                                       gone=True)
+            return
+        self._incoming.write(data)
+        if not self.joined and not self._handshake():
+            return
+        tls_read = self._tls.read
         dispatch = self.decoder.dispatch
-        flush = self.server.flush
         while not self.closing:
             try:
-                data = recv(RECV_SIZE)
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                plain = tls_read(RECV_SIZE)
+            except ssl.SSLWantReadError:
+                break  # the rest of a record is still on its way
+            except ssl.SSLZeroReturnError:  # close_notify once ours has gone: not here
+                plain = b""
+            except ssl.SSLError as exc:  # costs this connection only
                 self.close(f"socket error: {exc}")
                 return
-            if not data:
+            if not plain:  # the peer's close_notify; close() answers it
                 self.close("closed by peer")
                 return
-            self.nread += len(data)
+            self.nread += len(plain)  # plaintext: what --idle-timeout's partial check counts
             try:
-                dispatch(data, self._on_packet, self._on_line)
+                dispatch(plain, self._on_packet, self._on_line)
             except ProtocolError as exc:
                 self._refuse(exc)
                 return
-            except Exception:  # a bug must cost one connection, not the server
-                self._log_internal_error()
-                self.abort("internal error")
-                return
-            try:
-                flush()
-            except Exception:
-                log.exception("flush failed", extra={"event": "server.flush_failed"})
+        if self._outgoing.pending and not self.closing:  # e.g. a KeyUpdate reply
+            self._send_raw(self._outgoing.read())
+        if self.closing:
+            self.close("")  # abort() has said why
 
-    def _write_loop(self) -> None:
-        """Drain ``backlog`` (then ``peer.out``) until the connection is closed and the
-        last output delivered; sets ``done``."""
+    def _handshake(self) -> bool:
+        """Advance the handshake with what ``_incoming`` holds; True once it is done and
+        the peer has joined the state."""
         try:
-            while True:
-                self._wakeup.wait()
-                self._wakeup.clear()
-                self._drain()
-                if self.closed:
-                    return
-        except gevent.GreenletExit:
-            pass
-        except (OSError, ValueError) as exc:
-            if not self.closed:
-                self.abort(f"write failed: {exc}", logging.INFO)
-        finally:
-            if self._reaper is not None:
-                self._reaper.kill(block=False)
-            self.done.set()
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._send_raw(self._outgoing.read())  # e.g. our ServerHello flight
+            return False
+        except ssl.SSLError as exc:  # not TLS, a refused certificate, ...
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            self._handshake_failed(reason, gone=isinstance(exc, ssl.SSLEOFError))
+            return False
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.kill(block=False)
+        self.server.state.connect(self.peer)
+        self.joined = True
+        # --idle-timeout counts from here: the handshake had its own timer.
+        self._quiet_since = time.monotonic()
+        self._send_raw(self._outgoing.read())  # TLS 1.3 session tickets
+        return True
 
-    def _drain(self) -> None:
-        sendall = self.sock.sendall
-        peer = self.peer
-        while True:
-            backlog = self.backlog
-            if backlog is None:
-                return
-            # Held peers wait: see commit.py.
-            if not self.closed and peer.out and peer not in self._held:
-                backlog += peer.take_output()
-            if not backlog:
-                self.backlog = None
-                return
-            data = bytes(backlog)
-            del backlog[:]
-            sendall(data)  # only this greenlet blocks; release() appends meanwhile
-
-    def on_readable(self) -> None:  # never in the poll loop
-        raise AssertionError("TLS connections are read by their own greenlet")
-
-    def on_writable(self) -> None:
-        if self.backlog is not None:
-            self._wakeup.set()
+    def _handshake_failed(self, reason: str, gone: bool) -> None:
+        """Log one line and close; the alert the ``SSLObject`` wrote, if any, goes out."""
+        log.log(logging.INFO if gone else logging.WARNING,
+                "%s fd=%d TLS handshake failed: %s", self.peer.address, self.fd, reason,
+                extra={"event": "tls.handshake_failed", "peer": self.peer.address,
+                       "fd": self.fd})
+        self.close("")
 
     def _send_now(self, data: bytes) -> None:
-        if self.closing or not data:
+        """Encrypt ``data`` and send the records (``wake()`` and ``release()``)."""
+        if self.closed or not data or not self.joined:
             return
-        self.backlog = bytearray(data)
-        self._wakeup.set()
+        try:
+            self._tls.write(data)
+        except ssl.SSLError as exc:
+            self.abort(f"TLS write failed: {exc}", logging.INFO)
+            return
+        self._send_raw(self._outgoing.read())
 
-    def close(self, reason: str) -> None:
-        """Leave the state; let the writer deliver what is queued (bounded), then end."""
-        if self.closed:
+    def _send_raw(self, raw: bytes) -> None:
+        """Send records: behind ``backlog`` when there is one (TLS needs their order)."""
+        if not raw or self.closed:
+            return
+        if self.backlog is not None:
+            self.backlog += raw  # EPOLLOUT is on already
+        else:
+            Connection._send_now(self, raw)
+
+    def release(self, count: int) -> None:
+        """As ``Connection.release``, but the plaintext is encrypted before it is queued."""
+        out = self.peer.out
+        count = min(count, len(out))
+        if not count or self.closing:
+            return
+        data = b"".join(out[:count])
+        del out[:count]
+        self.peer.out_bytes -= len(data)
+        self._send_now(data)
+
+    def on_writable(self) -> None:
+        backlog = self.backlog
+        if backlog is None or self.closed:
             return
         peer = self.peer
-        held = self._leave(reason)
-        if peer.out and not held:
-            if self.backlog is None:
-                self.backlog = bytearray()
-            self.backlog += peer.take_output()
-        writer = self._writer
-        if writer is None or writer.dead:
-            self.done.set()
-        else:
-            if self.backlog is not None:  # busy, or output left to deliver
-                # Bounded, so a peer that never reads holds nothing for long.
-                self._reaper = gevent.spawn_later(CLOSE_FLUSH_TIMEOUT, writer.kill,
-                                                  block=False)
-            self._wakeup.set()
-        reader = self._reader
-        if reader is not None and reader is not gevent.getcurrent():
-            reader.kill(block=False)
+        if peer.out and peer not in self._held:  # held peers wait: see commit.py
+            try:
+                self._tls.write(peer.take_output())
+            except ssl.SSLError as exc:
+                self.abort(f"TLS write failed: {exc}", logging.INFO)
+                return
+            backlog += self._outgoing.read()
+        Connection.on_writable(self)
 
-    def abort(self, reason: str, level: int = logging.WARNING) -> None:
-        """Disconnect this peer at once, dropping its unsent output; never blocks."""
-        if self.closing:
+    def close(self, reason: str) -> None:
+        """Leave the poll loop and the state; deliver what is queued, encrypted, then
+        close_notify (bounded by ``CLOSE_FLUSH_TIMEOUT``). After ``abort()``, nothing."""
+        if self.closed:
             return
-        self._drop_output(reason, level)
-        current = gevent.getcurrent()
-        for greenlet in (self._writer, self._reader):
-            if greenlet is not None and greenlet is not current:
-                greenlet.kill(block=False)
-        # The reader's ``finally`` (or its loop, when it is the caller) closes us.
+        timer, self._timer = self._timer, None
+        if timer is not None and timer is not gevent.getcurrent():
+            timer.kill(block=False)
+        aborted = self.closing
+        peer = self.peer
+        held = self._leave(reason)
+        rest = self.backlog or bytearray()
+        self.backlog = None
+        if not aborted:
+            tls = self._tls
+            try:
+                if self.joined:
+                    if peer.out and not held:
+                        tls.write(peer.take_output())
+                    tls.unwrap()  # close_notify
+            except ssl.SSLWantReadError:
+                pass  # the peer's close_notify is not awaited
+            except (ssl.SSLError, ValueError):
+                pass  # a broken session: no more records, maybe an alert below
+            rest += self._outgoing.read()  # or the alert of a failed handshake
+        if rest:
+            # From a greenlet of its own and bounded, so a slow reader blocks nobody.
+            gevent.spawn(self._deliver_then_done, bytes(rest))
+        else:
+            self.done.set()
 
 
 def unsent(conn: Connection) -> int:

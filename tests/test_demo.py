@@ -1,5 +1,6 @@
 """``make demo``'s script: server + worker pool + the example app, real processes and real
-HTTP; then SIGINT stops everything it started."""
+HTTP; then SIGINT stops everything it started; and ``make demo`` itself, signalled, leaves
+nothing behind."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
-from conftest import ROOT, free_port
+import pytest
+
+from conftest import ROOT, free_port, need_tool, poll_until
 
 
 def get(url: str) -> tuple[int, str]:
@@ -39,6 +43,7 @@ def test_demo_serves_every_piece_and_stops_its_children_on_sigint(tmp_path):
             time.sleep(0.1)
         base = f"http://127.0.0.1:{web_port}"
         assert f"{base}/stampede" in (tmp_path / "demo.log").read_text()
+        assert f"{base}/flaky " in (tmp_path / "demo.log").read_text()
         status, body = get(f"{base}/primes/1000")
         assert status == 200 and "168 primes up to 1000" in body
         worker_pid = int(re.search(r"by worker process (\d+)", body).group(1))
@@ -76,3 +81,86 @@ def test_demo_serves_every_piece_and_stops_its_children_on_sigint(tmp_path):
     for p in (port, web_port, status_port):  # the children are gone with their sockets
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", p)) != 0
+
+
+def alive(pid: int) -> bool:
+    """``pid`` runs (a zombie whose parent has not reaped it yet does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """``{pid: command line}`` of every live process below ``pid``, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child, its_parent in parents.items():
+            if its_parent == parent and alive(child):
+                try:
+                    found[child] = Path(f"/proc/{child}/cmdline").read_bytes().replace(
+                        b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                todo.append(child)
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
+def test_make_demo_leaves_nothing_when_make_is_signalled(tmp_path, sig):
+    """``kill -TERM <make>``: make passes SIGTERM to the demo (the recipe execs it: no
+    shell in between to die alone); ``kill -KILL <make>``: the demo gets SIGTERM from the
+    kernel (PR_SET_PDEATHSIG). Either way the demo stops the server and the pool, and the
+    ports are free again within seconds."""
+    make = need_tool("make", "make")
+    port, web_port, status_port = free_port(), free_port(), free_port()
+    env = dict(os.environ, PORT=str(port), WEB_PORT=str(web_port), STATUS_PORT=str(status_port),
+               GEAROFFLOAD_DEMO_STATE=str(tmp_path), PYTHONPATH=str(ROOT),
+               XDG_STATE_HOME=str(tmp_path), MAKEFLAGS="")
+    env.pop("GEAROFFLOAD_SERVERS", None)
+    log_path = tmp_path / "make.log"
+    with open(log_path, "w") as log:
+        # This interpreter's venv, and no reinstall: the stamp counts as up to date.
+        proc = subprocess.Popen([make, "--no-print-directory", "-o", ".venv/.installed-stamp",
+                                 "demo", f"PY={sys.executable}"], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    seen: dict[int, str] = {}
+    try:
+        assert poll_until(lambda: "Ctrl-C stops everything" in log_path.read_text()
+                          or proc.poll() is not None, 40), log_path.read_text()
+        assert proc.poll() is None, log_path.read_text()
+        seen = descendants(proc.pid)
+        demo = [pid for pid, command in seen.items() if "examples.flask_app.demo" in command]
+        assert len(demo) == 1, seen
+        # The demo is make's own child: no shell in between.
+        assert int(Path(f"/proc/{demo[0]}/stat").read_text().rsplit(")", 1)[1].split()[1]) \
+            == proc.pid
+        assert any("gearoffload_server" in command for command in seen.values()), seen
+        assert any("gearoffload.pool" in command for command in seen.values()), seen
+        started = time.monotonic()
+        os.kill(proc.pid, sig)
+        proc.wait(20)
+        assert poll_until(lambda: not any(alive(pid) for pid in seen), 20), \
+            ({pid: seen[pid] for pid in seen if alive(pid)}, log_path.read_text())
+        for p in (port, web_port, status_port):
+            with socket.socket() as s:
+                assert s.connect_ex(("127.0.0.1", p)) != 0, p
+        assert time.monotonic() - started < 20
+    finally:
+        for pid in seen:  # only what this test started, by PID
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    if sig == signal.SIGTERM:
+        assert "gearoffload demo: stopped" in log_path.read_text()

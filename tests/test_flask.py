@@ -13,6 +13,7 @@ import pytest
 from flask import Flask, abort, jsonify, make_response, redirect, request, session
 from gevent.event import Event
 
+import gearoffload.errors
 import gearoffload.offloading
 from conftest import ServerProcess, free_port, gevent_time_limit, start_worker
 from gearoffload import Worker
@@ -377,6 +378,37 @@ def test_no_server_is_503_or_local_fallback():
     assert client.get("/local").text == "ran here"
     app = make_app(f"127.0.0.1:{free_port()}", GEAROFFLOAD_FALLBACK="local")
     assert app.test_client().get("/text").text == "hello from here"
+
+
+def test_an_offload_call_in_a_plain_view_with_no_server_is_503_not_500():
+    """``.background()`` called from an ordinary view, every job server down: the app
+    answers as an offloaded view does (503, Retry-After), unless it handles it itself."""
+    for own_handler in (False, True):
+        app = Flask(__name__)
+        app.secret_key = "test"
+        app.config.update(GEAROFFLOAD_SERVERS=f"127.0.0.1:{free_port()}",
+                          GEAROFFLOAD_CONNECT_TIMEOUT=0.5)
+        if own_handler:
+            @app.errorhandler(gearoffload.errors.NoServersAvailable)
+            def queue_later(exc):
+                return "saved for later", 202
+        GearOffload(app)
+
+        @gearoffload.offloading.offload(name="test_flask.send_mail")
+        def send_mail(to: str) -> str:
+            return to
+
+        @app.post("/mail")
+        def mail():
+            send_mail.background("bob")
+            return "sent", 200
+
+        response = app.test_client().post("/mail")
+        if own_handler:
+            assert (response.status_code, response.text) == (202, "saved for later")
+        else:
+            assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+            assert "No job server is reachable" in response.text
 
 
 @pytest.mark.parametrize("key,value,message", [

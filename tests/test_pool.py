@@ -18,7 +18,7 @@ import gevent
 import gevent.subprocess
 import pytest
 
-from conftest import ROOT, gevent_time_limit
+from conftest import ROOT, gevent_time_limit, poll_until
 from gearoffload import Client, TaskRegistry, Worker
 from gearoffload.loading import load_registry
 from gearoffload.pool import PoolConfig, parse_args
@@ -51,12 +51,13 @@ time_limit = gevent_time_limit(TEST_TIME_LIMIT)
 class Pool:
     """A ``gearoffload-worker`` process, stopped by its PID."""
 
-    def __init__(self, tmp_path: Path, servers: str, *args: str, module: str = "pooltasks"):
-        (tmp_path / f"{module}.py").write_text(TASKS)
+    def __init__(self, tmp_path: Path, servers: str, *args: str, module: str = "pooltasks",
+                 source: str = TASKS, env: dict[str, str] | None = None):
+        (tmp_path / f"{module}.py").write_text(source)
         self.log_path = tmp_path / "pool.log"
         command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m",
                                                           "gearoffload.pool"]
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
         with open(self.log_path, "wb") as log:
             self.proc = gevent.subprocess.Popen(
                 [*command, module, "--servers", servers, *args],
@@ -75,8 +76,8 @@ class Pool:
 def pool_factory(tmp_path) -> Iterator:
     pools: list[Pool] = []
 
-    def start(servers: str, *args: str) -> Pool:
-        pool = Pool(tmp_path, servers, *args)
+    def start(servers: str, *args: str, **options) -> Pool:
+        pool = Pool(tmp_path, servers, *args, **options)
         pools.append(pool)
         return pool
 
@@ -217,3 +218,173 @@ def test_bad_servers_stop_the_pool_at_start_in_one_line(args, env, message):
 def test_an_empty_servers_variable_means_the_default(monkeypatch):
     monkeypatch.setenv("GEAROFFLOAD_SERVERS", "")
     assert parse_args(["m"]).servers == ("127.0.0.1:4730",)
+
+
+# -- SIGHUP: a graceful reload --------------------------------------------------------------
+
+RELOADED = """
+import os
+import time
+
+import gearoffload
+from gearoffload import offload
+
+VERSION = {version!r}
+
+
+@gearoffload.task("version")
+def version(job):
+    return VERSION + " " + str(os.getpid())
+
+
+@gearoffload.task("nap")
+def nap(job):
+    seconds, _, token = job.text.partition(" ")
+    time.sleep(float(seconds))
+    with open("runs.log", "a") as runs:  # one short append: lines never interleave
+        runs.write(token + "\\n")
+    return "rested " + token
+
+
+@offload(every=1, missed="none")
+def beat():
+    with open("beats.log", "a") as beats:
+        beats.write(VERSION + "\\n")
+"""
+
+RELOAD_ENV = {
+    # v1 and v2 may be written within the same second: a .pyc checked by mtime could
+    # hide the change (sizes differ too, but this is the test's subject).
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "GEAROFFLOAD_SECRET_KEY": "reload-test-secret-0123456789abcdef",
+}
+
+
+def pool_children(pid: int) -> set[int]:
+    """The live (not zombie) child processes of ``pid``, from /proc."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat.rsplit(")", 1)[1].split()  # after "(comm)", which may hold spaces
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(entry))
+    return found
+
+
+def versions(client: Client, want: int, timeout: float = 15) -> dict[int, str]:
+    """``{pid: version}`` of the processes answering ``version``, until ``want`` of them."""
+    seen: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    while len(seen) < want and time.monotonic() < deadline:
+        for job in client.submit_many([("version", b"")] * 20):
+            text, pid = job.result(10).decode().rsplit(" ", 1)
+            seen[int(pid)] = text
+    return seen
+
+
+def wait_in_log(pool: Pool, text: str, timeout: float = 20, count: int = 1) -> None:
+    assert poll_until(lambda: pool.log().count(text) >= count, timeout), pool.log()
+
+
+def test_sighup_reloads_new_code_and_loses_no_job(server, pool_factory, tmp_path):
+    """A running job finishes once in its old process; fresh processes import the task
+    module as rewritten on disk; jobs submitted during the reload run once each."""
+    pool = pool_factory(server.address, "--processes", "2", "--concurrency", "2",
+                        module="reloadtasks", source=RELOADED.format(version="v1"),
+                        env=RELOAD_ENV)
+    with Client(server.address) as client:
+        before = versions(client, want=2)
+        assert set(before.values()) == {"v1"} and len(before) == 2, pool.log()
+        assert set(before) == pool_children(pool.proc.pid)
+        long = client.submit("nap", b"2.0 long")
+        assert poll_until(lambda: long.status().running, 5)
+        (tmp_path / "reloadtasks.py").write_text(RELOADED.format(version="v2 (deployed)"))
+        pool.proc.send_signal(signal.SIGHUP)
+        during = client.submit_many([("nap", f"0.05 during-{i}".encode()) for i in range(20)])
+        wait_in_log(pool, "reloaded: 2 fresh processes serve")
+        assert long.result(15) == b"rested long"
+        assert sorted(job.result(15) for job in during) == sorted(
+            f"rested during-{i}".encode() for i in range(20))
+        after = versions(client, want=2)
+        assert set(after.values()) == {"v2 (deployed)"} and len(after) == 2
+        assert not set(after) & set(before)
+        # The old processes drained and left; the new ones are all that is left.
+        assert poll_until(lambda: pool_children(pool.proc.pid) == set(after), 10), pool.log()
+    runs = (tmp_path / "runs.log").read_text().split()
+    assert runs.count("long") == 1
+    assert sorted(runs) == sorted(["long", *(f"during-{i}" for i in range(20))])
+    for pid in before:  # logged once reaped, a moment after /proc shows them gone
+        wait_in_log(pool, f"(pid {pid}) exited (exit status 0)", timeout=5)
+    log = pool.log()
+    assert pool.proc.poll() is None
+    assert " INFO gearoffload.pool: SIGHUP: reloading reloadtasks: starting 2 fresh " in log
+    assert not [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
+
+
+def test_sighup_during_a_reload_and_the_scheduler_is_replaced(our_server, pool_factory,
+                                                              tmp_path):
+    """Three SIGHUPs in a row: the pool ends with one fresh generation (and one scheduler)
+    serving the newest code, a job running throughout finishes once, nothing is logged
+    above INFO, and the periodic task keeps running."""
+    pool = pool_factory(our_server.address, "--processes", "1", "--concurrency", "2",
+                        "--schedule", module="reloadtasks",
+                        source=RELOADED.format(version="v1"), env=RELOAD_ENV)
+    with Client(our_server.address) as client:
+        before = versions(client, want=1)
+        assert set(before.values()) == {"v1"}
+        assert poll_until(lambda: (tmp_path / "beats.log").exists(), 15), pool.log()
+        children = pool_children(pool.proc.pid)
+        assert len(children) == 2  # a worker and the scheduler
+        long = client.submit("nap", b"2.5 long")
+        assert poll_until(lambda: long.status().running, 5)
+        (tmp_path / "reloadtasks.py").write_text(RELOADED.format(version="v2"))
+        pool.proc.send_signal(signal.SIGHUP)
+        gevent.sleep(0.2)
+        pool.proc.send_signal(signal.SIGHUP)
+        (tmp_path / "reloadtasks.py").write_text(RELOADED.format(version="v3 (last)"))
+        pool.proc.send_signal(signal.SIGHUP)
+        wait_in_log(pool, "reloaded: 2 fresh processes serve")
+        assert long.result(15) == b"rested long"
+        # Every process of the first two generations leaves: a worker and a scheduler.
+        assert poll_until(lambda: len(pool_children(pool.proc.pid)) == 2
+                          and not pool_children(pool.proc.pid) & children, 15), pool.log()
+        assert set(versions(client, want=1).values()) == {"v3 (last)"}
+        # The new scheduler submits the beats, run by the new worker.
+        assert poll_until(lambda: (tmp_path / "beats.log").read_text().split()[-1:]
+                          == ["(last)"], 10), (tmp_path / "beats.log").read_text()
+    log = pool.log()
+    assert pool.proc.poll() is None
+    assert "SIGHUP during a reload: replacing its 2 new processes too" in log
+    assert log.count("started scheduler process 1") >= 2
+    assert (tmp_path / "runs.log").read_text().split() == ["long"]
+    assert not [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
+    # SIGTERM still drains everything and exits 0.
+    pool.proc.send_signal(signal.SIGTERM)
+    assert pool.proc.wait(15) == 0
+
+
+def test_a_reload_whose_code_does_not_import_keeps_the_old_processes(our_server,
+                                                                     pool_factory, tmp_path):
+    pool = pool_factory(our_server.address, "--processes", "1", module="reloadtasks",
+                        source=RELOADED.format(version="v1"), env=RELOAD_ENV)
+    with Client(our_server.address) as client:
+        before = versions(client, want=1)
+        (tmp_path / "reloadtasks.py").write_text("def broken(:\n")
+        pool.proc.send_signal(signal.SIGHUP)
+        wait_in_log(pool, "reload failed: ")
+        assert versions(client, want=1) == before  # the old process still serves
+        assert pool_children(pool.proc.pid) == set(before)
+        # A fixed deploy reloads.
+        (tmp_path / "reloadtasks.py").write_text(RELOADED.format(version="v2"))
+        pool.proc.send_signal(signal.SIGHUP)
+        wait_in_log(pool, "reloaded: 1 fresh processes serve")
+        assert set(versions(client, want=1).values()) == {"v2"}
+    log = pool.log()
+    assert "cannot load tasks from reloadtasks: SyntaxError" in log
+    assert "exited (exit status 2) before it served; the old processes keep serving" in log
+    assert pool.proc.poll() is None

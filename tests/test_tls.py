@@ -12,6 +12,7 @@ import ipaddress
 import os
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import gevent
+import gevent.socket
 import pytest
 
 from conftest import need_module
@@ -324,6 +326,268 @@ def test_tls_client_that_never_reads_blocks_nobody(certs, servers):
     assert server.proc.poll() is None
     assert sent > 0
     assert "bytes of replies unread" in server.stderr_text()
+
+
+# -- the poll loop's TLS filter (issue 18): what reading TLS from a MemoryBIO can get wrong --
+
+HEADER = struct.Struct(">4sII")
+
+
+class BioClient:
+    """A TLS client over ``ssl.MemoryBIO`` on a gevent socket, so that the test decides
+    which bytes leave in which write (and a worker in this process keeps running)."""
+
+    def __init__(self, port: int, ca: Path, timeout: float = 10.0) -> None:
+        self.sock = gevent.socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        context = ssl.create_default_context(cafile=str(ca))
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing,
+                                    server_hostname="127.0.0.1")
+        self.plain = b""
+
+    def handshake(self) -> None:
+        """Handshake, leaving our last flight (TLS 1.3: the client's Finished) unsent."""
+        while True:
+            try:
+                self.tls.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.outgoing.read())
+                self._feed()
+
+    def _feed(self) -> None:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError("closed by the server")
+        self.incoming.write(data)
+
+    def send(self, *plaintexts: bytes) -> None:
+        """One TLS record per plaintext, and everything pending in one raw write."""
+        for data in plaintexts:
+            self.tls.write(data)
+        self.sock.sendall(self.outgoing.read())
+
+    def packet(self) -> tuple[int, bytes]:
+        """The next reply packet: (type, body)."""
+        while True:
+            if len(self.plain) >= HEADER.size:
+                magic, kind, size = HEADER.unpack_from(self.plain)
+                assert magic == b"\0RES", self.plain[:20]
+                if len(self.plain) >= HEADER.size + size:
+                    body = self.plain[HEADER.size:HEADER.size + size]
+                    self.plain = self.plain[HEADER.size + size:]
+                    return kind, body
+            try:
+                data = self.tls.read(1 << 16)
+            except ssl.SSLWantReadError:
+                self._feed()
+                continue
+            except ssl.SSLZeroReturnError:  # the server's, after ours
+                data = b""
+            if not data:  # the server's close_notify (read() returns b"" before ours)
+                raise EOFError("close_notify")
+            self.plain += data
+
+    def read_until_closed(self, timeout: float) -> bool:
+        """Read raw bytes (never decrypted) until the server closes: True if it did."""
+        self.sock.settimeout(timeout)
+        try:
+            while self.sock.recv(1 << 16):
+                pass
+        except ConnectionResetError:
+            pass
+        except OSError:  # timeout: still open
+            return False
+        return True
+
+
+def new_log_lines(server: ServerProcess, seen: int) -> list[str]:
+    return server.stderr_text().splitlines()[seen:]
+
+
+def test_end_of_handshake_and_first_packets_in_one_write(certs, tls_srv):
+    """The client's Finished and its first two records reach the server in one raw read:
+    the handshake ends and both packets are decoded from the same chunk."""
+    client = BioClient(tls_srv.port, certs.ca)
+    client.handshake()
+    assert client.tls.version() == "TLSv1.3"
+    assert client.outgoing.pending  # our Finished: not sent yet
+    client.send(encode_request(T.SUBMIT_JOB, b"nobody", b"u1", b"payload"),
+                encode_request(T.ECHO_REQ, b"and an echo"))
+    kind, handle = client.packet()
+    assert kind == T.JOB_CREATED and handle.startswith(b"H:test")
+    assert client.packet() == (T.ECHO_RES, b"and an echo")
+    client.sock.close()
+
+
+def test_tls_1_2_peer(certs, tls_srv):
+    """Under TLS 1.2 the server's handshake ends by sending its Finished: it must leave."""
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    with working(upper_worker(tls_srv, context)):
+        assert round_trip(tls_srv, context) == b"PING"
+    client = BioClient(tls_srv.port, certs.ca)
+    client.tls = context.wrap_bio(client.incoming, client.outgoing,
+                                  server_hostname="127.0.0.1")
+    client.handshake()
+    assert client.tls.version() == "TLSv1.2"
+    client.send(encode_request(T.ECHO_REQ, b"twelve"))
+    assert client.packet() == (T.ECHO_RES, b"twelve")
+    client.sock.close()
+
+
+def test_5_mib_payload_through_a_worker_over_tls_both_ways(certs, tls_srv):
+    """More than the kernel takes at once, in both directions: the backlog and EPOLLOUT
+    path carries TLS records, in order."""
+    payload = os.urandom(5 << 20)
+    worker = Worker(tls_srv.address, tls=certs.tls(None), concurrency=2)
+    worker.register("reverse", lambda job: job.data[::-1])
+    worker.register("big", lambda job: payload)
+    with working(worker):
+        with Client(tls_srv.address, tls=certs.tls(None), timeout=30) as client:
+            jobs = [client.submit("reverse", payload), client.submit("reverse", payload[:-1])]
+            assert jobs[0].result() == payload[::-1]
+            assert jobs[1].result() == payload[-2::-1]
+        # Replies made while a big one still waits for EPOLLOUT are encrypted behind it.
+        slow = BioClient(tls_srv.port, certs.ca, timeout=30)
+        slow.handshake()
+        slow.send(encode_request(T.SUBMIT_JOB, b"big", b"", b""))
+        assert slow.packet()[0] == T.JOB_CREATED
+        gevent.sleep(0.5)  # not reading: the result fills the kernel's buffers
+        slow.send(*(encode_request(T.ECHO_REQ, b"echo %d" % n) for n in range(3)))
+        gevent.sleep(0.2)
+        kind, body = slow.packet()
+        assert kind == T.WORK_COMPLETE and body.endswith(payload)
+        assert [slow.packet() for _ in range(3)] == [
+            (T.ECHO_RES, b"echo %d" % n) for n in range(3)]
+        slow.sock.close()
+    assert "Traceback" not in tls_srv.stderr_text()
+
+
+def test_tls_client_that_never_reads_results_is_dropped_past_max_output_buffer(certs,
+                                                                             servers):
+    """A handshaken peer that submits jobs with big results and never reads them piles up
+    output: dropped past --max-output-buffer, and others are served meanwhile."""
+    server = tls_server(certs, "--max-output-buffer", "1M")
+    servers.append(server)
+    worker = Worker(server.address, tls=certs.tls(None), concurrency=4)
+    worker.register("big", lambda job: b"x" * (512 << 10))
+    worker.register("upper", lambda job: job.data.upper())
+    with working(worker):
+        greedy = BioClient(server.port, certs.ca)
+        greedy.handshake()
+        greedy.send(b"".join(encode_request(T.SUBMIT_JOB, b"big", b"", b"%d" % n)
+                             for n in range(40)))  # 20 MiB of results, never read
+        with Client(server.address, tls=certs.tls(None), timeout=10) as client:
+            deadline = time.monotonic() + 15
+            while "bytes of replies unread" not in server.stderr_text():
+                assert time.monotonic() < deadline, server.stderr_text()
+                started = time.monotonic()
+                assert client.submit("upper", b"meanwhile").result() == b"MEANWHILE"
+                assert time.monotonic() - started < 2
+            assert client.submit("upper", b"after").result() == b"AFTER"
+        assert greedy.read_until_closed(10)  # what the kernel held, then the end
+    assert server.proc.poll() is None
+
+
+def test_protocol_error_gets_its_error_reply_then_close_notify(certs, tls_srv):
+    """What is queued when the server closes goes out encrypted, then a close_notify."""
+    client = BioClient(tls_srv.port, certs.ca)
+    client.handshake()
+    bad = HEADER.pack(b"\0REQ", T.SUBMIT_JOB, 2) + b"fn"  # one field of three
+    client.send(encode_request(T.ECHO_REQ, b"first"), bad)
+    assert client.packet() == (T.ECHO_RES, b"first")
+    kind, body = client.packet()
+    assert kind == T.ERROR and body.startswith(b"INVALID_PACKET\0")
+    with pytest.raises(EOFError, match="close_notify"):
+        client.packet()
+    client.sock.close()
+    assert "protocol error" in tls_srv.stderr_text()
+    # The client's close_notify, behind its last packet in the same write: the reply,
+    # then the server's close_notify.
+    leaving = BioClient(tls_srv.port, certs.ca)
+    leaving.handshake()
+    leaving.tls.write(encode_request(T.ECHO_REQ, b"last"))
+    with pytest.raises(ssl.SSLWantReadError):
+        leaving.tls.unwrap()
+    leaving.sock.sendall(leaving.outgoing.read())
+    assert leaving.packet() == (T.ECHO_RES, b"last")
+    with pytest.raises(EOFError, match="close_notify"):
+        leaving.packet()
+    assert leaving.read_until_closed(5)
+
+
+def test_port_probe_sending_garbage_is_one_log_line(certs, tls_srv):
+    # The test's own wait for the port was a probe too (connect, close): its INFO line
+    # first, so that it is not counted below.
+    assert poll_until(lambda: "before the handshake ended" in tls_srv.stderr_text())
+    seen = len(tls_srv.stderr_text().splitlines())
+    probe = socket.create_connection(("127.0.0.1", tls_srv.port), timeout=5)
+    probe.sendall(b"\x00\xffnot TLS at all\r\n" * 20)
+    reply = b""
+    try:
+        while chunk := probe.recv(4096):
+            reply += chunk
+    except ConnectionResetError:
+        pass
+    probe.close()
+    assert len(reply) < 100  # a TLS alert at most
+    assert poll_until(lambda: new_log_lines(tls_srv, seen), timeout=5)
+    gevent.sleep(0.3)  # nothing more comes of it
+    lines = new_log_lines(tls_srv, seen)
+    assert len(lines) == 1 and "TLS handshake failed" in lines[0], lines
+    assert "WARNING" in lines[0] or "warning" in lines[0].lower(), lines
+    with working(upper_worker(tls_srv, certs.tls(None))):
+        assert round_trip(tls_srv, certs.tls(None)) == b"PING"
+
+
+def _client_hello(ca: Path) -> bytes:
+    context = ssl.create_default_context(cafile=str(ca))
+    outgoing = ssl.MemoryBIO()
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_handshake_timeout_closes_silent_and_half_handshaken_peers(certs, servers):
+    """Nothing after connecting, or half a ClientHello: closed by the handshake timer
+    (--idle-timeout), one line each; a TLS peer that handshook and went quiet is the idle
+    sweep's. Others are served throughout."""
+    server = tls_server(certs, "--idle-timeout", "0.5")
+    servers.append(server)
+    silent = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    half = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    hello = _client_hello(certs.ca)
+    half.sendall(hello[:len(hello) // 2])
+    quiet = BioClient(server.port, certs.ca)
+    quiet.handshake()
+    quiet.send()  # our Finished: the server knows this peer now
+    started = time.monotonic()
+    with working(upper_worker(server, certs.tls(None))):
+        assert round_trip(server, certs.tls(None)) == b"PING"
+        for sock in (silent, half):
+            sock.settimeout(5)
+            assert sock.recv(100) == b""
+        assert quiet.read_until_closed(5)
+    assert time.monotonic() - started < 4
+    silent.close()
+    half.close()
+    log = server.stderr_text()
+    assert log.count("TLS handshake failed: no TLS handshake within 0.5s") == 2, log
+    assert log.count("sent nothing for 0.5s") == 1, log
+
+
+@pytest.mark.slow  # 10 s: under CI=true, or --run-slow
+def test_handshake_timeout_without_idle_timeout(certs, servers):
+    server = tls_server(certs, "--idle-timeout", "0")
+    servers.append(server)
+    silent = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+    started = time.monotonic()
+    assert silent.recv(100) == b""
+    assert 9 < time.monotonic() - started < 13
+    silent.close()
+    assert "no TLS handshake within 10s" in server.stderr_text()
 
 
 # -- configuration ------------------------------------------------------------------------

@@ -9,7 +9,9 @@
 Starts ``gearoffload-server`` and ``gearoffload-worker --wsgi examples.flask_app:app
 --schedule`` (which also schedules the app's periodic task) as child processes on
 127.0.0.1, serves the app with gevent's ``WSGIServer``, prints the URLs, and on Ctrl-C or
-SIGTERM stops its children (by PID) and exits.
+SIGTERM stops its children (by PID) and exits. On Linux, the demo gets SIGTERM when its
+parent (``make``, a shell) dies, and its children when the demo dies, however it dies:
+nothing is left holding the ports.
 """
 
 from gevent import monkey
@@ -29,6 +31,31 @@ import gevent  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel send this process SIGTERM when its parent dies
+    (``prctl(PR_SET_PDEATHSIG)``). Also a ``preexec_fn``: it runs in the child between fork
+    and exec, so a child of a demo that was SIGKILLed does not serve on for ever.
+    Elsewhere (no ``prctl``): nothing, as before."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _load_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Looked up here, not in the preexec_fn: a forked child should only make the call.
+_prctl = _load_prctl()
 
 
 def wait_for_port(port: int, proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
@@ -88,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-children", action="store_true",
                         help="serve the app only; server and workers run elsewhere")
     args = parser.parse_args(argv)
+    parent = os.getppid()
+    die_with_parent()
+    if os.getppid() != parent:  # it died before the prctl: no signal will come
+        return 1
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s web %(levelname)s %(name)s: %(message)s")
     address = f"127.0.0.1:{args.port}"
@@ -99,14 +130,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_children:
             server = subprocess.Popen([sys.executable, "-m", "gearoffload_server", "--port",
                                        str(args.port), "--http-port", str(args.status_port),
-                                       "--verbose", "WARNING"], cwd=ROOT, env=env)
+                                       "--verbose", "WARNING"], cwd=ROOT, env=env,
+                                      preexec_fn=die_with_parent)
             children.append(server)
             wait_for_port(args.port, server)
             children.append(subprocess.Popen(
                 [sys.executable, "-m", "gearoffload.pool", "--wsgi", "examples.flask_app:app",
                  "--servers", address, "--processes", str(args.processes),
                  "--concurrency", "20", "--log-level", "WARNING", "--schedule"],
-                cwd=ROOT, env=env))
+                cwd=ROOT, env=env, preexec_fn=die_with_parent))
             wait_for_workers(address)
 
         sys.path.insert(0, ROOT)
@@ -124,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                            ("/report", "background job with a progress bar"),
                            ("/legacy/hello?name=you", "legacy WSGI app via the middleware"),
                            ("/offloaded-function/30", "an @offload function"),
+                           ("/flaky", "a task that fails twice, retried by the server"),
                            ("/heartbeat", "a periodic task, once every 30 s")):
             print(f"  {base}{path:<28} {what}", flush=True)
         if args.status_port and not args.no_children:
