@@ -38,6 +38,7 @@ cdef class _Submission:
 cdef class _Link:
     cdef public object client, address, name, conn, pending, jobs, retry_at, backoff
     cdef public object _connecting, connected_at, down_since, attempts, _background
+    cdef public object last_error
     @cython.locals(attachment=_Attachment, sub=_Submission)
     cpdef _on_packet(self, packet)
     @cython.locals(attachment=_Attachment)
@@ -64,4 +65,4 @@ cdef class Client:
     cpdef _join_inflight(self, _Submission sub)
     cpdef _prepare(self, function, data, unique=*, priority=*, background=*, run_at=*)
     @cython.locals(link=_Link)
-    cpdef _route(self, _Submission sub, deadline)
+    cpdef _route(self, _Submission sub, deadline, patient=*)

@@ -4,8 +4,10 @@ One multiplexed connection per server is shared by every greenlet. Replies to
 submissions are matched by order (docs/protocol.md §3.3, §8); ``WORK_*`` packets are routed by
 (server, handle) to every waiter. Jobs with a unique go to the server picked by a
 consistent hash of (function, unique), so coalescing holds across a fleet; jobs without
-one are spread round-robin. A dead server is skipped (and retried with back-off), and a
-foreground job lost with its server is resubmitted once, with the same unique.
+one are spread round-robin. A dead server is skipped by every client of the process for
+``DOWN_INTERVAL`` and then tried again; with none left a submission fails at once
+(``NoServersAvailable``). A foreground job lost with its server is resubmitted once, with
+the same unique.
 
 Example::
 
@@ -34,6 +36,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import gevent
+from gevent import monkey
 from gevent.event import AsyncResult, Event
 from gevent.hub import Waiter
 from gevent.queue import Empty, Queue
@@ -86,6 +89,19 @@ _BACKOFF_MAX = 1.0
 #: (the server closed it while idle, or restarted); one that dies sooner backs off, so
 #: that a server that drops us again and again is not hammered.
 _HEALTHY_AFTER = 1.0
+#: A server that a ``Client`` of this process could not reach (connection refused, host
+#: unreachable, unknown host, no answer within ``connect_timeout``) is skipped by every
+#: Client of the process for this long, jittered down by up to half, so that a request
+#: learns at once that it is down instead of each one waiting through connect attempts
+#: (1.3-1.9 s per 503 before). Then one submission tries it again (the others still skip
+#: it while that attempt runs); a successful connect forgets it.
+DOWN_INTERVAL = 1.0
+#: The servers found down: address -> (monotonic time of the next try, why). Shared by the
+#: clients of every thread (``gearoffload.offloading`` makes one per thread).
+_down: dict[Address, tuple[float, str]] = {}
+# A real lock in a monkey-patched process too: the threads of a threaded web server share
+# ``_down``. Held only for a check-and-set, on the path of a server that is down.
+_down_lock = monkey.get_original("_thread", "allocate_lock")()
 #: How many times a submission is sent again after its connection closed before the
 #: server accepted it (a server closing an idle connection as we send is one).
 _MAX_DROPS = 3
@@ -101,6 +117,30 @@ def _number(text: bytes) -> int:
 
 def _hash(key: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+
+
+def _skip_down(address: Address, now: float, hold: float) -> tuple[float, str] | None:
+    """Whether a connect to ``address`` should be skipped: its ``_down`` entry while that
+    is current; None when it may be tried. The first caller after the entry's time is up
+    holds the retry for ``hold`` seconds (its connect timeout), so that every other
+    caller still skips the server meanwhile instead of trying it too."""
+    entry = _down.get(address)
+    if entry is None:
+        return None
+    with _down_lock:
+        entry = _down.get(address)
+        if entry is None:
+            return None
+        if now < entry[0]:
+            return entry
+        _down[address] = (now + hold, entry[1])
+    return None
+
+
+def forget_down() -> None:
+    """Forget every server found down (tests; a process that knows they are back)."""
+    with _down_lock:
+        _down.clear()
 
 
 class _Expired(BaseException):
@@ -391,6 +431,7 @@ class _Link:
         self.down_since: float | None = None  # the first failed attempt of an outage
         self._background: gevent.Greenlet | None = None  # connect_soon()'s attempt
         self.attempts = 0  # connect attempts made, failed or not (tests, diagnostics)
+        self.last_error = ""  # why the last connect failed (NoServersAvailable says it)
 
     def __repr__(self) -> str:
         return f"<_Link {self.name} {'up' if self.conn else 'down'}>"
@@ -405,6 +446,15 @@ class _Link:
             return conn
         if self._connecting is not None:  # another greenlet is connecting: share its result
             return self._connecting.get()
+        if _down:
+            now = time.monotonic()
+            down = _skip_down(self.address, now, self.client.connect_timeout)
+            if down is not None:  # found down by this or another client of the process
+                self.retry_at = down[0]
+                if self.down_since is None:
+                    self.down_since = now
+                self.last_error = f"{down[1]}; tried again in {down[0] - now:.2f}s"
+                raise ConnectionRefusedError(f"{self.name} is down ({self.last_error})")
         connecting = self._connecting = AsyncResult()
         conn = Connection(self.address, self._on_packet, max_packet_size=MAX_RESULT_SIZE,
                           tls=self.client.tls)
@@ -414,19 +464,28 @@ class _Link:
             conn.connect(timeout=self.client.connect_timeout)
         except OSError as exc:
             self._connecting = None
-            self.mark_down()
+            now = time.monotonic()
+            self.last_error = str(exc) or type(exc).__name__
+            if conn.reached:  # up, but the TLS handshake failed: this client backs off
+                self.mark_down()
+            else:  # not reached: every client of the process skips it for a while
+                self.retry_at = now + DOWN_INTERVAL * (0.5 + 0.5 * random.random())
+                _down[self.address] = (self.retry_at, self.last_error)
             # One warning per outage, not one per attempt (about one a second).
             first = self.down_since is None
             if first:
-                self.down_since = time.monotonic()
+                self.down_since = now
             log.log(logging.WARNING if first else logging.DEBUG,
                     "cannot connect to %s: %s (retry in %.2fs)", self.name, exc,
-                    self.retry_at - time.monotonic())
+                    self.retry_at - now)
             connecting.set_exception(exc)
             raise
+        if _down:
+            _down.pop(self.address, None)
         self._connecting = None
         self.conn = conn
         self.connected_at = time.monotonic()
+        self.last_error = ""
         if self.down_since is not None:
             log.info("connected to %s again after %.1fs", self.name,
                      self.connected_at - self.down_since)
@@ -538,6 +597,7 @@ class _Link:
             self.retry_at = 0.0
         else:
             self.mark_down()
+            self.last_error = f"lost the connection: {reason}"
         if not self.client._closed:
             # A server may close a connection idle between packets (--idle-timeout):
             # nothing was lost then, and the next submission reconnects.
@@ -670,12 +730,15 @@ class Client:
 
     ``servers`` is ``"host:port"``, a comma-separated string, or a list of them.
     ``timeout`` bounds every wait (``Job.result()``, ``status()``; seconds, ``None`` =
-    wait forever); ``connect_timeout`` bounds how long a submission waits for some server
-    to accept it before ``NoServersAvailable``. With ``exceptions=True`` the client asks
-    servers for WORK_EXCEPTION, so a worker's exception text reaches ``JobException``;
-    otherwise it arrives as ``JobFailed``. ``tls``: ``None`` (plain TCP), ``True`` (TLS,
-    system CA certificates), an ``ssl.SSLContext``, or ``gearoffload.tls_context()``'s
-    arguments as a dict, e.g. ``{"ca": "ca.pem", "cert": "me.pem", "key": "me.key"}``.
+    wait forever); ``connect_timeout`` bounds one connect attempt, and how long a job lost
+    with its server waits for a server to be resubmitted to. A server that cannot be
+    reached is skipped by every client of the process for ``DOWN_INTERVAL`` (0.5-1 s),
+    and a submission with every server down raises ``NoServersAvailable`` at once. With
+    ``exceptions=True`` the client asks servers for WORK_EXCEPTION, so a worker's
+    exception text reaches ``JobException``; otherwise it arrives as ``JobFailed``.
+    ``tls``: ``None`` (plain TCP), ``True`` (TLS, system CA certificates), an
+    ``ssl.SSLContext``, or ``gearoffload.tls_context()``'s arguments as a dict, e.g.
+    ``{"ca": "ca.pem", "cert": "me.pem", "key": "me.key"}``.
 
     Example::
 
@@ -961,8 +1024,16 @@ class Client:
         start = next(self._round_robin) % len(links)
         return links[start:] + links[:start]
 
-    def _route(self, sub: _Submission, deadline: float) -> None:
-        """Send ``sub`` to the first available server, waiting for one until ``deadline``."""
+    def _route(self, sub: _Submission, deadline: float, patient: bool = False) -> None:
+        """Send ``sub`` to the first available server, else raise ``NoServersAvailable``.
+
+        A server that is down (its connect failed, or its connection died young and it
+        backs off) is not waited for: with every candidate down the caller knows at once,
+        as a web request must (a 503 now, not after a second of retries). Only a
+        ``patient`` caller (the resubmission of a job lost with its server: its caller
+        already waits for the result) waits for the next try of some server, until
+        ``deadline``.
+        """
         links = self._links
         if len(links) == 1 and not self._closed:
             link = links[0]
@@ -984,8 +1055,9 @@ class Client:
             # a server not connected yet is connected to first, or a new client would
             # place unique jobs off their ring server, breaking coalescing.
             connected = any([link.conn is not None for link in candidates])
+            now = time.monotonic()
             for link in candidates:
-                if not link.available(time.monotonic()):
+                if not link.available(now):
                     continue
                 if connected and link.conn is None and link.down_since is not None:
                     link.connect_soon()
@@ -995,12 +1067,20 @@ class Client:
                 except OSError:  # includes ConnectionError: that server is down
                     continue
                 return
-            next_try = min([link.retry_at for link in candidates])
             now = time.monotonic()
-            if next_try >= deadline or now >= deadline:
-                raise NoServersAvailable(
-                    "no job server reachable: " + ", ".join([link.name for link in candidates]))
-            gevent.sleep(max(0.0, next_try - now))
+            if patient:
+                next_try = min([link.retry_at for link in candidates])
+                if next_try < deadline and now < deadline:
+                    gevent.sleep(max(0.0, next_try - now))
+                    continue
+            elif any([link.available(now) and link.down_since is None
+                      for link in candidates]):
+                # Its connection closed during this pass (without failing a connect):
+                # it may be reconnected to at once.
+                continue
+            raise NoServersAvailable("no job server reachable: " + ", ".join(
+                [f"{link.name} ({link.last_error})" if link.last_error else link.name
+                 for link in candidates]))
 
     def _connection_lost(self, link: _Link, pending: list, attachments: list[_Attachment],
                          reason: BaseException | None) -> None:
@@ -1047,7 +1127,11 @@ class Client:
             log.info("resubmitting %s job (unique %r)", sub.function.decode("utf-8", "replace"),
                      sub.unique.decode("utf-8", "replace"))
             try:
-                self._route(sub, deadline)
+                # Patient only for a job its server had accepted (the caller waits for its
+                # result anyway). One that was never accepted (sent as its connection
+                # closed: a server that died while the client was idle) is a new
+                # submission: with every server down it fails at once, like one.
+                self._route(sub, deadline, patient=sub.losses > 0)
             except NoServersAvailable as exc:
                 if sub.losses:
                     # It was accepted (and may have run) before its server went: a failed

@@ -6,7 +6,7 @@
 cdef class Connection:
     cdef public object address, tls, max_packet_size, name, _on_packet, _on_close, _sock
     cdef public object _fd, _watchers, _out, _kicked, _wakeup, _kick, _reader, _writer
-    cdef public object closed, close_reason, _close_after_flush
+    cdef public object closed, close_reason, _close_after_flush, reached
     cdef dict __dict__  # other attributes may be set, as on the .py class
     cdef object __weakref__
     cpdef send_raw(self, data)

@@ -29,8 +29,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import socket as _stdlib_socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import gevent
 from gevent import socket, ssl
@@ -65,38 +66,108 @@ def _no_lines(line: bytes) -> None:
     """Never called: the decoder of a connection to a server takes no text lines."""
 
 
+#: A host name or IPv4 address as the resolver takes it (IPv6 goes in brackets).
+_HOST = re.compile(r"[\w.-]+")
+_PORT = re.compile(r"[0-9]{1,5}")
+_EXAMPLE = "e.g. 127.0.0.1:4730"
+
+
+def _port(text: str, server: str) -> int:
+    port = int(text) if _PORT.fullmatch(text) else 0
+    if not 1 <= port <= 65535:
+        raise ValueError(f"bad port in server address {server!r}: expected host:port with "
+                         f"a port from 1 to 65535, {_EXAMPLE}")
+    return port
+
+
 def parse_address(server: str | tuple[str, int]) -> Address:
-    """``"host:port"``, ``"host"`` (port 4730), ``"[::1]:4730"`` or ``(host, port)``."""
+    """One server address: ``"host:port"``, ``"host"`` (port 4730), ``"[::1]:4730"``
+    (IPv6 in brackets) or ``(host, port)``.
+
+    Strict, so that a mistake is refused where it is made, with what to write instead,
+    not met as a connect error at every request: the port must be 1 to 65535, and a URL
+    (``http://host:port``), a ``;`` or a space inside the address is refused.
+    Every entry point reads addresses with this (``Client``, ``Worker``,
+    ``AdminClient``, the commands, the offload settings).
+
+    Example::
+
+        parse_address("10.0.0.5:4730")     # ('10.0.0.5', 4730)
+        parse_address("[::1]")             # ('::1', 4730)
+        parse_address("http://h:4730")     # ValueError: ... drop the http://: ...
+    """
     if isinstance(server, tuple):
+        if len(server) != 2:
+            raise ValueError(f"a server address is (host, port), not {server!r}")
         host, port = server
-        return str(host), int(port)
+        if (not isinstance(host, str) or not host.strip() or isinstance(port, bool)
+                or not isinstance(port, int) or not 1 <= port <= 65535):
+            raise ValueError(f"bad server address {server!r}: expected (host, port) with a "
+                             f"port from 1 to 65535")
+        return host.strip(), port
+    if not isinstance(server, str):
+        raise ValueError(f"a server address is a 'host:port' string, not "
+                         f"{type(server).__name__} {server!r}")
     text = server.strip()
     if not text:
-        raise ValueError("empty server address")
+        raise ValueError(f"empty server address: expected host:port, {_EXAMPLE}")
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        bare = rest.split("/", 1)[0] or "HOST:PORT"
+        raise ValueError(f"{server!r} is a URL: drop the {scheme}://: a Gearman server is "
+                         f"HOST:PORT ({bare})")
+    if ";" in text or any(ch.isspace() for ch in text):
+        fixed = ",".join(part for part in re.split(r"[;\s]+", text) if part)
+        raise ValueError(f"{server!r}: separate servers with commas ({fixed})")
     if text.startswith("["):  # [IPv6]:port
-        host, _, rest = text[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else DEFAULT_PORT
+        host, closed, rest = text[1:].partition("]")
+        if not closed or not host:
+            raise ValueError(f"bad server address {server!r}: expected [IPv6 address]:port, "
+                             f"e.g. [::1]:4730")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"bad server address {server!r}: expected [IPv6 address]:port, "
+                             f"e.g. [::1]:4730")
+        return host, _port(rest[1:], server) if rest else DEFAULT_PORT
+    if text.count(":") > 1:
+        raise ValueError(f"{server!r}: put an IPv6 address in brackets, e.g. [::1]:4730")
     host, sep, port = text.rpartition(":")
     if not sep:
-        return text, DEFAULT_PORT
-    if not port.isdigit():
-        raise ValueError(f"bad port in server address {server!r}")
-    return host, int(port)
+        host = text
+    if not host:
+        raise ValueError(f"no host in server address {server!r}: expected host:port, "
+                         f"{_EXAMPLE}")
+    if not _HOST.fullmatch(host):
+        raise ValueError(f"bad host {host!r} in server address {server!r}: expected "
+                         f"host:port (a host name or IP address), {_EXAMPLE}")
+    return host, _port(port, server) if sep else DEFAULT_PORT
 
 
-def parse_servers(servers: str | tuple[str, int] | list | tuple) -> list[Address]:
-    """A single address, a comma-separated string, or a list of addresses."""
+def parse_servers(servers: str | tuple[str, int] | Iterable[str | tuple[str, int]]
+                  ) -> list[Address]:
+    """Server addresses: one, a comma-separated string, or a list of addresses (each as
+    ``parse_address`` takes it); at least one, no duplicates.
+
+    Example::
+
+        parse_servers("10.0.0.5:4730, 10.0.0.6")   # [('10.0.0.5', 4730), ('10.0.0.6', 4730)]
+        parse_servers("a:4730;b:4730")             # ValueError: ... separate servers with commas
+    """
     if isinstance(servers, tuple) and len(servers) == 2 and isinstance(servers[1], int):
         items: list = [servers]
     elif isinstance(servers, str):
         items = [s for s in servers.split(",") if s.strip()]
+    elif isinstance(servers, (bytes, bytearray)) or not isinstance(servers, Iterable):
+        raise ValueError(f"servers are 'host:port,host:port' or a list of them, not "
+                         f"{type(servers).__name__} {servers!r}")
     else:
         items = list(servers)
     addresses = [parse_address(s) for s in items]
     if not addresses:
-        raise ValueError("no servers given")
-    if len(set(addresses)) != len(addresses):
-        raise ValueError(f"duplicate server in {servers!r}")
+        raise ValueError(f"no servers given: expected host:port[,host:port...], {_EXAMPLE}")
+    for index, address in enumerate(addresses):
+        if address in addresses[:index]:
+            raise ValueError(f"server {format_address(address)} is listed twice in "
+                             f"{servers!r}")
     return addresses
 
 
@@ -144,6 +215,9 @@ class Connection:
         self.closed = False
         self.close_reason: BaseException | None = None
         self._close_after_flush: tuple[BaseException | None] | None = None
+        #: The TCP connection was made: a ``connect()`` that failed with this set failed
+        #: in the TLS handshake (the server is up), else the server was not reached.
+        self.reached = False
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("open" if self._sock else "new")
@@ -152,6 +226,7 @@ class Connection:
     def connect(self, timeout: float | None = 5.0) -> None:
         """Open the socket (raises ``OSError`` on failure) and start reading."""
         sock = socket.create_connection(self.address, timeout=timeout)
+        self.reached = True
         try:
             sock.setsockopt(_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NODELAY, 1)
             # A peer that vanished without a FIN (power loss, partition) is noticed

@@ -138,12 +138,11 @@ class OffloadConfig:
         if not servers:
             raise ValueError("GEAROFFLOAD_SERVERS is empty: give host:port[,host:port...], "
                              "e.g. 127.0.0.1:4730")
-        from .connection import parse_address
-        for server in servers:
-            try:
-                parse_address(server)
-            except ValueError as exc:
-                raise ValueError(f"GEAROFFLOAD_SERVERS: {exc}; expected host:port") from None
+        from .connection import parse_servers
+        try:  # the messages say what to write instead
+            parse_servers(servers)
+        except ValueError as exc:
+            raise ValueError(f"GEAROFFLOAD_SERVERS: {exc}") from None
         object.__setattr__(self, "servers", servers)
         if isinstance(self.old_secret_keys, str):
             object.__setattr__(self, "old_secret_keys", (self.old_secret_keys,))

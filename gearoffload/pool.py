@@ -98,13 +98,12 @@ def parse_args(argv: list[str] | None = None) -> PoolConfig:
                             help=f"connect with TLS: {what} (default: ${env})")
     args = parser.parse_args(argv)
     servers = args.servers or os.environ.get("GEAROFFLOAD_SERVERS") or "127.0.0.1:4730"
-    if not args.servers:
-        # The environment's servers are checked as the offload settings are (one line,
-        # exit 2): not on the command line, so no usage text.
-        refusal = _bad_servers(servers, "GEAROFFLOAD_SERVERS")
-        if refusal:
-            sys.stderr.write(f"gearoffload-worker: {refusal}\n")
-            raise SystemExit(2)
+    # Checked as the offload settings are (one line, exit 2, saying what to write
+    # instead), whether they come from the command line or the environment.
+    refusal = _bad_servers(servers, "--servers" if args.servers else "GEAROFFLOAD_SERVERS")
+    if refusal:
+        sys.stderr.write(f"gearoffload-worker: {refusal}\n")
+        raise SystemExit(2)
     try:
         return PoolConfig(
             target=args.target,
@@ -123,15 +122,12 @@ def parse_args(argv: list[str] | None = None) -> PoolConfig:
 
 def _bad_servers(servers: str, source: str) -> str | None:
     """Why ``servers`` (a ``host:port,...`` list from ``source``) cannot be used."""
-    from .connection import parse_address
+    from .connection import parse_servers
 
-    for server in (s.strip() for s in servers.split(",")):
-        if not server:
-            continue
-        try:
-            parse_address(server)
-        except ValueError as exc:
-            return f"{source}: {exc}; expected host:port[,host:port...]"
+    try:
+        parse_servers(servers)
+    except ValueError as exc:
+        return f"{source}: {exc}"
     return None
 
 

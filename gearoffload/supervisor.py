@@ -83,12 +83,11 @@ class PoolConfig:
             raise ValueError("--concurrency must be at least 1")
         if not self.servers:
             raise ValueError("--servers needs at least one host:port")
-        from .connection import parse_address
-        for server in self.servers:
-            try:  # here, not as a crash loop of every worker process
-                parse_address(server)
-            except ValueError as exc:
-                raise ValueError(f"--servers: {exc}; expected host:port") from None
+        from .connection import parse_servers
+        try:  # here, not as a crash loop of every worker process
+            parse_servers(list(self.servers))
+        except ValueError as exc:
+            raise ValueError(f"--servers: {exc}") from None
         if self.drain_timeout is not None and self.drain_timeout <= 0:
             raise ValueError("--drain-timeout must be positive")
         if self.log_format not in LOG_FORMATS:

@@ -229,6 +229,9 @@ def test_one_server_down_of_two_still_shows_the_other(served):
     ["submit", "f", "x", "--priority", "urgent"],
     ["--timeout", "soon", "status"],
     ["--servers", "host:port", "status"],
+    ["--servers", "127.0.0.1:99999", "status"],
+    ["--servers", "http://127.0.0.1:47401", "workers"],
+    ["--servers", "127.0.0.1:47401;127.0.0.1:47402", "jobs"],
     ["submit", "f", "x", "--unique", "u" * 65],
 ])
 def test_usage_errors_exit_2_with_one_line(args):
@@ -236,6 +239,13 @@ def test_usage_errors_exit_2_with_one_line(args):
     assert result.returncode == 2
     line = one_line(result.stderr_text)
     assert line.startswith("gearoffload") and ": error: " in line
+
+
+def test_bad_servers_from_the_environment_exit_2_with_one_line():
+    result = run("status", servers=None,
+                 env={"GEAROFFLOAD_SERVERS": "127.0.0.1:47401;127.0.0.1:47402"})
+    assert result.returncode == 2
+    assert "separate servers with commas" in one_line(result.stderr_text)
 
 
 def test_installed_script_runs():

@@ -8,6 +8,7 @@ touch its old descriptor number, which the next socket may have been given.
 
 from __future__ import annotations
 
+import re
 import socket as _stdlib_socket
 import struct
 
@@ -16,7 +17,7 @@ import pytest
 from gevent import socket
 
 from conftest import compiled_and_source, gevent_time_limit, poll_until
-from gearoffload.connection import Connection
+from gearoffload.connection import Connection, parse_address, parse_servers
 from gearoffload.protocol import REQ, Decoder, PacketType, encode, encode_response
 
 time_limit = gevent_time_limit(30)
@@ -199,3 +200,73 @@ def test_response_magic_is_required(peer):
     peer.sock.sendall(encode(REQ, PacketType.ECHO_RES, (b"x",)))  # a request, to a client
     assert poll_until(lambda: conn.closed)
     assert not packets and "magic" in str(closes[0]).lower()
+
+
+# -- server addresses: strict, in one place --------------------------------------------
+
+@pytest.mark.parametrize(("text", "address"), [
+    ("127.0.0.1:4730", ("127.0.0.1", 4730)),
+    (" jobs.internal ", ("jobs.internal", 4730)),
+    ("h:1", ("h", 1)),
+    ("h:65535", ("h", 65535)),
+    ("[::1]", ("::1", 4730)),
+    ("[::1]:4731", ("::1", 4731)),
+    (("10.0.0.5", 4730), ("10.0.0.5", 4730)),
+])
+def test_good_server_addresses(text, address):
+    assert parse_address(text) == address
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    # The user's report: each was accepted, then every request was a slow 503.
+    ("127.0.0.1:99999", "bad port in server address '127.0.0.1:99999': expected host:port "
+                        "with a port from 1 to 65535"),
+    ("http://127.0.0.1:47401", "drop the http://: a Gearman server is HOST:PORT "
+                               "(127.0.0.1:47401)"),
+    ("https://jobs:4730/", "drop the https://"),
+    ("127.0.0.1:47401;127.0.0.1:47402", "separate servers with commas "
+                                        "(127.0.0.1:47401,127.0.0.1:47402)"),
+    ("a:1 b:2", "separate servers with commas (a:1,b:2)"),
+    ("h:-1", "bad port"),
+    ("h:0", "a port from 1 to 65535"),
+    ("h:", "bad port"),
+    ("nonsense:port", "bad port in server address 'nonsense:port'"),
+    (":4730", "no host in server address"),
+    ("::1", "put an IPv6 address in brackets, e.g. [::1]:4730"),
+    ("[::1", "expected [IPv6 address]:port"),
+    ("[::1]4730", "expected [IPv6 address]:port"),
+    ("[::1]:70000", "a port from 1 to 65535"),
+    ("user@host:4730", "bad host 'user@host'"),
+    ("", "empty server address"),
+    (("h", 0), "a port from 1 to 65535"),
+    (("h", "4730"), "expected (host, port)"),
+])
+def test_bad_server_addresses_say_what_to_write_instead(text, message):
+    with pytest.raises(ValueError) as refused:
+        parse_address(text)
+    assert message in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_server_lists():
+    assert parse_servers("a:1, b:2,") == [("a", 1), ("b", 2)]
+    assert parse_servers(["a:1", ("b", 2)]) == [("a", 1), ("b", 2)]
+    assert parse_servers(("a", 1)) == [("a", 1)]
+    for servers, message in [("a:1;b:2", "separate servers with commas (a:1,b:2)"),
+                             ("a:1,b:99999", "a port from 1 to 65535"),
+                             ("", "no servers given"), (" , ", "no servers given"),
+                             ("a:1,a:1", "server a:1 is listed twice"),
+                             (b"a:1", "not bytes")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_servers(servers)
+
+
+def test_every_entry_point_refuses_a_bad_address():
+    from gearoffload import Client, Worker
+    from gearoffload.admin import AdminClient
+
+    for make in (Client, Worker, AdminClient):
+        with pytest.raises(ValueError, match="drop the http://"):
+            make("http://127.0.0.1:4730")
+        with pytest.raises(ValueError, match="a port from 1 to 65535"):
+            make("127.0.0.1:99999")

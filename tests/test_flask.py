@@ -415,6 +415,11 @@ def test_an_offload_call_in_a_plain_view_with_no_server_is_503_not_500():
     ("GEAROFFLOAD_TIMEOUT", "soon", "GEAROFFLOAD_TIMEOUT must be a number"),
     ("GEAROFFLOAD_FALLBACK", "maybe", "'raise'.*or 'local'"),
     ("GEAROFFLOAD_SERVERS", "host:port", "expected host:port"),
+    ("GEAROFFLOAD_SERVERS", "127.0.0.1:99999", "a port from 1 to 65535"),
+    ("GEAROFFLOAD_SERVERS", "http://127.0.0.1:47401", "drop the http://: a Gearman server is "
+                                                      "HOST:PORT"),
+    ("GEAROFFLOAD_SERVERS", "127.0.0.1:47401;127.0.0.1:47402", "separate servers with commas"),
+    ("GEAROFFLOAD_SERVERS", ["127.0.0.1:1", "127.0.0.1:1"], "listed twice"),
     ("GEAROFFLOAD_FORMAT", "pickle", "needs a secret key"),
     ("GEAROFFLOAD_MAX_BODY", "lots", "GEAROFFLOAD_MAX_BODY must be a number"),
     ("GEAROFFLOAD_URL_PREFIX", "jobs", "must start with '/'"),

@@ -208,6 +208,21 @@ def test_configuration_errors_say_what_to_do(monkeypatch):
     offloading.configure_reset()
     config = offloading.get_config()
     assert config.servers == ("127.0.0.1:1234", "127.0.0.1:1235") and config.timeout == 5.0
+    # Set but empty means unset, as for the other variables: the default server.
+    monkeypatch.setenv("GEAROFFLOAD_SERVERS", "")
+    offloading.configure_reset()
+    assert offloading.get_config().servers == ("127.0.0.1:4730",)
+    for servers, advice in [("127.0.0.1:99999", "a port from 1 to 65535"),
+                            ("http://127.0.0.1:47401", "drop the http://"),
+                            ("127.0.0.1:47401;127.0.0.1:47402", "separate servers with commas")]:
+        monkeypatch.setenv("GEAROFFLOAD_SERVERS", servers)
+        offloading.configure_reset()
+        with pytest.raises(ValueError, match=f"^GEAROFFLOAD_SERVERS: .*{advice}"):
+            offloading.get_config()
+        with pytest.raises(ValueError, match=advice):
+            gearoffload.configure(servers=servers)
+    monkeypatch.setenv("GEAROFFLOAD_SERVERS", "127.0.0.1:1234")
+    offloading.configure_reset()
     with pytest.raises(TypeError, match="plain module-level"):
         class Thing:
             @gearoffload.offload(registry=TaskRegistry())

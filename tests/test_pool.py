@@ -194,6 +194,32 @@ def test_pool_options_are_validated():
         parse_args(["m", "--concurrency", "-1"])
 
 
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["--servers", "127.0.0.1:99999"], "", "--servers: bad port in server address "
+                                           "'127.0.0.1:99999'"),
+    (["--servers", "http://127.0.0.1:47401"], "", "--servers: 'http://127.0.0.1:47401' is a "
+                                                  "URL: drop the http://"),
+    ([], "127.0.0.1:47401;127.0.0.1:47402", "GEAROFFLOAD_SERVERS: '127.0.0.1:47401;"
+                                            "127.0.0.1:47402': separate servers with commas"),
+])
+def test_bad_servers_stop_the_pool_at_start_in_one_line(args, env, message):
+    """Accepted before: the pool started and its workers retried the address for ever."""
+    started = time.monotonic()
+    out = gevent.subprocess.run(
+        [sys.executable, "-m", "gearoffload.pool", "nosuchmodule", *args], cwd=ROOT,
+        capture_output=True, text=True, timeout=30,
+        env={**os.environ, "GEAROFFLOAD_SERVERS": env})
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith(
+        f"gearoffload-worker: {message}"), out.stderr
+    assert time.monotonic() - started < 20
+
+
+def test_an_empty_servers_variable_means_the_default(monkeypatch):
+    monkeypatch.setenv("GEAROFFLOAD_SERVERS", "")
+    assert parse_args(["m"]).servers == ("127.0.0.1:4730",)
+
+
 # -- SIGHUP: a graceful reload --------------------------------------------------------------
 
 RELOADED = """

@@ -415,6 +415,11 @@ def test_worker_pool_with_schedule_runs_the_periodic_tasks(fleet, tmp_path):
     ({"GEAROFFLOAD_RESULT_TTL": "abc"}, "GEAROFFLOAD_RESULT_TTL must be a number, not 'abc'"),
     ({"GEAROFFLOAD_SERVERS": "nonsense:port"},
      "GEAROFFLOAD_SERVERS: bad port in server address 'nonsense:port'"),
+    # Accepted before (then every submission failed, retried for ever).
+    ({"GEAROFFLOAD_SERVERS": "127.0.0.1:99999"}, "a port from 1 to 65535"),
+    ({"GEAROFFLOAD_SERVERS": "http://127.0.0.1:47401"}, "drop the http://"),
+    ({"GEAROFFLOAD_SERVERS": "127.0.0.1:47401;127.0.0.1:47402"},
+     "separate servers with commas"),
     ({"GEAROFFLOAD_FALLBACK": "maybe"}, "GEAROFFLOAD_FALLBACK must be 'raise'"),
 ])
 @pytest.mark.parametrize("command", [
