@@ -138,7 +138,8 @@ def _servers(args: argparse.Namespace) -> list[str]:
     try:
         return [format_address(a) for a in parse_servers(args.servers)]
     except ValueError as exc:
-        raise _UsageError(f"bad --servers {args.servers!r}: {exc}") from None
+        where = getattr(args, "servers_from", "--servers")
+        raise _UsageError(f"bad {where} {args.servers!r}: {exc}") from None
 
 
 def _admin_each(args: argparse.Namespace,
@@ -575,8 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit code (0, 1, 2 or 130)."""
     args = build_parser().parse_args(argv)
+    args.servers_from = "--servers"
     if not hasattr(args, "servers"):
         args.servers = os.environ.get("GEAROFFLOAD_SERVERS") or DEFAULT_SERVERS
+        args.servers_from = "$GEAROFFLOAD_SERVERS"
     if not hasattr(args, "timeout"):
         args.timeout = None
     from .tls import client_context, tls_error_text, tls_from_env

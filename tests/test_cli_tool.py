@@ -383,3 +383,12 @@ def test_history_on_a_server_without_one_says_so_in_one_line():
             assert "--history-max 0" in line and line.count(server.address) == 1, line
     finally:
         server.stop()
+
+
+def test_bad_servers_from_the_environment_are_named_as_such():
+    result = run("status", env={"GEAROFFLOAD_SERVERS": "http://127.0.0.1:4730"})
+    assert result.returncode == 2
+    line = one_line(result.stderr_text)
+    assert "bad $GEAROFFLOAD_SERVERS 'http://127.0.0.1:4730'" in line and "http://" in line
+    flag = run("status", "--servers", "127.0.0.1:99999")
+    assert flag.returncode == 2 and "bad --servers" in one_line(flag.stderr_text)
