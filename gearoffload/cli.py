@@ -454,16 +454,6 @@ def _error(message: str, prefix: bool = True) -> None:
     sys.stderr.flush()
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def _timeout(text: str) -> float:
     try:
         value = float(text)
@@ -475,6 +465,8 @@ def _timeout(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import top
+
     common = _Parser(add_help=False)
     common.add_argument("--servers", default=argparse.SUPPRESS, metavar="HOST:PORT[,...]",
                         help="job servers (default: $GEAROFFLOAD_SERVERS or "
@@ -548,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "for an attempt that runs again), duration, attempts and the error's "
                        "last line (--json: all of it).")
     p.add_argument("function", nargs="?", metavar="FUNCTION", help="only this function")
-    p.add_argument("--limit", type=_count, default=50, metavar="N",
+    p.add_argument("--limit", type=top.count_argument, default=50, metavar="N",
                    help="show the newest N (default 50)")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_history)
@@ -561,8 +553,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key", metavar="KEY", help="a job handle or unique key")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_find)
-
-    from . import top
 
     p = sub.add_parser("top", parents=[common], help="live view of queues and workers",
                        description="A live, top-like view of every server's functions: "

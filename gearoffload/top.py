@@ -369,7 +369,8 @@ def _interval(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
+def count_argument(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (``--iterations``, ``--limit``)."""
     try:
         value = int(text)
     except ValueError:
@@ -386,5 +387,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--once", action="store_true",
                         help="print one frame without terminal escapes and exit (exit 1 "
                              "when no server answers)")
-    parser.add_argument("--iterations", type=_count, default=None, metavar="N",
+    parser.add_argument("--iterations", type=count_argument, default=None, metavar="N",
                         help="stop after N frames")

@@ -293,6 +293,9 @@ class Connection:
         data = b"".join(out[:count])
         del out[:count]
         self.peer.out_bytes -= len(data)
+        self._send_released(data)
+
+    def _send_released(self, data: bytes) -> None:
         if self.backlog is not None:
             self.backlog += data  # older than anything still in ``out``
         else:
@@ -567,15 +570,8 @@ class TlsConnection(Connection):
         else:
             Connection._send_now(self, raw)
 
-    def release(self, count: int) -> None:
-        """As ``Connection.release``, but the plaintext is encrypted before it is queued."""
-        out = self.peer.out
-        count = min(count, len(out))
-        if not count or self.closing:
-            return
-        data = b"".join(out[:count])
-        del out[:count]
-        self.peer.out_bytes -= len(data)
+    def _send_released(self, data: bytes) -> None:
+        # Encrypted first; the records then queue behind the backlog (``_send_raw``).
         self._send_now(data)
 
     def on_writable(self) -> None:
