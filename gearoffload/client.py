@@ -450,7 +450,9 @@ class _Link:
             now = time.monotonic()
             down = _skip_down(self.address, now, self.client.connect_timeout)
             if down is not None:  # found down by this or another client of the process
-                self.retry_at = down[0]
+                # Not the whole entry: it may be another client's retry hold (up to its
+                # connect timeout) that ends early when that client connects.
+                self.retry_at = min(down[0], now + DOWN_INTERVAL * 0.5)
                 if self.down_since is None:
                     self.down_since = now
                 self.last_error = f"{down[1]}; tried again in {down[0] - now:.2f}s"
@@ -470,7 +472,8 @@ class _Link:
                 self.mark_down()
             else:  # not reached: every client of the process skips it for a while
                 self.retry_at = now + DOWN_INTERVAL * (0.5 + 0.5 * random.random())
-                _down[self.address] = (self.retry_at, self.last_error)
+                with _down_lock:
+                    _down[self.address] = (self.retry_at, self.last_error)
             # One warning per outage, not one per attempt (about one a second).
             first = self.down_since is None
             if first:
@@ -481,7 +484,8 @@ class _Link:
             connecting.set_exception(exc)
             raise
         if _down:
-            _down.pop(self.address, None)
+            with _down_lock:
+                _down.pop(self.address, None)
         self._connecting = None
         self.conn = conn
         self.connected_at = time.monotonic()
