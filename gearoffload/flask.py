@@ -569,7 +569,7 @@ class GearOffload:
         # these errors, registered before, is kept.
         handlers = app.error_handler_spec.get(None, {}).get(None, {})  # read only
         for unavailable in (NoServersAvailable, NoWorkers, JobLost):
-            if unavailable not in handlers:
+            if not any(cls in handlers for cls in unavailable.__mro__):  # incl. Exception
                 app.register_error_handler(unavailable, _unavailable)
 
         from flask import appcontext_popped, appcontext_pushed
