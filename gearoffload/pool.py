@@ -27,7 +27,7 @@ Where the tasks come from:
 - ``module`` — the module's ``Worker`` or ``TaskRegistry`` if it has exactly one, else the
   default registry filled by ``@gearoffload.task``;
 - ``module:attr`` naming anything else (a Flask app with ``GearOffload``) — its offloaded
-  views and the ``@offload`` functions (``gearoffload.offloading.registry_for``);
+  views and the ``@offload`` functions (``gearoffload.loading.registry_for``);
 - ``--wsgi module:app`` — also serve ``app`` as a WSGI app for ``OffloadMiddleware``.
 
 With ``--schedule``, one more process runs a ``gearoffload.schedule.Scheduler`` for the
