@@ -710,7 +710,7 @@ class JobServerState:
                 self._attach(job, peer)
             func.coalesced += 1
             return
-        if background and unique[:5] == b"once:" and self.results is not None \
+        if background and unique.startswith(b"once:") and self.results is not None \
                 and self.results.get(unique) is not None:
             # Run-once unique (docs/protocol.md, "Extension: run-once uniques"): this
             # slot already ran; a late copy is acknowledged and dropped.

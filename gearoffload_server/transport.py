@@ -166,7 +166,6 @@ class Poller:
                 log.exception("flush failed", extra={"event": "server.flush_failed"})
 
 
-
 class Connection:
     """One accepted socket, read by the server's poll loop and written without blocking.
 
@@ -204,7 +203,7 @@ class Connection:
         self.done = Event()   # set once the last output is delivered (or given up)
         self.nread = 0        # bytes read so far: the only per-read cost of --idle-timeout
         self.joined = False   # known to the state (TLS: once the handshake succeeded)
-        # --idle-timeout bookkeeping, touched only by GearmanServer._sweep_idle.
+        # --idle-timeout bookkeeping, touched only by ``check_idle``.
         self._seen = 0                        # ``nread`` at the last sweep
         self._quiet_since = time.monotonic()  # when ``nread`` last moved
         self._partial_mark = -1               # bytes consumed when a partial was first seen
