@@ -270,3 +270,13 @@ def test_every_entry_point_refuses_a_bad_address():
             make("http://127.0.0.1:4730")
         with pytest.raises(ValueError, match="a port from 1 to 65535"):
             make("127.0.0.1:99999")
+
+
+@pytest.mark.parametrize("value, message", [
+    (42, "servers are 'host:port,host:port' or a list"),
+    ([("h",)], "a server address is (host, port), not"),
+    ([5], "a 'host:port' string, not"),
+])
+def test_server_lists_of_the_wrong_shape_are_refused_clearly(value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_servers(value)

@@ -21,7 +21,14 @@ import pytest
 from test_state import Harness
 
 import gearoffload
-from conftest import ROOT, ServerProcess, gevent_time_limit, poll_until, stop_process
+from conftest import (
+    ROOT,
+    ServerProcess,
+    gevent_time_limit,
+    need_module,
+    poll_until,
+    stop_process,
+)
 from gearoffload import offload
 from gearoffload.codec import stable_hash
 from gearoffload.core import OffloadConfig
@@ -51,7 +58,7 @@ def test_every_slots_are_aligned_on_the_epoch_and_bounded():
 
 
 def test_cron_slots_follow_the_timezone():
-    pytest.importorskip("croniter")
+    need_module("croniter")
     paris = Schedule(cron="0 3 * * *", tz="Europe/Paris")
     day = datetime(2026, 1, 10, tzinfo=timezone.utc).timestamp()
     # 03:00 in Paris in January is 02:00 UTC; in July (summer time) 01:00 UTC.
@@ -126,13 +133,13 @@ def declare(fn=lambda: None, **options):
 ])
 def test_bad_periodic_declarations_are_refused(options, error, text):
     if "cron" in options:
-        pytest.importorskip("croniter")
+        need_module("croniter")
     with pytest.raises(error, match=text):
         declare(**options)
 
 
 def test_five_fields_aliases_and_one_second_are_accepted():
-    pytest.importorskip("croniter")
+    need_module("croniter")
     for cron in ("0 3 * * *", " */5  * * * mon-fri ", "0 0 L * *", "@daily", "@Hourly"):
         assert declare(cron=cron).schedule.cron == cron
     day = 86400.0
@@ -405,10 +412,13 @@ def test_worker_pool_with_schedule_runs_the_periodic_tasks(fleet, tmp_path):
     assert poll_until(lambda: len(fleet.lines()) >= 4, 15), fleet.logs()
     lines = fleet.lines()
     assert all(u.startswith("once:") for u in lines) and len(set(lines)) == len(lines)
-    out = subprocess.run([str(BIN / "gearoffload-worker"), "periodic_tasks:stamp",
-                          "--schedule"], cwd=TESTS, env=fleet.env, capture_output=True,
+    # Tasks, but none periodic: --schedule has nothing to do, and says so.
+    (tmp_path / "no_periodic.py").write_text(
+        "from gearoffload import offload\n\n@offload\ndef plain():\n    return 1\n")
+    out = subprocess.run([str(BIN / "gearoffload-worker"), "no_periodic", "--schedule"],
+                         cwd=tmp_path, env={**fleet.env, **env}, capture_output=True,
                          text=True, timeout=30)
-    assert out.returncode == 2
+    assert out.returncode == 2 and "has no periodic tasks" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize(("env", "text"), [
@@ -482,3 +492,27 @@ def test_delayed_jobs_run_on_time_and_survive_a_server_restart(configured):
         assert -0.05 <= late <= 1.15, (tag, late)
     with pytest.raises(ValueError, match="aware datetime"):
         periodic_tasks.stamp.background("naive", at=datetime.now())
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda c: c.submit("f", b"x", run_at="soon"), TypeError, "run_at must be a Unix time"),
+    (lambda c: c.submit("f", b"x", run_at=True), TypeError, "run_at must be a Unix time"),
+    (lambda c: c.submit("f", b"x", run_at=float("nan")), ValueError, "finite Unix time"),
+])
+def test_a_bad_run_at_is_refused_before_anything_is_sent(call, error, message):
+    from gearoffload import Client
+
+    with Client("127.0.0.1:1", connect_timeout=0.5) as client:  # nothing listens there
+        with pytest.raises(error, match=message):
+            call(client)
+        assert client._links[0].attempts == 0
+
+
+def test_once_needs_a_unique_and_a_scheduler_a_positive_tick():
+    from gearoffload.core import OffloadConfig, Offloader
+
+    offloader = Offloader(OffloadConfig(servers=["127.0.0.1:1"], secret_key="k"))
+    with pytest.raises(ValueError, match="once=True needs a unique key"):
+        offloader.start("f", b"x", once=True)
+    with pytest.raises(ValueError, match="tick must be a positive number"):
+        Scheduler([object()], tick=0)  # type: ignore[list-item]

@@ -484,7 +484,7 @@ def test_tls_client_that_never_reads_results_is_dropped_past_max_output_buffer(c
                 assert time.monotonic() < deadline, server.stderr_text()
                 started = time.monotonic()
                 assert client.submit("upper", b"meanwhile").result() == b"MEANWHILE"
-                assert time.monotonic() - started < 2
+                assert time.monotonic() - started < 5  # served, not blocked (loaded host)
             assert client.submit("upper", b"after").result() == b"AFTER"
         assert greedy.read_until_closed(10)  # what the kernel held, then the end
     assert server.proc.poll() is None

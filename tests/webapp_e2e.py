@@ -10,6 +10,7 @@ import time
 
 from flask import Flask, request, session
 
+from gearoffload import offload
 from gearoffload.flask import GearOffload, progress
 
 STATE_DIR = os.environ.get("E2E_STATE_DIR", "/tmp")
@@ -22,6 +23,11 @@ def count_run(name: str) -> int:
         f.write(f"{os.getpid()}\n")
     with open(path) as f:
         return len(f.readlines())
+
+
+@offload(name="webapp_e2e.send_mail")
+def send_mail(to: str) -> str:
+    return f"sent to {to}"
 
 
 def create_app(servers: str) -> Flask:
@@ -60,6 +66,11 @@ def create_app(servers: str) -> Flask:
     @ext.offload
     def trivial():
         return "ok"
+
+    @app.post("/mail")
+    def mail():  # an ordinary view that starts an @offload function in the background
+        send_mail.background(request.args.get("to", "bob"))
+        return "queued", 202
 
     @app.post("/flaky/<token>")
     @ext.offload(background=True, retries=2, backoff=0.1, jitter=False)
