@@ -20,6 +20,7 @@ import gevent.socket
 import pytest
 from gevent import monkey
 
+import gearoffload.client as client_module  # the .py one too, in the 'py' variant
 from conftest import (
     ServerProcess,
     compiled_and_source,
@@ -216,8 +217,6 @@ def test_a_client_that_skipped_during_anothers_retry_connects_soon_after_it(our_
     """While one client retries a server (its hold: up to its connect timeout), another
     skips it; once the retry connects, the other must not keep skipping for the rest of
     that hold (it did: up to 10 s, the default connect timeout)."""
-    import gearoffload.client as client_module
-
     with Client(our_server.address, connect_timeout=10.0, timeout=10) as other:
         # The state another client's retry leaves behind: a hold of its connect timeout.
         client_module._down[other._links[0].address] = (time.monotonic() + 10.0, "held")
